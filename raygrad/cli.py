@@ -1,0 +1,106 @@
+"""Command line: `raygrad run | export | info`. Options come from RunConfig's
+fields (each also accepted in the original scripts' underscore spelling)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import typing
+from pathlib import Path
+
+import click
+
+from . import constants as names
+from .config import RunConfig, _choices
+from .errors import RaygradError
+
+
+def _config_options(func):
+    hints = typing.get_type_hints(RunConfig)
+    for f in reversed(dataclasses.fields(RunConfig)):
+        dashed, underscored = f"--{f.name.replace('_', '-')}", f"--{f.name}"
+        spellings = [dashed] if dashed == underscored else [dashed, underscored]
+        help_text = f.metadata["help"]
+        hint = hints[f.name]
+        if hint is bool:
+            option = click.option(*spellings, f.name, is_flag=True, default=f.default, help=help_text)
+        else:
+            choices = _choices(f)
+            kind = click.Choice(choices) if choices else (int if int in (hint, *typing.get_args(hint)) else str)
+            option = click.option(*spellings, f.name, type=kind, default=f.default, show_default=True,
+                                  help=help_text)
+        func = option(func)
+    return func
+
+
+@click.group()
+@click.version_option(package_name="raygrad")
+def cli() -> None:
+    """How strongly each dimension of each layer affects a causal LM's next-token loss."""
+
+
+@cli.command()
+@_config_options
+@click.option("--model_name", "model_alias", default=None, hidden=True, help="Original spelling of --model.")
+@click.option("--resume", type=click.Path(file_okay=False), default=None,
+              help="Continue a killed run from its directory (other options are read from the run).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def run(model_alias, resume, no_progress, **options) -> None:
+    """Aggregate loss gradients over a dataset for every selected layer."""
+    from . import engine
+
+    if model_alias:
+        options["model"] = model_alias
+    if resume:
+        run_dir = engine.resume(Path(resume), echo=click.echo, progress=not no_progress)
+    else:
+        run_dir = engine.run(RunConfig(**options), echo=click.echo, progress=not no_progress)
+    click.echo(f"results  {run_dir}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--save-outputs/--no-save-outputs", default=None,
+              help="Write per-layer .npy files and plots (default: as the run asked).")
+def export(run_dir, save_outputs) -> None:
+    """Regenerate every export of RUN_DIR from its Zarr store."""
+    from .export import write_exports
+
+    if not (Path(run_dir) / names.STORE_NAME).exists():
+        raise RaygradError(f"RUN_DIR {run_dir}: no {names.STORE_NAME} here")
+    written = write_exports(Path(run_dir), with_outputs=save_outputs)
+    click.echo(f"wrote {len(written)} files in {run_dir}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+def info(run_dir) -> None:
+    """Print a run's status, plan and timing."""
+    from .results import open_results
+
+    attrs = dict(open_results(run_dir).attrs)
+    click.echo(json.dumps({k: attrs.get(k) for k in (names.ATTR_STATUS, names.ATTR_PLAN, names.ATTR_TIMING)},
+                          indent=2))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:  # bad option value or usage: one line
+        click.echo(f"error: {err.format_message()}", err=True)
+        sys.exit(2)
+    except RaygradError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""RunConfig: the user's request, validated. Resolved values live in Plan."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Literal, Optional, get_args
+
+from .errors import RaygradError
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B"
+
+
+def _opt(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str = _opt(DEFAULT_MODEL, "Hub id, local directory, or the bundled 'smollm2-135m'.")
+    target: Literal["mlp"] = _opt("mlp", "Target space: 'mlp' = the hook site's output dimensions.")
+    num_samples: int = _opt(500, "Number of texts to aggregate over.")
+    batch_size: int = _opt(4, "Texts per forward/backward pass.")
+    max_length: int = _opt(128, "Tokens per text after truncation (>= 2).")
+    layers: Optional[str] = _opt(None, "Layers: a range '0-23', a list '0,5,10' or both; default every layer.")
+    device: Literal["auto", "cuda", "cpu"] = _opt("auto", "Device for each worker.")
+    aggregation_mode: Literal["mean_abs", "mean", "both"] = _opt("mean_abs", "Which aggregate to export.")
+    normalize_gradients: bool = _opt(False, "Rescale each exported vector so sum(|v|) equals its length.")
+    save_outputs: bool = _opt(False, "Also write per-layer .npy files and plots.")
+    save_consolidated: Optional[str] = _opt(None, "Also write the consolidated .npz to this path.")
+    dataset: str = _opt("wikitext", "Hub dataset, a local .txt/.jsonl/.parquet/.csv file, or 'stdlib-docs'.")
+    dataset_config: Optional[str] = _opt("wikitext-2-raw-v1", "Hub dataset configuration name.")
+    dataset_split: str = _opt("train", "Hub dataset split.")
+    text_column: str = _opt("text", "Column (or JSON key) holding the text.")
+    min_chars: int = _opt(50, "Keep only texts longer than this many characters (stripped).")
+    output_dir: str = _opt("raygrad_results", "Parent directory; each run gets its own directory inside.")
+    workers: Optional[int] = _opt(None, "Ray worker actors; 0 = in-process without Ray; default one per GPU, else 1.")
+    address: Optional[str] = _opt(None, "Ray cluster address; default starts a local Ray on 127.0.0.1.")
+    shard_size: Optional[int] = _opt(None, "Samples per shard (unit of work, retry and checkpoint); default 8 batches.")
+    seed: int = _opt(42, "Seed for torch, numpy and random.")
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "batch_size", "min_chars"):
+            value = getattr(self, name)
+            low = 0 if name == "min_chars" else 1
+            if not isinstance(value, int) or value < low:
+                raise RaygradError(f"--{_dash(name)} {value}: must be an integer >= {low}")
+        if self.max_length < 2:
+            raise RaygradError(f"--max-length {self.max_length}: must be >= 2 (one input and one target token)")
+        if self.shard_size is not None and self.shard_size < 1:
+            raise RaygradError(f"--shard-size {self.shard_size}: must be an integer >= 1")
+        if self.workers is not None and self.workers < 0:
+            raise RaygradError(f"--workers {self.workers}: must be >= 0 (0 = in-process, no Ray)")
+        for f in dataclasses.fields(self):
+            choices = _choices(f)
+            if choices and getattr(self, f.name) not in choices:
+                raise RaygradError(
+                    f"--{_dash(f.name)} {getattr(self, f.name)!r}: choose one of {', '.join(choices)}"
+                )
+        if self.layers is not None:
+            parse_layer_spec(self.layers)  # format only; range is checked against the model in the plan
+
+    @property
+    def export_modes(self) -> tuple[str, ...]:
+        return ("mean_abs", "mean") if self.aggregation_mode == "both" else (self.aggregation_mode,)
+
+    @property
+    def samples_per_shard(self) -> int:
+        return self.shard_size or 8 * self.batch_size
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _dash(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _choices(f: dataclasses.Field) -> tuple[str, ...]:
+    if getattr(f.type, "__origin__", None) is Literal:
+        return get_args(f.type)
+    if isinstance(f.type, str) and f.type.startswith("Literal["):
+        return tuple(re.findall(r'"([^"]+)"', f.type))
+    return ()
+
+
+_SPEC_PART = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+
+def parse_layer_spec(spec: str, num_layers: Optional[int] = None) -> list[int]:
+    """'0-23' -> [0..23], '0,5,10' -> [0, 5, 10], '0-3,10' -> [0, 1, 2, 3, 10].
+
+    With num_layers, every index must lie in [0, num_layers)."""
+    layers: list[int] = []
+    for part in spec.split(","):
+        match = _SPEC_PART.match(part)
+        if not match:
+            raise RaygradError(
+                f"--layers {spec!r}: use a range like '0-23', a list like '0,5,10', or both ('0-3,10')"
+            )
+        first = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) is not None else first
+        if last < first:
+            raise RaygradError(f"--layers {spec!r}: range {first}-{last} runs backwards")
+        layers.extend(range(first, last + 1))
+    if len(set(layers)) != len(layers):
+        raise RaygradError(f"--layers {spec!r}: a layer is listed twice")
+    if num_layers is not None:
+        bad = [layer for layer in layers if layer >= num_layers]
+        if bad:
+            raise RaygradError(
+                f"--layers {spec!r}: layer {bad[0]} is out of range; this model has layers 0-{num_layers - 1}"
+            )
+    return sorted(layers)

@@ -1,0 +1,50 @@
+"""Every on-disk name raygrad writes: arrays, attributes, files.
+
+Readers (export, load_results, later sessions) import these instead of
+repeating string literals, so a rename happens in exactly one place.
+"""
+
+STORE_NAME = "results.zarr"
+PENDING_CHECKPOINT = "pending_checkpoint.npz"  # redo log inside the store
+
+# Arrays in the store (DESIGN §5).
+LAYERS = "layers"
+TOKENS = "tokens"
+GRAD_SUM = "grad_sum"
+GRAD_ABS_SUM = "grad_abs_sum"
+GRAD_SQ_SUM = "grad_sq_sum"
+SUM_ARRAYS = (GRAD_SUM, GRAD_ABS_SUM, GRAD_SQ_SUM)
+MEAN = "mean"
+MEAN_ABS = "mean_abs"
+SHARDS_DONE = "shards_done"
+LOSS_SUM = "loss_sum"  # scalar run total, nats (sum of CE over every target)
+LOSS_TOKENS = "loss_tokens"  # scalar run total, targets that entered the loss
+
+# Root attributes.
+ATTR_VERSION = "raygrad_version"
+ATTR_CONFIG = "config"
+ATTR_PLAN = "plan"
+ATTR_STATUS = "status"
+ATTR_TIMING = "timing"
+STATUS_RUNNING = "running"
+STATUS_COMPLETE = "complete"
+
+# Aggregation modes (derived from sums, never accumulated separately).
+AGGREGATION_MODES = ("mean_abs", "mean", "both")
+
+# Export files (names follow the original scripts).
+METADATA_JSON = "metadata.json"
+CONSOLIDATED_NPZ = "consolidated_results.npz"
+NPZ_METADATA_KEY = "metadata"
+TIMING_JSON = "timing_stats.json"
+TIMING_TXT = "timing_summary.txt"
+PLOTS_DIR = "plots"
+MLP_RUN_PREFIX = "layer_activations"
+
+
+def layer_npy_name(layer: int, mode: str) -> str:
+    return f"layer_{layer}_{mode}_gradients.npy"
+
+
+def npz_key(layer: int, mode: str) -> str:
+    return f"layer_{layer}_{mode}"

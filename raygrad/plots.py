@@ -1,0 +1,83 @@
+"""Matplotlib figures from exported arrays (no pyplot state: Figure objects
+with the Agg canvas, so plotting works headless and in Ray workers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+DPI = 100
+
+
+def write_plots(plot_dir: Path, layers: list[int], values: dict[str, np.ndarray]) -> list[Path]:
+    """Per layer and mode: histogram and scatter over dimensions. Per mode:
+    all-layer heatmap and per-layer summary. With both modes: `_combined`."""
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for mode, array in values.items():
+        for row, layer in enumerate(layers):
+            written.append(_histogram(plot_dir / f"layer_{layer}_{mode}_histogram.png", array[row], layer, mode))
+            written.append(_scatter(plot_dir / f"layer_{layer}_{mode}_scatter.png", array[row], layer, mode))
+        written.append(_heatmap(plot_dir / f"all_layers_{mode}_heatmap.png", array, layers, mode))
+        written.append(_summary(plot_dir / f"all_layers_{mode}_summary.png", array, layers, mode))
+    if {"mean", "mean_abs"} <= values.keys():
+        for row, layer in enumerate(layers):
+            written.append(_combined(plot_dir / f"layer_{layer}_combined.png",
+                                     values["mean_abs"][row], values["mean"][row], f"layer {layer}"))
+        written.append(_combined(plot_dir / "all_layers_combined.png",
+                                 values["mean_abs"].ravel(), values["mean"].ravel(), "all layers"))
+    return written
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def _histogram(path: Path, v: np.ndarray, layer: int, mode: str) -> Path:
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    ax.hist(v, bins=100)
+    ax.set(title=f"layer {layer}: {mode} gradient per dimension", xlabel=mode, ylabel="dimensions")
+    ax.set_yscale("log")
+    return _save(fig, path)
+
+
+def _scatter(path: Path, v: np.ndarray, layer: int, mode: str) -> Path:
+    fig = Figure(figsize=(9, 4))
+    ax = fig.subplots()
+    ax.scatter(np.arange(v.size), v, s=2)
+    ax.set(title=f"layer {layer}: {mode} gradient by dimension", xlabel="dimension", ylabel=mode)
+    return _save(fig, path)
+
+
+def _heatmap(path: Path, array: np.ndarray, layers: list[int], mode: str) -> Path:
+    fig = Figure(figsize=(10, max(3, 0.25 * len(layers) + 1)))
+    ax = fig.subplots()
+    image = ax.imshow(array, aspect="auto", interpolation="nearest", cmap="viridis" if mode == "mean_abs" else "RdBu_r")
+    ax.set(title=f"{mode} gradient, all layers", xlabel="dimension", ylabel="layer")
+    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=6)
+    fig.colorbar(image, ax=ax)
+    return _save(fig, path)
+
+
+def _summary(path: Path, array: np.ndarray, layers: list[int], mode: str) -> Path:
+    fig = Figure(figsize=(8, 4))
+    ax = fig.subplots()
+    ax.plot(layers, np.abs(array).mean(axis=1), marker="o", label="mean over dimensions of |v|")
+    ax.plot(layers, np.abs(array).max(axis=1), marker="x", label="max over dimensions of |v|")
+    ax.set(title=f"{mode} gradient by layer", xlabel="layer", ylabel=f"|{mode}|")
+    ax.set_yscale("log")
+    ax.legend()
+    return _save(fig, path)
+
+
+def _combined(path: Path, mean_abs: np.ndarray, mean: np.ndarray, title: str) -> Path:
+    fig = Figure(figsize=(6, 5))
+    ax = fig.subplots()
+    ax.scatter(mean_abs, mean, s=2)
+    ax.set(title=f"{title}: signed mean vs mean |gradient|", xlabel="mean_abs", ylabel="mean")
+    return _save(fig, path)
