@@ -25,6 +25,8 @@ class RunConfig:
     max_length: int = _opt(128, "Tokens per text after truncation (>= 2).")
     layers: Optional[str] = _opt(None, "Layers: a range '0-23', a list '0,5,10' or both; default every layer.")
     device: Literal["auto", "cuda", "cpu"] = _opt("auto", "Device for each worker.")
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = _opt(
+        "float32", "Model weights and activations; sums are float64 whatever this is.")
     aggregation_mode: Literal["mean_abs", "mean", "both"] = _opt("mean_abs", "Which aggregate to export.")
     normalize_gradients: bool = _opt(False, "Rescale each exported vector so sum(|v|) equals its length.")
     save_outputs: bool = _opt(False, "Also write per-layer .npy files and plots.")

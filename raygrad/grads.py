@@ -114,9 +114,9 @@ def accumulate_batch(
     labels = next_token_labels(input_ids, attention_mask)
     # Sum, not mean, over real targets: a token's gradient then does not
     # depend on which batch or shard it landed in.
-    loss = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    # bf16/fp16 logits are upcast for the softmax; float64 stays float64.
+    logits = logits[:, :-1].flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))
+    loss = F.cross_entropy(logits, labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     grads = torch.autograd.grad(loss, deltas)
 
     counted = labels != IGNORE_INDEX  # (B, T-1): positions that predict a real target

@@ -75,7 +75,7 @@ def make_plan(config: RunConfig, num_texts: int, workers: int, device: str) -> P
         shards=[(start, min(start + step, num_texts)) for start in range(0, num_texts, step)],
         workers=workers,
         device=device,
-        dtype="float32",
+        dtype=config.dtype,
         batch_size=config.batch_size,
         max_length=config.max_length,
     )

@@ -1,0 +1,31 @@
+from pathlib import Path
+
+import numpy as np
+
+from raygrad import constants as names
+from raygrad.config import RunConfig
+from raygrad.engine import run
+from raygrad.store import ResultStore
+
+
+def build_config(model_dir: Path, texts_file: Path, output_dir: Path, **overrides) -> RunConfig:
+    options = dict(model=str(model_dir), dataset=str(texts_file), num_samples=6, batch_size=3, max_length=24,
+                   workers=0, dtype="float64", output_dir=str(output_dir))
+    options.update(overrides)
+    return RunConfig(**options)
+
+
+def run_tiny(model_dir, texts_file, output_dir, **overrides):
+    """-> (run_dir, totals Partial) of an engine run on a tiny model."""
+    run_dir = run(build_config(model_dir, texts_file, output_dir, **overrides), echo=lambda _: None, progress=False)
+    totals, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
+    assert done.all()
+    return run_dir, totals
+
+
+def assert_same_totals(a, b, rtol=1e-10):
+    for name in names.SUM_ARRAYS:
+        np.testing.assert_allclose(a.sums[name], b.sums[name], rtol=rtol, atol=1e-14)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert a.loss_tokens == b.loss_tokens
+    np.testing.assert_allclose(a.loss_sum, b.loss_sum, rtol=rtol)

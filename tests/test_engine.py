@@ -1,0 +1,75 @@
+"""Sharding over Ray workers, checkpoints and resume."""
+
+import numpy as np
+import pytest
+from helpers import assert_same_totals, build_config, run_tiny
+
+from raygrad import constants as names
+from raygrad import engine
+from raygrad.errors import RaygradError
+from raygrad.grads import Partial
+from raygrad.store import ResultStore
+from raygrad.worker import ShardRunner
+
+
+def test_ray_workers_give_the_same_arrays_as_in_process(tiny_llama, texts_file, tmp_path):
+    _, local = run_tiny(tiny_llama, texts_file, tmp_path / "w0", workers=0, shard_size=2)
+    _, one = run_tiny(tiny_llama, texts_file, tmp_path / "w1", workers=1, shard_size=2)
+    _, two = run_tiny(tiny_llama, texts_file, tmp_path / "w2", workers=2, shard_size=2)
+    assert_same_totals(local, one)
+    assert_same_totals(local, two)
+    import ray
+
+    assert not ray.is_initialized()  # the local cluster was shut down
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tiny_llama, texts_file, tmp_path, monkeypatch):
+    _, expected = run_tiny(tiny_llama, texts_file, tmp_path / "full", shard_size=1)
+
+    real_run, calls = ShardRunner.run, []
+
+    def dies_on_fourth_shard(self, shard, texts):
+        calls.append(shard)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # as if the process were killed mid-run
+        return real_run(self, shard, texts)
+
+    monkeypatch.setattr(ShardRunner, "run", dies_on_fourth_shard)
+    config = build_config(tiny_llama, texts_file, tmp_path / "killed", shard_size=1)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(config, echo=lambda _: None, progress=False, checkpoint_seconds=0)
+    (run_dir,) = (tmp_path / "killed").iterdir()
+    _, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
+    assert done.tolist() == [True, True, True, False, False, False]
+
+    monkeypatch.setattr(ShardRunner, "run", real_run)
+    engine.resume(run_dir, echo=lambda _: None, progress=False)
+    resumed, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
+    assert done.all()
+    assert_same_totals(resumed, expected)
+    assert (run_dir / names.CONSOLIDATED_NPZ).exists()
+
+
+def test_committed_checkpoint_is_replayed_after_a_crash(tmp_path):
+    store = ResultStore.create(tmp_path / "s.zarr", 2, 3, 2, [0, 1], {})
+    totals = Partial.zeros(2, 3)
+    totals.sums[names.GRAD_SUM] += 1.5
+    totals.tokens += 4
+    done = np.array([True, False])
+    # Crash between the commit point and applying it: the redo log is on disk.
+    np.savez(tmp_path / "s.zarr" / names.PENDING_CHECKPOINT,
+             **{names.GRAD_SUM: totals.sums[names.GRAD_SUM], names.TOKENS: totals.tokens,
+                names.SHARDS_DONE: done})
+    (tmp_path / "s.zarr" / "pending_checkpoint.tmp.npz").write_bytes(b"half-written")
+    reopened = ResultStore.open(store.path, writable=True)
+    got, got_done = reopened.totals()
+    np.testing.assert_array_equal(got.sums[names.GRAD_SUM], totals.sums[names.GRAD_SUM])
+    np.testing.assert_array_equal(got.tokens, [4, 4])
+    assert got_done.tolist() == [True, False]
+    assert not list((tmp_path / "s.zarr").glob("*.npz"))
+
+
+def test_resume_refuses_a_complete_run(tiny_llama, texts_file, tmp_path):
+    run_dir, _ = run_tiny(tiny_llama, texts_file, tmp_path)
+    with pytest.raises(RaygradError, match="already complete"):
+        engine.resume(run_dir, echo=lambda _: None, progress=False)
