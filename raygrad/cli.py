@@ -13,17 +13,16 @@ from pathlib import Path
 import click
 
 from . import constants as names
-from .config import RunConfig, _choices
+from .config import RunConfig, _choices, field_type
 from .errors import RaygradError
 
 
 def _config_options(func):
-    hints = typing.get_type_hints(RunConfig)
     for f in reversed(dataclasses.fields(RunConfig)):
         dashed, underscored = f"--{f.name.replace('_', '-')}", f"--{f.name}"
         spellings = [dashed] if dashed == underscored else [dashed, underscored]
         help_text = f.metadata["help"]
-        hint = hints[f.name]
+        hint = field_type(f.name)
         if hint is bool:
             option = click.option(*spellings, f.name, is_flag=True, default=f.default, help=help_text)
         else:

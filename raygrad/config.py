@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from dataclasses import dataclass, field
 from typing import Literal, Optional, get_args
 
@@ -84,12 +85,14 @@ def _dash(name: str) -> str:
     return name.replace("_", "-")
 
 
+def field_type(name: str):
+    """The resolved annotation of a RunConfig field (annotations are strings here)."""
+    return typing.get_type_hints(RunConfig)[name]
+
+
 def _choices(f: dataclasses.Field) -> tuple[str, ...]:
-    if getattr(f.type, "__origin__", None) is Literal:
-        return get_args(f.type)
-    if isinstance(f.type, str) and f.type.startswith("Literal["):
-        return tuple(re.findall(r'"([^"]+)"', f.type))
-    return ()
+    hint = field_type(f.name)
+    return get_args(hint) if typing.get_origin(hint) is Literal else ()
 
 
 _SPEC_PART = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")

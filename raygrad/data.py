@@ -58,10 +58,15 @@ def _local_texts(path: Path, text_column: str) -> Iterator[str]:
         return iter(path.read_text(encoding="utf-8").splitlines())
     import datasets
 
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # "Generating train split" bars say nothing about a local file
     try:
         table = datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as err:  # the file is unreadable: report it as bad input
         raise RaygradError(f"--dataset {path}: cannot be read as {kind} ({_first_line(err)})") from None
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
     _check_column(str(path), text_column, table.column_names)
     return iter(table[text_column])
 

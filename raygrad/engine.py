@@ -33,6 +33,8 @@ def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: boo
         raise RaygradError(
             f"--output-dir {output_dir}: already holds a run; choose another directory (results are never overwritten)"
         )
+    if config.save_consolidated and Path(config.save_consolidated).exists():
+        raise RaygradError(f"--save-consolidated {config.save_consolidated}: file exists; results are never overwritten")
     texts = _texts(config, echo)
     with _Cluster(config) as cluster:
         plan = make_plan(config, len(texts), cluster.workers, cluster.device)
@@ -131,7 +133,7 @@ def _execute(plan: Plan, config: RunConfig, texts: list[str], store: ResultStore
     store.finalize(timing)
     echo(f"done     {totals.loss_tokens} target tokens, mean loss {mean_loss:.4f} nats/token, "
          f"{timing['tokens_per_second']:.0f} tokens/s")
-    write_exports(store.path.parent)
+    write_exports(store.path.parent, extra_npz=config.save_consolidated)
 
 
 class _Cluster:

@@ -28,10 +28,11 @@ def aggregated(store: ResultStore, mode: str, normalize: bool) -> np.ndarray:
     return values
 
 
-def write_exports(run_dir: Path, with_outputs: bool | None = None) -> list[Path]:
+def write_exports(run_dir: Path, with_outputs: bool | None = None, extra_npz: Path | None = None) -> list[Path]:
     """(Re)write every export of a complete run; returns the files written.
 
-    `with_outputs` overrides the run's --save-outputs (npy files and plots)."""
+    `with_outputs` overrides the run's --save-outputs (npy files and plots);
+    `extra_npz` is a second place for the consolidated file (--save-consolidated)."""
     started = time.perf_counter()
     run_dir = Path(run_dir)
     store = ResultStore.open(run_dir / names.STORE_NAME)
@@ -56,10 +57,7 @@ def write_exports(run_dir: Path, with_outputs: bool | None = None) -> list[Path]
     consolidated = {names.npz_key(layer, mode): values[mode][row] for mode in modes for row, layer in enumerate(layers)}
     # JSON in a 0-d unicode array: loads with allow_pickle=False.
     consolidated[names.NPZ_METADATA_KEY] = np.array(json.dumps(metadata))
-    npz_targets = [run_dir / names.CONSOLIDATED_NPZ]
-    if config.save_consolidated and not (run_dir / names.CONSOLIDATED_NPZ).exists():
-        npz_targets.append(Path(config.save_consolidated))  # only on the first export: never overwrite elsewhere
-    for path in npz_targets:
+    for path in [run_dir / names.CONSOLIDATED_NPZ] + ([Path(extra_npz)] if extra_npz else []):
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path, **consolidated)
         written.append(path)

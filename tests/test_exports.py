@@ -1,0 +1,109 @@
+"""Every export: names, keys, shapes, values, and regeneration from the store."""
+
+import json
+
+import numpy as np
+import pytest
+from helpers import run_tiny
+
+import raygrad
+from raygrad import constants as names
+from raygrad.export import write_exports
+
+
+@pytest.fixture(scope="module")
+def both_run(tiny_llama, texts_file, tmp_path_factory):
+    run_dir, totals = run_tiny(tiny_llama, texts_file, tmp_path_factory.mktemp("exports"), layers="0,2",
+                               aggregation_mode="both", save_outputs=True)
+    return run_dir, totals
+
+
+def test_run_directory_name_follows_the_original_pattern(both_run):
+    run_dir, _ = both_run
+    assert run_dir.name.startswith("layer_activations_model_")
+    assert "_num_samples_6_batch_size_3_layers_0_2_" in run_dir.name
+
+
+def test_every_export_exists_with_the_right_names_and_shapes(both_run):
+    run_dir, totals = both_run
+    for layer in (0, 2):
+        for mode in ("mean_abs", "mean"):
+            array = np.load(run_dir / f"layer_{layer}_{mode}_gradients.npy")
+            assert array.shape == (32,) and array.dtype == np.float32
+        assert (run_dir / "plots" / f"layer_{layer}_mean_abs_histogram.png").stat().st_size > 0
+        assert (run_dir / "plots" / f"layer_{layer}_mean_scatter.png").exists()
+        assert (run_dir / "plots" / f"layer_{layer}_combined.png").exists()
+    for name in ("all_layers_mean_abs_heatmap.png", "all_layers_mean_summary.png", "all_layers_combined.png"):
+        assert (run_dir / "plots" / name).exists()
+    for name in (names.METADATA_JSON, names.TIMING_JSON, names.TIMING_TXT):
+        assert (run_dir / name).stat().st_size > 0
+    assert not list(run_dir.glob("layer_1_*"))
+
+
+def test_npz_loads_without_pickle_and_holds_the_means(both_run):
+    run_dir, totals = both_run
+    with np.load(run_dir / "consolidated_results.npz", allow_pickle=False) as data:
+        assert sorted(data.files) == sorted(
+            ["metadata", "layer_0_mean_abs", "layer_0_mean", "layer_2_mean_abs", "layer_2_mean"])
+        metadata = json.loads(data["metadata"].item())
+        expected = totals.sums[names.GRAD_ABS_SUM][1] / totals.tokens[1]
+        np.testing.assert_allclose(data["layer_2_mean_abs"], expected, rtol=1e-6)
+        np.testing.assert_allclose(data["layer_0_mean"], totals.sums[names.GRAD_SUM][0] / totals.tokens[0],
+                                   rtol=1e-6)
+    assert metadata["layers"] == [0, 2]
+    assert metadata["dimension_sizes"] == {"0": 32, "2": 32}
+    assert metadata["num_samples"] == 6
+    stats = metadata["layer_statistics"]["2"]["mean_abs"]
+    assert stats["max"] == pytest.approx(expected.max(), rel=1e-6)
+    assert stats["sum_abs"] == pytest.approx(np.abs(expected).sum(), rel=1e-6)
+    assert stats["std"] == pytest.approx(expected.std(), rel=1e-5)
+    assert metadata["mean_loss_nats_per_token"] == pytest.approx(totals.loss_sum / totals.loss_tokens)
+
+
+def test_export_command_reproduces_every_file(both_run):
+    run_dir, _ = both_run
+    before = {p.name: np.load(p) for p in run_dir.glob("*.npy")}
+    with np.load(run_dir / names.CONSOLIDATED_NPZ) as data:
+        npz_before = {k: data[k] for k in data.files}
+    for path in list(run_dir.glob("*.npy")) + [run_dir / names.CONSOLIDATED_NPZ, run_dir / names.METADATA_JSON]:
+        path.unlink()
+    write_exports(run_dir)
+    assert {p.name for p in run_dir.glob("*.npy")} == set(before)
+    for name, array in before.items():
+        np.testing.assert_array_equal(np.load(run_dir / name), array)
+    with np.load(run_dir / names.CONSOLIDATED_NPZ) as data:
+        for key in npz_before:
+            if key != "metadata":
+                np.testing.assert_array_equal(data[key], npz_before[key])
+    assert json.loads((run_dir / names.METADATA_JSON).read_text())["layers"] == [0, 2]
+
+
+def test_load_results_accepts_npz_directory_and_store(both_run):
+    run_dir, totals = both_run
+    expected = totals.sums[names.GRAD_ABS_SUM][0] / totals.tokens[0]
+    for path in (run_dir / names.CONSOLIDATED_NPZ, run_dir, run_dir / names.STORE_NAME):
+        results = raygrad.load_results(path)
+        assert results.layers == [0, 2]
+        np.testing.assert_allclose(results.layer(0, "mean_abs"), expected, rtol=1e-6)
+        assert results.metadata["layers"] == [0, 2]
+    lazy = raygrad.open_results(run_dir)
+    np.testing.assert_allclose(lazy["mean_abs"][0], expected, rtol=1e-6)
+    assert lazy["grad_sum"].metadata.dimension_names == ("layer", "dim")
+
+
+def test_normalization_makes_sum_of_abs_equal_dimension(tiny_llama, texts_file, tmp_path):
+    run_dir, totals = run_tiny(tiny_llama, texts_file, tmp_path, normalize_gradients=True, save_outputs=True)
+    for layer in range(3):
+        v = np.load(run_dir / f"layer_{layer}_mean_abs_gradients.npy")
+        assert np.abs(v).sum() == pytest.approx(32, rel=1e-5)
+        raw = totals.sums[names.GRAD_ABS_SUM][layer]
+        np.testing.assert_allclose(v, raw * 32 / raw.sum(), rtol=1e-5)
+    assert raygrad.load_results(run_dir).metadata["normalized"] is True
+
+
+def test_save_consolidated_writes_a_second_copy(tiny_llama, texts_file, tmp_path):
+    target = tmp_path / "elsewhere" / "all.npz"
+    run_dir, _ = run_tiny(tiny_llama, texts_file, tmp_path / "out", save_consolidated=str(target))
+    with np.load(target, allow_pickle=False) as copy, np.load(run_dir / names.CONSOLIDATED_NPZ) as own:
+        assert copy.files == own.files
+        np.testing.assert_array_equal(copy["layer_1_mean_abs"], own["layer_1_mean_abs"])
