@@ -25,6 +25,10 @@ class RunConfig:
     batch_size: int = _opt(4, "Texts per forward/backward pass.")
     max_length: int = _opt(128, "Tokens per text after truncation (>= 2).")
     layers: Optional[str] = _opt(None, "Layers: a range '0-23', a list '0,5,10' or both; default every layer.")
+    hook_site: Literal["mlp_out", "mlp", "resid_post", "attn_out"] = _opt(
+        "mlp_out", "mlp_out: MLP block's contribution to the residual stream; mlp: the MLP module's output; "
+        "resid_post: decoder layer output; attn_out: attention block's contribution.")
+    exclude_bos: bool = _opt(False, "Leave the BOS position out of the aggregation (it stays in the loss).")
     device: Literal["auto", "cuda", "cpu"] = _opt("auto", "Device for each worker.")
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = _opt(
         "float32", "Model weights and activations; sums are float64 whatever this is.")
@@ -33,7 +37,7 @@ class RunConfig:
     save_outputs: bool = _opt(False, "Also write per-layer .npy files and plots.")
     save_consolidated: Optional[str] = _opt(None, "Also write the consolidated .npz to this path.")
     dataset: str = _opt("wikitext", "Hub dataset, a local .txt/.jsonl/.parquet/.csv file, or 'stdlib-docs'.")
-    dataset_config: Optional[str] = _opt("wikitext-2-raw-v1", "Hub dataset configuration name.")
+    dataset_config: Optional[str] = _opt(None, "Hub dataset configuration; default wikitext-2-raw-v1 for wikitext.")
     dataset_split: str = _opt("train", "Hub dataset split.")
     text_column: str = _opt("text", "Column (or JSON key) holding the text.")
     min_chars: int = _opt(50, "Keep only texts longer than this many characters (stripped).")

@@ -19,6 +19,7 @@ from .errors import RaygradError
 log = logging.getLogger(__name__)
 
 BUNDLED_CORPUS = "stdlib-docs"
+DEFAULT_CONFIGS = {"wikitext": "wikitext-2-raw-v1"}  # the original scripts' dataset
 LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -30,7 +31,7 @@ def load_texts(dataset: str, num_samples: int, *, text_column: str = "text", con
     elif _looks_local(dataset):
         source = _local_texts(Path(dataset), text_column)
     else:
-        source = _hub_texts(dataset, config, split, text_column)
+        source = _hub_texts(dataset, config or DEFAULT_CONFIGS.get(dataset), split, text_column)
     texts = []
     for text in source:
         if len(text.strip()) > min_chars:
@@ -43,8 +44,12 @@ def load_texts(dataset: str, num_samples: int, *, text_column: str = "text", con
 
 
 def _looks_local(dataset: str) -> bool:
-    path = Path(dataset)
-    return path.exists() or path.suffix.lower() in LOCAL_FORMATS or dataset.startswith((".", "/", "~"))
+    """A single file. A directory goes to `datasets.load_dataset` like a hub
+    repository (it reads a local dataset directory the same way)."""
+    path = Path(dataset).expanduser()
+    if path.is_file():
+        return True
+    return not path.is_dir() and (path.suffix.lower() in LOCAL_FORMATS or dataset.startswith((".", "/", "~")))
 
 
 def _local_texts(path: Path, text_column: str) -> Iterator[str]:

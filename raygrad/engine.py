@@ -4,6 +4,7 @@ partial sums into the store, checkpoint, finalize, export."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -34,13 +35,17 @@ def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: boo
             f"--output-dir {output_dir}: already holds a run; choose another directory (results are never overwritten)"
         )
     if config.save_consolidated and Path(config.save_consolidated).exists():
-        raise RaygradError(f"--save-consolidated {config.save_consolidated}: file exists; results are never overwritten")
+        raise RaygradError(
+            f"--save-consolidated {config.save_consolidated}: file exists; results are never overwritten"
+        )
     texts = _texts(config, echo)
     with _Cluster(config) as cluster:
         plan = make_plan(config, len(texts), cluster.workers, cluster.device)
         run_dir = output_dir / run_dir_name(config, plan, datetime.now().strftime("%Y%m%d_%H%M%S"))
         if run_dir.exists():
-            raise RaygradError(f"--output-dir {output_dir}: {run_dir.name} already exists; results are never overwritten")
+            raise RaygradError(
+                f"--output-dir {output_dir}: {run_dir.name} already exists; results are never overwritten"
+            )
         echo(plan.describe())
         echo(f"output   {run_dir}")
         run_dir.mkdir(parents=True)
@@ -153,13 +158,15 @@ class _Cluster:
         import ray
 
         if not ray.is_initialized():
-            package_root = str(Path(__file__).resolve().parent.parent)
+            # Workers import raygrad from wherever this driver does (a checkout works too).
+            python_path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+                                                        os.environ.get("PYTHONPATH")]))
             if self.config.address:
                 ray.init(address=self.config.address, runtime_env={"py_modules": [str(Path(__file__).parent)]})
             else:
-                # Local Ray on loopback only; workers import raygrad from this checkout.
+                # A local Ray bound to loopback only.
                 ray.init(_node_ip_address="127.0.0.1", include_dashboard=False,
-                         runtime_env={"env_vars": {"PYTHONPATH": package_root}}, log_to_driver=False)
+                         runtime_env={"env_vars": {"PYTHONPATH": python_path}}, log_to_driver=False)
             self.started_ray = True
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))

@@ -111,7 +111,7 @@ def build_metadata(store: ResultStore, config: RunConfig, layers: list[int], val
             "npy": "np.load('layer_{layer}_{mode}_gradients.npy') -> (dimension,) float32",
             "npz": "d = np.load('consolidated_results.npz'); d['layer_{layer}_{mode}']; "
                    "json.loads(d['metadata'].item()) -> this metadata",
-            "raygrad": "raygrad.load_results(path) for arrays in memory; raygrad.open_results(path) for lazy Zarr arrays",
+            "raygrad": "raygrad.load_results(path) -> arrays in memory; raygrad.open_results(path) -> lazy Zarr",
             "zarr": "zarr.open_group('results.zarr', mode='r')['mean_abs'][layer_row] (rows follow 'layers')",
         },
     }

@@ -80,18 +80,22 @@ def next_token_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
     return labels
 
 
-def accumulate_batch(
-    model: nn.Module,
-    modules: list[nn.Module],
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    acc: DeviceAccumulator,
-) -> None:
+@dataclass
+class BatchGradients:
+    loss: torch.Tensor  # scalar, nats: sum of cross-entropy over real targets
+    grads: tuple[torch.Tensor, ...]  # per hooked module, (B, T, D) dLoss/dz
+    counted: torch.Tensor  # (B, T-1) bool: positions that predict a real target
+
+
+def site_gradients(
+    model: nn.Module, modules: list[nn.Module], input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> BatchGradients:
     """One forward and one backward for every hooked module at once.
 
     Each module's output z gets a zero tensor `delta` added in a forward hook;
     dLoss/d(delta) == dLoss/dz at every position, and the graph through z is
-    untouched, so all layers' gradients come from a single backward pass."""
+    untouched, so all layers' gradients come from a single backward pass that
+    stops at the earliest hooked module."""
     deltas: list[torch.Tensor | None] = [None] * len(modules)
 
     def hook_for(row: int):
@@ -118,13 +122,30 @@ def accumulate_batch(
     logits = logits[:, :-1].flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))
     loss = F.cross_entropy(logits, labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     grads = torch.autograd.grad(loss, deltas)
+    return BatchGradients(loss.detach(), grads, labels != IGNORE_INDEX)
 
-    counted = labels != IGNORE_INDEX  # (B, T-1): positions that predict a real target
+
+def accumulate_batch(
+    model: nn.Module,
+    modules: list[nn.Module],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    acc: DeviceAccumulator,
+    exclude_bos_id: int | None = None,
+) -> None:
+    """Add one batch's gradient sums to `acc`.
+
+    With `exclude_bos_id`, a first position holding that token is left out of
+    the aggregation (attention-sink positions can dominate); it stays in the loss."""
+    batch = site_gradients(model, modules, input_ids, attention_mask)
+    aggregated = batch.counted.clone()
+    if exclude_bos_id is not None:
+        aggregated[:, 0] &= input_ids[:, 0] != exclude_bos_id
     with torch.no_grad():
-        acc.loss_sum += loss.detach().double()
-        acc.loss_tokens += int(counted.sum())
-        for row, grad in enumerate(grads):
-            g = grad[:, :-1][counted].double()  # (N, D)
+        acc.loss_sum += batch.loss.double()
+        acc.loss_tokens += int(batch.counted.sum())
+        for row, grad in enumerate(batch.grads):
+            g = grad[:, :-1][aggregated].double()  # (N, D)
             acc.sums[names.GRAD_SUM][row] += g.sum(0)
             acc.sums[names.GRAD_ABS_SUM][row] += g.abs().sum(0)
             acc.sums[names.GRAD_SQ_SUM][row] += g.square().sum(0)

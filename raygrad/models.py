@@ -21,14 +21,45 @@ log = logging.getLogger(__name__)
 
 OFFLINE_HINT = "for the offline demo use --model smollm2-135m --dataset stdlib-docs"
 
-# model_type -> name of the layer child whose output is the MLP block's
-# contribution to the residual stream (the `mlp_out` hook site).
-MLP_OUT_MODULE = {
-    "llama": "mlp",  # Llama 2/3/3.1, Yi, SmolLM
-    "qwen2": "mlp",
-    "mistral": "mlp",  # Mistral, Zephyr
-}
-SUPPORTED_FAMILIES = tuple(sorted(MLP_OUT_MODULE))
+HOOK_SITES = ("mlp_out", "mlp", "resid_post", "attn_out")
+
+
+@dataclass(frozen=True)
+class FamilyLayout:
+    """Where a family's decoder layer keeps its blocks (child module names)."""
+
+    mlp: tuple[str, ...]  # the MLP / MoE block; first name that exists wins
+    attn: tuple[str, ...]  # the attention block
+    # Gemma-2/3 normalize each block's output before the residual add; the
+    # block's contribution to the residual stream is that norm's output.
+    post_mlp_norm: str | None = None
+    post_attn_norm: str | None = None
+
+
+FAMILIES: dict[str, FamilyLayout] = {}
+
+
+def register_family(model_type: str, layout: FamilyLayout) -> None:
+    if model_type in FAMILIES:
+        raise ValueError(f"family {model_type!r} is already registered")
+    FAMILIES[model_type] = layout
+
+
+_PLAIN = FamilyLayout(mlp=("mlp",), attn=("self_attn",))
+_POST_NORMED = FamilyLayout(mlp=("mlp",), attn=("self_attn",), post_mlp_norm="post_feedforward_layernorm",
+                            post_attn_norm="post_attention_layernorm")
+for _name in ("llama", "qwen2", "qwen3", "mistral", "gemma", "phi3"):  # Llama 2/3, Yi, SmolLM; Zephyr is mistral
+    register_family(_name, _PLAIN)
+# MoE blocks: transformers < 5 named Mixtral's `block_sparse_moe`; both return
+# (hidden, router_logits) in some versions, which the hook unpacks.
+register_family("mixtral", FamilyLayout(mlp=("block_sparse_moe", "mlp"), attn=("self_attn",)))
+register_family("qwen2_moe", _PLAIN)
+register_family("gemma2", _POST_NORMED)
+register_family("gemma3_text", _POST_NORMED)
+register_family("gpt_neox", FamilyLayout(mlp=("mlp",), attn=("attention",)))  # Pythia; parallel residual
+register_family("gpt2", FamilyLayout(mlp=("mlp",), attn=("attn",)))
+
+SUPPORTED_FAMILIES = tuple(sorted(FAMILIES))
 
 
 @dataclass(frozen=True)
@@ -109,7 +140,7 @@ def text_config(config):
 
 def family_of(config) -> str:
     family = text_config(config).model_type
-    if family not in MLP_OUT_MODULE:
+    if family not in FAMILIES:
         raise RaygradError(
             f"--model: architecture {family!r} is not supported; supported model_type values: "
             + ", ".join(SUPPORTED_FAMILIES)
@@ -145,6 +176,9 @@ def load_model_and_tokenizer(name: str, device: torch.device, dtype: torch.dtype
         # any id works; eos is the conventional choice.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = "right"  # real tokens keep positions 0..n-1
+    if dtype == torch.float64 and hasattr(model, "set_experts_implementation"):
+        # transformers >= 5 runs MoE experts with torch._grouped_mm, which has no float64 kernel.
+        model.set_experts_implementation("eager")
     model.requires_grad_(False)  # gradients flow to activations only
     model.eval()
     return model.to(device), tokenizer
@@ -165,14 +199,35 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise RaygradError(f"--model: found no list of {expected} decoder layers in {type(model).__name__}")
 
 
-def resolve_hook_sites(model: nn.Module, layers: list[int]) -> list[HookSite]:
-    """The `mlp_out` site of each selected layer."""
+def resolve_hook_sites(model: nn.Module, layers: list[int], site: str = "mlp_out") -> list[HookSite]:
+    """The module whose output is `site`, for each selected layer:
+
+    mlp_out     the MLP block's contribution to the residual stream
+                (after the post-feedforward norm in Gemma-2/3)
+    mlp         the MLP module's own output (what the original scripts hooked)
+    resid_post  the decoder layer's output (residual stream after the layer)
+    attn_out    the attention block's contribution to the residual stream
+    """
+    if site not in HOOK_SITES:
+        raise RaygradError(f"--hook-site {site!r}: choose one of {', '.join(HOOK_SITES)}")
     family = family_of(model.config)
+    layout = FAMILIES[family]
     list_path, layer_list = decoder_layers(model)
-    child = MLP_OUT_MODULE[family]
     sites = []
     for layer in layers:
-        if not hasattr(layer_list[layer], child):
-            raise RaygradError(f"--model: layer {layer} of this {family} model has no '{child}' module")
-        sites.append(HookSite(layer, f"{list_path}.{layer}.{child}"))
+        block = layer_list[layer]
+        if site == "resid_post":
+            child = None
+        elif site == "mlp_out" and layout.post_mlp_norm:
+            child = layout.post_mlp_norm
+        elif site == "attn_out" and layout.post_attn_norm:
+            child = layout.post_attn_norm
+        else:
+            candidates = layout.attn if site == "attn_out" else layout.mlp
+            child = next((name for name in candidates if hasattr(block, name)), None)
+            if child is None:
+                raise RaygradError(
+                    f"--hook-site {site}: layer {layer} of this {family} model has none of {', '.join(candidates)}"
+                )
+        sites.append(HookSite(layer, f"{list_path}.{layer}" + (f".{child}" if child else "")))
     return sites

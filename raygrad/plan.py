@@ -30,6 +30,7 @@ class Plan:
     workers: int  # 0 = in-process
     device: str
     dtype: str
+    exclude_bos: bool
     batch_size: int
     max_length: int
 
@@ -45,7 +46,8 @@ class Plan:
     def describe(self) -> str:
         layer_text = f"{_compact(self.layers)} ({len(self.layers)} of {self.num_model_layers})"
         return "\n".join([
-            f"model    {self.model} (family {self.family}, {self.dtype})",
+            f"model    {self.model} (family {self.family}, {self.dtype}"
+            + (", BOS position excluded)" if self.exclude_bos else ")"),
             f"site     {self.hook_site}: {self.module_paths[0]}{' ...' if len(self.module_paths) > 1 else ''}",
             f"layers   {layer_text}, width {self.width}",
             f"samples  {self.samples} (requested {self.samples_requested}), "
@@ -67,8 +69,8 @@ def make_plan(config: RunConfig, num_texts: int, workers: int, device: str) -> P
         family=family,
         num_model_layers=num_layers,
         layers=layers,
-        hook_site="mlp_out",
-        module_paths=[site.path for site in resolve_hook_sites(_skeleton(model_config), layers)],
+        hook_site=config.hook_site,
+        module_paths=[site.path for site in resolve_hook_sites(_skeleton(model_config), layers, config.hook_site)],
         width=text_config(model_config).hidden_size,
         samples_requested=config.num_samples,
         samples=num_texts,
@@ -76,6 +78,7 @@ def make_plan(config: RunConfig, num_texts: int, workers: int, device: str) -> P
         workers=workers,
         device=device,
         dtype=config.dtype,
+        exclude_bos=config.exclude_bos,
         batch_size=config.batch_size,
         max_length=config.max_length,
     )

@@ -35,6 +35,7 @@ class ShardRunner:
         self.device = pick_device(plan.device)
         self.model, self.tokenizer = load_model_and_tokenizer(plan.model, self.device, getattr(torch, plan.dtype))
         self.modules = [self.model.get_submodule(path) for path in plan.module_paths]
+        self.exclude_bos_id = self.tokenizer.bos_token_id if plan.exclude_bos else None
         self.load_seconds = time.perf_counter() - started
 
     def run(self, shard: int, texts: list[str]) -> ShardResult:
@@ -47,6 +48,7 @@ class ShardRunner:
                 texts[start:start + size], padding="longest", truncation=True,
                 max_length=self.plan.max_length, return_tensors="pt",
             ).to(self.device)
-            accumulate_batch(self.model, self.modules, batch["input_ids"], batch["attention_mask"], acc)
+            accumulate_batch(self.model, self.modules, batch["input_ids"], batch["attention_mask"], acc,
+                             self.exclude_bos_id)
         partial = acc.to_partial()
         return ShardResult(shard, partial, time.perf_counter() - started, self.load_seconds)

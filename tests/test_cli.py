@@ -34,7 +34,8 @@ def tiny_args(model_dir, texts_file, out_dir, *extra):
 def test_console_script_runs_and_exports(tiny_llama, texts_file, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     # The original's underscore spellings are accepted.
-    args = [str(Path(sys.executable).parent / "raygrad"), "run", "--model_name", str(tiny_llama), "--dataset", str(texts_file), "--num_samples", "3",
+    script = str(Path(sys.executable).parent / "raygrad")
+    args = [script, "run", "--model_name", str(tiny_llama), "--dataset", str(texts_file), "--num_samples", "3",
             "--batch_size", "2", "--max_length", "16", "--workers", "0", "--output_dir", str(tmp_path),
             "--aggregation_mode", "both", "--save_outputs", "--no-progress"]
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)

