@@ -107,6 +107,7 @@ def _execute(plan: Plan, config: RunConfig, texts: list[str], store: ResultStore
     new_tokens = 0
     bar = tqdm(total=len(done), initial=len(done) - len(todo), unit="shard", disable=not progress,
                desc="raygrad")
+    saved = int(done.sum())  # shards the store already holds
     try:
         for result in cluster.map(plan, config.seed, [(i, texts[slice(*plan.shards[i])]) for i in todo]):
             totals.add(result.partial)
@@ -117,9 +118,15 @@ def _execute(plan: Plan, config: RunConfig, texts: list[str], store: ResultStore
             now = time.perf_counter()
             if done.all() or now - last_checkpoint >= checkpoint_seconds:
                 store.checkpoint(totals, done)
-                last_checkpoint = now
+                saved, last_checkpoint = int(done.sum()), now
             bar.update(1)
             bar.set_postfix(tokens=totals.loss_tokens, tok_s=f"{new_tokens / (now - compute_started):.0f}")
+    except BaseException as err:  # a failed shard, Ctrl-C: keep what finished, say how to go on
+        if done.sum() > saved:
+            store.checkpoint(totals, done)
+        echo(f"stopped  after {int(done.sum())} of {len(done)} shards ({type(err).__name__}: {err}); "
+             f"continue with: raygrad run --resume {store.path.parent}")
+        raise
     finally:
         bar.close()
     if not done.all():

@@ -73,3 +73,23 @@ def test_resume_refuses_a_complete_run(tiny_llama, texts_file, tmp_path):
     run_dir, _ = run_tiny(tiny_llama, texts_file, tmp_path)
     with pytest.raises(RaygradError, match="already complete"):
         engine.resume(run_dir, echo=lambda _: None, progress=False)
+
+
+def test_a_failing_shard_stops_the_run_and_keeps_finished_shards(tiny_llama, texts_file, tmp_path, monkeypatch):
+    real_run, calls, said = ShardRunner.run, [], []
+
+    def fails_on_third_shard(self, shard, texts):
+        calls.append(shard)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA out of memory")
+        return real_run(self, shard, texts)
+
+    monkeypatch.setattr(ShardRunner, "run", fails_on_third_shard)
+    config = build_config(tiny_llama, texts_file, tmp_path, shard_size=2)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.run(config, echo=said.append, progress=False)  # checkpoint interval not reached
+    (run_dir,) = tmp_path.iterdir()
+    _, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
+    assert done.tolist() == [True, True, False]
+    assert said[-1].startswith("stopped  after 2 of 3 shards (RuntimeError: CUDA out of memory)")
+    assert said[-1].endswith(f"raygrad run --resume {run_dir}")
