@@ -25,6 +25,9 @@ def _config_options(func):
         hint = field_type(f.name)
         if hint is bool:
             option = click.option(*spellings, f.name, is_flag=True, default=f.default, help=help_text)
+        elif f.metadata.get("multiple"):
+            option = click.option(*spellings, f.name, multiple=True, default=f.default, show_default=True,
+                                  help=help_text)
         else:
             choices = _choices(f)
             kind = click.Choice(choices) if choices else (int if int in (hint, *typing.get_args(hint)) else str)
@@ -82,6 +85,19 @@ def info(run_dir) -> None:
     attrs = dict(open_results(run_dir).attrs)
     click.echo(json.dumps({k: attrs.get(k) for k in (names.ATTR_STATUS, names.ATTR_PLAN, names.ATTR_TIMING)},
                           indent=2))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--layer", type=int, default=None, help="One layer (default: every layer of the run).")
+@click.option("--k", type=int, default=20, show_default=True, help="Entries per layer.")
+@click.option("--by", default="mean_abs", show_default=True,
+              help="Array to rank by: mean_abs, mean, value_mean_abs, attr_mean_abs, site_mean_abs, ...")
+def top(run_dir, layer, k, by) -> None:
+    """The top features (or dimensions) per layer, largest magnitude first."""
+    from .top import format_rows, top_features
+
+    click.echo(format_rows(top_features(run_dir, layer, k, by), by))
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from typing import Literal, Optional, get_args
 from .errors import RaygradError
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B"
+AGGREGATE_KINDS = ("gradients", "values", "attribution")
 
 
 def _opt(default, help: str, **extra):
@@ -20,7 +21,8 @@ def _opt(default, help: str, **extra):
 @dataclass(frozen=True)
 class RunConfig:
     model: str = _opt(DEFAULT_MODEL, "Hub id, local directory, or the bundled 'smollm2-135m'.")
-    target: Literal["mlp"] = _opt("mlp", "Target space: 'mlp' = the hook site's output dimensions.")
+    target: Literal["mlp", "sae"] = _opt(
+        "mlp", "Target space: 'mlp' = the hook site's dimensions; 'sae' = the features of an SAE on that site.")
     num_samples: int = _opt(500, "Number of texts to aggregate over.")
     batch_size: int = _opt(4, "Texts per forward/backward pass.")
     max_length: int = _opt(128, "Tokens per text after truncation (>= 2).")
@@ -29,6 +31,17 @@ class RunConfig:
         "mlp_out", "mlp_out: MLP block's contribution to the residual stream; mlp: the MLP module's output; "
         "resid_post: decoder layer output; attn_out: attention block's contribution.")
     exclude_bos: bool = _opt(False, "Leave the BOS position out of the aggregation (it stays in the loss).")
+    sae_release: Optional[str] = _opt(None, "sae-lens registry release (with --sae-id), for --target sae.")
+    sae_id: Optional[str] = _opt(None, "SAE id inside --sae-release; '{layer}' is replaced by each layer index.")
+    sae_path: Optional[str] = _opt(
+        None, "Local SAE directory (sae-lens or dictionary_learning format); '{layer}' is replaced per layer.")
+    sae_mode: Literal["clean", "splice"] = _opt(
+        "clean", "clean: unmodified model, SAE error held constant, one pass for all layers; "
+        "splice: reconstruction substituted, one pass per layer (the original script).")
+    position_stride: int = _opt(1, "Aggregate every K-th position only (the original SAE script used 4).")
+    aggregate_by: tuple[str, ...] = _opt(
+        ("gradients",), "What to aggregate (repeatable): gradients, values (activations), attribution (grad x value).",
+        multiple=True)
     device: Literal["auto", "cuda", "cpu"] = _opt("auto", "Device for each worker.")
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = _opt(
         "float32", "Model weights and activations; sums are float64 whatever this is.")
@@ -48,9 +61,9 @@ class RunConfig:
     seed: int = _opt(42, "Seed for torch, numpy and random.")
 
     def __post_init__(self) -> None:
-        for name in ("num_samples", "batch_size", "min_chars"):
+        for name in ("num_samples", "batch_size", "min_chars", "position_stride"):
             value = getattr(self, name)
-            low = 0 if name == "min_chars" else 1
+            low = 0 if name == "min_chars" else 1  # min_chars 0 keeps every non-empty text
             if not isinstance(value, int) or value < low:
                 raise RaygradError(f"--{_dash(name)} {value}: must be an integer >= {low}")
         if self.max_length < 2:
@@ -67,6 +80,31 @@ class RunConfig:
                 )
         if self.layers is not None:
             parse_layer_spec(self.layers)  # format only; range is checked against the model in the plan
+        object.__setattr__(self, "aggregate_by", tuple(self.aggregate_by))  # lists from JSON or the CLI
+        for kind in self.aggregate_by:
+            if kind not in AGGREGATE_KINDS:
+                raise RaygradError(f"--aggregate-by {kind!r}: choose from {', '.join(AGGREGATE_KINDS)}")
+        if not self.aggregate_by or len(set(self.aggregate_by)) != len(self.aggregate_by):
+            raise RaygradError(f"--aggregate-by {','.join(self.aggregate_by)}: give each kind once, at least one")
+        self._check_sae_source()
+
+    def _check_sae_source(self) -> None:
+        has_release = self.sae_release is not None or self.sae_id is not None
+        if self.target == "mlp":
+            for name in ("sae_release", "sae_id", "sae_path"):
+                if getattr(self, name) is not None:
+                    raise RaygradError(f"--{_dash(name)} {getattr(self, name)}: only used with --target sae")
+            if self.sae_mode != "clean":
+                raise RaygradError(f"--sae-mode {self.sae_mode}: only used with --target sae")
+            return
+        if has_release and self.sae_path is not None:
+            raise RaygradError(
+                f"--sae-path {self.sae_path}: give either --sae-path or --sae-release/--sae-id, not both"
+            )
+        if has_release and (self.sae_release is None or self.sae_id is None):
+            raise RaygradError("--sae-release/--sae-id: give both (the id may contain '{layer}')")
+        if not has_release and self.sae_path is None:
+            raise RaygradError("--target sae: needs --sae-path TEMPLATE or --sae-release R --sae-id TEMPLATE")
 
     @property
     def export_modes(self) -> tuple[str, ...]:

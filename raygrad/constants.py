@@ -10,6 +10,17 @@ PENDING_CHECKPOINT = "pending_checkpoint.npz"  # redo log inside the store
 # Arrays in the store (DESIGN §5).
 LAYERS = "layers"
 TOKENS = "tokens"
+# Each aggregated quantity ("kind") has three running sums named
+# {prefix}_sum, {prefix}_abs_sum, {prefix}_sq_sum, and two derived means.
+KIND_PREFIX = {"gradients": "grad", "values": "value", "attribution": "attr"}
+SITE_PREFIX = "site_grad"  # target sae: the hook site's own d-dim gradient (= the SAE error node's)
+STATS = ("sum", "abs_sum", "sq_sum")
+MEAN_ARRAYS = {  # prefix -> (signed mean, mean of |x|)
+    "grad": ("mean", "mean_abs"),
+    "value": ("value_mean", "value_mean_abs"),
+    "attr": ("attr_mean", "attr_mean_abs"),
+    SITE_PREFIX: ("site_mean", "site_mean_abs"),
+}
 GRAD_SUM = "grad_sum"
 GRAD_ABS_SUM = "grad_abs_sum"
 GRAD_SQ_SUM = "grad_sq_sum"
@@ -42,9 +53,26 @@ PLOTS_DIR = "plots"
 MLP_RUN_PREFIX = "layer_activations"
 
 
-def layer_npy_name(layer: int, mode: str) -> str:
-    return f"layer_{layer}_{mode}_gradients.npy"
+SAE_RUN_PREFIX = "sae_features"
 
 
-def npz_key(layer: int, mode: str) -> str:
-    return f"layer_{layer}_{mode}"
+def sum_names(prefix: str) -> tuple[str, str, str]:
+    return tuple(f"{prefix}_{stat}" for stat in STATS)
+
+
+def mean_name(prefix: str, mode: str) -> str:
+    signed, absolute = MEAN_ARRAYS[prefix]
+    return absolute if mode == "mean_abs" else signed
+
+
+def export_key(kind: str, mode: str) -> str:
+    """'mean_abs' for gradients (the original's name), 'mean_abs_values' etc. for other kinds."""
+    return mode if kind == "gradients" else f"{mode}_{kind}"
+
+
+def layer_npy_name(layer: int, mode: str, kind: str = "gradients") -> str:
+    return f"layer_{layer}_{mode}_{kind}.npy"
+
+
+def npz_key(layer: int, mode: str, kind: str = "gradients") -> str:
+    return f"layer_{layer}_{export_key(kind, mode)}"

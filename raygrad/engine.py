@@ -50,7 +50,7 @@ def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: boo
         echo(f"output   {run_dir}")
         run_dir.mkdir(parents=True)
         store = ResultStore.create(
-            run_dir / names.STORE_NAME, len(plan.layers), plan.width, len(plan.shards), plan.layers,
+            run_dir / names.STORE_NAME, plan.prefixes, len(plan.shards), plan.layers,
             {names.ATTR_CONFIG: config.to_dict(), names.ATTR_PLAN: plan.to_dict()},
         )
         plan_seconds = time.perf_counter() - started

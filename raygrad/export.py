@@ -18,14 +18,24 @@ from .config import RunConfig
 from .store import ResultStore
 
 
-def aggregated(store: ResultStore, mode: str, normalize: bool) -> np.ndarray:
-    """(L, D) float32: the token-weighted mean (`mean`) or mean |g| (`mean_abs`),
+def aggregated(store: ResultStore, name: str, normalize: bool) -> np.ndarray:
+    """(L, D) float32 from a mean array (`mean`, `mean_abs`, `value_mean`, ...),
     rescaled so each row has sum(|v|) == D when `normalize`."""
-    values = store.group[mode][:].astype(np.float32)
+    values = store.group[name][:].astype(np.float32)
     if normalize:
         scale = np.abs(values).sum(axis=1, keepdims=True)
         values = np.where(scale > 0, values * values.shape[1] / np.where(scale > 0, scale, 1), 0).astype(np.float32)
     return values
+
+
+def exported_arrays(store: ResultStore, config: RunConfig) -> dict[tuple[str, str], np.ndarray]:
+    """(kind, mode) -> (L, D) for every kind the run aggregated and mode it exports.
+    --normalize-gradients rescales the gradient kind only."""
+    return {
+        (kind, mode): aggregated(store, names.mean_name(names.KIND_PREFIX[kind], mode),
+                                 config.normalize_gradients and kind == "gradients")
+        for kind in config.aggregate_by for mode in config.export_modes
+    }
 
 
 def write_exports(run_dir: Path, with_outputs: bool | None = None, extra_npz: Path | None = None) -> list[Path]:
@@ -42,19 +52,20 @@ def write_exports(run_dir: Path, with_outputs: bool | None = None, extra_npz: Pa
     config = RunConfig.from_dict(attrs[names.ATTR_CONFIG])
     save_outputs = config.save_outputs if with_outputs is None else with_outputs
     layers = [int(layer) for layer in store.group[names.LAYERS][:]]
-    modes = config.export_modes
-    values = {mode: aggregated(store, mode, config.normalize_gradients) for mode in modes}
+    arrays = exported_arrays(store, config)
+    values = {names.export_key(kind, mode): array for (kind, mode), array in arrays.items()}
 
     written: list[Path] = []
     if save_outputs:
-        for mode in modes:
+        for (kind, mode), array in arrays.items():
             for row, layer in enumerate(layers):
-                path = run_dir / names.layer_npy_name(layer, mode)
-                np.save(path, values[mode][row])
+                path = run_dir / names.layer_npy_name(layer, mode, kind)
+                np.save(path, array[row])
                 written.append(path)
 
     metadata = build_metadata(store, config, layers, values)
-    consolidated = {names.npz_key(layer, mode): values[mode][row] for mode in modes for row, layer in enumerate(layers)}
+    consolidated = {names.npz_key(layer, mode, kind): array[row]
+                    for (kind, mode), array in arrays.items() for row, layer in enumerate(layers)}
     # JSON in a 0-d unicode array: loads with allow_pickle=False.
     consolidated[names.NPZ_METADATA_KEY] = np.array(json.dumps(metadata))
     for path in [run_dir / names.CONSOLIDATED_NPZ] + ([Path(extra_npz)] if extra_npz else []):
@@ -98,9 +109,14 @@ def build_metadata(store: ResultStore, config: RunConfig, layers: list[int], val
         "model_name": config.model,
         "family": plan["family"],
         "hook_site": plan["hook_site"],
+        "module_paths": plan["module_paths"],
+        "target": plan.get("target", "mlp"),
+        "saes": plan.get("saes"),
         "layers": layers,
         "dimension_sizes": {str(layer): plan["width"] for layer in layers},
-        "aggregation_modes": list(values),
+        "aggregation_modes": list(config.export_modes),
+        "aggregated": list(config.aggregate_by),
+        "exported_arrays": list(values),
         "normalized": config.normalize_gradients,
         "num_samples_requested": plan["samples_requested"],
         "num_samples": plan["samples"],

@@ -23,7 +23,7 @@ class Plan:
     layers: list[int]
     hook_site: str
     module_paths: list[str]  # one per selected layer
-    width: int  # dimensions per layer
+    width: int  # dimensions per layer of the target space (SAE features for target sae)
     samples_requested: int
     samples: int  # texts found (may be fewer than requested)
     shards: list[tuple[int, int]]  # [start, stop) sample ranges
@@ -33,6 +33,22 @@ class Plan:
     exclude_bos: bool
     batch_size: int
     max_length: int
+    target: str = "mlp"
+    site_width: int = 0  # the hook site's width (the model's hidden size)
+    aggregate_by: tuple[str, ...] = ("gradients",)
+    position_stride: int = 1
+    sae_mode: str | None = None
+    sae_source: dict | None = None  # {"release", "sae_id", "path"}; templates keep '{layer}'
+    saes: list[dict] | None = None  # per layer: source, d_in, d_sae, hook_name, trained_site, neuronpedia_id
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def prefixes(self) -> dict[str, int]:
+        """Statistic prefix -> width, for every set of sums this run keeps."""
+        widths = {names.KIND_PREFIX[kind]: self.width for kind in self.aggregate_by}
+        if self.target == "sae" and self.sae_mode == "clean":
+            widths[names.SITE_PREFIX] = self.site_width
+        return widths
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -41,6 +57,8 @@ class Plan:
     def from_dict(cls, data: dict) -> "Plan":
         data = dict(data)
         data["shards"] = [tuple(s) for s in data["shards"]]
+        data["aggregate_by"] = tuple(data.get("aggregate_by", ("gradients",)))
+        data["warnings"] = tuple(data.get("warnings", ()))
         return cls(**data)
 
     def describe(self) -> str:
@@ -49,12 +67,22 @@ class Plan:
             f"model    {self.model} (family {self.family}, {self.dtype}"
             + (", BOS position excluded)" if self.exclude_bos else ")"),
             f"site     {self.hook_site}: {self.module_paths[0]}{' ...' if len(self.module_paths) > 1 else ''}",
-            f"layers   {layer_text}, width {self.width}",
+            f"layers   {layer_text}, width {self.site_width}",
+            *self._sae_lines(),
+            f"collect  {', '.join(self.aggregate_by)}"
+            + (f", every {self.position_stride}th position" if self.position_stride > 1 else ""),
             f"samples  {self.samples} (requested {self.samples_requested}), "
             f"batch {self.batch_size}, max {self.max_length} tokens",
             f"shards   {len(self.shards)} of <= {self.shards[0][1] - self.shards[0][0]} samples",
             f"workers  {self.workers or 'in-process (no Ray)'} on {self.device}",
+            *(f"warning: {text}" for text in self.warnings),
         ])
+
+    def _sae_lines(self) -> list[str]:
+        if self.target != "sae":
+            return []
+        return [f"sae      {self.saes[0]['source']}{' ...' if len(self.saes) > 1 else ''}",
+                f"features {self.width} per layer, {self.sae_mode} mode"]
 
 
 def make_plan(config: RunConfig, num_texts: int, workers: int, device: str) -> Plan:
@@ -63,6 +91,8 @@ def make_plan(config: RunConfig, num_texts: int, workers: int, device: str) -> P
     num_layers = text_config(model_config).num_hidden_layers
     layers = parse_layer_spec(config.layers, num_layers) if config.layers else list(range(num_layers))
     step = config.samples_per_shard
+    site_width = text_config(model_config).hidden_size
+    saes, warnings = _sae_entries(config, layers, site_width) if config.target == "sae" else (None, [])
     return Plan(
         model=config.model,
         model_path=resolve_model_path(config.model),
@@ -71,7 +101,7 @@ def make_plan(config: RunConfig, num_texts: int, workers: int, device: str) -> P
         layers=layers,
         hook_site=config.hook_site,
         module_paths=[site.path for site in resolve_hook_sites(_skeleton(model_config), layers, config.hook_site)],
-        width=text_config(model_config).hidden_size,
+        width=saes[0]["d_sae"] if saes else site_width,
         samples_requested=config.num_samples,
         samples=num_texts,
         shards=[(start, min(start + step, num_texts)) for start in range(0, num_texts, step)],
@@ -81,7 +111,53 @@ def make_plan(config: RunConfig, num_texts: int, workers: int, device: str) -> P
         exclude_bos=config.exclude_bos,
         batch_size=config.batch_size,
         max_length=config.max_length,
+        target=config.target,
+        site_width=site_width,
+        aggregate_by=config.aggregate_by,
+        position_stride=config.position_stride,
+        sae_mode=config.sae_mode if config.target == "sae" else None,
+        sae_source=sae_source(config) if config.target == "sae" else None,
+        saes=saes,
+        warnings=tuple(warnings),
     )
+
+
+def sae_source(config: RunConfig) -> dict:
+    return {"release": config.sae_release, "sae_id": config.sae_id, "path": config.sae_path}
+
+
+def _sae_entries(config: RunConfig, layers: list[int], site_width: int) -> tuple[list[dict], list[str]]:
+    """Each layer's SAE, described and checked against the hook site.
+
+    The driver loads each SAE once on the CPU to read its shape and config,
+    then drops it; workers load their own."""
+    from .errors import RaygradError
+    from .saes import load_sae
+
+    option = f"--sae-path {config.sae_path}" if config.sae_path else f"--sae-id {config.sae_id}"
+    entries, warnings = [], []
+    for layer in layers:
+        sae = load_sae(layer, **sae_load_kwargs(sae_source(config)))
+        entry = {"layer": layer, "source": sae.source, "d_in": sae.d_in, "d_sae": sae.d_sae,
+                 "hook_name": sae.hook_name, "trained_site": sae.trained_site, "neuronpedia_id": sae.neuronpedia_id}
+        del sae
+        if entry["d_in"] != site_width:
+            raise RaygradError(
+                f"{option} (layer {layer}): SAE input width {entry['d_in']} differs from the width {site_width} "
+                f"of hook site {config.hook_site}"
+            )
+        if entry["trained_site"] and entry["trained_site"] != config.hook_site:
+            warnings.append(f"layer {layer}: the SAE was trained on {entry['hook_name']} ({entry['trained_site']}), "
+                            f"applied here to --hook-site {config.hook_site}")
+        entries.append(entry)
+    widths = {entry["d_sae"] for entry in entries}
+    if len(widths) > 1:
+        raise RaygradError(f"{option}: SAEs of different widths {sorted(widths)}; run layers of one width together")
+    return entries, warnings
+
+
+def sae_load_kwargs(source: dict) -> dict:
+    return {key: value for key, value in source.items() if value is not None}
 
 
 def _skeleton(model_config):
@@ -97,8 +173,9 @@ def run_dir_name(config: RunConfig, plan: Plan, timestamp: str) -> str:
     """The original scripts' pattern, e.g.
     layer_activations_model_Qwen_Qwen2.5-0.5B_num_samples_500_batch_size_4_layers_0-23_20261126_142233"""
     model = re.sub(r"[^A-Za-z0-9._-]+", "_", config.model.strip("/")).strip("_")
+    prefix = names.SAE_RUN_PREFIX if plan.target == "sae" else names.MLP_RUN_PREFIX
     return (
-        f"{names.MLP_RUN_PREFIX}_model_{model}_num_samples_{plan.samples}_batch_size_{plan.batch_size}"
+        f"{prefix}_model_{model}_num_samples_{plan.samples}_batch_size_{plan.batch_size}"
         f"_layers_{_compact(plan.layers).replace(',', '_')}_{timestamp}"
     )
 

@@ -18,7 +18,8 @@ from .errors import RaygradError
 @dataclass
 class Results:
     layers: list[int]
-    arrays: dict[str, np.ndarray]  # mode ("mean_abs"/"mean") -> (L, D), rows follow `layers`
+    # "mean_abs"/"mean" (gradients), "mean_abs_values", "mean_attribution", ... -> (L, D); rows follow `layers`
+    arrays: dict[str, np.ndarray]
     metadata: dict
 
     def layer(self, layer: int, mode: str = "mean_abs") -> np.ndarray:
@@ -60,11 +61,15 @@ def load_results(path: str | Path) -> Results:
         raise RaygradError(f"{path}: the run is not complete; finish it with raygrad run --resume")
     config = RunConfig.from_dict(store.attrs[names.ATTR_CONFIG])
     layers = [int(layer) for layer in store.group[names.LAYERS][:]]
-    arrays = {mode: aggregated(store, mode, config.normalize_gradients) for mode in (names.MEAN_ABS, names.MEAN)}
+    arrays = {
+        names.export_key(kind, mode): aggregated(store, names.mean_name(names.KIND_PREFIX[kind], mode),
+                                                 config.normalize_gradients and kind == "gradients")
+        for kind in config.aggregate_by for mode in ("mean_abs", "mean")
+    }
     return Results(layers, arrays, build_metadata(store, config, layers, arrays))
 
 
-_KEY = re.compile(r"^layer_(\d+)_(mean_abs|mean)$")
+_KEY = re.compile(r"^layer_(\d+)_((?:mean_abs|mean)(?:_values|_attribution)?)$")
 
 
 def _from_npz(path: Path) -> Results:

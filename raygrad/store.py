@@ -17,7 +17,7 @@ import zarr
 
 from . import __version__
 from . import constants as names
-from .grads import Partial
+from .grads import Partial, array_widths
 
 FEATURE_CHUNK = 65536  # dims per chunk along `dim`
 
@@ -30,13 +30,14 @@ class ResultStore:
     # --- creating and opening
 
     @classmethod
-    def create(cls, path: Path, num_layers: int, width: int, num_shards: int, layers: list[int],
+    def create(cls, path: Path, prefixes: dict[str, int], num_shards: int, layers: list[int],
                attrs: dict) -> "ResultStore":
+        """`prefixes`: statistic prefix -> width; each gets {prefix}_sum/_abs_sum/_sq_sum."""
         group = zarr.open_group(str(path), mode="w-")
-        chunk = (1, min(width, FEATURE_CHUNK))
-        for name in names.SUM_ARRAYS:
-            group.create_array(name, shape=(num_layers, width), chunks=chunk, dtype="float64",
-                               fill_value=0.0, dimension_names=("layer", "dim"))
+        num_layers = len(layers)
+        for name, width in array_widths(prefixes).items():
+            group.create_array(name, shape=(num_layers, width), chunks=(1, min(width, FEATURE_CHUNK)),
+                               dtype="float64", fill_value=0.0, dimension_names=("layer", "dim"))
         group.create_array(names.LAYERS, shape=(num_layers,), dtype="int32", dimension_names=("layer",))
         group[names.LAYERS][:] = np.asarray(layers, dtype=np.int32)
         group.create_array(names.TOKENS, shape=(num_layers,), dtype="int64", fill_value=0,
@@ -65,7 +66,7 @@ class ResultStore:
     def totals(self) -> tuple[Partial, np.ndarray]:
         g = self.group
         partial = Partial(
-            sums={name: g[name][:] for name in names.SUM_ARRAYS},
+            sums={name: g[name][:] for name in self.sum_array_names()},
             tokens=g[names.TOKENS][:],
             loss_sum=float(g[names.LOSS_SUM][()]),
             loss_tokens=int(g[names.LOSS_TOKENS][()]),
@@ -82,16 +83,25 @@ class ResultStore:
         os.replace(staging, pending)  # the commit point
         _apply_pending(self.group, pending)
 
+    def prefixes(self) -> list[str]:
+        """The statistic prefixes this store keeps (grad, value, attr, site_grad)."""
+        return [prefix for prefix in names.MEAN_ARRAYS if f"{prefix}_sum" in self.group]
+
+    def sum_array_names(self) -> list[str]:
+        return [name for prefix in self.prefixes() for name in names.sum_names(prefix)]
+
     def finalize(self, timing: dict) -> None:
         """Write the derived means and mark the run complete."""
         totals, _ = self.totals()
         count = np.maximum(totals.tokens, 1)[:, None]  # a layer with no tokens has mean 0, not NaN
-        for name, source in ((names.MEAN, names.GRAD_SUM), (names.MEAN_ABS, names.GRAD_ABS_SUM)):
-            values = (totals.sums[source] / count).astype(np.float32)
-            if name not in self.group:
-                self.group.create_array(name, shape=values.shape, chunks=self.group[source].chunks,
-                                        dtype="float32", dimension_names=("layer", "dim"))
-            self.group[name][:] = values
+        for prefix in self.prefixes():
+            total, abs_total, _ = names.sum_names(prefix)
+            for name, source in zip(names.MEAN_ARRAYS[prefix], (total, abs_total)):
+                values = (totals.sums[source] / count).astype(np.float32)
+                if name not in self.group:
+                    self.group.create_array(name, shape=values.shape, chunks=self.group[source].chunks,
+                                            dtype="float32", dimension_names=("layer", "dim"))
+                self.group[name][:] = values
         self.group.attrs.update({names.ATTR_STATUS: names.STATUS_COMPLETE, names.ATTR_TIMING: timing})
 
 

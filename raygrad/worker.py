@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .grads import DeviceAccumulator, Partial, accumulate_batch
+from .grads import Aggregation, DeviceAccumulator, Partial, accumulate_batch
 from .models import load_model_and_tokenizer, pick_device
-from .plan import Plan
+from .plan import Plan, sae_load_kwargs
 
 
 @dataclass
@@ -35,12 +35,18 @@ class ShardRunner:
         self.device = pick_device(plan.device)
         self.model, self.tokenizer = load_model_and_tokenizer(plan.model, self.device, getattr(torch, plan.dtype))
         self.modules = [self.model.get_submodule(path) for path in plan.module_paths]
-        self.exclude_bos_id = self.tokenizer.bos_token_id if plan.exclude_bos else None
+        self.saes = self._load_saes(plan) if plan.target == "sae" else None
+        self.aggregation = Aggregation(
+            kinds=tuple(plan.aggregate_by),
+            exclude_bos_id=self.tokenizer.bos_token_id if plan.exclude_bos else None,
+            position_stride=plan.position_stride,
+            sae_mode=plan.sae_mode or "clean",
+        )
         self.load_seconds = time.perf_counter() - started
 
     def run(self, shard: int, texts: list[str]) -> ShardResult:
         started = time.perf_counter()
-        acc = DeviceAccumulator(len(self.modules), self.plan.width, self.device)
+        acc = DeviceAccumulator(len(self.modules), self.plan.prefixes, self.device)
         size = self.plan.batch_size
         for start in range(0, len(texts), size):
             # Pad to the longest text in the batch, not to max_length.
@@ -49,6 +55,18 @@ class ShardRunner:
                 max_length=self.plan.max_length, return_tensors="pt",
             ).to(self.device)
             accumulate_batch(self.model, self.modules, batch["input_ids"], batch["attention_mask"], acc,
-                             self.exclude_bos_id)
+                             self.aggregation, self.saes)
         partial = acc.to_partial()
         return ShardResult(shard, partial, time.perf_counter() - started, self.load_seconds)
+
+    def _load_saes(self, plan: Plan) -> list[torch.nn.Module]:
+        from .saes import load_sae
+
+        # SAEs run in float32 under a bf16/fp16 model (z is upcast), in float64 under float64.
+        dtype = torch.float64 if plan.dtype == "float64" else torch.float32
+        saes = [load_sae(layer, **sae_load_kwargs(plan.sae_source), device=self.device, dtype=dtype)
+                for layer in plan.layers]
+        for sae in saes:
+            sae.requires_grad_(False)  # dLoss/df is taken w.r.t. f, never the SAE's weights
+            sae.eval()
+        return saes

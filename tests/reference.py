@@ -73,3 +73,86 @@ def reference_sums(model_dir, texts, layers, max_length, site="mlp_out", exclude
 
 def max_relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+def reference_site_tokens(model_dir, texts, layer, max_length, site="mlp_out"):
+    """Per sample: (ids, z, g) with z, g (T, D) float64 tensors at one layer,
+    from a leaf that replaces the module's output (one layer, one sample)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    module = explicit_module(model, layer, site)
+    out = []
+    for text in texts:
+        ids = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt").input_ids
+        leaf = {}
+
+        def replace_with_leaf(mod, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            leaf["z"] = hidden.detach().requires_grad_(True)
+            return (leaf["z"], *output[1:]) if isinstance(output, tuple) else leaf["z"]
+
+        handle = module.register_forward_hook(replace_with_leaf)
+        try:
+            logits = model(ids).logits
+        finally:
+            handle.remove()
+        F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").backward()
+        out.append((ids[0], leaf["z"].detach()[0], leaf["z"].grad[0]))
+    return out
+
+
+def read_sae_lens_weights(sae_dir):
+    """W_enc (d, F), b_enc, W_dec (F, d), b_dec and the cfg, read from the files
+    with safetensors (not through sae-lens or raygrad)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    weights = {k: v.double() for k, v in load_file(str(Path(sae_dir) / "sae_weights.safetensors")).items()}
+    cfg = json.loads((Path(sae_dir) / "cfg.json").read_text())
+    return weights, cfg
+
+
+def relu_sae_encode(weights, cfg, z):
+    """A standard (ReLU) SAE's features: relu((z - b_dec?) @ W_enc + b_enc)."""
+    x = z - weights["b_dec"] if cfg.get("apply_b_dec_to_input", False) else z
+    return torch.relu(x @ weights["W_enc"] + weights["b_enc"])
+
+
+def reference_splice_sums(model_dir, sae_dirs, texts, layers, max_length, stride=1, site="mlp_out"):
+    """The original SAE script's algorithm in float64: for each layer, the output
+    is replaced by decode(f) with f = encode(z) a leaf; dLoss/df per position,
+    aggregated over positions t with t % stride == 0."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    out = None
+    for row, (layer, sae_dir) in enumerate(zip(layers, sae_dirs)):
+        weights, cfg = read_sae_lens_weights(sae_dir)
+        module = explicit_module(model, layer, site)
+        if out is None:
+            width = weights["W_enc"].shape[1]
+            out = {k: np.zeros((len(layers), width)) for k in ("grad_sum", "grad_abs_sum", "grad_sq_sum")}
+            out["tokens"] = np.zeros(len(layers), dtype=np.int64)
+        for text in texts:
+            ids = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt").input_ids
+            leaf = {}
+
+            def splice(mod, args, output):
+                leaf["f"] = relu_sae_encode(weights, cfg, output.detach()).requires_grad_(True)
+                return leaf["f"] @ weights["W_dec"] + weights["b_dec"]
+
+            handle = module.register_forward_hook(splice)
+            try:
+                logits = model(ids).logits
+            finally:
+                handle.remove()
+            F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").backward()
+            g = leaf["f"].grad[0, :-1][::stride].numpy()
+            out["grad_sum"][row] += g.sum(0)
+            out["grad_abs_sum"][row] += np.abs(g).sum(0)
+            out["grad_sq_sum"][row] += (g**2).sum(0)
+            out["tokens"][row] += g.shape[0]
+    return out

@@ -7,7 +7,7 @@ from helpers import assert_same_totals, build_config, run_tiny
 from raygrad import constants as names
 from raygrad import engine
 from raygrad.errors import RaygradError
-from raygrad.grads import Partial
+from raygrad.grads import Partial, array_widths
 from raygrad.store import ResultStore
 from raygrad.worker import ShardRunner
 
@@ -51,8 +51,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_llama, texts_file, 
 
 
 def test_committed_checkpoint_is_replayed_after_a_crash(tmp_path):
-    store = ResultStore.create(tmp_path / "s.zarr", 2, 3, 2, [0, 1], {})
-    totals = Partial.zeros(2, 3)
+    store = ResultStore.create(tmp_path / "s.zarr", {"grad": 3}, 2, [0, 1], {})
+    totals = Partial.zeros(2, array_widths({"grad": 3}))
     totals.sums[names.GRAD_SUM] += 1.5
     totals.tokens += 4
     done = np.array([True, False])
