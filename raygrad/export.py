@@ -28,13 +28,15 @@ def aggregated(store: ResultStore, name: str, normalize: bool) -> np.ndarray:
     return values
 
 
-def exported_arrays(store: ResultStore, config: RunConfig) -> dict[tuple[str, str], np.ndarray]:
-    """(kind, mode) -> (L, D) for every kind the run aggregated and mode it exports.
-    --normalize-gradients rescales the gradient kind only."""
+def exported_arrays(store: ResultStore, config: RunConfig,
+                    modes: tuple[str, ...] | None = None) -> dict[tuple[str, str], np.ndarray]:
+    """(kind, mode) -> (L, D) for every kind the run aggregated and each mode
+    (default: the modes the run exports). --normalize-gradients rescales the
+    gradient kind only."""
     return {
         (kind, mode): aggregated(store, names.mean_name(names.KIND_PREFIX[kind], mode),
                                  config.normalize_gradients and kind == "gradients")
-        for kind in config.aggregate_by for mode in config.export_modes
+        for kind in config.aggregate_by for mode in (modes or config.export_modes)
     }
 
 

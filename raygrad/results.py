@@ -50,7 +50,7 @@ def load_results(path: str | Path) -> Results:
     path = Path(path)
     if path.suffix == ".npz":
         return _from_npz(path)
-    from .export import aggregated, build_metadata
+    from .export import build_metadata, exported_arrays
     from .store import ResultStore
 
     store_path = _store_path(path)
@@ -61,11 +61,8 @@ def load_results(path: str | Path) -> Results:
         raise RaygradError(f"{path}: the run is not complete; finish it with raygrad run --resume")
     config = RunConfig.from_dict(store.attrs[names.ATTR_CONFIG])
     layers = [int(layer) for layer in store.group[names.LAYERS][:]]
-    arrays = {
-        names.export_key(kind, mode): aggregated(store, names.mean_name(names.KIND_PREFIX[kind], mode),
-                                                 config.normalize_gradients and kind == "gradients")
-        for kind in config.aggregate_by for mode in ("mean_abs", "mean")
-    }
+    arrays = {names.export_key(kind, mode): array
+              for (kind, mode), array in exported_arrays(store, config, ("mean_abs", "mean")).items()}
     return Results(layers, arrays, build_metadata(store, config, layers, arrays))
 
 

@@ -6,8 +6,8 @@ Three sources, each run with its own library's inference semantics:
 * a sae-lens registry release (``SAE.from_pretrained``), likewise;
 * a dictionary_learning directory (ae.pt + config.json, saprmarks/dictionary_learning). That library
   is not a dependency, so each dict_class's ``encode``/``decode`` is restated below, one small
-  function per class (sae-lens's own converter for these is Hub-only and loads AutoEncoderTopK as a
-  plain ReLU SAE, so it is not used).
+  function per class. (sae-lens's converter, dictionary_learning_sae_huggingface_loader_1, maps the
+  math faithfully but reads only from the Hub and records every SAE as trained on hook_resid_post.)
 
 ``LoadedSAE.decode`` returns model units. sae-lens inference SAEs apply no runtime scaling for
 ``expected_average_only_in`` or ``covariance_whitening``: the library folds the factor into the
@@ -132,8 +132,9 @@ def _check_sae_lens(sae, shown: str) -> None:
                            "inputs) is not a raygrad hook site; supported: none")
     norm = sae.cfg.normalize_activations
     if norm not in FOLDABLE_NORMALIZATIONS:
-        raise RaygradError(f"{shown}: normalize_activations {norm!r} rescales each token by its own statistics, so "
-                           f"features alone do not decode to model units; supported: {', '.join(FOLDABLE_NORMALIZATIONS)}")
+        raise RaygradError(f"{shown}: normalize_activations {norm!r} rescales each token by its own statistics, "
+                           "so features alone do not decode to model units; supported: "
+                           + ", ".join(FOLDABLE_NORMALIZATIONS))
 
 
 def _fold_checkpoint_scaler(sae, directory: Path, shown: str) -> None:
@@ -170,7 +171,11 @@ def _load_sae_lens_dir(directory: Path, shown: str, device: str, dtype: torch.dt
 
     try:
         sae = SAE.load_from_disk(directory, device=device, dtype=_dtype_name(dtype))
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+    except KeyError as err:  # sae-lens looks the architecture up in its registry of inference classes
+        raise RaygradError(f"{shown}: sae-lens could not load it (no {err.args[0]!r}: an architecture without an "
+                           "inference class, such as a batchtopk training checkpoint, or a missing cfg.json field; "
+                           f"supported: {', '.join(SAE_LENS_ARCHITECTURES)})") from None
+    except (OSError, ValueError, TypeError, RuntimeError) as err:
         raise RaygradError(f"{shown}: sae-lens could not load it ({type(err).__name__}: {_first_line(err)})") from None
     _check_sae_lens(sae, shown)
     _fold_checkpoint_scaler(sae, directory, shown)
@@ -280,7 +285,8 @@ register_dict_class("JumpReluAutoEncoder", DictClass(_read_jumprelu, _jump_relu,
 
 
 class DictionaryLearningSAE(LoadedSAE):
-    """A dictionary_learning dictionary: encode = activation((x - b_dec?) @ W_enc + b_enc), decode = f @ W_dec + b_dec."""
+    """A dictionary_learning dictionary: encode = activation([x - b_dec] @ W_enc + b_enc),
+    decode = f @ W_dec + b_dec, with the class's activation and centring."""
 
     def __init__(self, dict_class: str, tensors: dict, *, hook_name: str | None, source: str):
         d_in, d_sae = tensors["W_enc"].shape
@@ -314,7 +320,10 @@ def _load_dictionary_learning_dir(directory: Path, shown: str, device: str, dtyp
                            f"supported: {', '.join(DICT_CLASSES)}")
     try:
         state = torch.load(directory / DL_WEIGHTS, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+    except pickle.UnpicklingError as err:  # weights_only refuses anything but tensors and plain containers
+        raise RaygradError(f"{shown}: {DL_WEIGHTS} is not a plain tensor state dict, the only kind raygrad "
+                           f"unpickles ({_unpickler_reason(err)})") from None
+    except (OSError, RuntimeError, EOFError) as err:
         raise RaygradError(f"{shown}: unreadable {DL_WEIGHTS} ({_first_line(err)})") from None
     if not isinstance(state, dict):
         raise RaygradError(f"{shown}: {DL_WEIGHTS} holds a {type(state).__name__}, not a state dict")
@@ -365,6 +374,7 @@ def load_sae(layer: int, *, release: str | None = None, sae_id: str | None = Non
     if path is not None and (release is not None or sae_id is not None):
         raise RaygradError(f"--sae-path {path}: give either --sae-path or --sae-release/--sae-id, not both")
     device = str(torch.device(device))
+    _dtype_name(dtype)  # refuse a bad dtype before touching any file
     if path is not None:
         directory = Path(_fill(path, layer)).expanduser()
         shown = _shown("--sae-path", path, layer, str(directory))
@@ -410,6 +420,12 @@ def _read_json(file: Path, shown: str):
         return json.loads(file.read_text())
     except (OSError, ValueError) as err:
         raise RaygradError(f"{shown}: unreadable {file.name} ({_first_line(err)})") from None
+
+
+def _unpickler_reason(err: BaseException) -> str:
+    # torch's message is a paragraph of advice (including weights_only=False); keep only its reason
+    _, marker, reason = str(err).partition("WeightsUnpickler error:")
+    return " ".join(reason.strip().split("\n\n")[0].split()).split(". ")[0] if marker else _first_line(err)
 
 
 def _first_line(err: BaseException) -> str:

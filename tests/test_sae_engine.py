@@ -1,0 +1,214 @@
+"""--target sae: clean and splice modes against float64 references, exports, top, memory."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import run_tiny
+from reference import (
+    max_relative_error,
+    read_sae_lens_weights,
+    reference_site_tokens,
+    reference_splice_sums,
+    relu_sae_encode,
+)
+from sae_factory import write_sae_lens_dir
+from tiny import SAMPLE_TEXTS
+
+from raygrad import constants as names
+from raygrad.errors import RaygradError
+
+KEPT_TEXTS = [t for t in SAMPLE_TEXTS if len(t.strip()) > 50][:4]
+D_SAE = 64
+
+
+@pytest.fixture(scope="module")
+def sae_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("saes")
+    for layer in range(3):
+        write_sae_lens_dir(root / f"sae_{layer}", 32, D_SAE, hook_name=f"blocks.{layer}.hook_mlp_out", seed=layer,
+                           neuronpedia_id=f"tiny-llama/{layer}-mlp-test")
+    return root
+
+
+def sae_run(model_dir, texts_file, out, sae_dirs, **overrides):
+    options = dict(target="sae", sae_path=str(sae_dirs / "sae_{layer}"), layers="0,2", num_samples=4)
+    options.update(overrides)
+    return run_tiny(model_dir, texts_file, out, **options)
+
+
+def clean_reference(model_dir, sae_dirs, layers, stride=1):
+    """dLoss/df = dLoss/dz @ W_dec.T per token (SAE error held constant), from
+    the per-layer float64 reference; plus values f and attribution f * dLoss/df."""
+    sums = {}
+    for row, layer in enumerate(layers):
+        weights, cfg = read_sae_lens_weights(sae_dirs / f"sae_{layer}")
+        for _, z, g in reference_site_tokens(model_dir, KEPT_TEXTS, layer, max_length=24):
+            z, g = z[:-1][::stride], g[:-1][::stride]
+            f = relu_sae_encode(weights, cfg, z)
+            g_f = g @ weights["W_dec"].T
+            for prefix, x in (("grad", g_f), ("value", f), ("attr", f * g_f), ("site_grad", g)):
+                for stat, v in (("sum", x.sum(0)), ("abs_sum", x.abs().sum(0)), ("sq_sum", (x**2).sum(0))):
+                    sums.setdefault(f"{prefix}_{stat}", [np.zeros(x.shape[1]) for _ in layers])[row] += v.numpy()
+            sums.setdefault("tokens", [0] * len(layers))[row] += z.shape[0]
+    return {k: np.asarray(v) for k, v in sums.items()}
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_clean_mode_equals_projected_reference_gradients(stride, tiny_llama, texts_file, sae_dirs, tmp_path):
+    _, totals = sae_run(tiny_llama, texts_file, tmp_path, sae_dirs, position_stride=stride,
+                        aggregate_by=("gradients", "values", "attribution"))
+    expected = clean_reference(tiny_llama, sae_dirs, [0, 2], stride)
+    for name, array in expected.items():
+        if name == "tokens":
+            assert totals.tokens.tolist() == array.tolist()
+        else:
+            assert totals.sums[name].shape == array.shape
+            assert max_relative_error(totals.sums[name], array) < 1e-6, name
+    assert totals.sums["grad_abs_sum"].shape == (2, D_SAE)
+    assert totals.sums["site_grad_sum"].shape == (2, 32)
+    assert (totals.sums["value_sum"] > 0).any() and (totals.sums["value_sum"] == 0).any()  # sparse features
+
+
+@pytest.mark.parametrize("stride", [1, 4])
+def test_splice_mode_equals_the_original_algorithm(stride, tiny_llama, texts_file, sae_dirs, tmp_path):
+    _, totals = sae_run(tiny_llama, texts_file, tmp_path, sae_dirs, sae_mode="splice", position_stride=stride)
+    expected = reference_splice_sums(tiny_llama, [sae_dirs / "sae_0", sae_dirs / "sae_2"], KEPT_TEXTS, [0, 2],
+                                     max_length=24, stride=stride)
+    for name in names.SUM_ARRAYS:
+        assert max_relative_error(totals.sums[name], expected[name]) < 1e-6, name
+    assert totals.tokens.tolist() == expected["tokens"].tolist()
+    assert "site_grad_sum" not in totals.sums  # no error node in the spliced model
+
+
+def test_exact_sae_gives_the_same_result_in_clean_and_splice_modes(tiny_llama, texts_file, tmp_path):
+    eye = torch.eye(32)
+    exact = {"W_enc": torch.cat([eye, -eye], 1), "W_dec": torch.cat([eye, -eye], 0),
+             "b_enc": torch.zeros(64), "b_dec": torch.zeros(32)}  # relu(z) - relu(-z) == z
+    for layer in range(3):
+        write_sae_lens_dir(tmp_path / "exact" / f"sae_{layer}", 32, 64, weights=exact,
+                           hook_name=f"blocks.{layer}.hook_mlp_out")
+    _, clean = sae_run(tiny_llama, texts_file, tmp_path / "c", tmp_path / "exact", layers="0-2")
+    _, splice = sae_run(tiny_llama, texts_file, tmp_path / "s", tmp_path / "exact", layers="0-2", sae_mode="splice")
+    for name in names.SUM_ARRAYS:
+        assert max_relative_error(splice.sums[name], clean.sums[name]) < 1e-9, name
+    # and the feature gradient of an exact [I; -I] dictionary is (g, -g)
+    np.testing.assert_allclose(clean.sums["grad_sum"][:, :32], clean.sums["site_grad_sum"], rtol=1e-9)
+    np.testing.assert_allclose(clean.sums["grad_sum"][:, 32:], -clean.sums["site_grad_sum"], rtol=1e-9)
+
+
+def test_sae_exports_are_named_by_kind_and_mode(tiny_llama, texts_file, sae_dirs, tmp_path):
+    run_dir, totals = sae_run(tiny_llama, texts_file, tmp_path, sae_dirs, aggregate_by=("gradients", "attribution"),
+                              aggregation_mode="both", save_outputs=True)
+    assert run_dir.name.startswith("sae_features_model_")
+    for kind in ("gradients", "attribution"):
+        for mode in ("mean_abs", "mean"):
+            assert np.load(run_dir / f"layer_2_{mode}_{kind}.npy").shape == (D_SAE,)
+    with np.load(run_dir / names.CONSOLIDATED_NPZ, allow_pickle=False) as data:
+        assert {"layer_0_mean_abs", "layer_0_mean", "layer_0_mean_abs_attribution", "layer_0_mean_attribution"} <= \
+            set(data.files)
+        np.testing.assert_allclose(data["layer_2_mean_abs_attribution"],
+                                   totals.sums["attr_abs_sum"][1] / totals.tokens[1], rtol=1e-6)
+        metadata = json.loads(data["metadata"].item())
+    assert metadata["target"] == "sae" and metadata["saes"][1]["d_sae"] == D_SAE
+    assert metadata["saes"][0]["neuronpedia_id"] == "tiny-llama/0-mlp-test"
+
+
+def test_top_lists_features_with_neuronpedia_links(tiny_llama, texts_file, sae_dirs, tmp_path, capsys, monkeypatch):
+    import sys
+
+    from raygrad.cli import main
+    from raygrad.top import top_features
+
+    run_dir, totals = sae_run(tiny_llama, texts_file, tmp_path / "with", sae_dirs)
+    rows = top_features(run_dir, layer=2, k=5)
+    expected = totals.sums["grad_abs_sum"][1] / totals.tokens[1]
+    assert [r.index for r in rows] == list(np.argsort(-expected, kind="stable")[:5])
+    assert rows[0].value == pytest.approx(expected.max(), rel=1e-6)
+    assert rows[0].url == f"https://www.neuronpedia.org/tiny-llama/2-mlp-test/{rows[0].index}"
+
+    monkeypatch.setattr(sys, "argv", ["raygrad", "top", str(run_dir), "--k", "3", "--by", "site_mean_abs"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+        raise SystemExit(0)
+    out = capsys.readouterr().out.splitlines()
+    assert exited.value.code == 0 and len(out) == 1 + 2 * 3 and "neuronpedia" not in out[0]
+
+    for layer in range(3):
+        write_sae_lens_dir(tmp_path / "plain" / f"sae_{layer}", 32, D_SAE, hook_name=f"blocks.{layer}.hook_mlp_out")
+    run_dir, _ = sae_run(tiny_llama, texts_file, tmp_path / "without", tmp_path / "plain")
+    assert all(r.url is None for r in top_features(run_dir, k=2))
+    with pytest.raises(RaygradError, match="--by value_mean_abs: this run has mean, mean_abs"):
+        top_features(run_dir, by="value_mean_abs")
+
+
+def test_width_mismatch_is_an_error_and_site_mismatch_a_warning(tiny_llama, texts_file, tmp_path):
+    write_sae_lens_dir(tmp_path / "narrow" / "sae_0", 16, D_SAE)
+    with pytest.raises(RaygradError, match=r"\(layer 0\): SAE input width 16 differs from the width 32 of hook site"):
+        sae_run(tiny_llama, texts_file, tmp_path / "a", tmp_path / "narrow", layers="0")
+    write_sae_lens_dir(tmp_path / "resid" / "sae_0", 32, D_SAE, hook_name="blocks.0.hook_resid_post")
+    from raygrad.config import RunConfig
+    from raygrad.engine import run
+
+    said = []
+    config = RunConfig(model=str(tiny_llama), dataset=str(texts_file), num_samples=2, max_length=16, workers=0,
+                       output_dir=str(tmp_path / "b"), target="sae", sae_path=str(tmp_path / "resid" / "sae_{layer}"),
+                       layers="0")
+    run(config, echo=said.append, progress=False)
+    assert any("warning: layer 0: the SAE was trained on blocks.0.hook_resid_post (resid_post), applied here to "
+               "--hook-site mlp_out" in line for line in said)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(target="sae"), "--target sae: needs --sae-path TEMPLATE or --sae-release R --sae-id TEMPLATE"),
+    (dict(sae_path="x_{layer}"), "--sae-path x_{layer}: only used with --target sae"),
+    (dict(target="sae", sae_release="r"), "--sae-release/--sae-id: give both"),
+    (dict(aggregate_by=("gradients", "votes")), "--aggregate-by 'votes': choose from gradients, values, attribution"),
+    (dict(position_stride=0), "--position-stride 0: must be an integer >= 1"),
+])
+def test_bad_sae_options(options, message):
+    from raygrad.config import RunConfig
+
+    with pytest.raises(RaygradError, match=message.replace("(", r"\(").replace("{", r"\{").replace("|", r"\|")):
+        RunConfig(**options)
+
+
+def test_chunked_projection_matches_and_bounds_memory(tiny_llama, tmp_path):
+    """65,536 features on the tiny model: a small chunk budget gives the same
+    sums as one big chunk, and no (tokens x features) tensor of the projection
+    ever exceeds the budget, however many tokens the batch has."""
+    from raygrad.grads import Aggregation, DeviceAccumulator, accumulate_batch
+    from raygrad.models import load_model_and_tokenizer, resolve_hook_sites
+    from raygrad.saes import load_sae
+
+    width = 65536
+    write_sae_lens_dir(tmp_path / "wide", 32, width, hook_name="blocks.1.hook_mlp_out", seed=3)
+    model, tokenizer = load_model_and_tokenizer(str(tiny_llama), torch.device("cpu"), torch.float32)
+    module = model.get_submodule(resolve_hook_sites(model, [1], "mlp_out")[0].path)
+    sae = load_sae(1, path=str(tmp_path / "wide"))
+    batch = tokenizer([" ".join(KEPT_TEXTS)] * 6, truncation=True, max_length=64, padding="longest",
+                      return_tensors="pt")
+    tokens = int(batch["attention_mask"][:, 1:].sum())
+    shapes = []
+    encode, decode = sae.encode, sae.decode
+    sae.encode = lambda z: shapes.append(z.shape) or encode(z)
+    sae.decode = lambda f: shapes.append(f.shape) or decode(f)
+
+    def sums(chunk_elements):
+        shapes.clear()
+        acc = DeviceAccumulator(1, {"grad": width, "value": width, "attr": width, "site_grad": 32}, "cpu")
+        accumulate_batch(model, [module], batch["input_ids"], batch["attention_mask"], acc,
+                         Aggregation(kinds=("gradients", "values", "attribution"), chunk_elements=chunk_elements),
+                         [sae])
+        return acc.to_partial(), list(shapes)
+
+    chunk = 2**20  # 16 tokens x 65,536 features: 4 MiB per float32 tensor
+    small, small_shapes = sums(chunk)
+    whole, whole_shapes = sums(tokens * width)
+    for name in small.sums:
+        assert max_relative_error(small.sums[name], whole.sums[name]) < 1e-5, name
+    assert tokens > 300
+    assert max(s[0] for s in small_shapes) * width <= chunk  # every chunk within budget
+    assert sum(s[0] for s in small_shapes if s[-1] == 32) == tokens  # every token projected once
+    assert max(s[0] for s in whole_shapes) == tokens  # one chunk when the budget allows
