@@ -30,12 +30,37 @@ def explicit_module(model, layer: int, site: str):
     return attn if site == "attn_out" else mlp
 
 
-def reference_sums(model_dir, texts, layers, max_length, site="mlp_out", exclude_bos=False):
-    """-> dict with grad_sum, grad_abs_sum, grad_sq_sum (L, D), tokens (L,), loss_sum."""
+def load_float64(model_dir):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
     model.set_experts_implementation("eager")  # grouped_mm has no float64 kernel
     model.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def leaf_gradient(model, tokenizer, module, text, max_length):
+    """(ids, z, g, loss) for one text: z (T, D) the module's output, g = dLoss/dz,
+    loss the summed cross-entropy, from a leaf that replaces the output."""
+    ids = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt").input_ids
+    leaf = {}
+
+    def replace_with_leaf(mod, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        leaf["z"] = hidden.detach().requires_grad_(True)
+        return (leaf["z"], *output[1:]) if isinstance(output, tuple) else leaf["z"]
+
+    handle = module.register_forward_hook(replace_with_leaf)
+    try:
+        logits = model(ids).logits
+    finally:
+        handle.remove()
+    loss = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
+    loss.backward()
+    return ids[0], leaf["z"].detach()[0], leaf["z"].grad[0], loss.item()
+
+
+def reference_sums(model_dir, texts, layers, max_length, site="mlp_out", exclude_bos=False):
+    """-> dict with grad_sum, grad_abs_sum, grad_sq_sum (L, D), tokens (L,), loss_sum."""
+    model, tokenizer = load_float64(model_dir)
     width = model.config.hidden_size  # every hook site is residual-stream wide
     out = {k: np.zeros((len(layers), width)) for k in ("grad_sum", "grad_abs_sum", "grad_sq_sum")}
     out["tokens"] = np.zeros(len(layers), dtype=np.int64)
@@ -43,31 +68,16 @@ def reference_sums(model_dir, texts, layers, max_length, site="mlp_out", exclude
     for row, layer in enumerate(layers):
         module = explicit_module(model, layer, site)
         for text in texts:
-            ids = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt").input_ids
-            leaf = {}
-
-            def replace_with_leaf(mod, args, output):
-                hidden = output[0] if isinstance(output, tuple) else output
-                leaf["z"] = hidden.detach().requires_grad_(True)
-                return (leaf["z"], *output[1:]) if isinstance(output, tuple) else leaf["z"]
-
-            handle = module.register_forward_hook(replace_with_leaf)
-            try:
-                logits = model(ids).logits
-            finally:
-                handle.remove()
-            loss = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
-            loss.backward()
-            loss = loss.detach()
-            g = leaf["z"].grad[0, :-1].numpy()
-            if exclude_bos and ids[0, 0] == tokenizer.bos_token_id:
+            ids, _, grad, loss = leaf_gradient(model, tokenizer, module, text, max_length)
+            g = grad[:-1].numpy()  # the last position predicts nothing
+            if exclude_bos and ids[0] == tokenizer.bos_token_id:
                 g = g[1:]
             out["grad_sum"][row] += g.sum(0)
             out["grad_abs_sum"][row] += np.abs(g).sum(0)
             out["grad_sq_sum"][row] += (g**2).sum(0)
             out["tokens"][row] += g.shape[0]
             if row == 0:
-                out["loss_sum"] += loss.item()
+                out["loss_sum"] += loss
     return out
 
 
@@ -76,30 +86,10 @@ def max_relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
 
 
 def reference_site_tokens(model_dir, texts, layer, max_length, site="mlp_out"):
-    """Per sample: (ids, z, g) with z, g (T, D) float64 tensors at one layer,
-    from a leaf that replaces the module's output (one layer, one sample)."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
-    model.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    """Per sample: (ids, z, g) with z, g (T, D) float64 tensors at one layer."""
+    model, tokenizer = load_float64(model_dir)
     module = explicit_module(model, layer, site)
-    out = []
-    for text in texts:
-        ids = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt").input_ids
-        leaf = {}
-
-        def replace_with_leaf(mod, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            leaf["z"] = hidden.detach().requires_grad_(True)
-            return (leaf["z"], *output[1:]) if isinstance(output, tuple) else leaf["z"]
-
-        handle = module.register_forward_hook(replace_with_leaf)
-        try:
-            logits = model(ids).logits
-        finally:
-            handle.remove()
-        F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").backward()
-        out.append((ids[0], leaf["z"].detach()[0], leaf["z"].grad[0]))
-    return out
+    return [leaf_gradient(model, tokenizer, module, text, max_length)[:3] for text in texts]
 
 
 def read_sae_lens_weights(sae_dir):
@@ -125,9 +115,7 @@ def reference_splice_sums(model_dir, sae_dirs, texts, layers, max_length, stride
     """The original SAE script's algorithm in float64: for each layer, the output
     is replaced by decode(f) with f = encode(z) a leaf; dLoss/df per position,
     aggregated over positions t with t % stride == 0."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
-    model.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model, tokenizer = load_float64(model_dir)
     out = None
     for row, (layer, sae_dir) in enumerate(zip(layers, sae_dirs)):
         weights, cfg = read_sae_lens_weights(sae_dir)
