@@ -3,6 +3,7 @@ partial sums into the store, checkpoint, finalize, export."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -39,8 +40,10 @@ def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: boo
             f"--save-consolidated {config.save_consolidated}: file exists; results are never overwritten"
         )
     texts = _texts(config, echo)
+    # Planning checks layers, sites and SAEs before Ray starts or weights load.
+    plan = make_plan(config, len(texts))
     with _Cluster(config) as cluster:
-        plan = make_plan(config, len(texts), cluster.workers, cluster.device)
+        plan = dataclasses.replace(plan, workers=cluster.workers, device=cluster.device)
         run_dir = output_dir / run_dir_name(config, plan, datetime.now().strftime("%Y%m%d_%H%M%S"))
         if run_dir.exists():
             raise RaygradError(

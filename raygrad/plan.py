@@ -85,7 +85,9 @@ class Plan:
                 f"features {self.width} per layer, {self.sae_mode} mode"]
 
 
-def make_plan(config: RunConfig, num_texts: int, workers: int, device: str) -> Plan:
+def make_plan(config: RunConfig, num_texts: int, workers: int = 0, device: str = "cpu") -> Plan:
+    """Resolve `config` against the model's config (no weights) and the SAEs.
+    `workers` and `device` are filled in once the cluster is known."""
     model_config = load_model_config(config.model)
     family = family_of(model_config)
     num_layers = text_config(model_config).num_hidden_layers
