@@ -141,13 +141,17 @@ def _execute(plan: Plan, config: RunConfig, texts: list[str], store: ResultStore
         "worker_load_seconds": load_seconds,
         "compute_seconds": compute_seconds,
         "tokens_this_session": new_tokens,
+        # wall clock, worker start-up and model loading included
         "tokens_per_second": new_tokens / compute_seconds if compute_seconds > 0 else 0.0,
+        # one worker while it computes shards (steady state)
+        "worker_tokens_per_second": new_tokens / max(sum(shard_seconds.values()), 1e-9),
         "shard_seconds": {str(k): v for k, v in sorted(shard_seconds.items())},
         "resumed": len(todo) < len(done),
     }
     store.finalize(timing)
     echo(f"done     {totals.loss_tokens} target tokens, mean loss {mean_loss:.4f} nats/token, "
-         f"{timing['tokens_per_second']:.0f} tokens/s")
+         f"{timing['tokens_per_second']:.0f} tokens/s overall, "
+         f"{timing['worker_tokens_per_second']:.0f} tokens/s per worker computing")
     write_exports(store.path.parent, extra_npz=config.save_consolidated)
 
 

@@ -145,7 +145,8 @@ def timing_summary(timing: dict, metadata: dict) -> str:
         f"planning (s):          {timing.get('plan_seconds', 0):.2f}",
         f"worker model load (s): {timing.get('worker_load_seconds', 0):.2f}",
         f"compute (s):           {timing.get('compute_seconds', 0):.2f}",
-        f"tokens per second:     {timing.get('tokens_per_second', 0):.1f}",
+        f"tokens per second:     {timing.get('tokens_per_second', 0):.1f} (wall clock, model loading included)",
+        f"  per worker computing: {timing.get('worker_tokens_per_second', 0):.1f}",
         f"export (s):            {timing.get('export_seconds', 0):.2f}",
         f"resumed:               {timing.get('resumed', False)}",
     ]
