@@ -52,6 +52,17 @@ def test_console_script_runs_and_exports(tiny_llama, texts_file, tmp_path):
     assert "wrote" in again.stdout
 
 
+def test_info_prints_status_plan_and_timing(tiny_llama, texts_file, tmp_path, capsys, monkeypatch):
+    code, _, _ = run_cli(tiny_args(tiny_llama, texts_file, tmp_path), capsys, monkeypatch)
+    (run_dir,) = tmp_path.iterdir()
+    code, out, _ = run_cli(["info", str(run_dir)], capsys, monkeypatch)
+    info = json.loads(out)
+    assert code == 0 and info["status"] == "complete"
+    assert info["plan"]["layers"] == [0, 1, 2] and info["plan"]["samples"] == 4
+    assert info["timing"]["tokens_this_session"] == json.loads((run_dir / names.METADATA_JSON).read_text())[
+        "target_tokens"]
+
+
 def test_bad_option_value_in_a_subprocess_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "cli.py"), "run", "--max-length", "1"],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
