@@ -217,14 +217,12 @@ def _add_clean_features(acc, row, agg: Aggregation, sae, z: torch.Tensor, g: tor
     is held constant, so dLoss/df = J_decode(f)^T dLoss/dz (= W_dec @ g for an
     affine decoder; input normalization is folded in by differentiating the
     SAE's own decode). Chunked over tokens so tokens x features stays bounded."""
-    dtype = next(sae.parameters()).dtype
     step = max(1, agg.chunk_elements // sae.d_sae)
     for start in range(0, z.shape[0], step):
-        z_chunk, g_chunk = z[start:start + step].to(dtype), g[start:start + step].to(dtype)
-        f = sae.encode(z_chunk).detach()
+        f = sae.encode(z[start:start + step]).detach()  # the SAE casts z to its own dtype
         with torch.enable_grad():
             leaf = f.requires_grad_(True)
-            (g_f,) = torch.autograd.grad(sae.decode(leaf), leaf, grad_outputs=g_chunk)
+            (g_f,) = torch.autograd.grad(sae.decode(leaf), leaf, grad_outputs=g[start:start + step].to(f.dtype))
         _add_kinds(acc, row, agg.kinds, f.detach(), g_f)
 
 
@@ -245,8 +243,7 @@ def _accumulate_spliced(model, modules, input_ids, attention_mask, acc, agg: Agg
 
         def splice(mod, args, output, sae=sae):
             hidden = _output_tensor(output)
-            dtype = next(sae.parameters()).dtype
-            leaf["f"] = sae.encode(hidden.detach().to(dtype)).detach().requires_grad_(True)
+            leaf["f"] = sae.encode(hidden.detach()).detach().requires_grad_(True)
             return _replace_output(output, sae.decode(leaf["f"]).to(hidden.dtype))
 
         handle = module.register_forward_hook(splice)

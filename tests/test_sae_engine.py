@@ -13,7 +13,7 @@ from reference import (
     reference_splice_sums,
     relu_sae_encode,
 )
-from sae_factory import write_sae_lens_dir
+from sae_factory import write_dictionary_learning_dir, write_sae_lens_dir
 from tiny import SAMPLE_TEXTS
 
 from raygrad import constants as names
@@ -212,3 +212,22 @@ def test_chunked_projection_matches_and_bounds_memory(tiny_llama, tmp_path):
     assert max(s[0] for s in small_shapes) * width <= chunk  # every chunk within budget
     assert sum(s[0] for s in small_shapes if s[-1] == 32) == tokens  # every token projected once
     assert max(s[0] for s in whole_shapes) == tokens  # one chunk when the budget allows
+
+
+def test_clean_mode_with_a_dictionary_learning_sae(tiny_llama, texts_file, tmp_path):
+    """The engine with ae.pt weights (saes.py keeps them as buffers): dLoss/df = g @ decoder.weight
+    (nn.Linear stores W_dec transposed), features as AutoEncoder encodes them."""
+    write_dictionary_learning_dir(tmp_path / "dl" / "layer_1", 32, D_SAE, dict_class="AutoEncoder",
+                                  submodule_name="mlp_out_layer_1", seed=5)
+    _, totals = sae_run(tiny_llama, texts_file, tmp_path / "out", tmp_path / "dl", layers="1",
+                        sae_path=str(tmp_path / "dl" / "layer_{layer}"), aggregate_by=("gradients", "values"))
+    state = {k: v.double() for k, v in torch.load(tmp_path / "dl" / "layer_1" / "ae.pt", weights_only=True).items()}
+    grad_sum, value_sum = np.zeros(D_SAE), np.zeros(D_SAE)
+    for _, z, g in reference_site_tokens(tiny_llama, KEPT_TEXTS, 1, max_length=24):
+        z, g = z[:-1], g[:-1]
+        f = torch.relu((z - state["bias"]) @ state["encoder.weight"].T + state["encoder.bias"])
+        grad_sum += (g @ state["decoder.weight"]).sum(0).numpy()
+        value_sum += f.sum(0).numpy()
+    assert max_relative_error(totals.sums["grad_sum"][0], grad_sum) < 1e-6
+    assert max_relative_error(totals.sums["value_sum"][0], value_sum) < 1e-6
+    assert (value_sum > 0).sum() > D_SAE // 4  # features fire
