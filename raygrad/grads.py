@@ -1,7 +1,7 @@
-"""The per-batch gradient math: (model, batch, hook sites) -> Partial.
+"""The per-batch gradient math: (model, batch, hook sites[, SAEs]) -> running sums.
 
-No Ray, no files: the worker actor and the in-process mode both call
-`batch_partial`, and the tests check it against an independent reference.
+No Ray, no files: the worker (a Ray actor or in-process) calls
+`accumulate_batch`, and the tests check it against independent references.
 """
 
 from __future__ import annotations
@@ -176,11 +176,11 @@ def aggregated_positions(counted: torch.Tensor, input_ids: torch.Tensor, agg: Ag
     return mask
 
 
-def _add_kinds(acc: DeviceAccumulator, row: int, kinds: tuple[str, ...], value, grad, prefix_of=None) -> None:
-    prefix_of = prefix_of or names.KIND_PREFIX
+def _add_kinds(acc: DeviceAccumulator, row: int, kinds: tuple[str, ...], value, grad) -> None:
+    """gradients: dLoss/dx; values: x; attribution: x * dLoss/dx (rows are positions)."""
     for kind in kinds:
         x = grad if kind == "gradients" else value if kind == "values" else value * grad
-        acc.add(prefix_of[kind], row, x)
+        acc.add(names.KIND_PREFIX[kind], row, x)
 
 
 def accumulate_batch(

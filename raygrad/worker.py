@@ -64,9 +64,6 @@ class ShardRunner:
 
         # SAEs run in float32 under a bf16/fp16 model (z is upcast), in float64 under float64.
         dtype = torch.float64 if plan.dtype == "float64" else torch.float32
-        saes = [load_sae(layer, **sae_load_kwargs(plan.sae_source), device=self.device, dtype=dtype)
+        # load_sae returns them frozen: dLoss/df is taken w.r.t. f, never the SAE's weights.
+        return [load_sae(layer, **sae_load_kwargs(plan.sae_source), device=self.device, dtype=dtype)
                 for layer in plan.layers]
-        for sae in saes:
-            sae.requires_grad_(False)  # dLoss/df is taken w.r.t. f, never the SAE's weights
-            sae.eval()
-        return saes
