@@ -21,12 +21,8 @@ MEAN_ARRAYS = {  # prefix -> (signed mean, mean of |x|)
     "attr": ("attr_mean", "attr_mean_abs"),
     SITE_PREFIX: ("site_mean", "site_mean_abs"),
 }
-GRAD_SUM = "grad_sum"
-GRAD_ABS_SUM = "grad_abs_sum"
-GRAD_SQ_SUM = "grad_sq_sum"
-SUM_ARRAYS = (GRAD_SUM, GRAD_ABS_SUM, GRAD_SQ_SUM)
-MEAN = "mean"
-MEAN_ABS = "mean_abs"
+SUM_ARRAYS = tuple(f"grad_{stat}" for stat in STATS)  # the gradient kind's sums
+GRAD_SUM, GRAD_ABS_SUM, _ = SUM_ARRAYS
 SHARDS_DONE = "shards_done"
 LOSS_SUM = "loss_sum"  # scalar run total, nats (sum of CE over every target)
 LOSS_TOKENS = "loss_tokens"  # scalar run total, targets that entered the loss
@@ -39,9 +35,6 @@ ATTR_STATUS = "status"
 ATTR_TIMING = "timing"
 STATUS_RUNNING = "running"
 STATUS_COMPLETE = "complete"
-
-# Aggregation modes (derived from sums, never accumulated separately).
-AGGREGATION_MODES = ("mean_abs", "mean", "both")
 
 # Export files (names follow the original scripts).
 METADATA_JSON = "metadata.json"

@@ -11,12 +11,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterator
 
-import torch
-
 from . import constants as names
 from .config import RunConfig
 from .data import load_texts
 from .errors import RaygradError
+from .models import pick_device
 from .plan import Plan, make_plan, run_dir_name
 from .store import ResultStore
 from .worker import ShardResult, ShardRunner
@@ -167,7 +166,7 @@ class _Cluster:
     def __enter__(self) -> "_Cluster":
         if self.requested == 0:
             self.workers = 0
-            self.device = str(_local_device(self.config.device))
+            self.device = str(pick_device(self.config.device))
             return self
         import ray
 
@@ -228,10 +227,4 @@ class _Cluster:
         finally:
             for actor in actors:
                 ray.kill(actor)
-
-
-def _local_device(device: str) -> torch.device:
-    from .models import pick_device
-
-    return pick_device(device)
 
