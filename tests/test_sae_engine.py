@@ -231,3 +231,12 @@ def test_clean_mode_with_a_dictionary_learning_sae(tiny_llama, texts_file, tmp_p
     assert max_relative_error(totals.sums["grad_sum"][0], grad_sum) < 1e-6
     assert max_relative_error(totals.sums["value_sum"][0], value_sum) < 1e-6
     assert (value_sum > 0).sum() > D_SAE // 4  # features fire
+
+
+def test_sae_run_on_ray_workers_equals_in_process(tiny_llama, texts_file, sae_dirs, tmp_path):
+    from helpers import assert_same_totals
+
+    _, local = sae_run(tiny_llama, texts_file, tmp_path / "w0", sae_dirs, shard_size=2, workers=0)
+    _, ray_run = sae_run(tiny_llama, texts_file, tmp_path / "w2", sae_dirs, shard_size=2, workers=2)
+    assert_same_totals(local, ray_run)
+    assert set(ray_run.sums) == set(local.sums) >= {"grad_sum", "site_grad_sum"}
