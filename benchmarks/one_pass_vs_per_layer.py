@@ -49,24 +49,34 @@ def sum_loss(logits, input_ids, attention_mask):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
 
 
-def per_layer_loop(model, modules, encoded) -> float:
+def output_as_leaf(row: int, output):
+    """The original layer script: the layer's output itself is the leaf."""
+    leaf = output.detach().requires_grad_(True)
+    return leaf, leaf
+
+
+def per_layer_loop(model, modules, encoded, make_leaf=output_as_leaf, stride: int = 1) -> float:
+    """One forward + backward per layer and batch, the original scripts' algorithm.
+
+    `make_leaf(row, output) -> (leaf, replacement)`: the tensor whose gradient is
+    kept and what the hooked module returns instead of `output`. Returns seconds."""
     started = time.perf_counter()
-    for module in modules:
+    for row, module in enumerate(modules):
         total = None
         for batch in encoded:
             leaf = {}
 
-            def make_leaf(mod, args, output):
-                leaf["z"] = output.detach().requires_grad_(True)
-                return leaf["z"]
+            def hook(mod, args, output):
+                leaf["x"], replacement = make_leaf(row, output)
+                return replacement
 
-            handle = module.register_forward_hook(make_leaf)
+            handle = module.register_forward_hook(hook)
             try:
                 logits = model(**batch, use_cache=False).logits
             finally:
                 handle.remove()
             sum_loss(logits, batch["input_ids"], batch["attention_mask"]).backward()
-            g = leaf["z"].grad[:, :-1].double().abs().sum((0, 1))
+            g = leaf["x"].grad[:, :-1:stride].double().abs().sum((0, 1))
             total = g if total is None else total + g
     return time.perf_counter() - started
 

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from one_pass_vs_per_layer import batches, long_texts, sum_loss  # noqa: E402
+from one_pass_vs_per_layer import batches, long_texts, per_layer_loop  # noqa: E402
 from sae_factory import write_sae_lens_dir  # noqa: E402
 
 from raygrad.config import RunConfig  # noqa: E402
@@ -34,26 +34,14 @@ from raygrad.worker import ShardRunner  # noqa: E402
 
 
 def splice_loop(model, modules, saes, encoded, stride: int) -> float:
-    """The original per-layer algorithm; returns seconds."""
-    started = time.perf_counter()
-    for module, sae in zip(modules, saes):
-        total = None
-        for batch in encoded:
-            leaf = {}
+    """The original SAE script: per layer, the output replaced by the reconstruction
+    of leaf features; returns seconds."""
 
-            def splice(mod, args, output, sae=sae):
-                leaf["f"] = sae.encode(output.detach()).requires_grad_(True)
-                return sae.decode(leaf["f"])
+    def features_as_leaf(row, output):
+        features = saes[row].encode(output.detach()).requires_grad_(True)
+        return features, saes[row].decode(features)
 
-            handle = module.register_forward_hook(splice)
-            try:
-                logits = model(**batch, use_cache=False).logits
-            finally:
-                handle.remove()
-            sum_loss(logits, batch["input_ids"], batch["attention_mask"]).backward()
-            g = leaf["f"].grad[:, :-1:stride].double().abs().sum((0, 1))
-            total = g if total is None else total + g
-    return time.perf_counter() - started
+    return per_layer_loop(model, modules, encoded, features_as_leaf, stride)
 
 
 def timed_clean(model_name, texts, layers, sae_dir, args) -> tuple[float, ShardRunner]:
