@@ -12,6 +12,8 @@ from .errors import RaygradError
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B"
 AGGREGATE_KINDS = ("gradients", "values", "attribution")
+DEFAULT_BATCH_SIZE = 4  # texts, the original scripts' default (used on a CPU)
+PACKED_SHARD_TEXTS = 256  # texts per shard when batches are packed by tokens
 
 
 def _opt(default, help: str, **extra):
@@ -24,7 +26,11 @@ class RunConfig:
     target: Literal["mlp", "sae"] = _opt(
         "mlp", "Target space: 'mlp' = the hook site's dimensions; 'sae' = the features of an SAE on that site.")
     num_samples: int = _opt(500, "Number of texts to aggregate over.")
-    batch_size: int = _opt(4, "Texts per forward/backward pass.")
+    batch_size: Optional[str] = _opt(
+        None, "Texts per forward/backward pass, or 'auto': texts sorted by length and packed to a token budget "
+        "learned from the device's free memory. Default: auto on a GPU, 4 on a CPU.")
+    tokens_per_batch: Optional[int] = _opt(
+        None, "Pack texts sorted by length up to this many (padded) tokens per batch; overrides --batch-size.")
     max_length: int = _opt(128, "Tokens per text after truncation (>= 2).")
     layers: Optional[str] = _opt(None, "Layers: a range '0-23', a list '0,5,10' or both; default every layer.")
     hook_site: Literal["mlp_out", "mlp", "resid_post", "attn_out"] = _opt(
@@ -45,6 +51,8 @@ class RunConfig:
     device: Literal["auto", "cuda", "cpu"] = _opt("auto", "Device for each worker.")
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = _opt(
         "float32", "Model weights and activations; sums are float64 whatever this is.")
+    sae_dtype: Literal["float32", "bfloat16", "float16"] = _opt(
+        "float32", "SAE weights and the feature projection (float64 under a float64 model); sums stay float64.")
     aggregation_mode: Literal["mean_abs", "mean", "both"] = _opt("mean_abs", "Which aggregate to export.")
     normalize_gradients: bool = _opt(False, "Rescale each exported vector so sum(|v|) equals its length.")
     save_outputs: bool = _opt(False, "Also write per-layer .npy files and plots.")
@@ -61,13 +69,21 @@ class RunConfig:
     seed: int = _opt(42, "Seed for torch, numpy and random.")
 
     def __post_init__(self) -> None:
-        for name in ("num_samples", "batch_size", "min_chars", "position_stride"):
+        self._normalize_batch_size()
+        for name in ("num_samples", "min_chars", "position_stride"):
             value = getattr(self, name)
             low = 0 if name == "min_chars" else 1  # min_chars 0 keeps every non-empty text
             if not isinstance(value, int) or value < low:
                 raise RaygradError(f"--{_dash(name)} {value}: must be an integer >= {low}")
         if self.max_length < 2:
             raise RaygradError(f"--max-length {self.max_length}: must be >= 2 (one input and one target token)")
+        if self.tokens_per_batch is not None and (not isinstance(self.tokens_per_batch, int)
+                                                  or self.tokens_per_batch < self.max_length):
+            raise RaygradError(f"--tokens-per-batch {self.tokens_per_batch}: must be an integer >= --max-length "
+                               f"({self.max_length}), so the longest text fits in a batch")
+        if self.tokens_per_batch is not None and self.batch_size is not None:
+            raise RaygradError(f"--tokens-per-batch {self.tokens_per_batch}: give it or --batch-size "
+                               f"{self.batch_size}, not both")
         if self.shard_size is not None and self.shard_size < 1:
             raise RaygradError(f"--shard-size {self.shard_size}: must be an integer >= 1")
         if self.workers is not None and self.workers < 0:
@@ -87,6 +103,17 @@ class RunConfig:
         if not self.aggregate_by or len(set(self.aggregate_by)) != len(self.aggregate_by):
             raise RaygradError(f"--aggregate-by {','.join(self.aggregate_by)}: give each kind once, at least one")
         self._check_sae_source()
+
+    def _normalize_batch_size(self) -> None:
+        """'auto' stays; '8' (from the command line) becomes 8; anything else is refused."""
+        value = self.batch_size
+        if value is None or value == "auto":
+            return
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RaygradError(f"--batch-size {self.batch_size}: must be an integer >= 1 or 'auto'")
+        object.__setattr__(self, "batch_size", value)
 
     def _check_sae_source(self) -> None:
         has_release = self.sae_release is not None or self.sae_id is not None
@@ -110,9 +137,23 @@ class RunConfig:
     def export_modes(self) -> tuple[str, ...]:
         return ("mean_abs", "mean") if self.aggregation_mode == "both" else (self.aggregation_mode,)
 
-    @property
-    def samples_per_shard(self) -> int:
-        return self.shard_size or 8 * self.batch_size
+    def batching(self, device: str) -> str:
+        """'texts' (a fixed count), 'tokens' (a budget by hand) or 'auto', on `device`."""
+        if self.tokens_per_batch is not None:
+            return "tokens"
+        if self.batch_size == "auto" or (self.batch_size is None and device.startswith("cuda")):
+            return "auto"
+        return "texts"
+
+    def texts_per_batch(self) -> int:
+        return self.batch_size if isinstance(self.batch_size, int) else DEFAULT_BATCH_SIZE
+
+    def samples_per_shard(self, batching: str) -> int:
+        """Default shard: 8 batches of texts, or, when packing, enough texts to
+        pack well (packing happens within a shard)."""
+        if self.shard_size:
+            return self.shard_size
+        return 8 * self.texts_per_batch() if batching == "texts" else PACKED_SHARD_TEXTS
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

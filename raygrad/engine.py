@@ -3,7 +3,6 @@ partial sums into the store, checkpoint, finalize, export."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -42,7 +41,7 @@ def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: boo
     # Planning checks layers, sites and SAEs before Ray starts or weights load.
     plan = make_plan(config, len(texts))
     with _Cluster(config) as cluster:
-        plan = dataclasses.replace(plan, workers=cluster.workers, device=cluster.device)
+        plan = plan.placed(config, cluster.workers, cluster.device)
         run_dir = output_dir / run_dir_name(config, plan, datetime.now().strftime("%Y%m%d_%H%M%S"))
         if run_dir.exists():
             raise RaygradError(
@@ -107,6 +106,7 @@ def _execute(plan: Plan, config: RunConfig, texts: list[str], store: ResultStore
     shard_seconds: dict[int, float] = {}
     load_seconds = 0.0
     new_tokens = 0
+    batch_tokens = 0  # the packed batches' token budget, as the workers last reported it
     bar = tqdm(total=len(done), initial=len(done) - len(todo), unit="shard", disable=not progress,
                desc="raygrad")
     saved = int(done.sum())  # shards the store already holds
@@ -117,6 +117,7 @@ def _execute(plan: Plan, config: RunConfig, texts: list[str], store: ResultStore
             shard_seconds[result.shard] = result.seconds
             load_seconds = max(load_seconds, result.worker_load_seconds)
             new_tokens += result.partial.loss_tokens
+            batch_tokens = max(batch_tokens, result.batch_tokens)
             now = time.perf_counter()
             if done.all() or now - last_checkpoint >= checkpoint_seconds:
                 store.checkpoint(totals, done)
@@ -146,12 +147,20 @@ def _execute(plan: Plan, config: RunConfig, texts: list[str], store: ResultStore
         "worker_tokens_per_second": new_tokens / max(sum(shard_seconds.values()), 1e-9),
         "shard_seconds": {str(k): v for k, v in sorted(shard_seconds.items())},
         "resumed": len(todo) < len(done),
+        **({"batch_tokens": batch_tokens} if batch_tokens else {}),
     }
     store.finalize(timing)
     echo(f"done     {totals.loss_tokens} target tokens, mean loss {mean_loss:.4f} nats/token, "
          f"{timing['tokens_per_second']:.0f} tokens/s overall, "
-         f"{timing['worker_tokens_per_second']:.0f} tokens/s per worker computing")
+         f"{timing['worker_tokens_per_second']:.0f} tokens/s per worker computing"
+         + (f", batches of up to {batch_tokens} tokens" if batch_tokens else ""))
     write_exports(store.path.parent, extra_npz=config.save_consolidated)
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 class _Cluster:
@@ -164,6 +173,9 @@ class _Cluster:
         self.gpus_per_worker = 0
 
     def __enter__(self) -> "_Cluster":
+        if self.requested is None and not self.config.address and _local_gpus() <= 1:
+            # One device here and no cluster named: Ray would add start-up and nothing else.
+            self.requested = 0
         if self.requested == 0:
             self.workers = 0
             self.device = str(pick_device(self.config.device))

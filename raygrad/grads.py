@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import constants as names
 
@@ -51,14 +52,16 @@ def array_widths(prefixes: dict[str, int]) -> dict[str, int]:
 @dataclass
 class DeviceAccumulator:
     """Running float64 sums kept on the model's device, so a shard moves to
-    the host once rather than once per batch."""
+    the host once rather than once per batch. Counts are host integers: they
+    are known from the host-side attention mask, so reading them never waits
+    for the device."""
 
     num_layers: int
     prefixes: dict[str, int]  # statistic prefix -> width
     device: torch.device
     sums: dict[str, torch.Tensor] = field(init=False)
-    tokens: torch.Tensor = field(init=False)
-    loss_sum: torch.Tensor = field(init=False)
+    tokens: np.ndarray = field(init=False)  # (L,) positions aggregated per layer
+    loss_sum: torch.Tensor = field(init=False)  # nats, float64 on the device
     loss_tokens: int = 0
 
     def __post_init__(self) -> None:
@@ -66,21 +69,35 @@ class DeviceAccumulator:
             name: torch.zeros((self.num_layers, width), dtype=torch.float64, device=self.device)
             for name, width in array_widths(self.prefixes).items()
         }
-        self.tokens = torch.zeros(self.num_layers, dtype=torch.int64, device=self.device)
+        self.tokens = np.zeros(self.num_layers, dtype=np.int64)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
 
+    def empty_like(self) -> "DeviceAccumulator":
+        return DeviceAccumulator(self.num_layers, self.prefixes, self.device)
+
     def add(self, prefix: str, row: int, x: torch.Tensor) -> None:
-        """Add sum, sum of |x| and sum of x^2 over the rows of x (N, width);
-        reductions accumulate in float64 whatever x's dtype."""
+        """Add sum, sum of |x| and sum of x^2 over the rows of x (N, width).
+        Half-precision x is widened first: a float16 square underflows below
+        6e-8 (and overflows above 65504) before any float64 sum could help."""
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
         total, abs_total, sq_total = names.sum_names(prefix)
         self.sums[total][row] += x.sum(0, dtype=torch.float64)
         self.sums[abs_total][row] += x.abs().sum(0, dtype=torch.float64)
         self.sums[sq_total][row] += x.square().sum(0, dtype=torch.float64)
 
+    def merge(self, other: "DeviceAccumulator") -> None:
+        """Add a finished batch's sums (kept apart until the batch succeeded,
+        so a batch retried after running out of memory is never counted twice)."""
+        for name, total in self.sums.items():
+            total += other.sums[name]
+        self.tokens += other.tokens
+        self.loss_sum += other.loss_sum
+        self.loss_tokens += other.loss_tokens
+
     def to_partial(self) -> Partial:
         return Partial(
             sums={name: total.cpu().numpy() for name, total in self.sums.items()},
-            tokens=self.tokens.cpu().numpy(),
+            tokens=self.tokens.copy(),
             loss_sum=float(self.loss_sum),
             loss_tokens=self.loss_tokens,
         )
@@ -96,11 +113,50 @@ def next_token_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
 
 
 @dataclass
+class Batch:
+    """One batch, with everything the hot loop needs worked out on the host
+    from the attention mask: the device never has to report a count or a
+    mask back, so nothing in a batch waits for it."""
+
+    input_ids: torch.Tensor  # (B, T) int64, right-padded
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T): the next token, IGNORE_INDEX at padding and at t = T-1
+    selected: torch.Tensor  # (N,) int64 indices into the flattened (B*T) positions that are aggregated
+    targets: int  # positions that predict a real target (enter the loss)
+
+    @property
+    def aggregated(self) -> int:
+        return self.selected.numel()
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    def to(self, device: torch.device) -> "Batch":
+        if device.type == "cpu":
+            return self
+        # Pinned host memory lets the copy overlap with the previous batch's kernels.
+        move = {name: getattr(self, name).pin_memory().to(device, non_blocking=True)
+                for name in ("input_ids", "attention_mask", "labels", "selected")}
+        return Batch(**move, targets=self.targets)
+
+
+def make_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, agg: "Aggregation") -> Batch:
+    """A host-side Batch from right-padded ids and their mask."""
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = next_token_labels(input_ids, attention_mask)
+    counted = labels != IGNORE_INDEX
+    mask = aggregated_positions(counted[:, :-1], input_ids, agg)
+    flat = torch.zeros_like(counted)
+    flat[:, :-1] = mask
+    return Batch(input_ids, attention_mask, labels, flat.flatten().nonzero().squeeze(1), int(counted.sum()))
+
+
+@dataclass
 class BatchGradients:
-    loss: torch.Tensor  # scalar, nats: sum of cross-entropy over real targets
+    loss: torch.Tensor  # scalar float64, nats: sum of cross-entropy over real targets
     grads: tuple[torch.Tensor, ...]  # per hooked module, (B, T, D) dLoss/dz
     outputs: list[torch.Tensor]  # per hooked module, (B, T, D) z itself (detached)
-    counted: torch.Tensor  # (B, T-1) bool: positions that predict a real target
 
 
 def _output_tensor(output):
@@ -111,23 +167,50 @@ def _replace_output(output, hidden):
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
-def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum, not mean, of cross-entropy over real targets: a token's gradient
-    then does not depend on which batch or shard it landed in.
-    bf16/fp16 logits are upcast for the softmax; float64 stays float64."""
-    logits = logits[:, :-1].flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits, labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+# Positions x vocabulary per cross-entropy chunk: 2**26 float32 values = 256 MiB,
+# whatever the batch (Gemma's 256k vocabulary x 4k tokens would be 4 GiB at once).
+LOSS_CHUNK_ELEMENTS = 2**26
+
+
+def _chunk_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    # bf16/fp16 logits are widened for the softmax; float64 stays float64.
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(wide, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def summed_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_elements: int = LOSS_CHUNK_ELEMENTS) -> torch.Tensor:
+    """Sum, not mean, of cross-entropy over real targets (float64 scalar): a
+    token's gradient then does not depend on which batch or shard it landed in.
+
+    `labels` has the logits' (B, T) shape, IGNORE_INDEX where there is no
+    target. The widened logits exist one chunk of positions at a time: each
+    chunk is recomputed in the backward pass (activation checkpointing) rather
+    than kept, so loss memory does not grow with batch x length x vocabulary."""
+    logits, labels = logits.flatten(0, 1), labels.flatten()  # views: (B*T, V), (B*T,)
+    step = max(1, chunk_elements // logits.shape[-1])
+    if logits.shape[0] <= step:
+        return _chunk_cross_entropy(logits, labels).double()
+    chunks = []
+    for start in range(0, logits.shape[0], step):
+        piece, targets = logits[start:start + step], labels[start:start + step]
+        if piece.requires_grad:
+            chunks.append(checkpoint(_chunk_cross_entropy, piece, targets, use_reentrant=False))
+        else:
+            chunks.append(_chunk_cross_entropy(piece, targets))
+    return torch.stack(chunks).double().sum()
 
 
 def site_gradients(
-    model: nn.Module, modules: list[nn.Module], input_ids: torch.Tensor, attention_mask: torch.Tensor
+    model: nn.Module, modules: list[nn.Module], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    labels: torch.Tensor | None = None,
 ) -> BatchGradients:
     """One forward and one backward for every hooked module at once.
 
     Each module's output z gets a zero tensor `delta` added in a forward hook;
     dLoss/d(delta) == dLoss/dz at every position, and the graph through z is
     untouched, so all layers' gradients come from a single backward pass that
-    stops at the earliest hooked module."""
+    stops at the earliest hooked module. `labels` (B, T) default to the next
+    tokens of `input_ids` under `attention_mask`."""
     deltas: list[torch.Tensor | None] = [None] * len(modules)
     outputs: list[torch.Tensor | None] = [None] * len(modules)
 
@@ -140,16 +223,19 @@ def site_gradients(
 
         return add_delta
 
+    if labels is None:
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        labels[:, :-1] = next_token_labels(input_ids, attention_mask)
     handles = [module.register_forward_hook(hook_for(row)) for row, module in enumerate(modules)]
     try:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     finally:
         for handle in handles:
             handle.remove()
-    labels = next_token_labels(input_ids, attention_mask)
     loss = summed_loss(logits, labels)
+    del logits  # the loss chunks keep what the backward needs
     grads = torch.autograd.grad(loss, deltas)
-    return BatchGradients(loss.detach(), grads, outputs, labels != IGNORE_INDEX)
+    return BatchGradients(loss.detach(), grads, outputs)
 
 
 @dataclass(frozen=True)
@@ -176,6 +262,12 @@ def aggregated_positions(counted: torch.Tensor, input_ids: torch.Tensor, agg: Ag
     return mask
 
 
+def _rows(x: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """(B, T, D) -> (N, D): the selected flattened positions (no host sync: the
+    indices are already on the device)."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, selected)
+
+
 def _add_kinds(acc: DeviceAccumulator, row: int, kinds: tuple[str, ...], value, grad) -> None:
     """gradients: dLoss/dx; values: x; attribution: x * dLoss/dx (rows are positions)."""
     for kind in kinds:
@@ -186,58 +278,64 @@ def _add_kinds(acc: DeviceAccumulator, row: int, kinds: tuple[str, ...], value, 
 def accumulate_batch(
     model: nn.Module,
     modules: list[nn.Module],
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    batch: Batch,
     acc: DeviceAccumulator,
     agg: Aggregation = Aggregation(),
     saes: list[nn.Module] | None = None,
 ) -> None:
     """Add one batch's statistics to `acc`: of the hook sites' own dimensions
-    (no `saes`), or of SAE features (one SAE per hooked module)."""
+    (no `saes`), or of SAE features (one SAE per hooked module). `batch` is
+    on the model's device."""
+    acc.loss_tokens += batch.targets
+    acc.tokens += batch.aggregated
     if saes is not None and agg.sae_mode == "splice":
-        _accumulate_spliced(model, modules, input_ids, attention_mask, acc, agg, saes)
+        _accumulate_spliced(model, modules, batch, acc, agg, saes)
         return
-    batch = site_gradients(model, modules, input_ids, attention_mask)
-    mask = aggregated_positions(batch.counted, input_ids, agg)
+    result = site_gradients(model, modules, batch.input_ids, batch.attention_mask, batch.labels)
     with torch.no_grad():
-        acc.loss_sum += batch.loss.double()
-        acc.loss_tokens += int(batch.counted.sum())
-        acc.tokens += int(mask.sum())
-        for row, (grad, z) in enumerate(zip(batch.grads, batch.outputs)):
-            g, value = grad[:, :-1][mask], z[:, :-1][mask]  # (N, D)
+        acc.loss_sum += result.loss
+        for row, (grad, z) in enumerate(zip(result.grads, result.outputs)):
+            g = _rows(grad, batch.selected)  # (N, D)
             if saes is None:
+                value = _rows(z, batch.selected) if agg.kinds != ("gradients",) else None
                 _add_kinds(acc, row, agg.kinds, value, g)
             else:
                 acc.add(names.SITE_PREFIX, row, g)
-                _add_clean_features(acc, row, agg, saes[row], value, g)
+                _add_clean_features(acc, row, agg, saes[row], z, batch.selected, g)
 
 
-def _add_clean_features(acc, row, agg: Aggregation, sae, z: torch.Tensor, g: torch.Tensor) -> None:
+def _add_clean_features(acc, row, agg: Aggregation, sae, z: torch.Tensor, selected: torch.Tensor,
+                        g: torch.Tensor) -> None:
     """Clean mode: the model is unmodified and the SAE error e = z - decode(encode(z))
-    is held constant, so dLoss/df = J_decode(f)^T dLoss/dz (= W_dec @ g for an
-    affine decoder; input normalization is folded in by differentiating the
-    SAE's own decode). Chunked over tokens so tokens x features stays bounded."""
+    is held constant, so dLoss/df = J_decode(f)^T dLoss/dz. For an affine decoder
+    that is g @ W_dec^T, one matmul per chunk in the SAE's dtype, and the
+    features themselves (the encoder) are needed only for values/attribution.
+    Any other decoder is differentiated by autograd (input normalization folded
+    in by its own decode). Chunked over tokens so tokens x features stays bounded."""
+    weight = getattr(sae, "affine_decoder_weight", None)  # (d_sae, d_in) or None
+    needs_features = weight is None or agg.kinds != ("gradients",)
     step = max(1, agg.chunk_elements // sae.d_sae)
-    for start in range(0, z.shape[0], step):
-        f = sae.encode(z[start:start + step]).detach()  # the SAE casts z to its own dtype
-        with torch.enable_grad():
-            leaf = f.requires_grad_(True)
-            (g_f,) = torch.autograd.grad(sae.decode(leaf), leaf, grad_outputs=g[start:start + step].to(f.dtype))
-        _add_kinds(acc, row, agg.kinds, f.detach(), g_f)
+    for start in range(0, g.shape[0], step):
+        g_chunk = g[start:start + step]
+        f = sae.encode(_rows(z, selected[start:start + step])).detach() if needs_features else None
+        if weight is not None:
+            g_f = g_chunk.to(weight.dtype) @ weight.T
+        else:
+            with torch.enable_grad():
+                leaf = f.requires_grad_(True)
+                (g_f,) = torch.autograd.grad(sae.decode(leaf), leaf, grad_outputs=g_chunk.to(f.dtype))
+            f = f.detach()
+        _add_kinds(acc, row, agg.kinds, f, g_f)
 
 
-def _accumulate_spliced(model, modules, input_ids, attention_mask, acc, agg: Aggregation, saes) -> None:
+def _accumulate_spliced(model, modules, batch: Batch, acc, agg: Aggregation, saes) -> None:
     """Splice mode (the original SAE script): for each layer in turn, its output
     is replaced by the SAE reconstruction decode(f), f = encode(z) made a leaf,
     and dLoss/df is taken in that spliced model: one forward+backward per layer."""
-    labels = next_token_labels(input_ids, attention_mask)
-    counted = labels != IGNORE_INDEX
-    mask = aggregated_positions(counted, input_ids, agg)
     with torch.no_grad():  # the unmodified model's loss, for the run's mean loss
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        acc.loss_sum += summed_loss(logits, labels).double()
-        acc.loss_tokens += int(counted.sum())
-        acc.tokens += int(mask.sum())
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        acc.loss_sum += summed_loss(logits, batch.labels)
+        del logits
     for row, (module, sae) in enumerate(zip(modules, saes)):
         leaf = {}
 
@@ -248,9 +346,9 @@ def _accumulate_spliced(model, modules, input_ids, attention_mask, acc, agg: Agg
 
         handle = module.register_forward_hook(splice)
         try:
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
         finally:
             handle.remove()
-        (g_f,) = torch.autograd.grad(summed_loss(logits, labels), leaf["f"])
+        (g_f,) = torch.autograd.grad(summed_loss(logits, batch.labels), leaf["f"])
         with torch.no_grad():
-            _add_kinds(acc, row, agg.kinds, leaf["f"].detach()[:, :-1][mask], g_f[:, :-1][mask])
+            _add_kinds(acc, row, agg.kinds, _rows(leaf["f"].detach(), batch.selected), _rows(g_f, batch.selected))

@@ -31,7 +31,7 @@ class Plan:
     device: str
     dtype: str
     exclude_bos: bool
-    batch_size: int
+    batch_size: int | None  # texts per batch when batching == "texts"
     max_length: int
     target: str = "mlp"
     site_width: int = 0  # the hook site's width (the model's hidden size)
@@ -41,6 +41,36 @@ class Plan:
     sae_source: dict | None = None  # {"release", "sae_id", "path"}; templates keep '{layer}'
     saes: list[dict] | None = None  # per layer: source, d_in, d_sae, hook_name, trained_site, neuronpedia_id
     warnings: tuple[str, ...] = ()
+    batching: str = "texts"  # texts (a fixed count) / tokens (a budget by hand) / auto (learned on the device)
+    tokens_per_batch: int | None = None  # the budget, for batching == "tokens"
+    sae_dtype: str = "float32"
+
+    def placed(self, config: RunConfig, workers: int, device: str) -> "Plan":
+        """This plan on `workers` workers of `device`: the batching (auto on a
+        GPU unless asked otherwise) and the shards that follow from it."""
+        batching = config.batching(device)
+        step = config.samples_per_shard(batching)
+        return dataclasses.replace(
+            self, workers=workers, device=device, batching=batching,
+            batch_size=config.texts_per_batch() if batching == "texts" else None,
+            tokens_per_batch=config.tokens_per_batch,
+            shards=[(start, min(start + step, self.samples)) for start in range(0, self.samples, step)],
+        )
+
+    def batch_label(self) -> str:
+        """For the run directory's name: '4', 'auto' or '8192tokens'."""
+        if self.batching == "texts":
+            return str(self.batch_size)
+        return "auto" if self.batching == "auto" else f"{self.tokens_per_batch}tokens"
+
+    def _batch_text(self) -> str:
+        if self.batching == "texts":
+            return f"batch {self.batch_size} texts"
+        if self.batching == "tokens":
+            return f"batch packed to {self.tokens_per_batch} tokens"
+        budget = ("learned from free GPU memory on the first batches" if self.device.startswith("cuda")
+                  else "2048 tokens on a CPU")
+        return f"batch auto: texts sorted by length, packed to a token budget {budget}"
 
     @property
     def prefixes(self) -> dict[str, int]:
@@ -72,7 +102,7 @@ class Plan:
             f"collect  {', '.join(self.aggregate_by)}"
             + (f", every {self.position_stride}th position" if self.position_stride > 1 else ""),
             f"samples  {self.samples} (requested {self.samples_requested}), "
-            f"batch {self.batch_size}, max {self.max_length} tokens",
+            f"{self._batch_text()}, max {self.max_length} tokens",
             f"shards   {len(self.shards)} of <= {self.shards[0][1] - self.shards[0][0]} samples",
             f"workers  {self.workers or 'in-process (no Ray)'} on {self.device}",
             *(f"warning: {text}" for text in self.warnings),
@@ -87,12 +117,12 @@ class Plan:
 
 def make_plan(config: RunConfig, num_texts: int, workers: int = 0, device: str = "cpu") -> Plan:
     """Resolve `config` against the model's config (no weights) and the SAEs.
-    `workers` and `device` are filled in once the cluster is known."""
+    `workers`, `device` and what depends on them (batching, shards) are filled
+    in again by `placed` once the cluster is known."""
     model_config = load_model_config(config.model)
     family = family_of(model_config)
     num_layers = text_config(model_config).num_hidden_layers
     layers = parse_layer_spec(config.layers, num_layers) if config.layers else list(range(num_layers))
-    step = config.samples_per_shard
     site_width = text_config(model_config).hidden_size
     saes, warnings = _sae_entries(config, layers, site_width) if config.target == "sae" else (None, [])
     return Plan(
@@ -106,12 +136,12 @@ def make_plan(config: RunConfig, num_texts: int, workers: int = 0, device: str =
         width=saes[0]["d_sae"] if saes else site_width,
         samples_requested=config.num_samples,
         samples=num_texts,
-        shards=[(start, min(start + step, num_texts)) for start in range(0, num_texts, step)],
+        shards=[],
         workers=workers,
         device=device,
         dtype=config.dtype,
         exclude_bos=config.exclude_bos,
-        batch_size=config.batch_size,
+        batch_size=None,
         max_length=config.max_length,
         target=config.target,
         site_width=site_width,
@@ -121,7 +151,8 @@ def make_plan(config: RunConfig, num_texts: int, workers: int = 0, device: str =
         sae_source=sae_source(config) if config.target == "sae" else None,
         saes=saes,
         warnings=tuple(warnings),
-    )
+        sae_dtype=config.sae_dtype,
+    ).placed(config, workers, device)
 
 
 def sae_source(config: RunConfig) -> dict:
@@ -177,7 +208,7 @@ def run_dir_name(config: RunConfig, plan: Plan, timestamp: str) -> str:
     model = re.sub(r"[^A-Za-z0-9._-]+", "_", config.model.strip("/")).strip("_")
     prefix = names.SAE_RUN_PREFIX if plan.target == "sae" else names.MLP_RUN_PREFIX
     return (
-        f"{prefix}_model_{model}_num_samples_{plan.samples}_batch_size_{plan.batch_size}"
+        f"{prefix}_model_{model}_num_samples_{plan.samples}_batch_size_{plan.batch_label()}"
         f"_layers_{_compact(plan.layers).replace(',', '_')}_{timestamp}"
     )
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import zarr
 
 from . import constants as names
 from .config import RunConfig
@@ -34,13 +33,15 @@ def _store_path(path: Path) -> Path | None:
     return None
 
 
-def open_results(path: str | Path) -> zarr.Group:
+def open_results(path: str | Path) -> "zarr.Group":  # noqa: F821 (zarr is imported lazily)
     """The run's Zarr group, read-only; arrays load lazily, chunk by chunk.
 
     Accepts the run directory or its results.zarr."""
     store = _store_path(Path(path))
     if store is None:
         raise RaygradError(f"{path}: not a raygrad run directory or {names.STORE_NAME} store")
+    import zarr
+
     return zarr.open_group(str(store), mode="r")
 
 

@@ -90,6 +90,12 @@ class LoadedSAE(nn.Module):
     def forward(self, z: Tensor) -> Tensor:
         return self.decode(self.encode(z))
 
+    @property
+    def affine_decoder_weight(self) -> Tensor | None:
+        """W (d_sae, d_in) when decode(f) == f @ W + b exactly, so dLoss/df = dLoss/dz @ W^T needs
+        neither the encoder nor autograd; None when decode is anything else."""
+        return None
+
     def extra_repr(self) -> str:
         return f"{self.source}, d_in={self.d_in}, d_sae={self.d_sae}, hook_name={self.hook_name!r}"
 
@@ -110,6 +116,15 @@ class SaeLensSAE(LoadedSAE):
 
     def decode(self, f: Tensor) -> Tensor:
         return self.sae.decode(f)
+
+    @property
+    def affine_decoder_weight(self) -> Tensor | None:
+        # Every supported architecture decodes f @ W_dec (+ b_dec), then identity hooks; a TopK SAE that
+        # rescales features by decoder norms, or any run-time output normalization, is left to autograd.
+        cfg = self.sae.cfg
+        if cfg.normalize_activations != "none" or getattr(cfg, "rescale_acts_by_decoder_norm", False):
+            return None
+        return self.sae.W_dec
 
     def _apply(self, fn, recurse=True):
         # sae-lens casts every input to `sae.dtype` and reads `sae.device`; only its own .to() updates
@@ -306,6 +321,10 @@ class DictionaryLearningSAE(LoadedSAE):
 
     def decode(self, f: Tensor) -> Tensor:
         return f @ self.W_dec + self.b_dec
+
+    @property
+    def affine_decoder_weight(self) -> Tensor:
+        return self.W_dec
 
 
 def _load_dictionary_learning_dir(directory: Path, shown: str, device: str, dtype: torch.dtype) -> LoadedSAE:

@@ -1,18 +1,21 @@
 """ShardRunner: loads the model once, then turns shards of texts into Partials.
 
 It knows nothing about Ray; engine.py wraps it in a Ray actor unchanged,
-and `--workers 0` calls it in-process."""
+and `--workers 0` calls it in-process. `ShardComputer` is the loop itself,
+over a model that is already loaded (the GPU benchmark builds its own)."""
 
 from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .grads import Aggregation, DeviceAccumulator, Partial, accumulate_batch
+from .batching import BatchSizer, MemoryProbe, collate
+from .grads import Aggregation, DeviceAccumulator, Partial, accumulate_batch, make_batch
 from .models import load_model_and_tokenizer, pick_device
 from .plan import Plan, sae_load_kwargs
 
@@ -23,6 +26,62 @@ class ShardResult:
     partial: Partial
     seconds: float  # wall time of the shard on its worker
     worker_load_seconds: float  # how long this worker took to load its model
+    batch_tokens: int = 0  # the token budget per batch at the end of the shard (0: fixed text counts)
+
+
+def batch_sizer(plan: Plan, device: torch.device) -> BatchSizer:
+    """The plan's batching on this worker's device (auto learns from CUDA memory)."""
+    if plan.batching == "auto":
+        return BatchSizer("auto", probe=MemoryProbe.cuda(device) if device.type == "cuda" else None)
+    if plan.batching == "tokens":
+        return BatchSizer("tokens", tokens=plan.tokens_per_batch)
+    return BatchSizer("texts", batch_size=plan.batch_size)
+
+
+class ShardComputer:
+    """Texts -> batches -> one forward+backward each -> one Partial per shard."""
+
+    def __init__(self, model, tokenizer, modules, prefixes: dict[str, int], aggregation: Aggregation,
+                 sizer: BatchSizer, max_length: int, device: torch.device, saes=None):
+        self.model, self.tokenizer, self.modules, self.saes = model, tokenizer, modules, saes
+        self.prefixes, self.aggregation, self.sizer = prefixes, aggregation, sizer
+        self.max_length, self.device = max_length, device
+
+    def compute(self, texts: list[str]) -> Partial:
+        token_ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        acc = DeviceAccumulator(len(self.modules), self.prefixes, self.device)
+        queue = deque(self.sizer.batches([len(ids) for ids in token_ids]))
+        while queue:
+            indices = queue.popleft()
+            input_ids, mask = collate([token_ids[i] for i in indices], self.tokenizer.pad_token_id)
+            if self._try_batch(make_batch(input_ids, mask, self.aggregation), acc):
+                continue
+            # Out of memory: nothing of this batch was added; split it under the smaller budget.
+            sub = self.sizer.batches([len(token_ids[i]) for i in indices])
+            queue.extendleft(reversed([[indices[j] for j in part] for part in sub]))
+        return acc.to_partial()
+
+    def _try_batch(self, batch, acc: DeviceAccumulator) -> bool:
+        """Add one batch to `acc`, or return False after an out-of-memory error the sizer can
+        recover from (the batch's sums were kept apart, so nothing was counted)."""
+        staged = acc.empty_like()
+        self.sizer.before_batch()
+        try:
+            accumulate_batch(self.model, self.modules, batch.to(self.device), staged, self.aggregation, self.saes)
+        except torch.cuda.OutOfMemoryError:
+            if batch.input_ids.shape[0] == 1 or not self.sizer.after_out_of_memory(batch.padded_tokens):
+                raise
+            recovered = True
+        else:
+            recovered = False
+        if recovered:  # outside the except block, so the failed batch's tensors are freed
+            del staged
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return False
+        acc.merge(staged)
+        self.sizer.after_batch(batch.padded_tokens)
+        return True
 
 
 class ShardRunner:
@@ -36,34 +95,28 @@ class ShardRunner:
         self.model, self.tokenizer = load_model_and_tokenizer(plan.model, self.device, getattr(torch, plan.dtype))
         self.modules = [self.model.get_submodule(path) for path in plan.module_paths]
         self.saes = self._load_saes(plan) if plan.target == "sae" else None
-        self.aggregation = Aggregation(
+        aggregation = Aggregation(
             kinds=tuple(plan.aggregate_by),
             exclude_bos_id=self.tokenizer.bos_token_id if plan.exclude_bos else None,
             position_stride=plan.position_stride,
             sae_mode=plan.sae_mode or "clean",
         )
+        self.computer = ShardComputer(self.model, self.tokenizer, self.modules, plan.prefixes, aggregation,
+                                      batch_sizer(plan, self.device), plan.max_length, self.device, self.saes)
         self.load_seconds = time.perf_counter() - started
 
     def run(self, shard: int, texts: list[str]) -> ShardResult:
         started = time.perf_counter()
-        acc = DeviceAccumulator(len(self.modules), self.plan.prefixes, self.device)
-        size = self.plan.batch_size
-        for start in range(0, len(texts), size):
-            # Pad to the longest text in the batch, not to max_length.
-            batch = self.tokenizer(
-                texts[start:start + size], padding="longest", truncation=True,
-                max_length=self.plan.max_length, return_tensors="pt",
-            ).to(self.device)
-            accumulate_batch(self.model, self.modules, batch["input_ids"], batch["attention_mask"], acc,
-                             self.aggregation, self.saes)
-        partial = acc.to_partial()
-        return ShardResult(shard, partial, time.perf_counter() - started, self.load_seconds)
+        partial = self.computer.compute(texts)
+        sizer = self.computer.sizer
+        return ShardResult(shard, partial, time.perf_counter() - started, self.load_seconds,
+                           sizer.tokens if sizer.mode != "texts" else 0)
 
     def _load_saes(self, plan: Plan) -> list[torch.nn.Module]:
         from .saes import load_sae
 
-        # SAEs run in float32 under a bf16/fp16 model (z is upcast), in float64 under float64.
-        dtype = torch.float64 if plan.dtype == "float64" else torch.float32
+        # SAEs run in --sae-dtype (z is cast to it); float64 under a float64 model.
+        dtype = torch.float64 if plan.dtype == "float64" else getattr(torch, plan.sae_dtype)
         # load_sae returns them frozen: dLoss/df is taken w.r.t. f, never the SAE's weights.
         return [load_sae(layer, **sae_load_kwargs(plan.sae_source), device=self.device, dtype=dtype)
                 for layer in plan.layers]

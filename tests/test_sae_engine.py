@@ -178,7 +178,7 @@ def test_chunked_projection_matches_and_bounds_memory(tiny_llama, tmp_path):
     """65,536 features on the tiny model: a small chunk budget gives the same
     sums as one big chunk, and no (tokens x features) tensor of the projection
     ever exceeds the budget, however many tokens the batch has."""
-    from raygrad.grads import Aggregation, DeviceAccumulator, accumulate_batch
+    from raygrad.grads import Aggregation, DeviceAccumulator, accumulate_batch, make_batch
     from raygrad.models import load_model_and_tokenizer, resolve_hook_sites
     from raygrad.saes import load_sae
 
@@ -198,8 +198,8 @@ def test_chunked_projection_matches_and_bounds_memory(tiny_llama, tmp_path):
     def sums(chunk_elements):
         shapes.clear()
         acc = DeviceAccumulator(1, {"grad": width, "value": width, "attr": width, "site_grad": 32}, "cpu")
-        accumulate_batch(model, [module], batch["input_ids"], batch["attention_mask"], acc,
-                         Aggregation(kinds=("gradients", "values", "attribution"), chunk_elements=chunk_elements),
+        agg = Aggregation(kinds=("gradients", "values", "attribution"), chunk_elements=chunk_elements)
+        accumulate_batch(model, [module], make_batch(batch["input_ids"], batch["attention_mask"], agg), acc, agg,
                          [sae])
         return acc.to_partial(), list(shapes)
 

@@ -1,0 +1,144 @@
+"""How a shard's texts become batches: a fixed number of texts per batch (the
+original scripts' --batch-size), or texts sorted by length and packed up to a
+token budget, set by hand or learned from the device's free memory.
+
+The loss is a sum over tokens, so how texts are grouped never changes a
+result; it only changes speed and memory."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Auto budgets, in padded tokens per batch (texts x longest text).
+AUTO_FIRST_TOKENS = 4096  # the first batch, before anything is measured
+AUTO_MAX_TOKENS = 65536  # beyond this a GPU gains nothing and packing gets coarse
+AUTO_CPU_TOKENS = 2048  # a CPU computes at the same rate from a few hundred tokens up
+AUTO_LEARNING_BATCHES = 3  # batches whose peak memory sets the budget
+AUTO_MEMORY_FRACTION = 0.85  # of the memory still free once the model and SAEs are loaded
+MIN_TOKENS = 16  # an out-of-memory retry never goes below this (one text always runs alone)
+
+
+def fixed_batches(count: int, batch_size: int) -> list[list[int]]:
+    """Consecutive groups of `batch_size` texts, in order (today's behaviour)."""
+    return [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
+
+
+def pack_by_tokens(lengths: list[int], budget: int) -> list[list[int]]:
+    """Texts longest first, each batch filled while texts x longest <= budget.
+
+    Every text lands in exactly one batch; one longer than the budget gets a
+    batch of its own. Sorting by length keeps padding small."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        # Longest first, so a batch's first text is its longest.
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def collate(token_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (B, T) ids and attention mask, T = the longest text."""
+    width = max(len(ids) for ids in token_ids)
+    input_ids = torch.full((len(token_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_ids), width), dtype=torch.long)
+    for row, ids in enumerate(token_ids):
+        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[row, :len(ids)] = 1
+    return input_ids, mask
+
+
+@dataclass
+class MemoryProbe:
+    """What the auto budget reads from the device: bytes it could still
+    allocate, and the peak allocated since the last reset. CUDA's allocator
+    keeps these on the host, so reading them never waits for the device."""
+
+    available: Callable[[], int]
+    reset_peak: Callable[[], None]
+    peak: Callable[[], int]
+    allocated: Callable[[], int]
+
+    @classmethod
+    def cuda(cls, device: torch.device) -> "MemoryProbe":
+        def available() -> int:
+            free, _ = torch.cuda.mem_get_info(device)
+            # Memory torch holds in its cache but no tensor uses is free to us too.
+            return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+        return cls(available=available,
+                   reset_peak=lambda: torch.cuda.reset_peak_memory_stats(device),
+                   peak=lambda: torch.cuda.max_memory_allocated(device),
+                   allocated=lambda: torch.cuda.memory_allocated(device))
+
+
+class BatchSizer:
+    """Turns a shard's token lengths into batches of text indices.
+
+    mode "texts":  `batch_size` texts per batch, in order.
+    mode "tokens": packed to `tokens` padded tokens per batch.
+    mode "auto":   packed to a budget learned from the first batches' peak
+                   memory (with a probe), halved and retried on out-of-memory."""
+
+    def __init__(self, mode: str, batch_size: int | None = None, tokens: int | None = None,
+                 probe: MemoryProbe | None = None):
+        if mode not in ("texts", "tokens", "auto"):
+            raise ValueError(f"batch mode {mode!r}: choose texts, tokens or auto")
+        self.mode = mode
+        self.batch_size = batch_size
+        self.probe = probe
+        if mode == "auto":
+            tokens = AUTO_FIRST_TOKENS if probe is not None else AUTO_CPU_TOKENS
+        self.tokens = tokens
+        self._learning_left = AUTO_LEARNING_BATCHES if mode == "auto" and probe is not None else 0
+
+    def describe(self) -> str:
+        if self.mode == "texts":
+            return f"{self.batch_size} texts"
+        return f"{self.tokens} tokens" + (" (auto)" if self.mode == "auto" else "")
+
+    def batches(self, lengths: list[int]) -> list[list[int]]:
+        if self.mode == "texts":
+            return fixed_batches(len(lengths), self.batch_size)
+        return pack_by_tokens(lengths, self.tokens)
+
+    @property
+    def retries_out_of_memory(self) -> bool:
+        return self.mode == "auto"
+
+    def before_batch(self) -> None:
+        if self._learning_left:
+            self._base = self.probe.allocated()
+            self.probe.reset_peak()
+
+    def after_batch(self, padded_tokens: int) -> None:
+        """Learn the budget from a batch that filled at least half of it:
+        bytes per token = its peak over what was allocated before it. Fixed
+        per-batch costs make small batches look dearer per token, so the
+        estimate errs on the safe side and only ever raises the budget."""
+        if not self._learning_left or padded_tokens * 2 < self.tokens:
+            return
+        self._learning_left -= 1
+        per_token = max(self.probe.peak() - self._base, 1) / padded_tokens
+        fits = int(self.probe.available() * AUTO_MEMORY_FRACTION / per_token)
+        learned = max(self.tokens, min(AUTO_MAX_TOKENS, fits))
+        if learned != self.tokens:
+            log.info("batch budget %d -> %d tokens (%.0f KiB per token)", self.tokens, learned, per_token / 1024)
+        self.tokens = learned
+
+    def after_out_of_memory(self, padded_tokens: int) -> bool:
+        """Halve the budget below the batch that failed; False when it cannot shrink."""
+        if not self.retries_out_of_memory or padded_tokens <= MIN_TOKENS:
+            return False
+        self.tokens = max(MIN_TOKENS, min(self.tokens, padded_tokens) // 2)
+        self._learning_left = 0  # what failed is the measurement now
+        log.warning("out of memory at %d tokens per batch; retrying at %d", padded_tokens, self.tokens)
+        return True
