@@ -17,10 +17,10 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
 from raygrad.config import RunConfig
 from raygrad.data import stdlib_paragraphs
+from raygrad.grads import summed_loss
 from raygrad.plan import make_plan
 from raygrad.worker import ShardRunner
 
@@ -45,8 +45,11 @@ def batches(tokenizer, texts, batch_size, max_length):
 
 
 def sum_loss(logits, input_ids, attention_mask):
-    labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    """raygrad's summed loss (chunked over positions when logits are large), so
+    every loop compared here pays the same for the loss."""
+    labels = torch.full_like(input_ids, -100)
+    labels[:, :-1] = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+    return summed_loss(logits, labels)
 
 
 def output_as_leaf(row: int, output):

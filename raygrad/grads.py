@@ -77,13 +77,16 @@ class DeviceAccumulator:
 
     def add(self, prefix: str, row: int, x: torch.Tensor) -> None:
         """Add sum, sum of |x| and sum of x^2 over the rows of x (N, width).
-        Half-precision x is widened first: a float16 square underflows below
-        6e-8 (and overflows above 65504) before any float64 sum could help."""
-        x = x.to(torch.promote_types(x.dtype, torch.float32))
+
+        Each reduction reads x once and accumulates in float32 or wider (a
+        float16 square underflows below 6e-8 and overflows above 65504; on a
+        GPU a half-precision x is widened inside the kernel, not copied); the
+        batch's result is then added to the float64 running total."""
+        wide = torch.promote_types(x.dtype, torch.float32)
         total, abs_total, sq_total = names.sum_names(prefix)
-        self.sums[total][row] += x.sum(0, dtype=torch.float64)
-        self.sums[abs_total][row] += x.abs().sum(0, dtype=torch.float64)
-        self.sums[sq_total][row] += x.square().sum(0, dtype=torch.float64)
+        self.sums[total][row] += x.sum(0, dtype=wide)
+        self.sums[abs_total][row] += torch.linalg.vector_norm(x, 1, dim=0, dtype=wide)
+        self.sums[sq_total][row] += torch.linalg.vector_norm(x, 2, dim=0, dtype=wide).square()
 
     def merge(self, other: "DeviceAccumulator") -> None:
         """Add a finished batch's sums (kept apart until the batch succeeded,
