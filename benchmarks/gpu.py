@@ -12,8 +12,9 @@ tokenizer. Per case:
   bare       forward + backward to the input embeddings, same batches, same
              chunked summed loss, no hooks and no sums
   per-layer  the original scripts' loop (one forward + backward per layer),
-             timed on 3 layers (first, middle, last: their mean backward depth
-             is the average one) and scaled to every layer
+             timed on the first and last layers (the backward depth falls
+             linearly with the layer, so their mean is the average) and
+             scaled to every layer
 
 It prints tokens/s, peak GPU memory, model FLOPs utilization and the ratios,
 and writes them as JSON (--out). Needs only torch, transformers, accelerate
@@ -42,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from one_pass_vs_per_layer import per_layer_loop  # noqa: E402
 
-from raygrad.batching import BatchSizer, MemoryProbe, collate  # noqa: E402
+from raygrad.batching import BatchSizer, MemoryProbe, collate, pack_by_tokens  # noqa: E402
 from raygrad.data import stdlib_paragraphs  # noqa: E402
 from raygrad.grads import Aggregation, make_batch, summed_loss  # noqa: E402
 from raygrad.models import resolve_hook_sites  # noqa: E402
@@ -68,12 +69,12 @@ class Case:
 
 
 CASES = [
-    Case("qwen2.5-0.5b-fp32", "qwen2.5-0.5b.json", "float32", texts=96),
-    Case("qwen2.5-0.5b-bf16", "qwen2.5-0.5b.json", "bfloat16", texts=256),
-    Case("llama-3.1-8b-bf16", "llama-3.1-8b.json", "bfloat16", texts=64),
-    Case("gemma-2-2b-bf16", "gemma-2-2b.json", "bfloat16", texts=128),
-    Case("gemma-2-2b-bf16-sae65k", "gemma-2-2b.json", "bfloat16", texts=128, sae_width=65536, per_layer=False),
-    Case("gemma-2-2b-bf16-sae65k-f32", "gemma-2-2b.json", "bfloat16", texts=32, sae_width=65536,
+    Case("qwen2.5-0.5b-fp32", "qwen2.5-0.5b.json", "float32", texts=64),
+    Case("qwen2.5-0.5b-bf16", "qwen2.5-0.5b.json", "bfloat16", texts=128),
+    Case("llama-3.1-8b-bf16", "llama-3.1-8b.json", "bfloat16", texts=48),
+    Case("gemma-2-2b-bf16", "gemma-2-2b.json", "bfloat16", texts=64),
+    Case("gemma-2-2b-bf16-sae65k", "gemma-2-2b.json", "bfloat16", texts=64, sae_width=65536, per_layer=False),
+    Case("gemma-2-2b-bf16-sae65k-f32", "gemma-2-2b.json", "bfloat16", texts=16, sae_width=65536,
          sae_dtype="float32", per_layer=False),
 ]
 DRY_CASES = [
@@ -173,7 +174,8 @@ def count_syncs(computer: ShardComputer, texts: list[str], device: torch.device)
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def run_case(case: Case, tokenizer, device: torch.device, max_length: int, gpu: str | None) -> dict:
+def run_case(case: Case, tokenizer, device: torch.device, max_length: int, gpu: str | None,
+             per_layer: bool = True) -> dict:
     started = time.perf_counter()
     torch.manual_seed(0)
     model = build_model(case, device, len(tokenizer))
@@ -191,7 +193,10 @@ def run_case(case: Case, tokenizer, device: torch.device, max_length: int, gpu: 
     warm, timed = texts[:case.texts], texts[case.texts:]
     built = time.perf_counter() - started
 
-    computer.compute(warm)  # kernels chosen, token budget learned
+    for _ in range(3):  # kernels chosen, token budget measured (it goes on into a second pass if it must)
+        computer.compute(warm)
+        if not sizer.measuring:
+            break
     syncs = count_syncs(computer, warm[: max(1, case.texts // 4)], device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -207,7 +212,7 @@ def run_case(case: Case, tokenizer, device: torch.device, max_length: int, gpu: 
     for indices in sizer.batches([len(ids) for ids in token_ids]):
         input_ids, mask = collate([token_ids[i] for i in indices], tokenizer.pad_token_id)
         b = make_batch(input_ids, mask, Aggregation()).to(device)
-        batches.append((b.input_ids, b.attention_mask, b.labels))
+        batches.append((b.input_ids, b.model_mask, b.labels))
     targets = partial.loss_tokens
     padded = sum(ids.numel() for ids, _, _ in batches)
     bare_s = bare_loop(model, batches, device)
@@ -217,7 +222,7 @@ def run_case(case: Case, tokenizer, device: torch.device, max_length: int, gpu: 
            "raygrad_s": raygrad_s, "raygrad_tok_s": targets / raygrad_s, "bare_s": bare_s,
            "bare_tok_s": targets / bare_s, "vs_bare": bare_s / raygrad_s, "peak_gib": peak_gib,
            "syncs_per_shard": syncs, "build_s": built}
-    if case.per_layer:  # the original's batches: 4 texts, in order
+    if case.per_layer and per_layer:  # the original's batches: 4 texts, in order
         fixed = ShardComputer(model, tokenizer, modules, prefixes, Aggregation(), BatchSizer("texts", batch_size=4),
                               max_length, device, saes)
         synchronize(device)
@@ -225,8 +230,9 @@ def run_case(case: Case, tokenizer, device: torch.device, max_length: int, gpu: 
         fixed.compute(timed)
         synchronize(device)
         row["batch4_tok_s"] = targets / (time.perf_counter() - t0)
-        sample = sorted({0, len(layers) // 2, len(layers) - 1})
-        encoded = [{"input_ids": ids, "attention_mask": mask} for ids, mask, _ in batches]
+        sample = [0, len(layers) - 1]  # backward depth falls linearly with the layer: these two average it
+        encoded = [{"input_ids": ids, "attention_mask": mask if mask is not None else torch.ones_like(ids)}
+                   for ids, mask, _ in batches]
         synchronize(device)
         sampled_s = per_layer_loop(model, [modules[i] for i in sample], encoded)
         synchronize(device)
@@ -287,6 +293,35 @@ def check_against_cpu(tokenizer, device: torch.device) -> dict:
             "loss_relative_error": abs(got.loss_sum - want.loss_sum) / abs(want.loss_sum)}
 
 
+def budget_sweep(case: Case, tokenizer, device: torch.device, max_length: int, budgets: list[int]) -> list[dict]:
+    """The bare loop at fixed budgets, with the allocator's retries (cudaFree + cudaMalloc after a
+    failed allocation): what the auto budget's memory fraction is chosen from."""
+    torch.manual_seed(0)
+    model = build_model(case, device, len(tokenizer))
+    token_ids = tokenizer(filled_texts(max(budgets) // max_length * 2, 6 * max_length), truncation=True,
+                          max_length=max_length)["input_ids"]
+    rows = []
+    for budget in budgets:
+        batches = []
+        for indices in pack_by_tokens([len(ids) for ids in token_ids], budget):
+            input_ids, mask = collate([token_ids[i] for i in indices], tokenizer.pad_token_id)
+            b = make_batch(input_ids, mask, Aggregation()).to(device)
+            batches.append((b.input_ids, b.model_mask, b.labels))
+        bare_loop(model, batches[:1], device)
+        torch.cuda.reset_peak_memory_stats(device)
+        retries = torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
+        seconds = bare_loop(model, batches, device)
+        rows.append({"budget": budget, "bare_tok_s": sum(ids.numel() for ids, _, _ in batches) / seconds,
+                     "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+                     "alloc_retries": torch.cuda.memory_stats(device).get("num_alloc_retries", 0) - retries})
+        print(json.dumps({"sweep": case.name, **rows[-1]}), flush=True)
+        del batches
+        torch.cuda.empty_cache()
+    del model
+    torch.cuda.empty_cache()
+    return rows
+
+
 def print_table(rows: list[dict]) -> None:
     header = (f"{'case':26} {'tok/s':>9} {'bare tok/s':>10} {'vs bare':>7} {'per-layer x':>11} {'4-text tok/s':>12} "
               f"{'batch tok':>9} {'peak GiB':>8} {'TFLOP/s':>7} {'MFU':>5} {'syncs':>5}")
@@ -312,6 +347,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--max-length", type=int, default=None, help="tokens per text (default 1024; 64 dry)")
     parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: checks the script runs")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument("--no-per-layer", action="store_true", help="skip the per-layer loop (the slow part)")
+    parser.add_argument("--sweep", default=None, help="first, the bare loop of this case at 4k, 16k and 64k tokens")
     args = parser.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -337,12 +374,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"check {device.type} (auto-packed, affine shortcut) vs cpu (1 text per batch, autograd), float64: "
           f"max relative error {check['max_relative_error']:.1e}, loss {check['loss_relative_error']:.1e}",
           flush=True)
+    sweep = []
+    if args.sweep and device.type == "cuda":
+        with torch.inference_mode(False):
+            sweep = budget_sweep(next(c for c in CASES if c.name == args.sweep), tokenizer, device, max_length,
+                                 [4096, 16384, 65536])
     rows = []
     for case in cases:
         case_started = time.perf_counter()
         try:
             with torch.inference_mode(False):
-                row = run_case(case, tokenizer, device, max_length, gpu)
+                row = run_case(case, tokenizer, device, max_length, gpu, per_layer=not args.no_per_layer)
         except Exception as err:  # one case failing (too big for this GPU, say) must not cost the others
             traceback.print_exc()
             row = {"case": case.name, "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
@@ -352,9 +394,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.out:
-            Path(args.out).write_text(json.dumps({"device": gpu or "cpu", "torch": torch.__version__,
-                                                  "max_length": max_length, "check": check, "rows": rows},
-                                                 indent=2))
+            record = {"device": gpu or "cpu", "torch": torch.__version__, "max_length": max_length,
+                      "check": check, "sweep": sweep, "rows": rows}
+            Path(args.out).write_text(json.dumps(record, indent=2))
     print_table(rows)
     by_name = {r["case"]: r for r in rows if "error" not in r}
     for name, row in by_name.items():

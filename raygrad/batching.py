@@ -15,12 +15,16 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Auto budgets, in padded tokens per batch (texts x longest text).
-AUTO_FIRST_TOKENS = 4096  # the first batch, before anything is measured
-AUTO_MAX_TOKENS = 65536  # beyond this a GPU gains nothing and packing gets coarse
+# Auto budgets, in padded tokens per batch (texts x longest text). On an H200
+# (benchmarks/results/gpu_h200_run*.json), 4096-token batches were within a few
+# percent of the fastest measured for Qwen2.5-0.5B, Llama-3.1-8B and Gemma-2-2B
+# shapes, and larger ones were slower (a bare loop: 52k tokens/s at 4096, 46k at
+# 16384, 18k at 65536, with no allocator retries), so a GPU gets 4096 unless its
+# memory says less.
+AUTO_GPU_TOKENS = 4096
 AUTO_CPU_TOKENS = 2048  # a CPU computes at the same rate from a few hundred tokens up
-AUTO_LEARNING_BATCHES = 3  # batches whose peak memory sets the budget
-AUTO_MEMORY_FRACTION = 0.85  # of the memory still free once the model and SAEs are loaded
+AUTO_MEMORY_FRACTION = 0.6  # of the memory free once the model and SAEs are loaded
+AUTO_FULL = 0.75  # a batch measures the budget only if it fills this much of it
 MIN_TOKENS = 16  # an out-of-memory retry never goes below this (one text always runs alone)
 
 
@@ -85,8 +89,10 @@ class BatchSizer:
 
     mode "texts":  `batch_size` texts per batch, in order.
     mode "tokens": packed to `tokens` padded tokens per batch.
-    mode "auto":   packed to a budget learned from the first batches' peak
-                   memory (with a probe), halved and retried on out-of-memory."""
+    mode "auto":   packed to 4096 tokens on a GPU (2048 on a CPU). The first
+                   full batch's peak memory, extrapolated, must fit in 60% of
+                   what is free, or the budget shrinks to what does; on
+                   out-of-memory the batch is retried at half the budget."""
 
     def __init__(self, mode: str, batch_size: int | None = None, tokens: int | None = None,
                  probe: MemoryProbe | None = None):
@@ -96,9 +102,9 @@ class BatchSizer:
         self.batch_size = batch_size
         self.probe = probe
         if mode == "auto":
-            tokens = AUTO_FIRST_TOKENS if probe is not None else AUTO_CPU_TOKENS
+            tokens = AUTO_GPU_TOKENS if probe is not None else AUTO_CPU_TOKENS
         self.tokens = tokens
-        self._learning_left = AUTO_LEARNING_BATCHES if mode == "auto" and probe is not None else 0
+        self.measuring = mode == "auto" and probe is not None
 
     def describe(self) -> str:
         if self.mode == "texts":
@@ -115,30 +121,28 @@ class BatchSizer:
         return self.mode == "auto"
 
     def before_batch(self) -> None:
-        if self._learning_left:
+        if self.measuring:
             self._base = self.probe.allocated()
             self.probe.reset_peak()
 
     def after_batch(self, padded_tokens: int) -> None:
-        """Learn the budget from a batch that filled at least half of it:
-        bytes per token = its peak over what was allocated before it. Fixed
-        per-batch costs make small batches look dearer per token, so the
-        estimate errs on the safe side and only ever raises the budget."""
-        if not self._learning_left or padded_tokens * 2 < self.tokens:
-            return
-        self._learning_left -= 1
+        """Bytes per token = the batch's peak over what was allocated before it
+        (fixed per-batch costs make this err on the safe side)."""
+        if not self.measuring or padded_tokens < AUTO_FULL * self.tokens:
+            return  # a shard's last, part-filled batch says little about the budget
+        self.measuring = False
         per_token = max(self.probe.peak() - self._base, 1) / padded_tokens
         fits = int(self.probe.available() * AUTO_MEMORY_FRACTION / per_token)
-        learned = max(self.tokens, min(AUTO_MAX_TOKENS, fits))
-        if learned != self.tokens:
-            log.info("batch budget %d -> %d tokens (%.0f KiB per token)", self.tokens, learned, per_token / 1024)
-        self.tokens = learned
+        if fits < self.tokens:
+            log.warning("batch budget %d -> %d tokens: %.0f KiB per token, %.1f GiB free", self.tokens,
+                        max(MIN_TOKENS, fits), per_token / 1024, self.probe.available() / 2**30)
+            self.tokens = max(MIN_TOKENS, fits)
 
     def after_out_of_memory(self, padded_tokens: int) -> bool:
         """Halve the budget below the batch that failed; False when it cannot shrink."""
         if not self.retries_out_of_memory or padded_tokens <= MIN_TOKENS:
             return False
         self.tokens = max(MIN_TOKENS, min(self.tokens, padded_tokens) // 2)
-        self._learning_left = 0  # what failed is the measurement now
+        self.measuring = False  # what failed is the measurement now
         log.warning("out of memory at %d tokens per batch; retrying at %d", padded_tokens, self.tokens)
         return True

@@ -126,6 +126,14 @@ class Batch:
     labels: torch.Tensor  # (B, T): the next token, IGNORE_INDEX at padding and at t = T-1
     selected: torch.Tensor  # (N,) int64 indices into the flattened (B*T) positions that are aggregated
     targets: int  # positions that predict a real target (enter the loss)
+    has_padding: bool = True
+
+    @property
+    def model_mask(self) -> torch.Tensor | None:
+        """The attention mask to give the model: None when nothing is padded,
+        which is the same attention, and spares transformers the checks of the
+        mask that wait for the device (one or two per forward)."""
+        return self.attention_mask if self.has_padding else None
 
     @property
     def aggregated(self) -> int:
@@ -141,7 +149,7 @@ class Batch:
         # Pinned host memory lets the copy overlap with the previous batch's kernels.
         move = {name: getattr(self, name).pin_memory().to(device, non_blocking=True)
                 for name in ("input_ids", "attention_mask", "labels", "selected")}
-        return Batch(**move, targets=self.targets)
+        return Batch(**move, targets=self.targets, has_padding=self.has_padding)
 
 
 def make_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, agg: "Aggregation") -> Batch:
@@ -152,7 +160,8 @@ def make_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, agg: "Aggr
     mask = aggregated_positions(counted[:, :-1], input_ids, agg)
     flat = torch.zeros_like(counted)
     flat[:, :-1] = mask
-    return Batch(input_ids, attention_mask, labels, flat.flatten().nonzero().squeeze(1), int(counted.sum()))
+    return Batch(input_ids, attention_mask, labels, flat.flatten().nonzero().squeeze(1), int(counted.sum()),
+                 has_padding=bool((attention_mask == 0).any()))
 
 
 @dataclass
@@ -204,7 +213,7 @@ def summed_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_elements: int 
 
 
 def site_gradients(
-    model: nn.Module, modules: list[nn.Module], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    model: nn.Module, modules: list[nn.Module], input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
     labels: torch.Tensor | None = None,
 ) -> BatchGradients:
     """One forward and one backward for every hooked module at once.
@@ -227,6 +236,7 @@ def site_gradients(
         return add_delta
 
     if labels is None:
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         labels[:, :-1] = next_token_labels(input_ids, attention_mask)
     handles = [module.register_forward_hook(hook_for(row)) for row, module in enumerate(modules)]
@@ -294,7 +304,7 @@ def accumulate_batch(
     if saes is not None and agg.sae_mode == "splice":
         _accumulate_spliced(model, modules, batch, acc, agg, saes)
         return
-    result = site_gradients(model, modules, batch.input_ids, batch.attention_mask, batch.labels)
+    result = site_gradients(model, modules, batch.input_ids, batch.model_mask, batch.labels)
     with torch.no_grad():
         acc.loss_sum += result.loss
         for row, (grad, z) in enumerate(zip(result.grads, result.outputs)):
@@ -336,7 +346,7 @@ def _accumulate_spliced(model, modules, batch: Batch, acc, agg: Aggregation, sae
     is replaced by the SAE reconstruction decode(f), f = encode(z) made a leaf,
     and dLoss/df is taken in that spliced model: one forward+backward per layer."""
     with torch.no_grad():  # the unmodified model's loss, for the run's mean loss
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.model_mask, use_cache=False).logits
         acc.loss_sum += summed_loss(logits, batch.labels)
         del logits
     for row, (module, sae) in enumerate(zip(modules, saes)):
@@ -349,7 +359,7 @@ def _accumulate_spliced(model, modules, batch: Batch, acc, agg: Aggregation, sae
 
         handle = module.register_forward_hook(splice)
         try:
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.model_mask, use_cache=False).logits
         finally:
             handle.remove()
         (g_f,) = torch.autograd.grad(summed_loss(logits, batch.labels), leaf["f"])
