@@ -340,7 +340,7 @@ def print_table(rows: list[dict]) -> None:
               f"{per_layer:>11} {batch4:>12} {r['batch_tokens']:9d} {peak:>8} {r['tflops']:7.1f} {mfu:>5} {syncs:>5}")
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the bundled smollm2-135m)")
     parser.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if plain:
             print(f"{name}: {plain['raygrad_tok_s'] / row['raygrad_tok_s']:.2f}x the time of {plain['case']} "
                   "(target <= 2x)")
-    return rows
+    return {"device": gpu or "cpu", "check": check, "rows": rows}
 
 
 if __name__ == "__main__":

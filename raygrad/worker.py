@@ -56,9 +56,11 @@ class ShardComputer:
             input_ids, mask = collate([token_ids[i] for i in indices], self.tokenizer.pad_token_id)
             if self._try_batch(make_batch(input_ids, mask, self.aggregation), acc):
                 continue
-            # Out of memory: nothing of this batch was added; split it under the smaller budget.
-            sub = self.sizer.batches([len(token_ids[i]) for i in indices])
-            queue.extendleft(reversed([[indices[j] for j in part] for part in sub]))
+            # Out of memory: nothing of this batch was added. It and every batch still
+            # waiting are packed again under the smaller budget.
+            waiting = indices + [i for batch in queue for i in batch]
+            repacked = self.sizer.batches([len(token_ids[i]) for i in waiting])
+            queue = deque([waiting[j] for j in part] for part in repacked)
         return acc.to_partial()
 
     def _try_batch(self, batch, acc: DeviceAccumulator) -> bool:
