@@ -3,6 +3,7 @@ partial sums into the store, checkpoint, finalize, export."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -37,11 +38,14 @@ def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: boo
         raise RaygradError(
             f"--save-consolidated {config.save_consolidated}: file exists; results are never overwritten"
         )
-    texts = _texts(config, echo)
-    # Planning checks layers, sites and SAEs before Ray starts or weights load.
-    plan = make_plan(config, len(texts))
+    # Planning checks layers, sites and SAEs before Ray starts or weights load;
+    # the samples and shards follow once the texts are read.
+    plan = make_plan(config, 0)
     with _Cluster(config) as cluster:
         plan = plan.placed(config, cluster.workers, cluster.device)
+        cluster.start_workers(plan, config.seed)  # Ray actors load their model while the texts are read
+        texts = _texts(config, echo)
+        plan = dataclasses.replace(plan, samples=len(texts)).placed(config, cluster.workers, cluster.device)
         run_dir = output_dir / run_dir_name(config, plan, datetime.now().strftime("%Y%m%d_%H%M%S"))
         if run_dir.exists():
             raise RaygradError(
@@ -77,6 +81,7 @@ def resume(run_dir: Path, echo: Callable[[str], None] = log.info, progress: bool
             f"--resume {run_dir}: the dataset now yields {len(texts)} texts, the run was planned on {saved.samples}"
         )
     with _Cluster(config, saved.workers) as cluster:
+        cluster.start_workers(saved, config.seed)
         _, done = store.totals()
         echo(saved.describe())
         echo(f"resuming {run_dir}: {int(done.sum())} of {len(done)} shards already done")
@@ -111,7 +116,7 @@ def _execute(plan: Plan, config: RunConfig, texts: list[str], store: ResultStore
                desc="raygrad")
     saved = int(done.sum())  # shards the store already holds
     try:
-        for result in cluster.map(plan, config.seed, [(i, texts[slice(*plan.shards[i])]) for i in todo]):
+        for result in cluster.map([(i, texts[slice(*plan.shards[i])]) for i in todo]):
             totals.add(result.partial)
             done[result.shard] = True
             shard_seconds[result.shard] = result.seconds
@@ -171,6 +176,7 @@ class _Cluster:
         self.requested = config.workers if workers is None else workers
         self.started_ray = False
         self.gpus_per_worker = 0
+        self.actors: list = []
 
     def __enter__(self) -> "_Cluster":
         if self.requested is None and not self.config.address and _local_gpus() <= 1:
@@ -207,36 +213,40 @@ class _Cluster:
         self.device = "cuda" if gpus else "cpu"
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self.started_ray:
-            import ray
-
-            ray.shutdown()
-
-    def map(self, plan: Plan, seed: int, work: list[tuple[int, list[str]]]) -> Iterator[ShardResult]:
-        if not work:
-            return
+    def start_workers(self, plan: Plan, seed: int) -> None:
+        """Ray actors start loading their model now; in-process, the runner loads on first use."""
+        self.plan, self.seed, self.actors = plan, seed, []
         if self.workers == 0:
-            runner = ShardRunner(plan, seed)
-            for shard, texts in work:
-                yield runner.run(shard, texts)
             return
         import ray
-        from ray.util import ActorPool
 
         worker_cls = ray.remote(ShardRunner)
-        count = min(self.workers, len(work))
-        actors = [
+        self.actors = [
             # A crashed actor is restarted (reloading its model) and its
             # shard retried; an exception inside a shard stops the run.
             worker_cls.options(num_gpus=self.gpus_per_worker, num_cpus=self.cpus_per_worker,
                                max_restarts=2, max_task_retries=2).remote(plan, seed)
-            for _ in range(count)
+            for _ in range(self.workers)
         ]
-        try:
-            pool = ActorPool(actors)
-            yield from pool.map_unordered(lambda actor, item: actor.run.remote(*item), work)
-        finally:
-            for actor in actors:
-                ray.kill(actor)
 
+    def __exit__(self, *exc) -> None:
+        if self.started_ray or self.actors:
+            import ray
+
+            for actor in self.actors:
+                ray.kill(actor)
+        if self.started_ray:
+            ray.shutdown()
+
+    def map(self, work: list[tuple[int, list[str]]]) -> Iterator[ShardResult]:
+        if not work:
+            return
+        if self.workers == 0:
+            runner = ShardRunner(self.plan, self.seed)
+            for shard, texts in work:
+                yield runner.run(shard, texts)
+            return
+        from ray.util import ActorPool
+
+        pool = ActorPool(self.actors)
+        yield from pool.map_unordered(lambda actor, item: actor.run.remote(*item), work)
