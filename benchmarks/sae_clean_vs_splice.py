@@ -59,7 +59,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--layers", default="0,10,20,29")
-    parser.add_argument("--all-layers", default="0-29", help="layer set for the extrapolated all-layer ratio")
+    parser.add_argument("--all-layers", default="0-29",
+                        help="layer set for the extrapolated all-layer ratio ('none' skips it)")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=128)
@@ -84,6 +85,8 @@ def main() -> None:
         print(f"per-layer splice loop  {splice_s:8.1f} s")
         print(f"speed-up ({len(layers)} layers): {splice_s / clean_s:.1f}x (target >= 4x)")
 
+        if args.all_layers == "none":
+            return
         # All layers: the splice loop's cost grows per layer; time one clean pass
         # over all layers and the splice loop on every 5th layer, scaled up.
         all_clean_s, all_runner = timed_clean(args.model, texts, args.all_layers, sae_dir, args)
