@@ -41,9 +41,10 @@ class RunConfig:
     sae_id: Optional[str] = _opt(None, "SAE id inside --sae-release; '{layer}' is replaced by each layer index.")
     sae_path: Optional[str] = _opt(
         None, "Local SAE directory (sae-lens or dictionary_learning format); '{layer}' is replaced per layer.")
-    sae_mode: Literal["clean", "splice"] = _opt(
+    sae_mode: Literal["clean", "splice", "splice-all"] = _opt(
         "clean", "clean: unmodified model, SAE error held constant, one pass for all layers; "
-        "splice: reconstruction substituted, one pass per layer (the original script).")
+        "splice: the reconstruction replaces the output at the aggregated positions only, one pass per layer "
+        "(the original script); splice-all: replaced at every position.")
     position_stride: int = _opt(1, "Aggregate every K-th position only (the original SAE script used 4).")
     aggregate_by: tuple[str, ...] = _opt(
         ("gradients",), "What to aggregate (repeatable): gradients, values (activations), attribution (grad x value).",

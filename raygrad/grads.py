@@ -301,7 +301,7 @@ def accumulate_batch(
     on the model's device."""
     acc.loss_tokens += batch.targets
     acc.tokens += batch.aggregated
-    if saes is not None and agg.sae_mode == "splice":
+    if saes is not None and agg.sae_mode in ("splice", "splice-all"):
         _accumulate_spliced(model, modules, batch, acc, agg, saes)
         return
     result = site_gradients(model, modules, batch.input_ids, batch.model_mask, batch.labels)
@@ -342,9 +342,14 @@ def _add_clean_features(acc, row, agg: Aggregation, sae, z: torch.Tensor, select
 
 
 def _accumulate_spliced(model, modules, batch: Batch, acc, agg: Aggregation, saes) -> None:
-    """Splice mode (the original SAE script): for each layer in turn, its output
-    is replaced by the SAE reconstruction decode(f), f = encode(z) made a leaf,
-    and dLoss/df is taken in that spliced model: one forward+backward per layer."""
+    """Splice modes, one forward+backward per layer, dLoss/df taken in the spliced model:
+
+    splice      (the original SAE script) at the aggregated positions only, the layer's
+                output is replaced by decode(f), f = encode(z) a leaf; every other position
+                keeps the model's own output. Only those positions are encoded.
+    splice-all  the output is replaced by decode(encode(z)) at every position: the
+                gradient in the model with the SAE substituted everywhere."""
+    everywhere = agg.sae_mode == "splice-all"
     with torch.no_grad():  # the unmodified model's loss, for the run's mean loss
         logits = model(input_ids=batch.input_ids, attention_mask=batch.model_mask, use_cache=False).logits
         acc.loss_sum += summed_loss(logits, batch.labels)
@@ -354,8 +359,12 @@ def _accumulate_spliced(model, modules, batch: Batch, acc, agg: Aggregation, sae
 
         def splice(mod, args, output, sae=sae):
             hidden = _output_tensor(output)
-            leaf["f"] = sae.encode(hidden.detach()).detach().requires_grad_(True)
-            return _replace_output(output, sae.decode(leaf["f"]).to(hidden.dtype))
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            z = flat.detach() if everywhere else flat.detach().index_select(0, batch.selected)
+            leaf["f"] = sae.encode(z).detach().requires_grad_(True)
+            z_hat = sae.decode(leaf["f"]).to(hidden.dtype)
+            spliced = z_hat if everywhere else flat.index_copy(0, batch.selected, z_hat)
+            return _replace_output(output, spliced.view_as(hidden))
 
         handle = module.register_forward_hook(splice)
         try:
@@ -363,5 +372,9 @@ def _accumulate_spliced(model, modules, batch: Batch, acc, agg: Aggregation, sae
         finally:
             handle.remove()
         (g_f,) = torch.autograd.grad(summed_loss(logits, batch.labels), leaf["f"])
+        del logits
         with torch.no_grad():
-            _add_kinds(acc, row, agg.kinds, _rows(leaf["f"].detach(), batch.selected), _rows(g_f, batch.selected))
+            f = leaf["f"].detach()
+            if everywhere:  # rows are every position; keep the aggregated ones
+                f, g_f = f.index_select(0, batch.selected), g_f.index_select(0, batch.selected)
+            _add_kinds(acc, row, agg.kinds, f, g_f)

@@ -30,3 +30,10 @@ def assert_same_totals(a, b, rtol=1e-10):
     np.testing.assert_array_equal(a.tokens, b.tokens)
     assert a.loss_tokens == b.loss_tokens
     np.testing.assert_allclose(a.loss_sum, b.loss_sum, rtol=rtol)
+
+
+def rms_norm_float64(self, x):
+    """LlamaRMSNorm's math without its float32 upcast: transformers computes the norm in float32
+    even in a float64 model, and that rounding (~1e-7) differs between two float64 computations
+    that scale the gradient differently (a summed vs a mean loss)."""
+    return self.weight * (x * (x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon).rsqrt())

@@ -111,10 +111,10 @@ def relu_sae_encode(weights, cfg, z):
     return torch.relu(x @ weights["W_enc"] + weights["b_enc"])
 
 
-def reference_splice_sums(model_dir, sae_dirs, texts, layers, max_length, stride=1, site="mlp_out"):
-    """The original SAE script's algorithm in float64: for each layer, the output
-    is replaced by decode(f) with f = encode(z) a leaf; dLoss/df per position,
-    aggregated over positions t with t % stride == 0."""
+def reference_splice_all_sums(model_dir, sae_dirs, texts, layers, max_length, stride=1, site="mlp_out"):
+    """The SAE substituted at every position, in float64: for each layer, the whole
+    output is replaced by decode(f) with f = encode(z) a leaf; dLoss/df per position
+    (summed loss), aggregated over positions t with t % stride == 0."""
     model, tokenizer = load_float64(model_dir)
     out = None
     for row, (layer, sae_dir) in enumerate(zip(layers, sae_dirs)):

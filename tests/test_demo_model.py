@@ -3,6 +3,7 @@
 import types
 
 import pytest
+from helpers import rms_norm_float64
 from transformers import AutoConfig
 
 from raygrad import constants as names
@@ -30,10 +31,6 @@ def test_demo_run_loss_is_that_of_a_language_model(tmp_path):
     assert (totals.sums[names.GRAD_ABS_SUM] > 0).mean() > 0.99
 
 
-def _rms_norm_float64(self, x):
-    return self.weight * (x * (x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon).rsqrt())
-
-
 def test_finite_differences_match_per_token_gradients():
     """float64: (L(z + e) - L(z - e)) / 2e at single (layer, token, dim) points
     against the one-pass gradient at that point."""
@@ -52,7 +49,7 @@ def test_finite_differences_match_per_token_gradients():
     # float64 makes the function smooth to float64 precision.
     for module in model.modules():
         if type(module).__name__ == "LlamaRMSNorm":
-            module.forward = types.MethodType(_rms_norm_float64, module)
+            module.forward = types.MethodType(rms_norm_float64, module)
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = tokenizer(next(stdlib_paragraphs()), return_tensors="pt", truncation=True, max_length=16).input_ids
     mask = torch.ones_like(ids)

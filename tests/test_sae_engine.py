@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import run_tiny
+from helpers import rms_norm_float64, run_tiny
 from reference import (
     max_relative_error,
     read_sae_lens_weights,
     reference_site_tokens,
-    reference_splice_sums,
+    reference_splice_all_sums,
     relu_sae_encode,
 )
 from sae_factory import write_dictionary_learning_dir, write_sae_lens_dir
@@ -72,9 +72,10 @@ def test_clean_mode_equals_projected_reference_gradients(stride, tiny_llama, tex
 
 
 @pytest.mark.parametrize("stride", [1, 4])
-def test_splice_mode_equals_the_original_algorithm(stride, tiny_llama, texts_file, sae_dirs, tmp_path):
-    _, totals = sae_run(tiny_llama, texts_file, tmp_path, sae_dirs, sae_mode="splice", position_stride=stride)
-    expected = reference_splice_sums(tiny_llama, [sae_dirs / "sae_0", sae_dirs / "sae_2"], KEPT_TEXTS, [0, 2],
+def test_splice_all_mode_equals_the_everywhere_substituted_reference(stride, tiny_llama, texts_file, sae_dirs,
+                                                                    tmp_path):
+    _, totals = sae_run(tiny_llama, texts_file, tmp_path, sae_dirs, sae_mode="splice-all", position_stride=stride)
+    expected = reference_splice_all_sums(tiny_llama, [sae_dirs / "sae_0", sae_dirs / "sae_2"], KEPT_TEXTS, [0, 2],
                                      max_length=24, stride=stride)
     for name in names.SUM_ARRAYS:
         assert max_relative_error(totals.sums[name], expected[name]) < 1e-6, name
@@ -90,9 +91,10 @@ def test_exact_sae_gives_the_same_result_in_clean_and_splice_modes(tiny_llama, t
         write_sae_lens_dir(tmp_path / "exact" / f"sae_{layer}", 32, 64, weights=exact,
                            hook_name=f"blocks.{layer}.hook_mlp_out")
     _, clean = sae_run(tiny_llama, texts_file, tmp_path / "c", tmp_path / "exact", layers="0-2")
-    _, splice = sae_run(tiny_llama, texts_file, tmp_path / "s", tmp_path / "exact", layers="0-2", sae_mode="splice")
-    for name in names.SUM_ARRAYS:
-        assert max_relative_error(splice.sums[name], clean.sums[name]) < 1e-9, name
+    for mode in ("splice", "splice-all"):
+        _, splice = sae_run(tiny_llama, texts_file, tmp_path / mode, tmp_path / "exact", layers="0-2", sae_mode=mode)
+        for name in names.SUM_ARRAYS:
+            assert max_relative_error(splice.sums[name], clean.sums[name]) < 1e-9, (mode, name)
     # and the feature gradient of an exact [I; -I] dictionary is (g, -g)
     np.testing.assert_allclose(clean.sums["grad_sum"][:, :32], clean.sums["site_grad_sum"], rtol=1e-9)
     np.testing.assert_allclose(clean.sums["grad_sum"][:, 32:], -clean.sums["site_grad_sum"], rtol=1e-9)
@@ -240,3 +242,79 @@ def test_sae_run_on_ray_workers_equals_in_process(tiny_llama, texts_file, sae_di
     _, ray_run = sae_run(tiny_llama, texts_file, tmp_path / "w2", sae_dirs, shard_size=2, workers=2)
     assert_same_totals(local, ray_run)
     assert set(ray_run.sums) == set(local.sums) >= {"grad_sum", "site_grad_sum"}
+
+
+def original_splice_means(model_dir, sae_dir, texts, layer, length, stride):
+    """sae_gradient_analysis.py's algorithm (issue 7, steps 1 to 6) in float64, one text per batch:
+    capture z without gradients; take every stride-th of the batch's valid positions (with one text
+    and no padding: t = 0, stride, 2 stride, ... up to the last position); f = encode(z there) as a
+    leaf; a second forward with the output replaced by decode(f) at those positions only; the
+    model's mean cross-entropy (labels = input ids); per batch the mean over the selected positions
+    of dLoss/df and |dLoss/df|; the mean over batches. -> (mean, mean_abs, positions per text)."""
+    from reference import explicit_module, load_float64
+
+    model, tokenizer = load_float64(model_dir)
+    weights, cfg = read_sae_lens_weights(sae_dir)
+    module = explicit_module(model, layer, "mlp_out")
+    means, abs_means = [], []
+    for text in texts:
+        ids = tokenizer(text, truncation=True, max_length=length, return_tensors="pt").input_ids
+        assert ids.shape[1] == length  # every text fills the length: no padding
+        captured = {}
+        handle = module.register_forward_hook(lambda mod, args, out: captured.setdefault("z", out.detach()))
+        with torch.no_grad():
+            model(ids)
+        handle.remove()
+        chosen = torch.arange(length)[::stride]
+        f = relu_sae_encode(weights, cfg, captured["z"][0, chosen]).requires_grad_(True)
+
+        def splice_chosen(mod, args, out):
+            out = out.clone()
+            out[0, chosen] = f @ weights["W_dec"] + weights["b_dec"]
+            return out
+
+        handle = module.register_forward_hook(splice_chosen)
+        try:
+            # The model's loss with labels = input ids: the mean over the length - 1 shifted targets
+            # (written out: transformers' own loss casts logits to float32).
+            loss = torch.nn.functional.cross_entropy(model(ids).logits[0, :-1], ids[0, 1:])
+        finally:
+            handle.remove()
+        (g,) = torch.autograd.grad(loss, f)
+        means.append(g.mean(0))
+        abs_means.append(g.abs().mean(0))
+    return torch.stack(means).mean(0).numpy(), torch.stack(abs_means).mean(0).numpy(), len(chosen)
+
+
+@pytest.mark.parametrize("stride", [1, 4])
+def test_splice_mode_reproduces_the_original_script(stride, tiny_llama, texts_file, sae_dirs, tmp_path,
+                                                    monkeypatch):
+    """Summed loss vs the original's mean: raygrad's sums are the original's per-text means x the
+    positions it selected x (L - 1). The means agree x (L - 1) exactly when the original does not
+    select the last position (it predicts nothing: its gradient is 0, but the original counts it)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    monkeypatch.setattr(LlamaRMSNorm, "forward", rms_norm_float64)  # float64 throughout, in both
+    length, texts = 24, KEPT_TEXTS
+    _, totals = sae_run(tiny_llama, texts_file, tmp_path, sae_dirs, layers="0-2", sae_mode="splice",
+                        position_stride=stride, batch_size=1, max_length=length)
+    for row in range(3):  # layers 0 and 1 are where splicing only some positions matters
+        mean, mean_abs, chosen = original_splice_means(tiny_llama, sae_dirs / f"sae_{row}", texts, row, length, stride)
+        scale = len(texts) * chosen * (length - 1)
+        np.testing.assert_allclose(totals.sums["grad_sum"][row], mean * scale, rtol=1e-8, atol=1e-12 * scale)
+        np.testing.assert_allclose(totals.sums["grad_abs_sum"][row], mean_abs * scale, rtol=1e-8)
+        if (length - 1) % stride:  # the last position is not selected: the same positions are counted
+            assert totals.tokens[row] == len(texts) * chosen
+            np.testing.assert_allclose(totals.sums["grad_abs_sum"][row] / totals.tokens[row],
+                                       mean_abs * (length - 1), rtol=1e-8)
+
+
+def test_splice_and_splice_all_differ_before_the_last_layer(tiny_llama, texts_file, sae_dirs, tmp_path):
+    runs = {mode: sae_run(tiny_llama, texts_file, tmp_path / mode, sae_dirs, layers="0-2", sae_mode=mode,
+                          position_stride=4)[1] for mode in ("splice", "splice-all")}
+    a, b = runs["splice"].sums["grad_abs_sum"], runs["splice-all"].sums["grad_abs_sum"]
+    for row in (0, 1):  # other positions' outputs reach the selected ones through later attention
+        assert max_relative_error(a[row], b[row]) > 1e-3
+    # At the last layer nothing downstream mixes positions: the gradient at a selected position
+    # does not depend on what the other positions hold.
+    assert max_relative_error(a[2], b[2]) < 1e-9
