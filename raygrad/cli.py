@@ -30,7 +30,8 @@ def _config_options(func):
                                   help=help_text)
         else:
             choices = _choices(f)
-            kind = click.Choice(choices) if choices else (int if int in (hint, *typing.get_args(hint)) else str)
+            kind = click.Choice(choices) if choices else next(
+                (t for t in (int, float) if t in (hint, *typing.get_args(hint))), str)
             option = click.option(*spellings, f.name, type=kind, default=f.default, show_default=True,
                                   help=help_text)
         func = option(func)
@@ -47,16 +48,23 @@ def cli() -> None:
 @_config_options
 @click.option("--model_name", "model_alias", default=None, hidden=True, help="Original spelling of --model.")
 @click.option("--resume", type=click.Path(file_okay=False), default=None,
-              help="Continue a killed run from its directory (other options are read from the run).")
+              help="Continue a killed run from its directory. Its options are read from the run; only "
+                   "--address, --workers, --gpus-per-worker, --device and --worker-timeout may be given anew.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def run(model_alias, resume, no_progress, **options) -> None:
+@click.pass_context
+def run(ctx, model_alias, resume, no_progress, **options) -> None:
     """Aggregate loss gradients over a dataset for every selected layer."""
+    from click.core import ParameterSource
+
     from . import engine
 
     if model_alias:
         options["model"] = model_alias
     if resume:
-        run_dir = engine.resume(Path(resume), echo=click.echo, progress=not no_progress)
+        given = {name: value for name, value in options.items()
+                 if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE or
+                 (name == "model" and model_alias)}
+        run_dir = engine.resume(Path(resume), echo=click.echo, progress=not no_progress, execution=given)
     else:
         run_dir = engine.run(RunConfig(**options), echo=click.echo, progress=not no_progress)
     click.echo(f"results  {run_dir}")

@@ -66,6 +66,11 @@ class RunConfig:
     output_dir: str = _opt("raygrad_results", "Parent directory; each run gets its own directory inside.")
     workers: Optional[int] = _opt(None, "Ray worker actors; 0 = in-process without Ray; default one per GPU, else 1.")
     address: Optional[str] = _opt(None, "Ray cluster address; default starts a local Ray on 127.0.0.1.")
+    gpus_per_worker: Optional[int] = _opt(
+        None, "GPUs each worker actor reserves; default 1 when the cluster has GPUs or --device cuda, else 0. "
+        "On an autoscaling cluster give it: workers are then asked for whatever is up.")
+    worker_timeout: float = _opt(900.0, "Seconds to wait with no worker up (placed and loaded) before stopping; "
+                                 "the run stays resumable.")
     shard_size: Optional[int] = _opt(None, "Samples per shard (unit of work, retry and checkpoint); default 8 batches.")
     seed: int = _opt(42, "Seed for torch, numpy and random.")
 
@@ -87,6 +92,12 @@ class RunConfig:
                                f"{self.batch_size}, not both")
         if self.shard_size is not None and self.shard_size < 1:
             raise RaygradError(f"--shard-size {self.shard_size}: must be an integer >= 1")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise RaygradError(f"--gpus-per-worker {self.gpus_per_worker}: must be an integer >= 0")
+        if self.gpus_per_worker == 0 and self.device == "cuda":
+            raise RaygradError("--gpus-per-worker 0: workers would see no GPU, but --device cuda asks for one")
+        if not isinstance(self.worker_timeout, (int, float)) or not self.worker_timeout > 0:
+            raise RaygradError(f"--worker-timeout {self.worker_timeout}: must be a number of seconds > 0")
         if self.workers is not None and self.workers < 0:
             raise RaygradError(f"--workers {self.workers}: must be >= 0 (0 = in-process, no Ray)")
         for f in dataclasses.fields(self):

@@ -93,7 +93,7 @@ class ShardRunner:
         np.random.seed(seed)
         torch.manual_seed(seed)
         self.plan = plan
-        self.device = pick_device(plan.device)
+        self.device = pick_device(plan.device_request)  # resolved here, where the shards run
         self.model, self.tokenizer = load_model_and_tokenizer(plan.model, self.device, getattr(torch, plan.dtype))
         self.modules = [self.model.get_submodule(path) for path in plan.module_paths]
         self.saes = self._load_saes(plan) if plan.target == "sae" else None

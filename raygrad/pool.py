@@ -1,0 +1,266 @@
+"""Where shards run: in this process, or on Ray worker actors that are asked
+for with the resources they need.
+
+On Ray the pool is elastic. Actors are requested whatever the cluster holds
+now (a pending actor is what Ray's autoscaler scales on); shards go to the
+actors that are up, in the order they come up; a shard whose actor is lost
+goes back to the queue for another, and a lost actor is asked for again.
+Results are keyed by shard, so a retried shard is never counted twice. With
+no worker up for `--worker-timeout` seconds the pool stops with one line
+naming what was asked for and what the cluster offers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .config import RunConfig
+from .errors import RaygradError
+from .models import pick_device
+from .plan import Plan
+from .worker import ShardResult, ShardRunner
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 5.0  # how long one wait for a result or a worker lasts
+STATUS_SECONDS = 30.0  # between "waiting for workers" lines
+
+
+class WorkerTimeout(RaygradError):
+    pass
+
+
+def local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+class RemoteWorker:
+    """The Ray actor around a ShardRunner. A load failure (a model that cannot
+    be read, say) is kept and raised by `ready`: a failing actor constructor
+    would look like a lost node and be retried forever."""
+
+    def __init__(self, plan: Plan, seed: int):
+        try:
+            self.runner, self.error = ShardRunner(plan, seed), None
+        except Exception as err:  # raised by ready(), where the driver sees it as the run's error
+            self.runner, self.error = None, err
+
+    def ready(self) -> dict:
+        if self.error is not None:
+            raise self.error
+        import ray
+
+        return {"device": str(self.runner.device), "node": ray.get_runtime_context().get_node_id(),
+                "load_seconds": self.runner.load_seconds}
+
+    def run(self, shard: int, texts: list[str]) -> ShardResult:
+        return self.runner.run(shard, texts)
+
+
+class WorkerPool:
+    """A context manager: enter resolves where shards run (and starts or joins
+    Ray), `start_workers` asks for the actors, `map` runs shards."""
+
+    def __init__(self, config: RunConfig, workers: int | None = None, echo: Callable[[str], None] = log.info):
+        self.config = config
+        self.requested = config.workers if workers is None else workers
+        self.echo = echo
+        self.started_ray = False
+        self.gpus_per_worker = 0
+        self.cpus_per_worker = 1
+        self.actors: list = []
+        self.worker_devices: dict[str, str] = {}  # actor id -> the device it resolved
+        self.worker_nodes: dict[str, str] = {}  # actor id -> the Ray node it runs on
+        self.busy: dict[str, int] = {}  # actor id -> the shard it is computing
+
+    # --- where shards run
+
+    def __enter__(self) -> "WorkerPool":
+        config = self.config
+        if self.requested is None and not config.address and local_gpus() <= 1:
+            # One device here and no cluster named: Ray would add start-up and nothing else.
+            self.requested = 0
+        if self.requested == 0:
+            self.workers = 0
+            self.device = str(pick_device(config.device))
+            return self
+        import ray
+
+        if not ray.is_initialized():
+            if config.address:
+                ray.init(address=config.address, runtime_env={"py_modules": [str(Path(__file__).parent)]},
+                         log_to_driver=False)
+            else:
+                # A local Ray bound to loopback only; workers import raygrad from
+                # wherever this driver does (a checkout works too).
+                python_path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+                                                            os.environ.get("PYTHONPATH")]))
+                ray.init(_node_ip_address="127.0.0.1", include_dashboard=False,
+                         runtime_env={"env_vars": {"PYTHONPATH": python_path}}, log_to_driver=False)
+            self.started_ray = True
+        self._size(ray.cluster_resources(), _largest_node_gpus(ray.nodes()))
+        return self
+
+    def _size(self, resources: dict, node_gpus: int) -> None:
+        """Workers and their resources from the request; the cluster is consulted
+        only for defaults and for what can never fit (an autoscaler adds nodes)."""
+        config = self.config
+        gpus_up = int(resources.get("GPU", 0))
+        gpus = config.gpus_per_worker
+        if gpus is None:
+            gpus = 1 if config.device != "cpu" and (gpus_up or config.device == "cuda") else 0
+        if gpus == 0 and config.device == "cuda":
+            raise RaygradError("--device cuda: workers reserve no GPU (--gpus-per-worker 0, or none in the "
+                               "cluster); give --gpus-per-worker 1 or more, or use --device cpu or auto")
+        if gpus and node_gpus and gpus > node_gpus:
+            raise RaygradError(f"--gpus-per-worker {gpus}: the largest node of this cluster has {node_gpus} GPUs")
+        self.gpus_per_worker = gpus
+        self.workers = self.requested or max(1, gpus_up // gpus if gpus else 1)
+        if not config.address and gpus and self.workers * gpus > gpus_up:
+            raise RaygradError(f"--workers {self.workers}: this machine has {gpus_up} GPUs, "
+                               f"{self.workers} workers x {gpus} GPUs would never start")
+        cpus = int(resources.get("CPU", 1))
+        # GPU workers need a CPU each; CPU workers share the local machine's cores.
+        self.cpus_per_worker = 1 if gpus or config.address else max(1, cpus // self.workers)
+        self.device = "cuda" if gpus else "cpu"  # what the workers are expected to resolve
+
+    def describe_request(self) -> str:
+        return f"{self.workers} x {{GPU: {self.gpus_per_worker}, CPU: {self.cpus_per_worker}}}"
+
+    # --- the actors
+
+    def start_workers(self, plan: Plan, seed: int) -> None:
+        """Ray actors are asked for now and load their model as soon as they are
+        placed (while the driver reads the dataset); in-process, the runner
+        loads on first use."""
+        self.plan, self.seed, self.actors = plan, seed, []
+        if self.workers == 0:
+            return
+        self.actors = [self._new_actor() for _ in range(self.workers)]
+
+    def _new_actor(self):
+        import ray
+
+        # Ray restarts an actor whose process or node died (reloading the
+        # model) and the pool re-queues the shard it held; Ray itself never
+        # re-runs a call, so no shard can come back twice.
+        actor = ray.remote(RemoteWorker).options(
+            num_gpus=self.gpus_per_worker, num_cpus=self.cpus_per_worker, max_restarts=2, max_task_retries=0,
+        ).remote(self.plan, self.seed)
+        return actor
+
+    def __exit__(self, *exc) -> None:
+        if self.actors:
+            import ray
+
+            for actor in self.actors:
+                ray.kill(actor)
+        if self.started_ray:
+            import ray
+
+            ray.shutdown()
+
+    # --- running shards
+
+    def map(self, work: list[tuple[int, list[str]]]) -> Iterator[ShardResult]:
+        if not work:
+            return
+        if self.workers == 0:
+            runner = ShardRunner(self.plan, self.seed)
+            self.worker_devices["in-process"] = str(runner.device)
+            for shard, texts in work:
+                yield runner.run(shard, texts)
+            return
+        yield from self._elastic_map(deque(work))
+
+    def _elastic_map(self, queue: deque) -> Iterator[ShardResult]:
+        import ray
+        from ray.exceptions import RayActorError
+
+        waiting = {actor.ready.remote(): actor for actor in self.actors}  # ready ref -> actor not yet up
+        running: dict = {}  # run ref -> (actor, (shard, texts))
+        idle: list = []
+        finished: set[int] = set()
+        none_up_since = time.monotonic()
+        last_status = time.monotonic()
+        while queue or running:
+            while idle and queue:
+                actor, item = idle.pop(), queue.popleft()
+                running[actor.run.remote(*item)] = (actor, item)
+                self.busy[actor._actor_id.hex()] = item[0]
+            if running or idle:
+                none_up_since = time.monotonic()
+            ready, _ = ray.wait([*running, *waiting], num_returns=1, timeout=POLL_SECONDS)
+            if not ready:
+                now = time.monotonic()
+                if now - none_up_since > self.config.worker_timeout:
+                    raise WorkerTimeout(self._timeout_message())
+                if not running and now - last_status >= STATUS_SECONDS:
+                    self.echo(self._status_line(len(idle)))
+                    last_status = now
+                continue
+            ref = ready[0]
+            if ref in waiting:
+                actor = waiting.pop(ref)
+                try:
+                    info = ray.get(ref)
+                except RayActorError as err:  # gone before it was up: ask for another one
+                    log.warning("a worker was lost while starting (%s); asking for another", _first_line(err))
+                    self._replace(actor, waiting)
+                    continue
+                self.worker_devices[actor._actor_id.hex()] = info["device"]
+                self.worker_nodes[actor._actor_id.hex()] = info["node"]
+                idle.append(actor)
+                continue
+            actor, item = running.pop(ref)
+            self.busy.pop(actor._actor_id.hex(), None)
+            try:
+                result = ray.get(ref)
+            except RayActorError as err:  # its node or process is gone: the shard goes back to the queue
+                self.echo(f"worker lost during shard {item[0]} ({_first_line(err)}); the shard is queued again")
+                queue.appendleft(item)
+                waiting[actor.ready.remote()] = actor  # answers if Ray restarts it, raises if it is gone
+                continue
+            idle.append(actor)
+            if result.shard not in finished:
+                finished.add(result.shard)
+                yield result
+
+    def _replace(self, lost, waiting: dict) -> None:
+        import ray
+
+        if lost in self.actors:
+            self.actors.remove(lost)
+        ray.kill(lost)
+        actor = self._new_actor()
+        self.actors.append(actor)
+        waiting[actor.ready.remote()] = actor
+
+    def _cluster_offer(self) -> str:
+        import ray
+
+        total, free = ray.cluster_resources(), ray.available_resources()
+        return (f"GPU {free.get('GPU', 0):g} free of {total.get('GPU', 0):g}, "
+                f"CPU {free.get('CPU', 0):g} free of {total.get('CPU', 0):g}, {len(ray.nodes())} node(s)")
+
+    def _status_line(self, up: int) -> str:
+        return f"waiting  for workers: asked for {self.describe_request()}, {up} up; cluster: {self._cluster_offer()}"
+
+    def _timeout_message(self) -> str:
+        return (f"--worker-timeout {self.config.worker_timeout:g}: no worker was placed in that time; asked for "
+                f"{self.describe_request()}, the cluster offers {self._cluster_offer()}")
+
+
+def _largest_node_gpus(nodes: list[dict]) -> int:
+    return max((int(node.get("Resources", {}).get("GPU", 0)) for node in nodes if node.get("Alive")), default=0)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

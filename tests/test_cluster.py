@@ -1,0 +1,165 @@
+"""The elastic worker pool on a multi-node Ray cluster on loopback: a 0-CPU head
+and three 1-CPU worker nodes with one logical GPU each (the workers compute on
+the CPU). Every cluster is shut down (its processes stopped) after its test."""
+
+import numpy as np
+import pytest
+from helpers import build_config, run_tiny
+
+from raygrad import constants as names
+from raygrad import engine
+from raygrad import pool as pool_module
+from raygrad.errors import RaygradError
+from raygrad.pool import RemoteWorker, WorkerPool, WorkerTimeout
+from raygrad.reducer import Reducer
+from raygrad.store import ResultStore
+
+
+@pytest.fixture
+def gpu_cluster(monkeypatch):
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every node on 127.0.0.1
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(3)]
+    cluster.wait_for_nodes()
+    try:
+        yield cluster, nodes
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def assert_same_counts_and_close_sums(got, expected):
+    np.testing.assert_array_equal(got.tokens, expected.tokens)  # a lost or repeated shard moves the counts
+    assert got.loss_tokens == expected.loss_tokens
+    for name in expected.sums:
+        scale = np.abs(expected.sums[name]).max()
+        np.testing.assert_allclose(got.sums[name], expected.sums[name], rtol=0, atol=1e-5 * scale, err_msg=name)
+
+
+class SlowWorker(RemoteWorker):
+    """A worker whose shards take a second: the other worker is up and busy when a node is removed."""
+
+    def run(self, shard, texts):
+        import time
+
+        time.sleep(1.0)
+        return super().run(shard, texts)
+
+
+def remembered_pools(monkeypatch) -> list:
+    pools, real_enter = [], WorkerPool.__enter__
+
+    def remember(self):
+        pools.append(self)
+        return real_enter(self)
+
+    monkeypatch.setattr(WorkerPool, "__enter__", remember)
+    return pools
+
+
+def test_gpu_workers_across_nodes_equal_in_process(gpu_cluster, tiny_llama, texts_file, tmp_path):
+    cluster, _ = gpu_cluster
+    _, local = run_tiny(tiny_llama, texts_file, tmp_path / "local", workers=0, shard_size=1)
+    run_dir, remote = run_tiny(tiny_llama, texts_file, tmp_path / "ray", workers=2, gpus_per_worker=1,
+                               address=cluster.address, shard_size=1)
+    assert_same_counts_and_close_sums(remote, local)
+    store = ResultStore.open(run_dir / names.STORE_NAME)
+    assert store.attrs["plan"]["workers"] == 2
+    assert store.attrs["timing"]["worker_devices"] == ["cpu"]  # a logical GPU: each worker resolved the CPU
+
+
+def test_a_busy_worker_node_lost_mid_run_costs_nothing(gpu_cluster, tiny_llama, texts_file, tmp_path,
+                                                       monkeypatch):
+    cluster, nodes = gpu_cluster
+    _, local = run_tiny(tiny_llama, texts_file, tmp_path / "local", workers=0, shard_size=1)
+    pools, removed, real_add = remembered_pools(monkeypatch), [], Reducer.add
+
+    def add_then_lose_a_node(self, result):
+        real_add(self, result)
+        pool = pools[-1]
+        if not removed and pool.busy:  # after a shard: the node of a worker computing another one
+            node_id = pool.worker_nodes[next(iter(pool.busy))]
+            node = next(n for n in nodes if n.node_id == node_id)
+            cluster.remove_node(node)
+            removed.append(node)
+
+    monkeypatch.setattr(Reducer, "add", add_then_lose_a_node)
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    monkeypatch.setattr(pool_module, "RemoteWorker", SlowWorker)
+    said = []
+    config = build_config(tiny_llama, texts_file, tmp_path / "ray", workers=2, gpus_per_worker=1,
+                          address=cluster.address, shard_size=1)
+    try:
+        run_dir = engine.run(config, echo=said.append, progress=False)
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert removed
+    assert any(line.startswith("worker lost during shard") for line in said), said
+    remote, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
+    assert done.all()
+    assert_same_counts_and_close_sums(remote, local)
+
+
+def test_all_workers_lost_stops_then_resumes_on_a_new_node(gpu_cluster, tiny_llama, texts_file, tmp_path,
+                                                           monkeypatch):
+    cluster, nodes = gpu_cluster
+    _, local = run_tiny(tiny_llama, texts_file, tmp_path / "local", workers=0, shard_size=1)
+    real_add, lost = Reducer.add, []
+
+    def add_then_lose_every_node(self, result):
+        real_add(self, result)
+        if not lost:
+            for node in nodes:
+                cluster.remove_node(node)
+            lost.append(True)
+
+    monkeypatch.setattr(Reducer, "add", add_then_lose_every_node)
+    said = []
+    config = build_config(tiny_llama, texts_file, tmp_path / "ray", workers=2, gpus_per_worker=1,
+                          address=cluster.address, shard_size=1, worker_timeout=8)
+    with pytest.raises(WorkerTimeout, match="--worker-timeout 8: no worker was placed in that time; asked for 2 x"):
+        engine.run(config, echo=said.append, progress=False, checkpoint_seconds=0)
+    (run_dir,) = (tmp_path / "ray").iterdir()
+    assert said[-1].endswith(f"continue with: raygrad run --resume {run_dir}")
+    _, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
+    assert 1 <= done.sum() < len(done)
+
+    monkeypatch.setattr(Reducer, "add", real_add)
+    cluster.add_node(num_cpus=1, num_gpus=1)
+    cluster.wait_for_nodes()
+    engine.resume(run_dir, echo=lambda _: None, progress=False,
+                  execution={"address": cluster.address, "workers": 1, "worker_timeout": 300})
+    resumed, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
+    assert done.all()
+    assert_same_counts_and_close_sums(resumed, local)
+
+
+def test_resume_refuses_an_option_that_changes_what_is_computed(tiny_llama, texts_file, tmp_path, monkeypatch):
+    from raygrad.worker import ShardRunner
+
+    real_run = ShardRunner.run
+
+    def dies_on_second_shard(self, shard, texts):
+        if shard == 1:
+            raise KeyboardInterrupt
+        return real_run(self, shard, texts)
+
+    monkeypatch.setattr(ShardRunner, "run", dies_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(build_config(tiny_llama, texts_file, tmp_path, shard_size=2), echo=lambda _: None,
+                   progress=False)
+    (run_dir,) = tmp_path.iterdir()
+    with pytest.raises(RaygradError, match="--layers would change what the run computes"):
+        engine.resume(run_dir, echo=lambda _: None, progress=False, execution={"layers": "0"})
+    monkeypatch.setattr(ShardRunner, "run", real_run)
+    engine.resume(run_dir, echo=lambda _: None, progress=False, execution={"workers": 0, "worker_timeout": 5})
+    _, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
+    assert done.all()
