@@ -161,20 +161,18 @@ def sae_source(config: RunConfig) -> dict:
 
 
 def _sae_entries(config: RunConfig, layers: list[int], site_width: int) -> tuple[list[dict], list[str]]:
-    """Each layer's SAE, described and checked against the hook site.
-
-    The driver loads each SAE once on the CPU to read its shape and config,
-    then drops it; workers load their own."""
+    """Each layer's SAE, described and checked against the hook site, from its
+    configuration alone: the driver never reads SAE weights (workers load them)."""
     from .errors import RaygradError
-    from .saes import load_sae
+    from .saes import read_sae_info
 
     option = f"--sae-path {config.sae_path}" if config.sae_path else f"--sae-id {config.sae_id}"
     entries, warnings = [], []
     for layer in layers:
-        sae = load_sae(layer, **sae_load_kwargs(sae_source(config)))
-        entry = {"layer": layer, "source": sae.source, "d_in": sae.d_in, "d_sae": sae.d_sae,
-                 "hook_name": sae.hook_name, "trained_site": sae.trained_site, "neuronpedia_id": sae.neuronpedia_id}
-        del sae
+        info = read_sae_info(layer, **sae_load_kwargs(sae_source(config)))
+        entry = {"layer": layer, "source": info.source, "d_in": info.d_in, "d_sae": info.d_sae,
+                 "hook_name": info.hook_name, "trained_site": info.trained_site,
+                 "neuronpedia_id": info.neuronpedia_id}
         if entry["d_in"] != site_width:
             raise RaygradError(
                 f"{option} (layer {layer}): SAE input width {entry['d_in']} differs from the width {site_width} "

@@ -138,14 +138,16 @@ class SaeLensSAE(LoadedSAE):
 
 def _check_sae_lens(sae, shown: str) -> None:
     """Refuse what LoadedSAE cannot represent faithfully (raises RaygradError)."""
-    architecture = sae.cfg.architecture()
+    _check_sae_lens_cfg(sae.cfg.architecture(), sae.cfg.reshape_activations, sae.cfg.normalize_activations, shown)
+
+
+def _check_sae_lens_cfg(architecture: str, reshape: str, norm: str, shown: str) -> None:
     if architecture not in SAE_LENS_ARCHITECTURES:
         raise RaygradError(f"{shown}: sae-lens architecture {architecture!r} does not reconstruct its own input "
                            f"token by token; supported: {', '.join(SAE_LENS_ARCHITECTURES)}")
-    if sae.cfg.reshape_activations != "none":
-        raise RaygradError(f"{shown}: reshape_activations {sae.cfg.reshape_activations!r} (per-head attention "
+    if reshape != "none":
+        raise RaygradError(f"{shown}: reshape_activations {reshape!r} (per-head attention "
                            "inputs) is not a raygrad hook site; supported: none")
-    norm = sae.cfg.normalize_activations
     if norm not in FOLDABLE_NORMALIZATIONS:
         raise RaygradError(f"{shown}: normalize_activations {norm!r} rescales each token by its own statistics, "
                            "so features alone do not decode to model units; supported: "
@@ -327,7 +329,8 @@ class DictionaryLearningSAE(LoadedSAE):
         return self.W_dec
 
 
-def _load_dictionary_learning_dir(directory: Path, shown: str, device: str, dtype: torch.dtype) -> LoadedSAE:
+def _dl_trainer(directory: Path, shown: str) -> tuple[dict, str]:
+    """config.json's trainer settings and its dict_class, checked."""
     config = _read_json(directory / DL_CONFIG, shown)
     trainer = config.get("trainer") if isinstance(config, dict) else None
     if not isinstance(trainer, dict):
@@ -337,6 +340,11 @@ def _load_dictionary_learning_dir(directory: Path, shown: str, device: str, dtyp
     if name not in DICT_CLASSES:
         raise RaygradError(f"{shown}: dict_class {name!r} in {DL_CONFIG} is not supported; "
                            f"supported: {', '.join(DICT_CLASSES)}")
+    return trainer, name
+
+
+def _load_dictionary_learning_dir(directory: Path, shown: str, device: str, dtype: torch.dtype) -> LoadedSAE:
+    trainer, name = _dl_trainer(directory, shown)
     try:
         state = torch.load(directory / DL_WEIGHTS, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # weights_only refuses anything but tensors and plain containers
@@ -362,6 +370,93 @@ def _load_dictionary_learning_dir(directory: Path, shown: str, device: str, dtyp
     sae = DictionaryLearningSAE(name, tensors, hook_name=trainer.get("submodule_name"),
                                 source=f"dictionary_learning {name} directory {directory}")
     return sae.to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------- metadata without weights
+
+
+@dataclass(frozen=True)
+class SaeInfo:
+    """What the plan needs of one layer's SAE, read from its configuration alone."""
+
+    d_in: int
+    d_sae: int
+    hook_name: str | None
+    neuronpedia_id: str | None
+    source: str
+
+    @property
+    def trained_site(self) -> str | None:
+        return site_of_hook(self.hook_name)
+
+
+def read_sae_info(layer: int, *, release: str | None = None, sae_id: str | None = None,
+                  path: str | None = None) -> SaeInfo:
+    """Width, input width, training site and Neuronpedia id of one layer's SAE without reading its
+    weights (the driver of a cluster run stays light): cfg.json or config.json for a directory,
+    sae-lens's config loader for a release. Configuration problems are refused here, with the same
+    lines as at load; weights are checked where they load, on the workers."""
+    if path is not None:
+        directory = Path(_fill(path, layer)).expanduser()
+        shown = _shown("--sae-path", path, layer, str(directory))
+        if not directory.exists():
+            raise RaygradError(f"{shown}: no such directory")
+        if all((directory / name).is_file() for name in SAE_FORMATS["sae-lens"].files):
+            return _sae_lens_dir_info(directory, shown)
+        if all((directory / name).is_file() for name in SAE_FORMATS["dictionary_learning"].files):
+            return _dictionary_learning_info(directory, shown)
+        _load_dir(directory, shown, "cpu", torch.float32)  # raises the loader's own line for what is missing
+    if release is None or sae_id is None:
+        raise RaygradError("--sae-release/--sae-id: give both (the id may contain '{layer}'), or --sae-path")
+    shown = f"--sae-release {release} " + _shown("--sae-id", sae_id, layer, _fill(sae_id, layer))
+    return _release_info(release, _fill(sae_id, layer), shown)
+
+
+def _sae_lens_cfg_info(cfg: dict, shown: str, source: str, neuronpedia_id: str | None = None) -> SaeInfo:
+    metadata = cfg.get("metadata") or {}
+    _check_sae_lens_cfg(cfg.get("architecture", "standard"), cfg.get("reshape_activations", "none"),
+                        cfg.get("normalize_activations", "none"), shown)
+    try:
+        d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise RaygradError(f"{shown}: {SAE_LENS_CFG} has no usable d_in/d_sae ({_first_line(err)})") from None
+    return SaeInfo(d_in=d_in, d_sae=d_sae, hook_name=metadata.get("hook_name") or cfg.get("hook_name"),
+                   neuronpedia_id=metadata.get("neuronpedia_id") or cfg.get("neuronpedia_id") or neuronpedia_id,
+                   source=source)
+
+
+def _sae_lens_dir_info(directory: Path, shown: str) -> SaeInfo:
+    cfg = _read_json(directory / SAE_LENS_CFG, shown)
+    if not isinstance(cfg, dict):
+        raise RaygradError(f"{shown}: {SAE_LENS_CFG} is not a JSON object")
+    norm = cfg.get("normalize_activations", "none")
+    if norm not in ("none", None) and norm in FOLDABLE_NORMALIZATIONS and not (directory / SAE_LENS_SCALER).is_file():
+        raise RaygradError(f"{shown}: {SAE_LENS_CFG} declares normalize_activations {norm!r} but {SAE_LENS_SCALER} "
+                           "(the factor, written with training checkpoints) is missing, so model units are unknown")
+    return _sae_lens_cfg_info(cfg, shown, f"sae-lens {cfg.get('architecture', 'standard')} directory {directory}")
+
+
+def _dictionary_learning_info(directory: Path, shown: str) -> SaeInfo:
+    trainer, name = _dl_trainer(directory, shown)
+    if trainer.get("activation_dim") is None or trainer.get("dict_size") is None:
+        # An older config without the sizes: only the weights can tell.
+        sae = _load_dictionary_learning_dir(directory, shown, "cpu", torch.float32)
+        return SaeInfo(sae.d_in, sae.d_sae, sae.hook_name, None, sae.source)
+    return SaeInfo(d_in=int(trainer["activation_dim"]), d_sae=int(trainer["dict_size"]),
+                   hook_name=trainer.get("submodule_name"), neuronpedia_id=None,
+                   source=f"dictionary_learning {name} directory {directory}")
+
+
+def _release_info(release: str, sae_id: str, shown: str) -> SaeInfo:
+    from sae_lens.loading.pretrained_sae_loaders import load_sae_config_from_huggingface
+
+    try:
+        cfg = load_sae_config_from_huggingface(release, sae_id)
+    except Exception as err:  # hub, network, unknown release or id: sae-lens raises many types; all reported
+        raise RaygradError(f"{shown}: sae-lens could not read its config ({type(err).__name__}: "
+                           f"{_first_line(err)})") from None
+    return _sae_lens_cfg_info(cfg, shown, f"sae-lens release {release} / {sae_id}",
+                              neuronpedia_id=_registry_neuronpedia_id(release, sae_id))
 
 
 # ---------------------------------------------------------------- formats and the entry point

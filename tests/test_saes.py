@@ -316,3 +316,32 @@ def test_release_neuronpedia_id_falls_back_to_the_packaged_registry():
 
     assert _registry_neuronpedia_id("gpt2-small-res-jb", "blocks.0.hook_resid_pre") == "gpt2-small/0-res-jb"
     assert _registry_neuronpedia_id("no-such-release", "x") is None
+
+
+def test_the_plan_reads_sae_metadata_without_weights(tiny_llama, tmp_path, monkeypatch):
+    """The driver reads cfg.json / config.json only; reading any weights file fails this test."""
+    import safetensors.torch
+    import sae_lens
+
+    from raygrad.config import RunConfig
+    from raygrad.plan import make_plan
+
+    write_sae_lens_dir(tmp_path / "lens" / "sae_0", 32, 64, hook_name="blocks.0.hook_mlp_out", neuronpedia_id="t/0")
+    write_sae_lens_dir(tmp_path / "lens" / "sae_1", 32, 64, hook_name="blocks.1.hook_mlp_out", neuronpedia_id="t/1")
+    write_dictionary_learning_dir(tmp_path / "dl" / "sae_0", 32, 128, submodule_name="mlp_out_layer_0")
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("SAE weights were read")
+
+    monkeypatch.setattr(torch, "load", no_weights)
+    monkeypatch.setattr(safetensors.torch, "load_file", no_weights)
+    monkeypatch.setattr(sae_lens.SAE, "load_from_disk", no_weights)
+    plan = make_plan(RunConfig(model=str(tiny_llama), target="sae", layers="0,1",
+                               sae_path=str(tmp_path / "lens" / "sae_{layer}")), 4)
+    assert [(e["d_in"], e["d_sae"], e["hook_name"], e["trained_site"], e["neuronpedia_id"]) for e in plan.saes] == [
+        (32, 64, "blocks.0.hook_mlp_out", "mlp_out", "t/0"), (32, 64, "blocks.1.hook_mlp_out", "mlp_out", "t/1")]
+    assert plan.width == 64 and plan.saes[0]["source"].startswith("sae-lens standard directory")
+    plan = make_plan(RunConfig(model=str(tiny_llama), target="sae", layers="0",
+                               sae_path=str(tmp_path / "dl" / "sae_{layer}")), 4)
+    assert (plan.width, plan.saes[0]["trained_site"]) == (128, "mlp_out")
+    assert plan.saes[0]["source"].startswith("dictionary_learning AutoEncoder directory")
