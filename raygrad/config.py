@@ -69,6 +69,8 @@ class RunConfig:
     gpus_per_worker: Optional[int] = _opt(
         None, "GPUs each worker actor reserves; default 1 when the cluster has GPUs or --device cuda, else 0. "
         "On an autoscaling cluster give it: workers are then asked for whatever is up.")
+    allow_offload: bool = _opt(
+        False, "Let accelerate put what does not fit on a worker's GPUs in CPU memory or on disk (slow).")
     worker_timeout: float = _opt(900.0, "Seconds to wait with no worker up (placed and loaded) before stopping; "
                                  "the run stays resumable.")
     shard_size: Optional[int] = _opt(None, "Samples per shard (unit of work, retry and checkpoint); default 8 batches.")

@@ -84,9 +84,12 @@ class DeviceAccumulator:
         batch's result is then added to the float64 running total."""
         wide = torch.promote_types(x.dtype, torch.float32)
         total, abs_total, sq_total = names.sum_names(prefix)
-        self.sums[total][row] += x.sum(0, dtype=wide)
-        self.sums[abs_total][row] += torch.linalg.vector_norm(x, 1, dim=0, dtype=wide)
-        self.sums[sq_total][row] += torch.linalg.vector_norm(x, 2, dim=0, dtype=wide).square()
+        # .to(): a model split across GPUs computes x on its layer's device.
+        self.sums[total][row] += x.sum(0, dtype=wide).to(self.device, non_blocking=True)
+        self.sums[abs_total][row] += torch.linalg.vector_norm(x, 1, dim=0, dtype=wide).to(self.device,
+                                                                                         non_blocking=True)
+        self.sums[sq_total][row] += torch.linalg.vector_norm(x, 2, dim=0, dtype=wide).square().to(
+            self.device, non_blocking=True)
 
     def merge(self, other: "DeviceAccumulator") -> None:
         """Add a finished batch's sums (kept apart until the batch succeeded,
@@ -198,7 +201,8 @@ def summed_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_elements: int 
     target. The widened logits exist one chunk of positions at a time: each
     chunk is recomputed in the backward pass (activation checkpointing) rather
     than kept, so loss memory does not grow with batch x length x vocabulary."""
-    logits, labels = logits.flatten(0, 1), labels.flatten()  # views: (B*T, V), (B*T,)
+    # views: (B*T, V), (B*T,); a model split across GPUs ends on another device than it starts
+    logits, labels = logits.flatten(0, 1), labels.to(logits.device, non_blocking=True).flatten()
     step = max(1, chunk_elements // logits.shape[-1])
     if logits.shape[0] <= step:
         return _chunk_cross_entropy(logits, labels).double()
@@ -278,7 +282,7 @@ def aggregated_positions(counted: torch.Tensor, input_ids: torch.Tensor, agg: Ag
 def _rows(x: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
     """(B, T, D) -> (N, D): the selected flattened positions (no host sync: the
     indices are already on the device)."""
-    return x.reshape(-1, x.shape[-1]).index_select(0, selected)
+    return x.reshape(-1, x.shape[-1]).index_select(0, selected.to(x.device, non_blocking=True))
 
 
 def _add_kinds(acc: DeviceAccumulator, row: int, kinds: tuple[str, ...], value, grad) -> None:
@@ -306,7 +310,7 @@ def accumulate_batch(
         return
     result = site_gradients(model, modules, batch.input_ids, batch.model_mask, batch.labels)
     with torch.no_grad():
-        acc.loss_sum += result.loss
+        acc.loss_sum += result.loss.to(acc.device, non_blocking=True)
         for row, (grad, z) in enumerate(zip(result.grads, result.outputs)):
             g = _rows(grad, batch.selected)  # (N, D)
             if saes is None:
@@ -332,7 +336,7 @@ def _add_clean_features(acc, row, agg: Aggregation, sae, z: torch.Tensor, select
         g_chunk = g[start:start + step]
         f = sae.encode(_rows(z, selected[start:start + step])).detach() if needs_features else None
         if weight is not None:
-            g_f = g_chunk.to(weight.dtype) @ weight.T
+            g_f = g_chunk.to(weight.device, weight.dtype, non_blocking=True) @ weight.T
         else:
             with torch.enable_grad():
                 leaf = f.requires_grad_(True)
@@ -352,7 +356,7 @@ def _accumulate_spliced(model, modules, batch: Batch, acc, agg: Aggregation, sae
     everywhere = agg.sae_mode == "splice-all"
     with torch.no_grad():  # the unmodified model's loss, for the run's mean loss
         logits = model(input_ids=batch.input_ids, attention_mask=batch.model_mask, use_cache=False).logits
-        acc.loss_sum += summed_loss(logits, batch.labels)
+        acc.loss_sum += summed_loss(logits, batch.labels).to(acc.device, non_blocking=True)
         del logits
     for row, (module, sae) in enumerate(zip(modules, saes)):
         leaf = {}
@@ -360,10 +364,10 @@ def _accumulate_spliced(model, modules, batch: Batch, acc, agg: Aggregation, sae
         def splice(mod, args, output, sae=sae):
             hidden = _output_tensor(output)
             flat = hidden.reshape(-1, hidden.shape[-1])
-            z = flat.detach() if everywhere else flat.detach().index_select(0, batch.selected)
+            z = flat.detach() if everywhere else _rows(flat.detach(), batch.selected)
             leaf["f"] = sae.encode(z).detach().requires_grad_(True)
             z_hat = sae.decode(leaf["f"]).to(hidden.dtype)
-            spliced = z_hat if everywhere else flat.index_copy(0, batch.selected, z_hat)
+            spliced = z_hat if everywhere else flat.index_copy(0, batch.selected.to(flat.device), z_hat)
             return _replace_output(output, spliced.view_as(hidden))
 
         handle = module.register_forward_hook(splice)
@@ -376,5 +380,5 @@ def _accumulate_spliced(model, modules, batch: Batch, acc, agg: Aggregation, sae
         with torch.no_grad():
             f = leaf["f"].detach()
             if everywhere:  # rows are every position; keep the aggregated ones
-                f, g_f = f.index_select(0, batch.selected), g_f.index_select(0, batch.selected)
+                f, g_f = _rows(f, batch.selected), _rows(g_f, batch.selected)
             _add_kinds(acc, row, agg.kinds, f, g_f)

@@ -161,14 +161,39 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model_and_tokenizer(name: str, device: torch.device, dtype: torch.dtype = torch.float32):
-    """Frozen eval-mode model on `device` and a right-padding tokenizer."""
+# Of each GPU's memory, what accelerate may fill with weights when a model is split across
+# GPUs: the rest is for the activations of one batch and the SAEs.
+WEIGHTS_FRACTION_OF_GPU = 0.6
+
+
+def device_placement(device: torch.device, allow_offload: bool = False) -> dict | None:
+    """from_pretrained options that split a model over this worker's GPUs with accelerate
+    (device_map "auto", the model's own no-split modules, max_memory leaving room for
+    activations); None when the model simply goes to `device`. CPU or disk offload only
+    with `allow_offload`: it is slow."""
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    if gpus <= 1 and not allow_offload:
+        return None
+    max_memory: dict = {i: int(torch.cuda.get_device_properties(i).total_memory * WEIGHTS_FRACTION_OF_GPU)
+                        for i in range(gpus)}
+    if allow_offload or not gpus:
+        max_memory["cpu"] = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8)
+    placement = {"device_map": "auto", "max_memory": max_memory}
+    if allow_offload:
+        placement["offload_folder"] = str(cache_root() / "offload")
+    return placement
+
+
+def load_model_and_tokenizer(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                             placement: dict | None = None):
+    """Frozen eval-mode model and a right-padding tokenizer: on `device`, or dispatched by
+    accelerate as `placement` (from_pretrained's device_map options) says."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **(placement or {}))
     except OSError as err:
         raise RaygradError(_unreachable("--model", name, err)) from None
     if tokenizer.pad_token is None:
@@ -181,7 +206,28 @@ def load_model_and_tokenizer(name: str, device: torch.device, dtype: torch.dtype
         model.set_experts_implementation("eager")
     model.requires_grad_(False)  # gradients flow to activations only
     model.eval()
-    return model.to(device), tokenizer
+    return (model if placement else model.to(device)), tokenizer
+
+
+def input_device(model: nn.Module, default: torch.device) -> torch.device:
+    """Where a (possibly dispatched) model takes its input ids: its embedding's device."""
+    weight = model.get_input_embeddings().weight
+    return default if weight.device.type == "meta" else weight.device
+
+
+def execution_device(model: nn.Module, module_path: str, default: torch.device) -> torch.device:
+    """Where a module of a dispatched model computes: its entry in accelerate's device map (GPU
+    index or device), or `default` for modules offloaded to CPU memory or disk, which accelerate
+    runs on the main device."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    owner = max((key for key in device_map if module_path == key or module_path.startswith(key + ".")
+                 or key == ""), key=len, default=None)
+    where = device_map.get(owner) if owner is not None else None
+    if isinstance(where, int):
+        return torch.device("cuda", where)
+    if isinstance(where, str) and where not in ("cpu", "disk"):
+        return torch.device(where)
+    return default
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ class Plan:
     tokens_per_batch: int | None = None  # the budget, for batching == "tokens"
     sae_dtype: str = "float32"
     device_request: str = "auto"  # --device: each worker resolves it where it runs (`device` is the expectation)
+    allow_offload: bool = False
 
     def placed(self, config: RunConfig, workers: int, device: str) -> "Plan":
         """This plan on `workers` workers of `device`: the batching (auto on a
@@ -52,7 +53,8 @@ class Plan:
         batching = config.batching(device)
         step = config.samples_per_shard(batching)
         return dataclasses.replace(
-            self, workers=workers, device=device, device_request=config.device, batching=batching,
+            self, workers=workers, device=device, device_request=config.device, allow_offload=config.allow_offload,
+            batching=batching,
             batch_size=config.texts_per_batch() if batching == "texts" else None,
             tokens_per_batch=config.tokens_per_batch,
             shards=[(start, min(start + step, self.samples)) for start in range(0, self.samples, step)],

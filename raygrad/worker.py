@@ -16,7 +16,7 @@ import torch
 
 from .batching import BatchSizer, MemoryProbe, collate
 from .grads import Aggregation, DeviceAccumulator, Partial, accumulate_batch, make_batch
-from .models import load_model_and_tokenizer, pick_device
+from .models import device_placement, execution_device, input_device, load_model_and_tokenizer, pick_device
 from .plan import Plan, sae_load_kwargs
 
 
@@ -93,9 +93,14 @@ class ShardRunner:
         np.random.seed(seed)
         torch.manual_seed(seed)
         self.plan = plan
-        self.device = pick_device(plan.device_request)  # resolved here, where the shards run
-        self.model, self.tokenizer = load_model_and_tokenizer(plan.model, self.device, getattr(torch, plan.dtype))
+        device = pick_device(plan.device_request)  # resolved here, where the shards run
+        placement = device_placement(device, plan.allow_offload)
+        self.model, self.tokenizer = load_model_and_tokenizer(plan.model, device, getattr(torch, plan.dtype),
+                                                              placement)
+        # Split across GPUs: ids and running sums live where the model starts.
+        self.device = input_device(self.model, device) if placement else device
         self.modules = [self.model.get_submodule(path) for path in plan.module_paths]
+        self.layer_devices = [execution_device(self.model, path, self.device) for path in plan.module_paths]
         self.saes = self._load_saes(plan) if plan.target == "sae" else None
         aggregation = Aggregation(
             kinds=tuple(plan.aggregate_by),
@@ -120,5 +125,6 @@ class ShardRunner:
         # SAEs run in --sae-dtype (z is cast to it); float64 under a float64 model.
         dtype = torch.float64 if plan.dtype == "float64" else getattr(torch, plan.sae_dtype)
         # load_sae returns them frozen: dLoss/df is taken w.r.t. f, never the SAE's weights.
-        return [load_sae(layer, **sae_load_kwargs(plan.sae_source), device=self.device, dtype=dtype)
-                for layer in plan.layers]
+        # Each SAE sits with its layer (a model split across GPUs has layers on several).
+        return [load_sae(layer, **sae_load_kwargs(plan.sae_source), device=layer_device, dtype=dtype)
+                for layer, layer_device in zip(plan.layers, self.layer_devices)]

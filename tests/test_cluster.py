@@ -163,3 +163,33 @@ def test_resume_refuses_an_option_that_changes_what_is_computed(tiny_llama, text
     engine.resume(run_dir, echo=lambda _: None, progress=False, execution={"workers": 0, "worker_timeout": 5})
     _, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
     assert done.all()
+
+
+def test_a_model_dispatched_by_accelerate_with_offload_gives_the_same_sums(tiny_llama, tmp_path):
+    """Layers 1 and 2 offloaded to disk (accelerate's hooks load their weights at each forward):
+    the same sums as the model loaded plainly."""
+    import torch
+    from tiny import SAMPLE_TEXTS
+
+    from raygrad.batching import BatchSizer
+    from raygrad.grads import Aggregation
+    from raygrad.models import execution_device, input_device, load_model_and_tokenizer, resolve_hook_sites
+    from raygrad.worker import ShardComputer
+
+    cpu = torch.device("cpu")
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                  "model.layers.1": "disk", "model.layers.2": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    sums = []
+    for placement in (None, {"device_map": device_map, "offload_folder": str(tmp_path / "offload")}):
+        model, tokenizer = load_model_and_tokenizer(str(tiny_llama), cpu, torch.float64, placement)
+        paths = [site.path for site in resolve_hook_sites(model, [0, 1, 2], "mlp_out")]
+        if placement:
+            assert hasattr(model.get_submodule("model.layers.1"), "_hf_hook")  # accelerate's offload hook
+            assert input_device(model, cpu) == cpu and execution_device(model, paths[2], cpu) == cpu
+        computer = ShardComputer(model, tokenizer, [model.get_submodule(p) for p in paths], {"grad": 32},
+                                 Aggregation(), BatchSizer("texts", batch_size=3), 24, cpu)
+        sums.append(computer.compute([t for t in SAMPLE_TEXTS if len(t) > 50]))
+    plain, offloaded = sums
+    assert offloaded.loss_tokens == plain.loss_tokens
+    for name in plain.sums:
+        np.testing.assert_allclose(offloaded.sums[name], plain.sums[name], rtol=1e-12, err_msg=name)

@@ -320,8 +320,8 @@ def test_release_neuronpedia_id_falls_back_to_the_packaged_registry():
 
 def test_the_plan_reads_sae_metadata_without_weights(tiny_llama, tmp_path, monkeypatch):
     """The driver reads cfg.json / config.json only; reading any weights file fails this test."""
-    import safetensors.torch
     import sae_lens
+    import safetensors.torch
 
     from raygrad.config import RunConfig
     from raygrad.plan import make_plan
