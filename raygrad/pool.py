@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 5.0  # how long one wait for a result or a worker lasts
 STATUS_SECONDS = 30.0  # between "waiting for workers" lines
+FORWARDED_ENV = ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "RAYGRAD_CACHE")  # driver -> worker actors
 
 
 class WorkerTimeout(RaygradError):
@@ -93,16 +94,18 @@ class WorkerPool:
         import ray
 
         if not ray.is_initialized():
+            # Workers read gated hub models with the driver's token.
+            env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
             if config.address:
-                ray.init(address=config.address, runtime_env={"py_modules": [str(Path(__file__).parent)]},
-                         log_to_driver=False)
+                ray.init(address=config.address, log_to_driver=False,
+                         runtime_env={"py_modules": [str(Path(__file__).parent)], "env_vars": env_vars})
             else:
                 # A local Ray bound to loopback only; workers import raygrad from
                 # wherever this driver does (a checkout works too).
                 python_path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
                                                             os.environ.get("PYTHONPATH")]))
-                ray.init(_node_ip_address="127.0.0.1", include_dashboard=False,
-                         runtime_env={"env_vars": {"PYTHONPATH": python_path}}, log_to_driver=False)
+                ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
+                         runtime_env={"env_vars": {"PYTHONPATH": python_path, **env_vars}})
             self.started_ray = True
         self._size(ray.cluster_resources(), _largest_node_gpus(ray.nodes()))
         return self

@@ -12,4 +12,9 @@ def test_cluster_yaml_passes_ray_schema_validation():
     config = yaml.safe_load(CLUSTER_YAML.read_text())
     validate_config(prepare_config(config))  # fills the provider defaults, then raises on a schema error
     assert config["available_node_types"]["gpu_worker"]["node_config"]["InstanceType"].startswith("g5")
+    assert config["available_node_types"]["gpu_worker_4x"]["min_workers"] == 0
     assert "pip install -e ~/raygrad" in config["setup_commands"][0]
+    import ray
+
+    assert f"ray[default]=={ray.__version__}" in config["setup_commands"][0]  # the head's Ray, pinned
+    assert "**/.venv" in config["rsync_exclude"] and "**/.git" in config["rsync_exclude"]
