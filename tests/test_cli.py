@@ -80,6 +80,9 @@ def test_bad_option_value_in_a_subprocess_is_one_line(tmp_path):
     (["--tokens-per-batch", "8"], "--tokens-per-batch 8: must be an integer >= --max-length (16)"),
     (["--tokens-per-batch", "64"], "--tokens-per-batch 64: give it or --batch-size 2, not both"),
     (["--sae-dtype", "float64"], "'float64' is not one of 'float32', 'bfloat16', 'float16'"),
+    (["--worker-timeout", "0"], "--worker-timeout 0.0: must be a number of seconds > 0"),
+    (["--gpus-per-worker", "-1"], "--gpus-per-worker -1: must be an integer >= 0"),
+    (["--gpus-per-worker", "0", "--device", "cuda"], "--gpus-per-worker 0: workers would see no GPU"),
     (["--max-length", "1"], "--max-length 1: must be >= 2"),
     (["--num-samples", "many"], "'many' is not a valid integer"),
     (["--device", "gpu"], "'gpu' is not one of 'auto', 'cuda', 'cpu'"),
@@ -151,3 +154,19 @@ def test_unreachable_hub_dataset_suggests_the_offline_corpus(tiny_llama, tmp_pat
     assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith("error: --dataset wikitext: not a local file and could not be loaded")
     assert "--dataset stdlib-docs" in lines[0]
+
+
+def test_resume_takes_execution_options_and_refuses_the_rest(tiny_llama, texts_file, tmp_path, capsys, monkeypatch):
+    from raygrad.store import ResultStore
+
+    code, _, _ = run_cli(tiny_args(tiny_llama, texts_file, tmp_path), capsys, monkeypatch)
+    (run_dir,) = tmp_path.iterdir()
+    store = ResultStore.open(run_dir / names.STORE_NAME, writable=True)
+    store.group.attrs["status"] = "running"  # as if it had been killed before its last shard
+    code, _, err = run_cli(["run", "--resume", str(run_dir), "--layers", "0"], capsys, monkeypatch)
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: --resume {run_dir}: --layers would change what the run computes; a resumed run keeps its own "
+        "(only --address, --workers, --gpus-per-worker, --device, --worker-timeout may change)"]
+    code, _, err = run_cli(["run", "--resume", str(run_dir), "--workers", "0", "--worker-timeout", "60"],
+                           capsys, monkeypatch)
+    assert code == 0, err
