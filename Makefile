@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # elsewhere PyPI serves the default (CUDA on Linux) build of the same release.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench cluster-demo
 
 setup: $(VENV)/.installed
 
@@ -30,3 +30,7 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/one_pass_vs_per_layer.py
+
+# A local autoscaling Ray cluster (fake nodes on 127.0.0.1), the demo run against it, then stopped.
+cluster-demo: setup
+	$(PY) scripts/cluster_demo.py

@@ -162,12 +162,17 @@ class RunConfig:
     def texts_per_batch(self) -> int:
         return self.batch_size if isinstance(self.batch_size, int) else DEFAULT_BATCH_SIZE
 
-    def samples_per_shard(self, batching: str) -> int:
-        """Default shard: 8 batches of texts, or, when packing, enough texts to
-        pack well (packing happens within a shard)."""
+    def samples_per_shard(self, batching: str, samples: int = 0, workers: int = 0) -> int:
+        """Default shard: 8 batches of texts; when packing, enough texts to pack
+        well (packing happens within a shard), but at least 4 shards per Ray
+        worker, so that work spreads and a lost worker costs little."""
         if self.shard_size:
             return self.shard_size
-        return 8 * self.texts_per_batch() if batching == "texts" else PACKED_SHARD_TEXTS
+        if batching == "texts":
+            return 8 * self.texts_per_batch()
+        if workers and samples:
+            return max(1, min(PACKED_SHARD_TEXTS, -(-samples // (4 * workers))))
+        return PACKED_SHARD_TEXTS
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

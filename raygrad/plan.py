@@ -51,7 +51,7 @@ class Plan:
         """This plan on `workers` workers of `device`: the batching (auto on a
         GPU unless asked otherwise) and the shards that follow from it."""
         batching = config.batching(device)
-        step = config.samples_per_shard(batching)
+        step = config.samples_per_shard(batching, self.samples, workers)
         return dataclasses.replace(
             self, workers=workers, device=device, device_request=config.device, allow_offload=config.allow_offload,
             batching=batching,
@@ -71,9 +71,14 @@ class Plan:
             return f"batch {self.batch_size} texts"
         if self.batching == "tokens":
             return f"batch packed to {self.tokens_per_batch} tokens"
-        budget = ("learned from free GPU memory on the first batches" if self.device.startswith("cuda")
-                  else "2048 tokens on a CPU")
-        return f"batch auto: texts sorted by length, packed to a token budget {budget}"
+        return ("batch auto: texts sorted by length, packed to 4096 tokens on a GPU (less if its memory says so), "
+                "2048 on a CPU")
+
+    def _workers_text(self) -> str:
+        if not self.workers:
+            return f"in-process (no Ray) on {self.device}"
+        where = "GPU workers" if self.device.startswith("cuda") else "CPU workers"
+        return f"{self.workers} Ray {where} (each resolves --device {self.device_request} where it runs)"
 
     @property
     def prefixes(self) -> dict[str, int]:
@@ -107,7 +112,7 @@ class Plan:
             f"samples  {self.samples} (requested {self.samples_requested}), "
             f"{self._batch_text()}, max {self.max_length} tokens",
             f"shards   {len(self.shards)} of <= {self.shards[0][1] - self.shards[0][0]} samples",
-            f"workers  {self.workers or 'in-process (no Ray)'} on {self.device}",
+            f"workers  {self._workers_text()}",
             *(f"warning: {text}" for text in self.warnings),
         ])
 

@@ -193,3 +193,27 @@ def test_a_model_dispatched_by_accelerate_with_offload_gives_the_same_sums(tiny_
     assert offloaded.loss_tokens == plain.loss_tokens
     for name in plain.sums:
         np.testing.assert_allclose(offloaded.sums[name], plain.sums[name], rtol=1e-12, err_msg=name)
+
+
+def test_workers_asked_for_scale_an_autoscaling_cluster_up_from_zero(tiny_llama, texts_file, tmp_path,
+                                                                       monkeypatch):
+    """Ray's fake_multinode autoscaler, GPU node type with min_workers 0: the pending worker actors
+    make it start nodes, and the run equals an in-process one."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "cluster_demo.py"
+    spec = importlib.util.spec_from_file_location("cluster_demo", path)
+    demo = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, demo)
+    spec.loader.exec_module(demo)
+    for name, value in demo.LOOPBACK_ENV.items():
+        monkeypatch.setenv(name, value)
+    _, local = run_tiny(tiny_llama, texts_file, tmp_path / "local", workers=0, shard_size=1)
+    with demo.fake_autoscaling_cluster(tmp_path / "cluster") as address:
+        assert demo.worker_nodes(address) == 0  # nothing runs until raygrad asks
+        _, remote = run_tiny(tiny_llama, texts_file, tmp_path / "ray", workers=2, gpus_per_worker=1,
+                             address=address, shard_size=1, worker_timeout=240)
+        assert demo.worker_nodes(address) >= 1
+    assert_same_counts_and_close_sums(remote, local)
