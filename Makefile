@@ -26,7 +26,7 @@ test: setup
 
 lint: setup
 	$(PY) -m pip install --quiet ruff
-	$(VENV)/bin/ruff check raygrad tests benchmarks cli.py
+	$(VENV)/bin/ruff check raygrad tests benchmarks scripts cli.py
 
 bench: setup
 	$(PY) benchmarks/one_pass_vs_per_layer.py

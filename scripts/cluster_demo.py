@@ -55,8 +55,6 @@ def ray_executable() -> str:
 def fake_autoscaling_cluster(workdir: Path):
     """Starts the head (its autoscaler starts worker nodes on demand) and yields its address;
     stops the head and every process it started, by PID, and removes Ray's pointer to it."""
-    import psutil
-
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "autoscaling.json"  # JSON is YAML too
     config.write_text(json.dumps(AUTOSCALING_CONFIG))

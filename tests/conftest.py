@@ -11,6 +11,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray on loopback only, one auth mode for every cluster of the session: Ray reads these once, at
+# import, so a test that set them later would talk to a head with another mode and hang.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from tiny import SAMPLE_TEXTS, build_model_dir  # noqa: E402
 
