@@ -14,7 +14,7 @@ def test_cluster_yaml_passes_ray_schema_validation():
     assert config["available_node_types"]["gpu_worker"]["node_config"]["InstanceType"].startswith("g5")
     assert config["available_node_types"]["gpu_worker_4x"]["min_workers"] == 0
     assert "pip install -e ~/raygrad" in config["setup_commands"][0]
-    import ray
+    import re
 
-    assert f"ray[default]=={ray.__version__}" in config["setup_commands"][0]  # the head's Ray, pinned
+    assert re.search(r'"ray\[default\]==\d+\.\d+\.\d+"', config["setup_commands"][0])  # one Ray on every node
     assert "**/.venv" in config["rsync_exclude"] and "**/.git" in config["rsync_exclude"]
