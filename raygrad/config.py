@@ -100,6 +100,9 @@ class RunConfig:
             raise RaygradError("--gpus-per-worker 0: workers would see no GPU, but --device cuda asks for one")
         if not isinstance(self.worker_timeout, (int, float)) or not self.worker_timeout > 0:
             raise RaygradError(f"--worker-timeout {self.worker_timeout}: must be a number of seconds > 0")
+        if self.workers == 0 and self.address:
+            raise RaygradError(f"--workers 0: runs in this process without Ray, so --address {self.address} "
+                               "would be ignored; give --workers N to use that cluster, or drop --address")
         if self.workers is not None and self.workers < 0:
             raise RaygradError(f"--workers {self.workers}: must be >= 0 (0 = in-process, no Ray)")
         for f in dataclasses.fields(self):
@@ -173,6 +176,12 @@ class RunConfig:
         if workers and samples:
             return max(1, min(PACKED_SHARD_TEXTS, -(-samples // (4 * workers))))
         return PACKED_SHARD_TEXTS
+
+    @property
+    def consolidated_path(self) -> str | None:
+        """--save-consolidated as numpy writes it: '.npz' is appended to a name without it."""
+        path = self.save_consolidated
+        return path if path is None or path.endswith(".npz") else path + ".npz"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

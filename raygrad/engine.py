@@ -34,9 +34,10 @@ def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: boo
         raise RaygradError(
             f"--output-dir {output_dir}: already holds a run; choose another directory (results are never overwritten)"
         )
-    if config.save_consolidated and Path(config.save_consolidated).exists():
+    if config.save_consolidated and Path(config.consolidated_path).exists():
         raise RaygradError(
-            f"--save-consolidated {config.save_consolidated}: file exists; results are never overwritten"
+            f"--save-consolidated {config.save_consolidated}: {config.consolidated_path} exists; results are "
+            "never overwritten"
         )
     # Planning checks layers, sites and SAEs before Ray starts or weights load;
     # the samples and shards follow once the texts are read.
@@ -134,4 +135,4 @@ def _execute(plan: Plan, config: RunConfig, texts: list[str], store: ResultStore
          f"{timing['tokens_per_second']:.0f} tokens/s overall, "
          f"{timing['worker_tokens_per_second']:.0f} tokens/s per worker computing"
          + (f", batches of up to {reducer.batch_tokens} tokens" if reducer.batch_tokens else ""))
-    write_exports(store.path.parent, extra_npz=config.save_consolidated)
+    write_exports(store.path.parent, extra_npz=config.consolidated_path)

@@ -104,7 +104,10 @@ class WorkerPool:
                 # wherever this driver does (a checkout works too).
                 python_path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
                                                             os.environ.get("PYTHONPATH")]))
-                ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
+                # address="local": never follow RAY_ADDRESS or a `ray_current_cluster` file left
+                # by another process (a stale one made runs hang); --address names a cluster.
+                ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                         log_to_driver=False,
                          runtime_env={"env_vars": {"PYTHONPATH": python_path, **env_vars}})
             self.started_ray = True
         self._size(ray.cluster_resources(), _largest_node_gpus(ray.nodes()))

@@ -80,6 +80,7 @@ def test_bad_option_value_in_a_subprocess_is_one_line(tmp_path):
     (["--tokens-per-batch", "8"], "--tokens-per-batch 8: must be an integer >= --max-length (16)"),
     (["--tokens-per-batch", "64"], "--tokens-per-batch 64: give it or --batch-size 2, not both"),
     (["--sae-dtype", "float64"], "'float64' is not one of 'float32', 'bfloat16', 'float16'"),
+    (["--address", "127.0.0.1:1"], "--workers 0: runs in this process without Ray, so --address 127.0.0.1:1"),
     (["--worker-timeout", "0"], "--worker-timeout 0.0: must be a number of seconds > 0"),
     (["--gpus-per-worker", "-1"], "--gpus-per-worker -1: must be an integer >= 0"),
     (["--gpus-per-worker", "0", "--device", "cuda"], "--gpus-per-worker 0: workers would see no GPU"),
@@ -135,6 +136,12 @@ def test_output_directory_holding_a_run_is_refused(tiny_llama, texts_file, tmp_p
     code, _, err = run_cli(tiny_args(tiny_llama, texts_file, tmp_path / "new", "--save-consolidated", str(existing)),
                            capsys, monkeypatch)
     assert code == 2 and "--save-consolidated" in err and existing.read_bytes() == b"keep me"
+    # numpy appends .npz to a name without it: that file is protected too
+    (tmp_path / "mine.npz").write_bytes(b"keep me too")
+    code, _, err = run_cli(tiny_args(tiny_llama, texts_file, tmp_path / "new2", "--save-consolidated",
+                                     str(tmp_path / "mine")), capsys, monkeypatch)
+    assert code == 2 and f"{tmp_path / 'mine.npz'} exists" in err
+    assert (tmp_path / "mine.npz").read_bytes() == b"keep me too"
 
 
 def test_unreachable_hub_model_suggests_the_offline_demo(texts_file, tmp_path, capsys, monkeypatch):

@@ -1,5 +1,7 @@
 """Sharding over Ray workers, checkpoints and resume."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from helpers import assert_same_totals, build_config, run_tiny
@@ -93,3 +95,24 @@ def test_a_failing_shard_stops_the_run_and_keeps_finished_shards(tiny_llama, tex
     assert done.tolist() == [True, True, False]
     assert said[-1].startswith("stopped  after 2 of 3 shards (RuntimeError: CUDA out of memory)")
     assert said[-1].endswith(f"raygrad run --resume {run_dir}")
+
+
+def test_a_local_ray_ignores_a_stale_cluster_pointer(tiny_llama, texts_file, tmp_path):
+    """`ray start` leaves `ray_current_cluster` in Ray's temp directory; a dead address there
+    made a plain ray.init() hang. raygrad's local Ray never follows it."""
+    from ray._common.utils import get_default_ray_temp_dir
+
+    pointer = Path(get_default_ray_temp_dir()) / "ray_current_cluster"
+    if pointer.exists():
+        pytest.skip(f"{pointer} belongs to a live cluster on this machine")
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    pointer.write_text("127.0.0.1:1")  # nothing listens there
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        assert canonicalize_bootstrap_address(None) == "127.0.0.1:1"  # where a plain ray.init() would go
+        _, one = run_tiny(tiny_llama, texts_file, tmp_path / "w1", workers=1, shard_size=2)
+    finally:
+        pointer.unlink(missing_ok=True)
+    _, local = run_tiny(tiny_llama, texts_file, tmp_path / "w0", workers=0, shard_size=2)
+    assert_same_totals(local, one)
