@@ -52,6 +52,7 @@ def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: boo
             raise RaygradError(
                 f"--output-dir {output_dir}: {run_dir.name} already exists; results are never overwritten"
             )
+        _check_memory(plan, pool)
         echo(plan.describe())
         echo(f"output   {run_dir}")
         run_dir.mkdir(parents=True)
@@ -99,6 +100,20 @@ def resume(run_dir: Path, echo: Callable[[str], None] = log.info, progress: bool
         echo(f"resuming {run_dir}: {int(done.sum())} of {len(done)} shards already done")
         _execute(plan, config, texts, store, pool, progress, checkpoint_seconds, time.perf_counter() - started, echo)
     return Path(run_dir)
+
+
+def _check_memory(plan: Plan, pool: WorkerPool) -> None:
+    """Refuse, before anything is written, a plan whose estimate exceeds the one GPU this
+    process will use; Ray workers' devices are not known here, and a split model is not refused."""
+    if pool.workers or not pool.device.startswith("cuda") or not plan.weight_bytes:
+        return
+    import torch
+
+    from .memory import check_fits
+
+    problem = check_fits(plan.memory(), torch.cuda.get_device_properties(0).total_memory, plan.model)
+    if problem:
+        raise RaygradError(problem)
 
 
 def _texts(config: RunConfig, echo) -> list[str]:

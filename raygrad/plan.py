@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from . import constants as names
 from .config import RunConfig, parse_layer_spec
+from .memory import weight_sae_token_bytes
 from .models import family_of, load_model_config, resolve_hook_sites, resolve_model_path, text_config
 
 
@@ -46,6 +47,25 @@ class Plan:
     sae_dtype: str = "float32"
     device_request: str = "auto"  # --device: each worker resolves it where it runs (`device` is the expectation)
     allow_offload: bool = False
+    weight_bytes: int = 0  # estimates before loading (memory.py): the weights, all SAEs,
+    sae_bytes: int = 0
+    token_bytes: int = 0  # and the activations kept per token of a batch
+
+    def batch_tokens(self) -> int:
+        """Padded tokens in one batch at most (the memory estimate's batch)."""
+        from .batching import AUTO_CPU_TOKENS, AUTO_GPU_TOKENS
+
+        if self.batching == "texts":
+            return self.batch_size * self.max_length
+        if self.batching == "tokens":
+            return self.tokens_per_batch
+        return AUTO_GPU_TOKENS if self.device.startswith("cuda") else AUTO_CPU_TOKENS
+
+    def memory(self):
+        from .memory import MemoryEstimate
+
+        tokens = self.batch_tokens()
+        return MemoryEstimate(self.weight_bytes, self.sae_bytes, self.token_bytes * tokens, tokens)
 
     def placed(self, config: RunConfig, workers: int, device: str) -> "Plan":
         """This plan on `workers` workers of `device`: the batching (auto on a
@@ -113,6 +133,7 @@ class Plan:
             f"{self._batch_text()}, max {self.max_length} tokens",
             f"shards   {len(self.shards)} of <= {self.shards[0][1] - self.shards[0][0]} samples",
             f"workers  {self._workers_text()}",
+            *([f"memory   {self.memory().describe()}"] if self.weight_bytes else []),
             *(f"warning: {text}" for text in self.warnings),
         ])
 
@@ -133,6 +154,9 @@ def make_plan(config: RunConfig, num_texts: int, workers: int = 0, device: str =
     layers = parse_layer_spec(config.layers, num_layers) if config.layers else list(range(num_layers))
     site_width = text_config(model_config).hidden_size
     saes, warnings = _sae_entries(config, layers, site_width) if config.target == "sae" else (None, [])
+    skeleton = _skeleton(model_config)
+    weight_bytes, sae_bytes, token_bytes = weight_sae_token_bytes(
+        skeleton, text_config(model_config), config.dtype, [e["d_sae"] for e in saes or []], config.sae_dtype)
     return Plan(
         model=config.model,
         model_path=resolve_model_path(config.model),
@@ -140,7 +164,7 @@ def make_plan(config: RunConfig, num_texts: int, workers: int = 0, device: str =
         num_model_layers=num_layers,
         layers=layers,
         hook_site=config.hook_site,
-        module_paths=[site.path for site in resolve_hook_sites(_skeleton(model_config), layers, config.hook_site)],
+        module_paths=[site.path for site in resolve_hook_sites(skeleton, layers, config.hook_site)],
         width=saes[0]["d_sae"] if saes else site_width,
         samples_requested=config.num_samples,
         samples=num_texts,
@@ -160,6 +184,9 @@ def make_plan(config: RunConfig, num_texts: int, workers: int = 0, device: str =
         saes=saes,
         warnings=tuple(warnings),
         sae_dtype=config.sae_dtype,
+        weight_bytes=weight_bytes,
+        sae_bytes=sae_bytes,
+        token_bytes=token_bytes,
     ).placed(config, workers, device)
 
 

@@ -202,3 +202,27 @@ def test_default_on_one_device_runs_in_process_without_ray(tiny_llama, texts_fil
     from raygrad.results import open_results
 
     assert open_results(run_dir).attrs["plan"]["workers"] == 0
+
+
+def test_the_plan_estimates_worker_memory_and_refuses_what_cannot_fit(tiny_llama, tmp_path):
+    from raygrad.config import RunConfig
+    from raygrad.memory import GIB, MemoryEstimate, check_fits
+    from raygrad.models import load_model_and_tokenizer
+    from raygrad.plan import make_plan
+
+    write_sae_lens_dir(tmp_path / "sae_0", 32, 64)
+    config = RunConfig(model=str(tiny_llama), dtype="float64", target="sae", layers="0",
+                       sae_path=str(tmp_path / "sae_{layer}"), batch_size=2, max_length=24)
+    plan = make_plan(config, 4)
+    model, _ = load_model_and_tokenizer(str(tiny_llama), torch.device("cpu"), torch.float64)
+    assert plan.weight_bytes == sum(p.numel() for p in model.parameters()) * 8  # read from the meta skeleton
+    assert plan.sae_bytes == 2 * 32 * 64 * 8  # W_enc and W_dec, float64 under a float64 model
+    memory = plan.memory()
+    assert memory.batch_tokens == 2 * 24 and memory.activations == plan.token_bytes * 48
+    assert "memory   about" in plan.describe()
+    assert check_fits(memory, 10 * GIB, "m") is None
+    big = MemoryEstimate(weights=70 * GIB, saes=31 * GIB, activations=20 * GIB, batch_tokens=4096)
+    line = check_fits(big, 80 * GIB, "google/gemma-2-27b")
+    assert line.startswith("--model google/gemma-2-27b: about 121.0 GiB per worker (weights 70.0, SAEs 31.0, "
+                           "activations 20.0 for 4096 tokens) does not fit the 80 GiB of this GPU; try ")
+    assert "--gpus-per-worker 2 or more" in line and "--sae-dtype bfloat16" in line
