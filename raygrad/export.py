@@ -6,7 +6,9 @@ anything but the store."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import numpy as np
 from . import __version__
 from . import constants as names
 from .config import RunConfig
+from .errors import RaygradError
 from .store import ResultStore
 
 
@@ -50,7 +53,7 @@ def write_exports(run_dir: Path, with_outputs: bool | None = None, extra_npz: Pa
     store = ResultStore.open(run_dir / names.STORE_NAME)
     attrs = store.attrs
     if attrs.get(names.ATTR_STATUS) != names.STATUS_COMPLETE:
-        raise ValueError(f"{run_dir}: the run is not complete; finish it with --resume {run_dir}")
+        raise RaygradError(f"{run_dir}: the run is not complete; finish it with: raygrad run --resume {run_dir}")
     config = RunConfig.from_dict(attrs[names.ATTR_CONFIG])
     save_outputs = config.save_outputs if with_outputs is None else with_outputs
     layers = [int(layer) for layer in store.group[names.LAYERS][:]]
@@ -62,7 +65,8 @@ def write_exports(run_dir: Path, with_outputs: bool | None = None, extra_npz: Pa
         for (kind, mode), array in arrays.items():
             for row, layer in enumerate(layers):
                 path = run_dir / names.layer_npy_name(layer, mode, kind)
-                np.save(path, array[row])
+                with _replacing(path) as handle:
+                    np.save(handle, array[row])
                 written.append(path)
 
     metadata = build_metadata(store, config, layers, values)
@@ -72,7 +76,8 @@ def write_exports(run_dir: Path, with_outputs: bool | None = None, extra_npz: Pa
     consolidated[names.NPZ_METADATA_KEY] = np.array(json.dumps(metadata))
     for path in [run_dir / names.CONSOLIDATED_NPZ] + ([Path(extra_npz)] if extra_npz else []):
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, **consolidated)
+        with _replacing(path) as handle:
+            np.savez(handle, **consolidated)
         written.append(path)
 
     if save_outputs:
@@ -83,11 +88,28 @@ def write_exports(run_dir: Path, with_outputs: bool | None = None, extra_npz: Pa
     timing = dict(attrs.get(names.ATTR_TIMING, {}))
     timing["export_seconds"] = time.perf_counter() - started
     metadata["timing"] = timing
-    _write_json(run_dir / names.METADATA_JSON, metadata)
     _write_json(run_dir / names.TIMING_JSON, timing)
-    (run_dir / names.TIMING_TXT).write_text(timing_summary(timing, metadata))
-    written += [run_dir / names.METADATA_JSON, run_dir / names.TIMING_JSON, run_dir / names.TIMING_TXT]
+    with _replacing(run_dir / names.TIMING_TXT) as handle:
+        handle.write(timing_summary(timing, metadata).encode())
+    _write_json(run_dir / names.METADATA_JSON, metadata)  # last: its presence says the export set is whole
+    written += [run_dir / names.TIMING_JSON, run_dir / names.TIMING_TXT, run_dir / names.METADATA_JSON]
     return written
+
+
+@contextlib.contextmanager
+def _replacing(path: Path):
+    """A binary handle on a temporary file beside `path`, renamed onto `path` only once it is
+    completely written: a full disk or a kill never leaves a truncated export, and an earlier
+    version stays until the new one is whole."""
+    temporary = path.with_name(f".{path.name}.partial")
+    try:
+        with open(temporary, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def build_metadata(store: ResultStore, config: RunConfig, layers: list[int], values: dict[str, np.ndarray]) -> dict:
@@ -154,4 +176,5 @@ def timing_summary(timing: dict, metadata: dict) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    with _replacing(path) as handle:
+        handle.write((json.dumps(data, indent=2) + "\n").encode())

@@ -107,3 +107,38 @@ def test_save_consolidated_writes_a_second_copy(tiny_llama, texts_file, tmp_path
     with np.load(target, allow_pickle=False) as copy, np.load(run_dir / names.CONSOLIDATED_NPZ) as own:
         assert copy.files == own.files
         np.testing.assert_array_equal(copy["layer_1_mean_abs"], own["layer_1_mean_abs"])
+
+
+def test_a_failed_export_leaves_the_earlier_files_whole(tiny_llama, texts_file, tmp_path, monkeypatch):
+    """A full disk while writing the npz: the earlier consolidated file and metadata.json stay as
+    they were, and no partial file is left behind."""
+    run_dir, _ = run_tiny(tiny_llama, texts_file, tmp_path)
+    before = {name: (run_dir / name).read_bytes() for name in (names.CONSOLIDATED_NPZ, names.METADATA_JSON)}
+    real_savez = np.savez
+
+    def disk_full(handle, **arrays):
+        real_savez(handle, **{k: v for k, v in list(arrays.items())[:1]})  # part of it reached the disk
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_exports(run_dir)
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+    assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".partial")]
+
+
+def test_export_of_an_incomplete_run_is_one_line(tiny_llama, texts_file, tmp_path, capsys, monkeypatch):
+    import sys
+
+    from raygrad.cli import main
+    from raygrad.store import ResultStore
+
+    run_dir, _ = run_tiny(tiny_llama, texts_file, tmp_path)
+    ResultStore.open(run_dir / names.STORE_NAME, writable=True).group.attrs["status"] = "running"
+    capsys.readouterr()  # the run's own output
+    monkeypatch.setattr(sys, "argv", ["raygrad", "export", str(run_dir)])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2
+    assert err == [f"error: {run_dir}: the run is not complete; finish it with: raygrad run --resume {run_dir}"]
