@@ -28,14 +28,19 @@ class Reducer:
         self.load_seconds = 0.0
         self.new_tokens = 0
         self.batch_tokens = 0  # the packed batches' token budget, as the workers last reported it
+        self.consistent = True  # totals and shards_done agree (false only inside add)
         self.bar = tqdm(total=len(self.done), initial=self.saved, unit="shard", disable=not progress,
                         desc="raygrad")
 
     def add(self, result: ShardResult) -> None:
         if self.done[result.shard]:
             return  # a shard already counted (a retry's second answer) is never added twice
+        # A signal landing between these lines would leave sums without their done flag
+        # (or half of one shard's arrays added): until both are set, nothing is checkpointed.
+        self.consistent = False
         self.totals.add(result.partial)
         self.done[result.shard] = True
+        self.consistent = True
         self.shard_seconds[result.shard] = result.seconds
         self.load_seconds = max(self.load_seconds, result.worker_load_seconds)
         self.new_tokens += result.partial.loss_tokens
@@ -51,8 +56,9 @@ class Reducer:
         self.saved, self.last_checkpoint = int(self.done.sum()), time.perf_counter()
 
     def keep_finished(self) -> None:
-        """After a failure: checkpoint whatever finished since the last checkpoint."""
-        if self.done.sum() > self.saved:
+        """After a failure: checkpoint whatever finished since the last checkpoint, unless the
+        failure interrupted an add (then the last checkpoint stands: a shard is lost, never doubled)."""
+        if self.consistent and self.done.sum() > self.saved:
             self.checkpoint()
 
     def close(self) -> None:

@@ -116,3 +116,31 @@ def test_a_local_ray_ignores_a_stale_cluster_pointer(tiny_llama, texts_file, tmp
         pointer.unlink(missing_ok=True)
     _, local = run_tiny(tiny_llama, texts_file, tmp_path / "w0", workers=0, shard_size=2)
     assert_same_totals(local, one)
+
+
+def test_ctrl_c_inside_an_add_never_counts_a_shard_twice(tiny_llama, texts_file, tmp_path, monkeypatch):
+    """Ctrl-C after some of a shard's arrays were added to the totals but before its done flag:
+    the checkpoint written on the way out must not hold that half-added shard."""
+    _, expected = run_tiny(tiny_llama, texts_file, tmp_path / "full", shard_size=1)
+    real_add, calls = Partial.add, []
+
+    def interrupted_on_third_shard(self, other):
+        calls.append(1)
+        if len(calls) == 3:
+            first = next(iter(self.sums))
+            self.sums[first] += other.sums[first]  # one array in, then the signal
+            raise KeyboardInterrupt
+        return real_add(self, other)
+
+    monkeypatch.setattr(Partial, "add", interrupted_on_third_shard)
+    config = build_config(tiny_llama, texts_file, tmp_path / "killed", shard_size=1)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(config, echo=lambda _: None, progress=False, checkpoint_seconds=0)
+    monkeypatch.setattr(Partial, "add", real_add)
+    (run_dir,) = (tmp_path / "killed").iterdir()
+    _, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
+    assert done.tolist() == [True, True, False, False, False, False]
+    engine.resume(run_dir, echo=lambda _: None, progress=False)
+    resumed, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
+    assert done.all()
+    assert_same_totals(resumed, expected)
