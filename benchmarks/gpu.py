@@ -27,7 +27,6 @@ and numpy: raygrad's Ray, Zarr and sae-lens imports are never reached.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import time
@@ -41,10 +40,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from one_pass_vs_per_layer import per_layer_loop  # noqa: E402
+from one_pass_vs_per_layer import corpus_paragraphs, long_texts, per_layer_loop  # noqa: E402
 
 from raygrad.batching import BatchSizer, MemoryProbe, collate, pack_by_tokens  # noqa: E402
-from raygrad.data import stdlib_paragraphs  # noqa: E402
 from raygrad.grads import Aggregation, make_batch, summed_loss  # noqa: E402
 from raygrad.models import resolve_hook_sites  # noqa: E402
 from raygrad.saes import DictionaryLearningSAE  # noqa: E402
@@ -82,25 +80,6 @@ DRY_CASES = [
     Case("tiny-llama-fp32-sae", "tiny-llama.json", "float32", texts=8, sae_width=256, sae_dtype="float32",
          per_layer=False),
 ]
-
-
-@functools.lru_cache(maxsize=1)
-def _paragraphs() -> list[str]:
-    return list(stdlib_paragraphs())  # parses the standard library once: seconds
-
-
-def filled_texts(count: int, chars: int) -> list[str]:
-    """`count` texts of at least `chars` characters of the bundled corpus, which
-    is reused as often as needed (the compute does not depend on the words)."""
-    paragraphs = _paragraphs()
-    texts, current, i = [], "", 0
-    while len(texts) < count:
-        current = f"{current} {paragraphs[i % len(paragraphs)]}".strip()
-        i += 1
-        if len(current) >= chars:
-            texts.append(current)
-            current = ""
-    return texts
 
 
 def build_model(case: Case, device: torch.device, vocab_at_least: int):
@@ -189,7 +168,7 @@ def run_case(case: Case, tokenizer, device: torch.device, max_length: int, gpu: 
     probe = MemoryProbe.cuda(device) if device.type == "cuda" else None
     sizer = BatchSizer("auto", probe=probe)
     computer = ShardComputer(model, tokenizer, modules, prefixes, Aggregation(), sizer, max_length, device, saes)
-    texts = filled_texts(2 * case.texts, chars=6 * max_length)
+    texts = long_texts(2 * case.texts, chars=6 * max_length)
     warm, timed = texts[:case.texts], texts[case.texts:]
     built = time.perf_counter() - started
 
@@ -270,7 +249,7 @@ def check_against_cpu(tokenizer, device: torch.device) -> dict:
     layers = list(range(model.config.num_hidden_layers))
     paths = [site.path for site in resolve_hook_sites(model, layers, "mlp_out")]
     saes = random_saes(model, len(layers), 512, torch.float64, cpu)
-    texts = _paragraphs()[:case.texts]  # natural paragraphs: lengths differ, so batches pad
+    texts = corpus_paragraphs()[:case.texts]  # natural paragraphs: lengths differ, so batches pad
     prefixes = {"grad": 512, "site_grad": model.config.hidden_size}
     probe = MemoryProbe.cuda(device) if device.type == "cuda" else None
     runs = {"device": (device, BatchSizer("auto", probe=probe), DictionaryLearningSAE),
@@ -298,7 +277,7 @@ def budget_sweep(case: Case, tokenizer, device: torch.device, max_length: int, b
     failed allocation): what the auto budget's memory fraction is chosen from."""
     torch.manual_seed(0)
     model = build_model(case, device, len(tokenizer))
-    token_ids = tokenizer(filled_texts(max(budgets) // max_length * 2, 6 * max_length), truncation=True,
+    token_ids = tokenizer(long_texts(max(budgets) // max_length * 2, 6 * max_length), truncation=True,
                           max_length=max_length)["input_ids"]
     rows = []
     for budget in budgets:

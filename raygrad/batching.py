@@ -1,6 +1,7 @@
 """How a shard's texts become batches: a fixed number of texts per batch (the
 original scripts' --batch-size), or texts sorted by length and packed up to a
-token budget, set by hand or learned from the device's free memory.
+token budget, set by hand or (auto) 4096 tokens on a GPU, shrunk when its
+free memory says so.
 
 The loss is a sum over tokens, so how texts are grouped never changes a
 result; it only changes speed and memory."""
@@ -105,11 +106,6 @@ class BatchSizer:
             tokens = AUTO_GPU_TOKENS if probe is not None else AUTO_CPU_TOKENS
         self.tokens = tokens
         self.measuring = mode == "auto" and probe is not None
-
-    def describe(self) -> str:
-        if self.mode == "texts":
-            return f"{self.batch_size} texts"
-        return f"{self.tokens} tokens" + (" (auto)" if self.mode == "auto" else "")
 
     def batches(self, lengths: list[int]) -> list[list[int]]:
         if self.mode == "texts":

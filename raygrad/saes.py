@@ -154,16 +154,22 @@ def _check_sae_lens_cfg(architecture: str, reshape: str, norm: str, shown: str) 
                            + ", ".join(FOLDABLE_NORMALIZATIONS))
 
 
+def _checkpoint_scaler_file(directory: Path, norm: str, shown: str) -> Path:
+    """activation_scaler.json of a training checkpoint whose cfg.json declares `norm`; refused when missing."""
+    scaler_file = directory / SAE_LENS_SCALER
+    if not scaler_file.is_file():
+        raise RaygradError(f"{shown}: {SAE_LENS_CFG} declares normalize_activations {norm!r} but {SAE_LENS_SCALER} "
+                           "(the factor, written with training checkpoints) is missing, so model units are unknown")
+    return scaler_file
+
+
 def _fold_checkpoint_scaler(sae, directory: Path, shown: str) -> None:
     """Fold a training checkpoint's activation scaler into the weights, as sae-lens's trainer does
     before its final save, so encode takes and decode returns model units."""
     norm = sae.cfg.normalize_activations
     if norm == "none":
         return
-    scaler_file = directory / SAE_LENS_SCALER
-    if not scaler_file.is_file():
-        raise RaygradError(f"{shown}: {SAE_LENS_CFG} declares normalize_activations {norm!r} but {SAE_LENS_SCALER} "
-                           "(the factor, written with training checkpoints) is missing, so model units are unknown")
+    scaler_file = _checkpoint_scaler_file(directory, norm, shown)
     from sae_lens.training.activation_scaler import ActivationScaler
 
     scaler = ActivationScaler()
@@ -430,9 +436,8 @@ def _sae_lens_dir_info(directory: Path, shown: str) -> SaeInfo:
     if not isinstance(cfg, dict):
         raise RaygradError(f"{shown}: {SAE_LENS_CFG} is not a JSON object")
     norm = cfg.get("normalize_activations", "none")
-    if norm not in ("none", None) and norm in FOLDABLE_NORMALIZATIONS and not (directory / SAE_LENS_SCALER).is_file():
-        raise RaygradError(f"{shown}: {SAE_LENS_CFG} declares normalize_activations {norm!r} but {SAE_LENS_SCALER} "
-                           "(the factor, written with training checkpoints) is missing, so model units are unknown")
+    if norm not in ("none", None) and norm in FOLDABLE_NORMALIZATIONS:
+        _checkpoint_scaler_file(directory, norm, shown)
     return _sae_lens_cfg_info(cfg, shown, f"sae-lens {cfg.get('architecture', 'standard')} directory {directory}")
 
 

@@ -30,7 +30,7 @@ class ShardResult:
 
 
 def batch_sizer(plan: Plan, device: torch.device) -> BatchSizer:
-    """The plan's batching on this worker's device (auto learns from CUDA memory)."""
+    """The plan's batching on this worker's device (auto reads CUDA's memory to shrink its budget)."""
     if plan.batching == "auto":
         return BatchSizer("auto", probe=MemoryProbe.cuda(device) if device.type == "cuda" else None)
     if plan.batching == "tokens":

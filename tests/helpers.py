@@ -37,3 +37,16 @@ def rms_norm_float64(self, x):
     even in a float64 model, and that rounding (~1e-7) differs between two float64 computations
     that scale the gradient differently (a summed vs a mean loss)."""
     return self.weight * (x * (x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon).rsqrt())
+
+
+def load_script(relative_path: str, monkeypatch):
+    """A script of the repository (benchmarks/, scripts/) imported as a module for a test."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parent.parent / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

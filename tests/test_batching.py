@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_same_totals, run_tiny
+from helpers import assert_same_totals, load_script, run_tiny
 from sae_factory import random_weights, write_sae_lens_dir
 
 from raygrad import constants as names
@@ -173,15 +173,7 @@ def test_affine_decoder_shortcut_equals_encode_and_decode(source, kinds, tmp_pat
 
 def test_gpu_benchmark_dry_run_runs_on_the_cpu(tiny_llama, tmp_path, monkeypatch):
     """benchmarks/gpu.py cannot rot: its dry run (tiny model, CPU) goes through every step."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu.py"
-    spec = importlib.util.spec_from_file_location("gpu_benchmark", path)
-    gpu = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, gpu)  # its dataclasses look their module up there
-    spec.loader.exec_module(gpu)
+    gpu = load_script("benchmarks/gpu.py", monkeypatch)
     record = gpu.main(["--dry-run", "--tokenizer", str(tiny_llama), "--out", str(tmp_path / "gpu.json")])
     assert record["check"]["max_relative_error"] < 1e-12  # packed + shortcut vs 1 text per batch + autograd
     assert [row["case"] for row in record["rows"]] == ["tiny-llama-fp32", "tiny-llama-fp32-sae"]

@@ -4,7 +4,7 @@ the CPU). Every cluster is shut down (its processes stopped) after its test."""
 
 import numpy as np
 import pytest
-from helpers import build_config, run_tiny
+from helpers import build_config, load_script, run_tiny
 
 from raygrad import constants as names
 from raygrad import engine
@@ -199,15 +199,7 @@ def test_workers_asked_for_scale_an_autoscaling_cluster_up_from_zero(tiny_llama,
                                                                        monkeypatch):
     """Ray's fake_multinode autoscaler, GPU node type with min_workers 0: the pending worker actors
     make it start nodes, and the run equals an in-process one."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "scripts" / "cluster_demo.py"
-    spec = importlib.util.spec_from_file_location("cluster_demo", path)
-    demo = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, demo)
-    spec.loader.exec_module(demo)
+    demo = load_script("scripts/cluster_demo.py", monkeypatch)
     for name, value in demo.LOOPBACK_ENV.items():
         monkeypatch.setenv(name, value)
     _, local = run_tiny(tiny_llama, texts_file, tmp_path / "local", workers=0, shard_size=1)
