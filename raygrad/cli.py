@@ -48,8 +48,9 @@ def cli() -> None:
 @_config_options
 @click.option("--model_name", "model_alias", default=None, hidden=True, help="Original spelling of --model.")
 @click.option("--resume", type=click.Path(file_okay=False), default=None,
-              help="Continue a killed run from its directory. Its options are read from the run; only "
-                   "--address, --workers, --gpus-per-worker, --device and --worker-timeout may be given anew.")
+              help="Continue a killed run from its directory (or rewrite a complete run's missing exports). Its "
+                   "options are read from the run; only those that change where it executes (--address, "
+                   "--workers, --gpus-per-worker, --device, timeouts, --checkpoint-seconds) may be given anew.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.pass_context
 def run(ctx, model_alias, resume, no_progress, **options) -> None:
@@ -78,8 +79,7 @@ def export(run_dir, save_outputs) -> None:
     """Regenerate every export of RUN_DIR from its Zarr store."""
     from .export import write_exports
 
-    if not (Path(run_dir) / names.STORE_NAME).exists():
-        raise RaygradError(f"RUN_DIR {run_dir}: no {names.STORE_NAME} here")
+    _store_of(run_dir)
     written = write_exports(Path(run_dir), with_outputs=save_outputs)
     click.echo(f"wrote {len(written)} files in {run_dir}")
 
@@ -87,12 +87,43 @@ def export(run_dir, save_outputs) -> None:
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 def info(run_dir) -> None:
-    """Print a run's status, plan and timing."""
-    from .results import open_results
+    """Print a run's status, progress, exports, plan and timing (after verifying its store)."""
+    from .export import check_exports
+    from .store import ResultStore
 
-    attrs = dict(open_results(run_dir).attrs)
-    click.echo(json.dumps({k: attrs.get(k) for k in (names.ATTR_STATUS, names.ATTR_PLAN, names.ATTR_TIMING)},
-                          indent=2))
+    store = ResultStore.open(_store_of(run_dir))
+    attrs = store.attrs
+    _, done = store.totals()
+    complete = attrs.get(names.ATTR_STATUS) == names.STATUS_COMPLETE
+    exports = (check_exports(Path(run_dir)) or "whole") if complete else "not written (the run is not complete)"
+    click.echo(json.dumps({
+        names.ATTR_STATUS: attrs.get(names.ATTR_STATUS),
+        "store": "every array matches its checkpoint digest",
+        "shards_done": f"{int(done.sum())} of {len(done)}",
+        "exports": exports,
+        names.ATTR_PLAN: attrs.get(names.ATTR_PLAN),
+        names.ATTR_TIMING: attrs.get(names.ATTR_TIMING),
+    }, indent=2))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+def repair(run_dir) -> None:
+    """Rebuild what can be rebuilt from a complete run's verified sums: the means, then every export."""
+    from .export import write_exports
+    from .store import ResultStore
+
+    rebuilt = ResultStore.open(_store_of(run_dir), writable=True, verify=False).rebuild_means()
+    written = write_exports(Path(run_dir))
+    click.echo(f"rebuilt {len(rebuilt)} mean arrays from the verified sums and wrote {len(written)} files "
+               f"in {run_dir}")
+
+
+def _store_of(run_dir: str) -> Path:
+    store = Path(run_dir) / names.STORE_NAME
+    if not store.is_dir():
+        raise RaygradError(f"RUN_DIR {run_dir}: no {names.STORE_NAME} here")
+    return store
 
 
 @cli.command()
@@ -123,6 +154,10 @@ def main() -> None:
     except RaygradError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
+    except OSError as err:  # a disk or permission failure outside the checks: one line, not a traceback
+        where = f" ({err.filename})" if err.filename else ""
+        click.echo(f"error: {err.strerror or err}{where}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,10 @@ class RunConfig:
         False, "Let accelerate put what does not fit on a worker's GPUs in CPU memory or on disk (slow).")
     worker_timeout: float = _opt(900.0, "Seconds to wait with no worker up (placed and loaded) before stopping; "
                                  "the run stays resumable.")
+    connect_timeout: float = _opt(60.0, "Seconds to keep trying to reach the --address cluster before stopping.")
+    checkpoint_seconds: float = _opt(
+        30.0, "Seconds between checkpoints (the last shard always checkpoints); a kill loses at most this much "
+        "finished work, plus the shards in flight.")
     shard_size: Optional[int] = _opt(None, "Samples per shard (unit of work, retry and checkpoint); default 8 batches.")
     seed: int = _opt(42, "Seed for torch, numpy and random.")
 
@@ -100,6 +104,10 @@ class RunConfig:
             raise RaygradError("--gpus-per-worker 0: workers would see no GPU, but --device cuda asks for one")
         if not isinstance(self.worker_timeout, (int, float)) or not self.worker_timeout > 0:
             raise RaygradError(f"--worker-timeout {self.worker_timeout}: must be a number of seconds > 0")
+        for name in ("connect_timeout", "checkpoint_seconds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise RaygradError(f"--{_dash(name)} {value}: must be a number of seconds >= 0")
         if self.workers == 0 and self.address:
             raise RaygradError(f"--workers 0: runs in this process without Ray, so --address {self.address} "
                                "would be ignored; give --workers N to use that cluster, or drop --address")

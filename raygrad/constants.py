@@ -6,6 +6,7 @@ repeating string literals, so a rename happens in exactly one place.
 
 STORE_NAME = "results.zarr"
 PENDING_CHECKPOINT = "pending_checkpoint.npz"  # redo log inside the store
+CHECKPOINT_STATE = "checkpoint_state.json"  # digests of what the last checkpoint wrote, inside the store
 
 # Arrays in the store (DESIGN §5).
 LAYERS = "layers"
@@ -40,6 +41,7 @@ STATUS_COMPLETE = "complete"
 METADATA_JSON = "metadata.json"
 CONSOLIDATED_NPZ = "consolidated_results.npz"
 NPZ_METADATA_KEY = "metadata"
+EXPORT_FILES_KEY = "export_files"  # in metadata.json: file name -> digest of each export beside it
 TIMING_JSON = "timing_stats.json"
 TIMING_TXT = "timing_summary.txt"
 PLOTS_DIR = "plots"

@@ -7,10 +7,12 @@ characters (after stripping) are kept, as the original scripts did.
 from __future__ import annotations
 
 import ast
+import hashlib
 import inspect
 import logging
 import re
 import sysconfig
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -23,24 +25,63 @@ DEFAULT_CONFIGS = {"wikitext": "wikitext-2-raw-v1"}  # the original scripts' dat
 LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
+# Why a row of the source was not used (counted in the plan, printed before the run).
+SKIP_SHORT = "short"  # min_chars or fewer after stripping
+SKIP_NOT_TEXT = "not_text"  # null, missing, or a number/list in the text column
+REPLACED_BYTES = "undecodable_bytes"  # .txt lines with bytes that are not UTF-8: kept, decoded with U+FFFD
+
+
 def load_texts(dataset: str, num_samples: int, *, text_column: str = "text", config: str | None = None,
-               split: str = "train", min_chars: int = 50) -> list[str]:
-    """Up to `num_samples` texts, in source order. Fewer means the source ran out."""
+               split: str = "train", min_chars: int = 50, skipped: Counter | None = None) -> list[str]:
+    """Up to `num_samples` texts, in source order. Fewer means the source ran out.
+
+    `skipped` (if given) counts, among the rows read, those left out (SKIP_*) and
+    those kept with replaced bytes (REPLACED_BYTES)."""
+    skipped = Counter() if skipped is None else skipped
     if dataset == BUNDLED_CORPUS:
         source = stdlib_paragraphs()
     elif _looks_local(dataset):
-        source = _local_texts(Path(dataset), text_column)
+        source = _local_texts(Path(dataset), text_column, skipped)
     else:
         source = _hub_texts(dataset, config or DEFAULT_CONFIGS.get(dataset), split, text_column)
     texts = []
     for text in source:
-        if len(text.strip()) > min_chars:
+        if not isinstance(text, str):
+            skipped[SKIP_NOT_TEXT] += 1
+        elif len(text.strip()) <= min_chars:
+            skipped[SKIP_SHORT] += 1
+        else:
             texts.append(text)
             if len(texts) == num_samples:
                 break
     if not texts:
-        raise RaygradError(f"--dataset {dataset}: no text longer than {min_chars} characters was found")
+        found = f" ({skipped[SKIP_NOT_TEXT]} values of --text-column {text_column} are not text)" \
+            if skipped[SKIP_NOT_TEXT] else ""
+        raise RaygradError(f"--dataset {dataset}: no text longer than {min_chars} characters was found{found}")
     return texts
+
+
+def shard_fingerprints(texts: list[str], shards: list[tuple[int, int]]) -> list[str]:
+    """A short digest of each shard's texts, so a resume can tell that the dataset changed."""
+    return [_fingerprint(texts[start:stop]) for start, stop in shards]
+
+
+def first_changed_shard(texts: list[str], shards: list[tuple[int, int]], fingerprints: list[str]) -> int | None:
+    """The first shard whose texts differ from those the run was planned on (None: all equal;
+    a run saved without fingerprints is not checked)."""
+    for index, (fingerprint, now) in enumerate(zip(fingerprints, shard_fingerprints(texts, shards))):
+        if fingerprint != now:
+            return index
+    return None
+
+
+def _fingerprint(texts: list[str]) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    for text in texts:
+        encoded = text.encode("utf-8", "surrogatepass")
+        h.update(len(encoded).to_bytes(8, "little"))  # lengths first: no two lists hash alike by concatenation
+        h.update(encoded)
+    return h.hexdigest()
 
 
 def _looks_local(dataset: str) -> bool:
@@ -52,7 +93,7 @@ def _looks_local(dataset: str) -> bool:
     return not path.is_dir() and (path.suffix.lower() in LOCAL_FORMATS or dataset.startswith((".", "/", "~")))
 
 
-def _local_texts(path: Path, text_column: str) -> Iterator[str]:
+def _local_texts(path: Path, text_column: str, skipped: Counter) -> Iterator[str]:
     path = path.expanduser()
     if not path.is_file():
         raise RaygradError(f"--dataset {path}: no such file")
@@ -60,7 +101,7 @@ def _local_texts(path: Path, text_column: str) -> Iterator[str]:
     if kind is None:
         raise RaygradError(f"--dataset {path}: unknown file type; use one of {', '.join(LOCAL_FORMATS)}")
     if kind == "text":  # one text per line, like wikitext's rows
-        return iter(path.read_text(encoding="utf-8").splitlines())
+        return _text_lines(path, skipped)
     import datasets
 
     bars_were_on = datasets.is_progress_bar_enabled()
@@ -74,6 +115,21 @@ def _local_texts(path: Path, text_column: str) -> Iterator[str]:
             datasets.enable_progress_bars()
     _check_column(str(path), text_column, table.column_names)
     return iter(table[text_column])
+
+
+def _text_lines(path: Path, skipped: Counter) -> Iterator[str]:
+    """Lines of a text file as UTF-8; bytes that are not UTF-8 become U+FFFD (and are counted)
+    rather than stopping the run on one bad byte."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise RaygradError(f"--dataset {path}: cannot be read ({err.strerror})") from None
+    for raw in data.splitlines():
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError:
+            skipped[REPLACED_BYTES] += 1
+            yield raw.decode("utf-8", errors="replace")
 
 
 def _hub_texts(name: str, config: str | None, split: str, text_column: str) -> Iterator[str]:

@@ -5,68 +5,62 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
 import time
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
 from . import constants as names
 from .config import RunConfig
-from .data import load_texts
+from .data import first_changed_shard, load_texts, shard_fingerprints
 from .errors import RaygradError
 from .plan import Plan, make_plan, run_dir_name
 from .pool import WorkerPool
-from .reducer import CHECKPOINT_SECONDS, Reducer
+from .reducer import Reducer
 from .store import ResultStore
 
 log = logging.getLogger(__name__)
 
 # Options that change where a resumed run executes, not what it computes.
-EXECUTION_OPTIONS = ("address", "workers", "gpus_per_worker", "device", "worker_timeout")
+EXECUTION_OPTIONS = ("address", "workers", "gpus_per_worker", "device", "worker_timeout", "connect_timeout",
+                     "checkpoint_seconds")
 
 
-def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: bool = True,
-        checkpoint_seconds: float = CHECKPOINT_SECONDS) -> Path:
+def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: bool = True) -> Path:
     """A new run; returns its output directory."""
     started = time.perf_counter()
     output_dir = Path(config.output_dir)
-    if (output_dir / names.STORE_NAME).exists():
-        raise RaygradError(
-            f"--output-dir {output_dir}: already holds a run; choose another directory (results are never overwritten)"
-        )
-    if config.save_consolidated and Path(config.consolidated_path).exists():
-        raise RaygradError(
-            f"--save-consolidated {config.save_consolidated}: {config.consolidated_path} exists; results are "
-            "never overwritten"
-        )
+    _check_output_paths(config)
     # Planning checks layers, sites and SAEs before Ray starts or weights load;
     # the samples and shards follow once the texts are read.
     plan = make_plan(config, 0)
     with WorkerPool(config, echo=echo) as pool:
         plan = plan.placed(config, pool.workers, pool.device)
         pool.start_workers(plan, config.seed)  # Ray actors load their model while the texts are read
-        texts = _texts(config, echo)
-        plan = dataclasses.replace(plan, samples=len(texts)).placed(config, pool.workers, pool.device)
-        run_dir = output_dir / run_dir_name(config, plan, datetime.now().strftime("%Y%m%d_%H%M%S"))
-        if run_dir.exists():
-            raise RaygradError(
-                f"--output-dir {output_dir}: {run_dir.name} already exists; results are never overwritten"
-            )
+        skipped = Counter()
+        texts = _texts(config, echo, skipped)
+        plan = dataclasses.replace(plan, samples=len(texts), skipped_texts=dict(skipped)).placed(
+            config, pool.workers, pool.device)
+        plan = dataclasses.replace(plan, shard_fingerprints=shard_fingerprints(texts, plan.shards))
         _check_memory(plan, pool)
         echo(plan.describe())
+        run_dir = _new_run_dir(output_dir, run_dir_name(config, plan, datetime.now().strftime("%Y%m%d_%H%M%S")))
         echo(f"output   {run_dir}")
-        run_dir.mkdir(parents=True)
-        store = ResultStore.create(
-            run_dir / names.STORE_NAME, plan.prefixes, len(plan.shards), plan.layers,
-            {names.ATTR_CONFIG: config.to_dict(), names.ATTR_PLAN: plan.to_dict()},
-        )
-        _execute(plan, config, texts, store, pool, progress, checkpoint_seconds, time.perf_counter() - started,
-                 echo)
+        try:
+            store = ResultStore.create(
+                run_dir / names.STORE_NAME, plan.prefixes, len(plan.shards), plan.layers,
+                {names.ATTR_CONFIG: config.to_dict(), names.ATTR_PLAN: plan.to_dict()},
+            )
+        except OSError as err:
+            raise RaygradError(f"--output-dir {output_dir}: cannot create the store ({_os_reason(err)})") from None
+        _execute(plan, config, texts, store, pool, progress, time.perf_counter() - started, echo)
     return run_dir
 
 
 def resume(run_dir: Path, echo: Callable[[str], None] = log.info, progress: bool = True,
-           checkpoint_seconds: float = CHECKPOINT_SECONDS, execution: dict | None = None) -> Path:
+           execution: dict | None = None) -> Path:
     """Continue a killed run from its last checkpoint. `execution` may change
     where it runs (EXECUTION_OPTIONS), never what it computes."""
     started = time.perf_counter()
@@ -82,13 +76,20 @@ def resume(run_dir: Path, echo: Callable[[str], None] = log.info, progress: bool
             )
     store = ResultStore.open(store_path, writable=True)
     if store.attrs.get(names.ATTR_STATUS) == names.STATUS_COMPLETE:
-        raise RaygradError(f"--resume {run_dir}: this run is already complete")
+        return _complete_exports(Path(run_dir), echo)
     config = dataclasses.replace(RunConfig.from_dict(store.attrs[names.ATTR_CONFIG]), **execution)
     saved = Plan.from_dict(store.attrs[names.ATTR_PLAN])
     texts = _texts(config, echo)
     if len(texts) != saved.samples:
         raise RaygradError(
             f"--resume {run_dir}: the dataset now yields {len(texts)} texts, the run was planned on {saved.samples}"
+        )
+    changed = first_changed_shard(texts, saved.shards, saved.shard_fingerprints)
+    if changed is not None:
+        start, stop = saved.shards[changed]
+        raise RaygradError(
+            f"--resume {run_dir}: the dataset changed since the run started (shard {changed}, texts {start}-"
+            f"{stop - 1}, differs); resuming would mix two datasets: start a new run"
         )
     # Shards and batching stay as saved (the store counts those shards); where they run may change.
     workers = execution.get("workers", None if "address" in execution else saved.workers)
@@ -98,8 +99,65 @@ def resume(run_dir: Path, echo: Callable[[str], None] = log.info, progress: bool
         _, done = store.totals()
         echo(plan.describe())
         echo(f"resuming {run_dir}: {int(done.sum())} of {len(done)} shards already done")
-        _execute(plan, config, texts, store, pool, progress, checkpoint_seconds, time.perf_counter() - started, echo)
+        _execute(plan, config, texts, store, pool, progress, time.perf_counter() - started, echo)
     return Path(run_dir)
+
+
+def _complete_exports(run_dir: Path, echo) -> Path:
+    """--resume on a complete run: regenerate exports that are missing or damaged."""
+    from .export import check_exports
+
+    problems = check_exports(run_dir)
+    if not problems:
+        raise RaygradError(f"--resume {run_dir}: this run is already complete, and its exports are whole")
+    echo(f"resuming {run_dir}: the run is complete; its exports are not ({problems[0]}), writing them again")
+    _export(run_dir, RunConfig.from_dict(ResultStore.open(run_dir / names.STORE_NAME).attrs[names.ATTR_CONFIG]))
+    return run_dir
+
+
+def _check_output_paths(config: RunConfig) -> None:
+    """Refuse, before anything loads, output paths that cannot be written or would overwrite results."""
+    output_dir = Path(config.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise RaygradError(f"--output-dir {output_dir}: is a file, not a directory")
+    if (output_dir / names.STORE_NAME).exists():
+        raise RaygradError(
+            f"--output-dir {output_dir}: already holds a run; choose another directory (results are never overwritten)"
+        )
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as err:
+        raise RaygradError(f"--output-dir {output_dir}: cannot write there ({_os_reason(err)})") from None
+    if config.save_consolidated:
+        target = Path(config.consolidated_path)
+        if target.exists():
+            raise RaygradError(f"--save-consolidated {config.save_consolidated}: {target} exists; results are "
+                               "never overwritten")
+        parent = target.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise RaygradError(f"--save-consolidated {config.save_consolidated}: {parent} is a file, not a directory")
+
+
+def _new_run_dir(output_dir: Path, name: str) -> Path:
+    """`name`, or `name_2`, `name_3`, ... when a run started in the same second took it."""
+    for attempt in range(1, 1000):
+        run_dir = output_dir / (name if attempt == 1 else f"{name}_{attempt}")
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            continue
+        except OSError as err:
+            raise RaygradError(f"--output-dir {output_dir}: cannot create {run_dir.name} ({_os_reason(err)})") from None
+    raise RaygradError(f"--output-dir {output_dir}: 999 runs named {name} already exist")
+
+
+def _os_reason(err: OSError) -> str:
+    return err.strerror or str(err)
 
 
 def _check_memory(plan: Plan, pool: WorkerPool) -> None:
@@ -116,9 +174,10 @@ def _check_memory(plan: Plan, pool: WorkerPool) -> None:
         raise RaygradError(problem)
 
 
-def _texts(config: RunConfig, echo) -> list[str]:
+def _texts(config: RunConfig, echo, skipped: Counter | None = None) -> list[str]:
     texts = load_texts(config.dataset, config.num_samples, text_column=config.text_column,
-                       config=config.dataset_config, split=config.dataset_split, min_chars=config.min_chars)
+                       config=config.dataset_config, split=config.dataset_split, min_chars=config.min_chars,
+                       skipped=skipped)
     if len(texts) < config.num_samples:
         echo(f"warning: --num-samples {config.num_samples}: the dataset has only {len(texts)} texts "
              f"longer than {config.min_chars} characters; going on with {len(texts)}")
@@ -126,28 +185,47 @@ def _texts(config: RunConfig, echo) -> list[str]:
 
 
 def _execute(plan: Plan, config: RunConfig, texts: list[str], store: ResultStore, pool: WorkerPool,
-             progress: bool, checkpoint_seconds: float, plan_seconds: float, echo) -> None:
-    from .export import write_exports
-
-    reducer = Reducer(store, checkpoint_seconds, progress)
+             progress: bool, plan_seconds: float, echo) -> None:
+    reducer = Reducer(store, config.checkpoint_seconds, progress)
+    resume_hint = f"continue with: raygrad run --resume {store.run_dir}"
     try:
         for result in pool.map([(i, texts[slice(*plan.shards[i])]) for i in reducer.todo]):
             reducer.add(result)
     except BaseException as err:  # a failed shard, Ctrl-C, no workers: keep what finished, say how to go on
-        reducer.keep_finished()
-        echo(f"stopped  after {int(reducer.done.sum())} of {len(reducer.done)} shards ({type(err).__name__}: "
-             f"{err}); continue with: raygrad run --resume {store.path.parent}")
+        try:
+            reducer.keep_finished()
+        except OSError:
+            pass  # the disk that failed the checkpoint fails this one too; the last one stands
+        echo(f"stopped  after {int(reducer.saved)} of {len(reducer.done)} shards saved ({type(err).__name__}: "
+             f"{err}); {resume_hint}")
+        if isinstance(err, OSError):  # a full or failing disk while checkpointing
+            raise RaygradError(f"{store.path}: checkpoint failed ({_os_reason(err)}); free space, then "
+                               f"{resume_hint}") from None
         raise
     finally:
         reducer.close()
     if not reducer.complete:
         raise RuntimeError("internal error: the worker pool returned before every shard was done")
     timing = reducer.timing(plan_seconds, {"worker_devices": sorted(set(pool.worker_devices.values()))})
-    store.finalize(timing)
+    try:
+        store.finalize(timing)
+    except OSError as err:
+        raise RaygradError(f"{store.path}: finishing the run failed ({_os_reason(err)}); free space, then "
+                           f"{resume_hint}") from None
     totals = reducer.totals
     mean_loss = totals.loss_sum / max(totals.loss_tokens, 1)
     echo(f"done     {totals.loss_tokens} target tokens, mean loss {mean_loss:.4f} nats/token, "
          f"{timing['tokens_per_second']:.0f} tokens/s overall, "
          f"{timing['worker_tokens_per_second']:.0f} tokens/s per worker computing"
          + (f", batches of up to {reducer.batch_tokens} tokens" if reducer.batch_tokens else ""))
-    write_exports(store.path.parent, extra_npz=config.consolidated_path)
+    _export(store.run_dir, config)
+
+
+def _export(run_dir: Path, config: RunConfig) -> None:
+    from .export import write_exports
+
+    try:
+        write_exports(run_dir, extra_npz=config.consolidated_path)
+    except OSError as err:
+        raise RaygradError(f"{run_dir}: writing the exports failed ({_os_reason(err)}); the results are safe in "
+                           f"{names.STORE_NAME}: free space, then raygrad run --resume {run_dir}") from None

@@ -7,6 +7,7 @@ anything but the store."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -91,9 +92,40 @@ def write_exports(run_dir: Path, with_outputs: bool | None = None, extra_npz: Pa
     _write_json(run_dir / names.TIMING_JSON, timing)
     with _replacing(run_dir / names.TIMING_TXT) as handle:
         handle.write(timing_summary(timing, metadata).encode())
-    _write_json(run_dir / names.METADATA_JSON, metadata)  # last: its presence says the export set is whole
-    written += [run_dir / names.TIMING_JSON, run_dir / names.TIMING_TXT, run_dir / names.METADATA_JSON]
-    return written
+    written += [run_dir / names.TIMING_JSON, run_dir / names.TIMING_TXT]
+    # Last, with a digest of every file written in the run directory: its presence says the set is
+    # whole, and `check_exports` (raygrad info, --resume) finds one that went missing or changed.
+    metadata[names.EXPORT_FILES_KEY] = {str(path.relative_to(run_dir)): file_digest(path)
+                                        for path in written if path.is_relative_to(run_dir)}
+    _write_json(run_dir / names.METADATA_JSON, metadata)
+    return written + [run_dir / names.METADATA_JSON]
+
+
+def check_exports(run_dir: Path) -> list[str]:
+    """What is wrong with a complete run's exports (missing or changed files); [] when whole."""
+    run_dir = Path(run_dir)
+    try:
+        recorded = json.loads((run_dir / names.METADATA_JSON).read_text())[names.EXPORT_FILES_KEY]
+    except FileNotFoundError:
+        return [f"{names.METADATA_JSON} is missing"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [f"{names.METADATA_JSON} is damaged"]
+    problems = []
+    for name, digest in recorded.items():
+        path = run_dir / name
+        if not path.exists():
+            problems.append(f"{name} is missing")
+        elif file_digest(path) != digest:
+            problems.append(f"{name} is damaged")
+    return problems
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @contextlib.contextmanager

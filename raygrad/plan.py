@@ -50,6 +50,8 @@ class Plan:
     weight_bytes: int = 0  # estimates before loading (memory.py): the weights, all SAEs,
     sae_bytes: int = 0
     token_bytes: int = 0  # and the activations kept per token of a batch
+    shard_fingerprints: list[str] = dataclasses.field(default_factory=list)  # digest of each shard's texts
+    skipped_texts: dict[str, int] = dataclasses.field(default_factory=dict)  # data.SKIP_* -> rows left out
 
     def batch_tokens(self) -> int:
         """Padded tokens in one batch at most (the memory estimate's batch)."""
@@ -131,11 +133,19 @@ class Plan:
             + (f", every {self.position_stride}th position" if self.position_stride > 1 else ""),
             f"samples  {self.samples} (requested {self.samples_requested}), "
             f"{self._batch_text()}, max {self.max_length} tokens",
+            *([f"skipped  {self._skipped_text()}"] if self.skipped_texts else []),
             f"shards   {len(self.shards)} of <= {self.shards[0][1] - self.shards[0][0]} samples",
             f"workers  {self._workers_text()}",
             *([f"memory   {self.memory().describe()}"] if self.weight_bytes else []),
             *(f"warning: {text}" for text in self.warnings),
         ])
+
+    def _skipped_text(self) -> str:
+        from .data import REPLACED_BYTES, SKIP_NOT_TEXT, SKIP_SHORT
+
+        said = {SKIP_SHORT: "rows too short (--min-chars)", SKIP_NOT_TEXT: "rows whose text is null, missing or "
+                "not a string", REPLACED_BYTES: "lines kept with bytes that are not UTF-8 (replaced by U+FFFD)"}
+        return "; ".join(f"{count} {said.get(reason, reason)}" for reason, count in self.skipped_texts.items())
 
     def _sae_lines(self) -> list[str]:
         if self.target != "sae":

@@ -97,8 +97,13 @@ class WorkerPool:
             # Workers read gated hub models with the driver's token.
             env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
             if config.address:
-                ray.init(address=config.address, log_to_driver=False,
-                         runtime_env={"py_modules": [str(Path(__file__).parent)], "env_vars": env_vars})
+                _wait_reachable(config.address, config.connect_timeout)
+                try:
+                    ray.init(address=config.address, log_to_driver=False,
+                             runtime_env={"py_modules": [str(Path(__file__).parent)], "env_vars": env_vars})
+                except (ConnectionError, RuntimeError, ValueError) as err:
+                    raise RaygradError(f"--address {config.address}: cannot join that Ray cluster "
+                                       f"({_first_line(err)})") from None
             else:
                 # A local Ray bound to loopback only; workers import raygrad from
                 # wherever this driver does (a checkout works too).
@@ -261,6 +266,30 @@ class WorkerPool:
     def _timeout_message(self) -> str:
         return (f"--worker-timeout {self.config.worker_timeout:g}: no worker was placed in that time; asked for "
                 f"{self.describe_request()}, the cluster offers {self._cluster_offer()}")
+
+
+def _wait_reachable(address: str, timeout: float) -> None:
+    """Wait until something listens at `address` (host:port or ray://host:port), for at most
+    `timeout` seconds; ray.init itself would wait minutes on an address where nothing answers."""
+    import socket
+
+    if address == "auto":
+        return  # Ray resolves it from this node's own files, and fails fast when there is none
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise RaygradError(f"--address {address}: expected HOST:PORT, ray://HOST:PORT or auto")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=max(0.1, min(5.0, timeout))):
+                return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise RaygradError(
+                    f"--address {address}: nothing answered within --connect-timeout {timeout:g} s "
+                    f"({err.strerror or err}); is the cluster up (`ray status` on its head node)?"
+                ) from None
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
 def _largest_node_gpus(nodes: list[dict]) -> int:

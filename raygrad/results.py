@@ -34,15 +34,17 @@ def _store_path(path: Path) -> Path | None:
 
 
 def open_results(path: str | Path) -> "zarr.Group":  # noqa: F821 (zarr is imported lazily)
-    """The run's Zarr group, read-only; arrays load lazily, chunk by chunk.
+    """The run's Zarr group, read-only, as of its last committed checkpoint, after
+    every array was checked against that checkpoint's digests; arrays then load
+    lazily, chunk by chunk.
 
     Accepts the run directory or its results.zarr."""
+    from .store import ResultStore
+
     store = _store_path(Path(path))
     if store is None:
         raise RaygradError(f"{path}: not a raygrad run directory or {names.STORE_NAME} store")
-    import zarr
-
-    return zarr.open_group(str(store), mode="r")
+    return ResultStore.open(store).committed_group()
 
 
 def load_results(path: str | Path) -> Results:

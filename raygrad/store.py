@@ -3,12 +3,21 @@
 Checkpoints use a redo log so that a kill at any instant never counts a
 shard twice nor loses a finished one: the new totals and `shards_done` are
 first written together to one file, which is atomically renamed into place
-(the commit point), then copied into the arrays, then the file is removed.
-Opening a store replays a committed file that was not yet applied.
+(the commit point), then copied into the arrays, flushed to disk, recorded
+(digests) in the state file, and only then is the redo file removed.
+Opening a store for writing replays a committed file that was not yet
+applied; opening it for reading shows that committed state without writing.
+
+Every array's digest is kept in `checkpoint_state.json` beside the arrays,
+with a digest of the run's configuration and plan: a missing chunk (which
+Zarr would read back as its fill value), a truncated one or an edited array
+stops any reader with one line instead of yielding a number.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -17,15 +26,24 @@ import zarr
 
 from . import __version__
 from . import constants as names
+from .errors import RaygradError
 from .grads import Partial, array_widths
 
 FEATURE_CHUNK = 65536  # dims per chunk along `dim`
 
 
+class DamagedStore(RaygradError):
+    """A store whose arrays do not match their recorded digests, or cannot be read."""
+
+
 class ResultStore:
-    def __init__(self, path: Path, group: zarr.Group):
+    def __init__(self, path: Path, group: zarr.Group, committed: dict[str, np.ndarray] | None = None):
         self.path = Path(path)
         self.group = group
+        # A committed checkpoint not yet applied to the arrays (read-only opens of a
+        # run being checkpointed, or killed mid-apply): it overrides what the arrays hold.
+        self.committed = committed or {}
+        self.verified_state: dict | None = None  # the state file as `verify` last read it
 
     # --- creating and opening
 
@@ -47,40 +65,66 @@ class ResultStore:
         group.create_array(names.LOSS_SUM, shape=(), dtype="float64", fill_value=0.0)
         group.create_array(names.LOSS_TOKENS, shape=(), dtype="int64", fill_value=0)
         group.attrs.update({names.ATTR_VERSION: __version__, names.ATTR_STATUS: names.STATUS_RUNNING, **attrs})
-        return cls(path, group)
+        store = cls(path, group)
+        _sync_tree(store.path)
+        store._record({name: group[name][...] for name in store.recorded_arrays()})
+        return store
 
     @classmethod
-    def open(cls, path: Path, writable: bool = False) -> "ResultStore":
+    def open(cls, path: Path, writable: bool = False, verify: bool = True, retries: int = 3) -> "ResultStore":
+        """Open for reading (the last committed state, never written to) or for writing
+        (a committed checkpoint is applied first). `verify` checks every digest."""
         path = Path(path)
-        if writable:
-            _replay_pending(path)
-        group = zarr.open_group(str(path), mode="r+" if writable else "r")
-        return cls(path, group)
+        try:
+            if writable:
+                _replay_pending(path)
+            group = zarr.open_group(str(path), mode="r+" if writable else "r")
+            committed = {} if writable else _pending_arrays(path)
+        except DamagedStore:
+            raise
+        except Exception as err:  # truncated zarr.json, unreadable redo file: one line, not a traceback
+            raise DamagedStore(f"{path}: cannot be read ({_first_line(err)}); the run cannot be vouched for, "
+                               "re-run it") from None
+        store = cls(path, group, committed)
+        if verify:
+            try:
+                store.verify()
+            except DamagedStore:
+                # A live run may have checkpointed while we read: then read again.
+                if writable or _read_state(path) == store.verified_state or retries == 0:
+                    raise
+                return cls.open(path, writable, verify, retries - 1)
+        return store
 
     @property
     def attrs(self) -> dict:
         return dict(self.group.attrs)
 
+    @property
+    def run_dir(self) -> Path:
+        return self.path.parent
+
+    def read(self, name: str) -> np.ndarray:
+        """One array as last committed."""
+        if name in self.committed:
+            return self.committed[name]
+        return self.group[name][...]
+
     # --- totals and checkpoints
 
     def totals(self) -> tuple[Partial, np.ndarray]:
-        g = self.group
         partial = Partial(
-            sums={name: g[name][:] for name in self.sum_array_names()},
-            tokens=g[names.TOKENS][:],
-            loss_sum=float(g[names.LOSS_SUM][()]),
-            loss_tokens=int(g[names.LOSS_TOKENS][()]),
+            sums={name: self.read(name) for name in self.sum_array_names()},
+            tokens=self.read(names.TOKENS),
+            loss_sum=float(self.read(names.LOSS_SUM)),
+            loss_tokens=int(self.read(names.LOSS_TOKENS)),
         )
-        return partial, g[names.SHARDS_DONE][:]
+        return partial, self.read(names.SHARDS_DONE)
 
     def checkpoint(self, totals: Partial, shards_done: np.ndarray) -> None:
         pending = self.path / names.PENDING_CHECKPOINT
-        staging = pending.with_suffix(".tmp.npz")
-        with open(staging, "wb") as handle:
-            np.savez(handle, **_checkpoint_arrays(totals, shards_done))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(staging, pending)  # the commit point
+        _stage(pending, _checkpoint_arrays(totals, shards_done))
+        _commit(pending)
         _apply_pending(self.group, pending)
 
     def prefixes(self) -> list[str]:
@@ -90,10 +134,27 @@ class ResultStore:
     def sum_array_names(self) -> list[str]:
         return [name for prefix in self.prefixes() for name in names.sum_names(prefix)]
 
+    def mean_array_names(self) -> list[str]:
+        return [name for prefix in self.prefixes() for name in names.MEAN_ARRAYS[prefix]]
+
+    def recorded_arrays(self) -> list[str]:
+        """Every array a checkpoint vouches for (the means only once the run is complete)."""
+        return [*self.sum_array_names(), names.LAYERS, names.TOKENS, names.SHARDS_DONE, names.LOSS_SUM,
+                names.LOSS_TOKENS]
+
     def finalize(self, timing: dict) -> None:
-        """Write the derived means and mark the run complete."""
+        """Write the derived means and mark the run complete (in that order: a kill
+        in between leaves a running store that a resume finalizes again)."""
+        means = self.write_means()
+        self._record(means)
+        self.group.attrs.update({names.ATTR_STATUS: names.STATUS_COMPLETE, names.ATTR_TIMING: timing})
+        _sync_tree(self.path, only=("zarr.json",))
+
+    def write_means(self) -> dict[str, np.ndarray]:
+        """The mean arrays from the sums; returns them by name."""
         totals, _ = self.totals()
         count = np.maximum(totals.tokens, 1)[:, None]  # a layer with no tokens has mean 0, not NaN
+        written = {}
         for prefix in self.prefixes():
             total, abs_total, _ = names.sum_names(prefix)
             for name, source in zip(names.MEAN_ARRAYS[prefix], (total, abs_total)):
@@ -102,7 +163,74 @@ class ResultStore:
                     self.group.create_array(name, shape=values.shape, chunks=self.group[source].chunks,
                                             dtype="float32", dimension_names=("layer", "dim"))
                 self.group[name][:] = values
-        self.group.attrs.update({names.ATTR_STATUS: names.STATUS_COMPLETE, names.ATTR_TIMING: timing})
+                written[name] = values
+        _sync_tree(self.path, only=tuple(written))
+        return written
+
+    # --- digests
+
+    def _record(self, arrays: dict[str, np.ndarray]) -> None:
+        """Add these arrays' digests (and the inputs') to the state file, atomically."""
+        state = _read_state(self.path) or {"arrays": {}}
+        state["arrays"].update({name: _digest(value) for name, value in arrays.items()})
+        state["inputs"] = _inputs_digest(self.attrs)
+        _write_state(self.path, state)
+
+    def committed_group(self) -> zarr.Group:
+        """The Zarr group as last committed: the group itself, or (while a committed
+        checkpoint waits to be applied) an in-memory copy with it applied."""
+        if not self.committed:
+            return self.group
+        view = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+        view.attrs.update(self.attrs)
+        for name, array in self.group.arrays():
+            copy = view.create_array(name, shape=array.shape, chunks=array.chunks, dtype=array.dtype,
+                                     fill_value=array.fill_value, dimension_names=array.metadata.dimension_names)
+            copy[...] = self.read(name)
+            copy.attrs.update(dict(array.attrs))
+        return view
+
+    def rebuild_means(self) -> list[str]:
+        """A complete run whose sums verify: write its means again; returns their names."""
+        self.verify(means=False)
+        if self.attrs.get(names.ATTR_STATUS) != names.STATUS_COMPLETE:
+            raise RaygradError(f"{self.path}: the run is not complete; finish it with raygrad run --resume "
+                               f"{self.run_dir}")
+        means = self.write_means()
+        self._record(means)
+        return list(means)
+
+    def verify(self, means: bool = True) -> None:
+        """Every recorded array reads back to its digest, and the configuration and plan
+        are the ones the checkpoints were made for; else one line naming the part.
+        `means`: also the derived means of a complete run."""
+        where = self.path
+        state = self.verified_state = _read_state(where)
+        if state is None:
+            raise DamagedStore(f"{where}: {names.CHECKPOINT_STATE} is missing or unreadable, so no number in "
+                               "this store can be vouched for; re-run it")
+        if state.get("inputs") != _inputs_digest(self.attrs):
+            raise DamagedStore(f"{where}/zarr.json: the run's configuration or plan changed since its last "
+                               "checkpoint; re-run it")
+        complete = self.attrs.get(names.ATTR_STATUS) == names.STATUS_COMPLETE
+        expected = self.recorded_arrays() + (self.mean_array_names() if complete and means else [])
+        for name in expected:
+            if name in self.committed:
+                continue  # from the committed redo file, which np.load checks (zip CRC) as it reads
+            recorded = state["arrays"].get(name)
+            try:
+                actual = _digest(self.read(name)) if recorded else None
+            except Exception as err:  # a truncated chunk or array metadata
+                raise DamagedStore(f"{where}/{name}: cannot be read ({_first_line(err)}); "
+                                   f"{self._remedy(name)}") from None
+            if actual is None or actual != recorded:
+                raise DamagedStore(f"{where}/{name}: does not match its checkpoint digest (a chunk is missing, "
+                                   f"truncated or changed); {self._remedy(name)}")
+
+    def _remedy(self, name: str) -> str:
+        if name in self.mean_array_names():
+            return f"the sums are intact: rebuild the means with raygrad repair {self.run_dir}"
+        return "no number from this run can be vouched for: re-run it"
 
 
 def _checkpoint_arrays(totals: Partial, shards_done: np.ndarray) -> dict[str, np.ndarray]:
@@ -115,11 +243,37 @@ def _checkpoint_arrays(totals: Partial, shards_done: np.ndarray) -> dict[str, np
     }
 
 
+# The steps of a checkpoint, each its own function (the fault-injection tests stop at each).
+
+def _stage(pending: Path, arrays: dict[str, np.ndarray]) -> None:
+    staging = pending.with_suffix(".tmp.npz")
+    with open(staging, "wb") as handle:
+        np.savez(handle, **arrays)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _commit(pending: Path) -> None:
+    os.replace(pending.with_suffix(".tmp.npz"), pending)  # the commit point
+    _fsync_dir(pending.parent)
+
+
 def _apply_pending(group: zarr.Group, pending: Path) -> None:
+    """Copy a committed checkpoint into the arrays, flush them, record their digests,
+    then drop the redo file (in that order: a kill anywhere replays it)."""
     with np.load(pending, allow_pickle=False) as data:
-        for name in data.files:
-            group[name][...] = data[name]
+        arrays = {name: data[name] for name in data.files}
+    for name, value in arrays.items():
+        _write_array(group, name, value)
+    path = pending.parent
+    _sync_tree(path, only=tuple(arrays))
+    ResultStore(path, group)._record(arrays)
     pending.unlink()
+    _fsync_dir(path)
+
+
+def _write_array(group: zarr.Group, name: str, value: np.ndarray) -> None:
+    group[name][...] = value
 
 
 def _replay_pending(path: Path) -> None:
@@ -128,3 +282,81 @@ def _replay_pending(path: Path) -> None:
         leftover.unlink()  # an uncommitted write: the arrays still hold the last checkpoint
     if pending.exists():
         _apply_pending(zarr.open_group(str(path), mode="r+"), pending)
+
+
+def _pending_arrays(path: Path) -> dict[str, np.ndarray]:
+    pending = path / names.PENDING_CHECKPOINT
+    try:
+        with np.load(pending, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except FileNotFoundError:  # none, or the writer applied and dropped it meanwhile
+        return {}
+
+
+# --- digests and the state file
+
+def _digest(value: np.ndarray) -> str:
+    value = np.asarray(value)  # a 0-d array may come back from Zarr as a NumPy scalar
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{value.dtype.str}{value.shape}".encode())
+    h.update(value.tobytes())  # C order whatever the layout
+    return h.hexdigest()
+
+
+def _inputs_digest(attrs: dict) -> str:
+    inputs = {key: attrs.get(key) for key in (names.ATTR_CONFIG, names.ATTR_PLAN)}
+    return hashlib.blake2b(json.dumps(inputs, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def _read_state(path: Path) -> dict | None:
+    try:
+        return json.loads((path / names.CHECKPOINT_STATE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_state(path: Path, state: dict) -> None:
+    target = path / names.CHECKPOINT_STATE
+    temporary = target.with_name(f".{target.name}.partial")
+    with open(temporary, "w") as handle:
+        json.dump(state, handle, indent=1, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, target)
+    _fsync_dir(path)
+
+
+# --- durability: Zarr renames each chunk into place but does not flush it
+
+def _sync_tree(root: Path, only: tuple[str, ...] | None = None) -> None:
+    """fsync the files (and directories) of these arrays, or of the whole store."""
+    tops = [root / name for name in only] if only is not None else [root]
+    for top in tops:
+        if top.is_file():
+            _fsync_file(top)
+            continue
+        for directory, _, files in os.walk(top):
+            for file in files:
+                _fsync_file(Path(directory) / file)
+            _fsync_dir(Path(directory))
+    _fsync_dir(root)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        _fsync_file(path)
+    except OSError:  # some filesystems refuse to fsync a directory; the files are flushed
+        pass
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

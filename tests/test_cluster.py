@@ -124,9 +124,9 @@ def test_all_workers_lost_stops_then_resumes_on_a_new_node(gpu_cluster, tiny_lla
     monkeypatch.setattr(Reducer, "add", add_then_lose_every_node)
     said = []
     config = build_config(tiny_llama, texts_file, tmp_path / "ray", workers=2, gpus_per_worker=1,
-                          address=cluster.address, shard_size=1, worker_timeout=8)
+                          address=cluster.address, shard_size=1, worker_timeout=8, checkpoint_seconds=0)
     with pytest.raises(WorkerTimeout, match="--worker-timeout 8: no worker was placed in that time; asked for 2 x"):
-        engine.run(config, echo=said.append, progress=False, checkpoint_seconds=0)
+        engine.run(config, echo=said.append, progress=False)
     (run_dir,) = (tmp_path / "ray").iterdir()
     assert said[-1].endswith(f"continue with: raygrad run --resume {run_dir}")
     _, done = ResultStore.open(run_dir / names.STORE_NAME).totals()

@@ -37,9 +37,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_llama, texts_file, 
         return real_run(self, shard, texts)
 
     monkeypatch.setattr(ShardRunner, "run", dies_on_fourth_shard)
-    config = build_config(tiny_llama, texts_file, tmp_path / "killed", shard_size=1)
+    config = build_config(tiny_llama, texts_file, tmp_path / "killed", shard_size=1, checkpoint_seconds=0)
     with pytest.raises(KeyboardInterrupt):
-        engine.run(config, echo=lambda _: None, progress=False, checkpoint_seconds=0)
+        engine.run(config, echo=lambda _: None, progress=False)
     (run_dir,) = (tmp_path / "killed").iterdir()
     _, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
     assert done.tolist() == [True, True, True, False, False, False]
@@ -93,7 +93,7 @@ def test_a_failing_shard_stops_the_run_and_keeps_finished_shards(tiny_llama, tex
     (run_dir,) = tmp_path.iterdir()
     _, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
     assert done.tolist() == [True, True, False]
-    assert said[-1].startswith("stopped  after 2 of 3 shards (RuntimeError: CUDA out of memory)")
+    assert said[-1].startswith("stopped  after 2 of 3 shards saved (RuntimeError: CUDA out of memory)")
     assert said[-1].endswith(f"raygrad run --resume {run_dir}")
 
 
@@ -133,9 +133,9 @@ def test_ctrl_c_inside_an_add_never_counts_a_shard_twice(tiny_llama, texts_file,
         return real_add(self, other)
 
     monkeypatch.setattr(Partial, "add", interrupted_on_third_shard)
-    config = build_config(tiny_llama, texts_file, tmp_path / "killed", shard_size=1)
+    config = build_config(tiny_llama, texts_file, tmp_path / "killed", shard_size=1, checkpoint_seconds=0)
     with pytest.raises(KeyboardInterrupt):
-        engine.run(config, echo=lambda _: None, progress=False, checkpoint_seconds=0)
+        engine.run(config, echo=lambda _: None, progress=False)
     monkeypatch.setattr(Partial, "add", real_add)
     (run_dir,) = (tmp_path / "killed").iterdir()
     _, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
