@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from .errors import RaygradError
+from .hub import hub_offline, load_error, local_path_problem
 
 log = logging.getLogger(__name__)
 
-OFFLINE_HINT = "for the offline demo use --model smollm2-135m --dataset stdlib-docs"
 
 HOOK_SITES = ("mlp_out", "mlp", "resid_post", "attn_out")
 
@@ -125,10 +125,13 @@ def load_model_config(name: str):
     from transformers import AutoConfig
 
     path = resolve_model_path(name)
+    problem = local_path_problem("--model", path)
+    if problem:
+        raise RaygradError(problem)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, **_hub_options(path))
     except (OSError, ValueError) as err:
-        raise RaygradError(_unreachable("--model", name, err)) from None
+        raise RaygradError(load_error("--model", name, err)) from None
     family_of(config)
     return config
 
@@ -148,9 +151,11 @@ def family_of(config) -> str:
     return family
 
 
-def _unreachable(option: str, value: str, err: Exception) -> str:
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return f"{option} {value}: not a local path and could not be loaded from the hub ({first_line}); {OFFLINE_HINT}"
+def _hub_options(path: str) -> dict:
+    """from_pretrained options: a hub id is read from the local cache only when the hub is unreachable."""
+    if Path(path).expanduser().exists():
+        return {}
+    return {"local_files_only": True} if hub_offline() else {}
 
 
 def pick_device(device: str) -> torch.device:
@@ -191,11 +196,12 @@ def load_model_and_tokenizer(name: str, device: torch.device, dtype: torch.dtype
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name)
+    hub_options = _hub_options(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **(placement or {}))
+        tokenizer = AutoTokenizer.from_pretrained(path, **hub_options)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **hub_options, **(placement or {}))
     except OSError as err:
-        raise RaygradError(_unreachable("--model", name, err)) from None
+        raise RaygradError(load_error("--model", name, err)) from None
     if tokenizer.pad_token is None:
         # Pad positions are masked out of the loss and the aggregation, so
         # any id works; eos is the conventional choice.

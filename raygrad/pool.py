@@ -99,7 +99,7 @@ class WorkerPool:
             if config.address:
                 _wait_reachable(config.address, config.connect_timeout)
                 try:
-                    ray.init(address=config.address, log_to_driver=False,
+                    ray.init(address=config.address, log_to_driver=False, logging_level=logging.ERROR,
                              runtime_env={"py_modules": [str(Path(__file__).parent)], "env_vars": env_vars})
                 except (ConnectionError, RuntimeError, ValueError) as err:
                     raise RaygradError(f"--address {config.address}: cannot join that Ray cluster "
@@ -111,8 +111,10 @@ class WorkerPool:
                                                             os.environ.get("PYTHONPATH")]))
                 # address="local": never follow RAY_ADDRESS or a `ray_current_cluster` file left
                 # by another process (a stale one made runs hang); --address names a cluster.
+                # logging_level: Ray's start-up notices (token authentication, "Started a local Ray
+                # instance") say nothing a raygrad user can act on; warnings about the run still show.
                 ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                         log_to_driver=False,
+                         log_to_driver=False, logging_level=logging.ERROR,
                          runtime_env={"env_vars": {"PYTHONPATH": python_path, **env_vars}})
             self.started_ray = True
         self._size(ray.cluster_resources(), _largest_node_gpus(ray.nodes()))
