@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -183,7 +184,10 @@ class ResultStore:
             return self.group
         view = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
         view.attrs.update(self.attrs)
-        for name, array in self.group.arrays():
+        with warnings.catch_warnings():  # Zarr notes the redo file as "not a component"; it is ours
+            warnings.simplefilter("ignore")
+            members = list(self.group.arrays())
+        for name, array in members:
             copy = view.create_array(name, shape=array.shape, chunks=array.chunks, dtype=array.dtype,
                                      fill_value=array.fill_value, dimension_names=array.metadata.dimension_names)
             copy[...] = self.read(name)
@@ -213,22 +217,25 @@ class ResultStore:
             raise DamagedStore(f"{where}/zarr.json: the run's configuration or plan changed since its last "
                                "checkpoint; re-run it")
         complete = self.attrs.get(names.ATTR_STATUS) == names.STATUS_COMPLETE
-        expected = self.recorded_arrays() + (self.mean_array_names() if complete and means else [])
-        for name in expected:
-            if name in self.committed:
-                continue  # from the committed redo file, which np.load checks (zip CRC) as it reads
-            recorded = state["arrays"].get(name)
+        mean_names = {name for pair in names.MEAN_ARRAYS.values() for name in pair}
+        if complete and means and not mean_names & set(state["arrays"]):
+            raise DamagedStore(f"{where}: marked complete, but its means were never recorded; re-run it")
+        for name, recorded in state["arrays"].items():
+            if name in self.committed or (name in mean_names and not (complete and means)):
+                # The committed redo file is checked by np.load (zip CRC) as it reads; means
+                # count only once the run is complete (a kill mid-finalize leaves stale ones).
+                continue
             try:
-                actual = _digest(self.read(name)) if recorded else None
-            except Exception as err:  # a truncated chunk or array metadata
+                actual = _digest(self.read(name))
+            except Exception as err:  # a truncated chunk or array metadata, a deleted array
                 raise DamagedStore(f"{where}/{name}: cannot be read ({_first_line(err)}); "
                                    f"{self._remedy(name)}") from None
-            if actual is None or actual != recorded:
+            if actual != recorded:
                 raise DamagedStore(f"{where}/{name}: does not match its checkpoint digest (a chunk is missing, "
                                    f"truncated or changed); {self._remedy(name)}")
 
     def _remedy(self, name: str) -> str:
-        if name in self.mean_array_names():
+        if any(name in pair for pair in names.MEAN_ARRAYS.values()):
             return f"the sums are intact: rebuild the means with raygrad repair {self.run_dir}"
         return "no number from this run can be vouched for: re-run it"
 
@@ -268,8 +275,12 @@ def _apply_pending(group: zarr.Group, pending: Path) -> None:
     path = pending.parent
     _sync_tree(path, only=tuple(arrays))
     ResultStore(path, group)._record(arrays)
+    _drop_redo(pending)
+
+
+def _drop_redo(pending: Path) -> None:
     pending.unlink()
-    _fsync_dir(path)
+    _fsync_dir(pending.parent)
 
 
 def _write_array(group: zarr.Group, name: str, value: np.ndarray) -> None:

@@ -1,6 +1,9 @@
+import hashlib
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from raygrad import constants as names
 from raygrad.config import RunConfig
@@ -50,3 +53,27 @@ def load_script(relative_path: str, monkeypatch):
     monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def run_cli(args, capsys, monkeypatch):
+    """-> (exit code, stdout, stderr) of `raygrad ARGS` in this process (the console script's main)."""
+    from raygrad.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["raygrad", *args])
+    with pytest.raises(SystemExit) as exited:
+        main()
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    return exited.value.code, out, err
+
+
+def tiny_args(model_dir, texts_file, out_dir, *extra):
+    return ["run", "--model", str(model_dir), "--dataset", str(texts_file), "--num-samples", "4",
+            "--batch-size", "2", "--max-length", "16", "--workers", "0", "--output-dir", str(out_dir),
+            "--no-progress", *extra]
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under `root` (to show a failed command changed nothing)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(root).rglob("*")) if p.is_file()}

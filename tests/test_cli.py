@@ -8,27 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_cli, tiny_args
 
 from raygrad import constants as names
-from raygrad.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def run_cli(args, capsys, monkeypatch):
-    """-> (exit code, stdout, stderr) of `raygrad ARGS` in this process."""
-    monkeypatch.setattr(sys, "argv", ["raygrad", *args])
-    with pytest.raises(SystemExit) as exited:
-        main()
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    return exited.value.code, out, err
-
-
-def tiny_args(model_dir, texts_file, out_dir, *extra):
-    return ["run", "--model", str(model_dir), "--dataset", str(texts_file), "--num-samples", "4",
-            "--batch-size", "2", "--max-length", "16", "--workers", "0", "--output-dir", str(out_dir),
-            "--no-progress", *extra]
 
 
 def test_console_script_runs_and_exports(tiny_llama, texts_file, tmp_path):

@@ -1,0 +1,83 @@
+"""A kill at any step of a checkpoint, or between a shard's arrival and its checkpoint, then a
+resume: the float64 sums equal an undisturbed run's exactly (in-process, so the arithmetic is the
+same; shards are added in order either way)."""
+
+import numpy as np
+import pytest
+from helpers import build_config, run_tiny
+
+from raygrad import constants as names
+from raygrad import engine
+from raygrad import store as store_module
+from raygrad.reducer import Reducer
+from raygrad.store import ResultStore
+
+
+class Killed(BaseException):
+    """SIGKILL, in process: raised at the step, and every later write to the store is refused."""
+
+
+# step -> (object, attribute) whose call is the instant of the signal
+STEPS = {
+    "shard arrived, before its checkpoint": (Reducer, "checkpoint"),
+    "before staging": (store_module, "_stage"),
+    "after staging, before the commit rename": (store_module, "_commit"),
+    "after the commit rename": (store_module, "_apply_pending"),
+    "mid-apply (one array written)": (store_module, "_write_array"),
+    "after apply, before the redo file is dropped": (store_module, "_drop_redo"),
+}
+KILL_AT_CALL = {"mid-apply (one array written)": 2}  # the second array of that checkpoint
+CHECKPOINT_TO_HIT = 3  # shards 0 and 1 are checkpointed; the signal lands in shard 2's
+
+
+@pytest.fixture(scope="module")
+def undisturbed(tiny_llama, texts_file, tmp_path_factory):
+    return run_tiny(tiny_llama, texts_file, tmp_path_factory.mktemp("undisturbed"), shard_size=1)[1]
+
+
+@pytest.mark.parametrize("signal", ["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("step", list(STEPS))
+def test_kill_at_each_checkpoint_step_then_resume_is_exact(tiny_llama, texts_file, tmp_path, monkeypatch,
+                                                           undisturbed, step, signal):
+    owner, attribute = STEPS[step]
+    real_step, real_checkpoint = getattr(owner, attribute), Reducer.checkpoint
+    checkpoints, calls, fired = [], [], []
+
+    def land():
+        fired.append(signal)
+        raise Killed if signal == "SIGKILL" else KeyboardInterrupt
+
+    def counting_checkpoint(self):
+        checkpoints.append(1)
+        if fired == ["SIGKILL"]:
+            raise Killed  # a killed process writes nothing more
+        if owner is Reducer and len(checkpoints) == CHECKPOINT_TO_HIT:
+            land()
+        return real_checkpoint(self)
+
+    def at_step(*args, **kwargs):
+        if len(checkpoints) == CHECKPOINT_TO_HIT and not fired:
+            calls.append(1)
+            if len(calls) == KILL_AT_CALL.get(step, 1):
+                land()
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(Reducer, "checkpoint", counting_checkpoint)
+    if owner is not Reducer:
+        monkeypatch.setattr(owner, attribute, at_step)
+    config = build_config(tiny_llama, texts_file, tmp_path, shard_size=1, checkpoint_seconds=0)
+    with pytest.raises((Killed, KeyboardInterrupt)):
+        engine.run(config, echo=lambda _: None, progress=False)
+    assert fired == [signal], "the signal never landed"
+    monkeypatch.undo()  # as a new process: nothing patched
+
+    (run_dir,) = tmp_path.iterdir()
+    _, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
+    assert 2 <= done.sum() <= 3 and not done.all()
+    engine.resume(run_dir, echo=lambda _: None, progress=False)
+    resumed, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
+    assert done.all()
+    for name, expected in undisturbed.sums.items():
+        np.testing.assert_array_equal(resumed.sums[name], expected, err_msg=name)
+    np.testing.assert_array_equal(resumed.tokens, undisturbed.tokens)
+    assert resumed.loss_sum == undisturbed.loss_sum and resumed.loss_tokens == undisturbed.loss_tokens
