@@ -61,6 +61,10 @@ def run(ctx, model_alias, resume, no_progress, **options) -> None:
 
     if model_alias:
         options["model"] = model_alias
+    if no_progress:  # transformers' "Loading weights" bar too
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     if resume:
         given = {name: value for name, value in options.items()
                  if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE or
