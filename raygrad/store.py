@@ -30,7 +30,12 @@ from . import constants as names
 from .errors import RaygradError
 from .grads import Partial, array_widths
 
-FEATURE_CHUNK = 65536  # dims per chunk along `dim`
+FEATURE_CHUNK = 65536  # values per chunk: one layer of a 65k-feature SAE, several layers of a narrow site
+
+
+def _chunks(num_layers: int, width: int) -> tuple[int, int]:
+    """Whole layers per chunk up to FEATURE_CHUNK values: few files to write and flush per checkpoint."""
+    return max(1, min(num_layers, FEATURE_CHUNK // width)), min(width, FEATURE_CHUNK)
 
 
 class DamagedStore(RaygradError):
@@ -55,7 +60,7 @@ class ResultStore:
         group = zarr.open_group(str(path), mode="w-")
         num_layers = len(layers)
         for name, width in array_widths(prefixes).items():
-            group.create_array(name, shape=(num_layers, width), chunks=(1, min(width, FEATURE_CHUNK)),
+            group.create_array(name, shape=(num_layers, width), chunks=_chunks(num_layers, width),
                                dtype="float64", fill_value=0.0, dimension_names=("layer", "dim"))
         group.create_array(names.LAYERS, shape=(num_layers,), dtype="int32", dimension_names=("layer",))
         group[names.LAYERS][:] = np.asarray(layers, dtype=np.int32)
