@@ -45,6 +45,9 @@ class RunConfig:
         "clean", "clean: unmodified model, SAE error held constant, one pass for all layers; "
         "splice: the reconstruction replaces the output at the aggregated positions only, one pass per layer "
         "(the original script); splice-all: replaced at every position.")
+    sae_layers_per_pass: Optional[int] = _opt(
+        None, "SAE layers per forward+backward. Default: every layer when their SAEs fit beside the model on the "
+        "worker's GPU, else as many as fit (the others wait in CPU memory and come over for their pass).")
     position_stride: int = _opt(1, "Aggregate every K-th position only (the original SAE script used 4).")
     aggregate_by: tuple[str, ...] = _opt(
         ("gradients",), "What to aggregate (repeatable): gradients, values (activations), attribution (grad x value).",
@@ -96,6 +99,8 @@ class RunConfig:
         if self.tokens_per_batch is not None and self.batch_size is not None:
             raise RaygradError(f"--tokens-per-batch {self.tokens_per_batch}: give it or --batch-size "
                                f"{self.batch_size}, not both")
+        if self.sae_layers_per_pass is not None and self.sae_layers_per_pass < 1:
+            raise RaygradError(f"--sae-layers-per-pass {self.sae_layers_per_pass}: must be an integer >= 1")
         if self.shard_size is not None and self.shard_size < 1:
             raise RaygradError(f"--shard-size {self.shard_size}: must be an integer >= 1")
         if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
@@ -143,7 +148,7 @@ class RunConfig:
     def _check_sae_source(self) -> None:
         has_release = self.sae_release is not None or self.sae_id is not None
         if self.target == "mlp":
-            for name in ("sae_release", "sae_id", "sae_path"):
+            for name in ("sae_release", "sae_id", "sae_path", "sae_layers_per_pass"):
                 if getattr(self, name) is not None:
                     raise RaygradError(f"--{_dash(name)} {getattr(self, name)}: only used with --target sae")
             if self.sae_mode != "clean":

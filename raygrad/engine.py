@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 # Options that change where a resumed run executes, not what it computes.
 EXECUTION_OPTIONS = ("address", "workers", "gpus_per_worker", "device", "worker_timeout", "connect_timeout",
-                     "checkpoint_seconds")
+                     "checkpoint_seconds", "sae_layers_per_pass")
 
 
 def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: bool = True) -> Path:
@@ -162,14 +162,18 @@ def _os_reason(err: OSError) -> str:
 
 def _check_memory(plan: Plan, pool: WorkerPool) -> None:
     """Refuse, before anything is written, a plan whose estimate exceeds the one GPU this
-    process will use; Ray workers' devices are not known here, and a split model is not refused."""
+    process will use; Ray workers' devices are not known here, and a split model is not refused.
+    SAEs that do not all fit are split into passes by the worker: only one layer's must fit."""
     if pool.workers or not pool.device.startswith("cuda") or not plan.weight_bytes:
         return
     import torch
 
     from .memory import check_fits
 
-    problem = check_fits(plan.memory(), torch.cuda.get_device_properties(0).total_memory, plan.model)
+    memory = plan.memory()
+    if plan.target == "sae" and not plan.sae_layers_per_pass:
+        memory = dataclasses.replace(memory, saes=plan.sae_bytes // max(1, len(plan.layers)))
+    problem = check_fits(memory, torch.cuda.get_device_properties(0).total_memory, plan.model)
     if problem:
         raise RaygradError(problem)
 

@@ -100,6 +100,17 @@ class DeviceAccumulator:
         self.loss_sum += other.loss_sum
         self.loss_tokens += other.loss_tokens
 
+    def merge_rows(self, part: "DeviceAccumulator", rows: list[int], with_loss: bool) -> None:
+        """Add the sums of a pass over some layers only (`part` row i is this row rows[i]);
+        the loss is counted by one pass of a shard (`with_loss`), not by each."""
+        index = torch.as_tensor(rows, device=self.device)
+        for name, total in self.sums.items():
+            total.index_add_(0, index, part.sums[name])
+        self.tokens[rows] += part.tokens
+        if with_loss:
+            self.loss_sum += part.loss_sum
+            self.loss_tokens += part.loss_tokens
+
     def to_partial(self) -> Partial:
         return Partial(
             sums={name: total.cpu().numpy() for name, total in self.sums.items()},

@@ -58,6 +58,20 @@ def check_fits(memory: MemoryEstimate, device_bytes: int, model: str) -> str | N
     hints = ["--gpus-per-worker 2 or more (the model split across GPUs)",
              f"a smaller --tokens-per-batch (now {memory.batch_tokens})"]
     if memory.saes:
-        hints += ["--sae-dtype bfloat16", "fewer --layers per run"]
+        hints += ["--sae-dtype bfloat16", "fewer --sae-layers-per-pass"]
     return (f"--model {model}: {memory.describe()} does not fit the {device_bytes / GIB:.0f} GiB of this GPU; "
             f"try {', '.join(hints)}")
+
+
+def sae_layer_groups(num_layers: int, sae_bytes_per_layer: int, free_bytes: int | None = None,
+                     requested: int | None = None) -> list[list[int]]:
+    """Layer rows per forward+backward: `requested` layers a pass; else as many as `free_bytes`
+    (what a GPU has left for SAEs) holds; else (memory unknown, or no SAEs) all in one pass."""
+    if requested:
+        per_pass = requested
+    elif free_bytes is None or sae_bytes_per_layer <= 0:
+        per_pass = num_layers
+    else:
+        per_pass = max(1, free_bytes // sae_bytes_per_layer)
+    per_pass = min(per_pass, num_layers)
+    return [list(range(start, min(start + per_pass, num_layers))) for start in range(0, num_layers, per_pass)]

@@ -45,6 +45,7 @@ class Plan:
     batching: str = "texts"  # texts (a fixed count) / tokens (a budget by hand) / auto (learned on the device)
     tokens_per_batch: int | None = None  # the budget, for batching == "tokens"
     sae_dtype: str = "float32"
+    sae_layers_per_pass: int | None = None  # None: each worker decides from its GPU's free memory
     device_request: str = "auto"  # --device: each worker resolves it where it runs (`device` is the expectation)
     allow_offload: bool = False
     weight_bytes: int = 0  # estimates before loading (memory.py): the weights, all SAEs,
@@ -67,7 +68,10 @@ class Plan:
         from .memory import MemoryEstimate
 
         tokens = self.batch_tokens()
-        return MemoryEstimate(self.weight_bytes, self.sae_bytes, self.token_bytes * tokens, tokens)
+        # On the device at once: one pass's SAEs.
+        on_device = min(self.sae_layers_per_pass or len(self.layers), len(self.layers))
+        saes = self.sae_bytes * on_device // max(1, len(self.layers))
+        return MemoryEstimate(self.weight_bytes, saes, self.token_bytes * tokens, tokens)
 
     def placed(self, config: RunConfig, workers: int, device: str) -> "Plan":
         """This plan on `workers` workers of `device`: the batching (auto on a
@@ -76,7 +80,7 @@ class Plan:
         step = config.samples_per_shard(batching, self.samples, workers)
         return dataclasses.replace(
             self, workers=workers, device=device, device_request=config.device, allow_offload=config.allow_offload,
-            batching=batching,
+            batching=batching, sae_layers_per_pass=config.sae_layers_per_pass,
             batch_size=config.texts_per_batch() if batching == "texts" else None,
             tokens_per_batch=config.tokens_per_batch,
             shards=[(start, min(start + step, self.samples)) for start in range(0, self.samples, step)],
@@ -150,8 +154,12 @@ class Plan:
     def _sae_lines(self) -> list[str]:
         if self.target != "sae":
             return []
+        passes = (f"{self.sae_layers_per_pass} layers' SAEs per forward+backward (the rest wait in CPU memory)"
+                  if self.sae_layers_per_pass and self.sae_layers_per_pass < len(self.layers) else
+                  "all layers' SAEs per forward+backward, unless a worker's GPU cannot hold them "
+                  "(then as many as fit, said when it starts)")
         return [f"sae      {self.saes[0]['source']}{' ...' if len(self.saes) > 1 else ''}",
-                f"features {self.width} per layer, {self.sae_mode} mode"]
+                f"features {self.width} per layer, {self.sae_mode} mode; {passes}"]
 
 
 def make_plan(config: RunConfig, num_texts: int, workers: int = 0, device: str = "cpu") -> Plan:

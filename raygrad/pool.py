@@ -58,7 +58,7 @@ class RemoteWorker:
         import ray
 
         return {"device": str(self.runner.device), "node": ray.get_runtime_context().get_node_id(),
-                "load_seconds": self.runner.load_seconds}
+                "load_seconds": self.runner.load_seconds, "sae_groups": self.runner.sae_groups}
 
     def run(self, shard: int, texts: list[str]) -> ShardResult:
         return self.runner.run(shard, texts)
@@ -187,6 +187,7 @@ class WorkerPool:
         if self.workers == 0:
             runner = ShardRunner(self.plan, self.seed)
             self.worker_devices["in-process"] = str(runner.device)
+            self._say_sae_passes("this process", runner.sae_groups)
             for shard, texts in work:
                 yield runner.run(shard, texts)
             return
@@ -228,6 +229,7 @@ class WorkerPool:
                     self._replace(actor, waiting)
                     continue
                 self.worker_devices[actor._actor_id.hex()] = info["device"]
+                self._say_sae_passes(f"worker {len(self.worker_devices)}", info.get("sae_groups"))
                 self.worker_nodes[actor._actor_id.hex()] = info["node"]
                 idle.append(actor)
                 continue
@@ -244,6 +246,11 @@ class WorkerPool:
             if result.shard not in finished:
                 finished.add(result.shard)
                 yield result
+
+    def _say_sae_passes(self, who: str, groups: list[list[int]] | None) -> None:
+        if groups and len(groups) > 1 and not self.plan.sae_layers_per_pass:
+            self.echo(f"sae      {who}: the SAEs of {len(self.plan.layers)} layers do not fit beside the model "
+                      f"on its GPU; {len(groups)} passes of up to {len(groups[0])} layers each")
 
     def _replace(self, lost, waiting: dict) -> None:
         import ray

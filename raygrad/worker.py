@@ -16,8 +16,11 @@ import torch
 
 from .batching import BatchSizer, MemoryProbe, collate
 from .grads import Aggregation, DeviceAccumulator, Partial, accumulate_batch, make_batch
+from .memory import sae_layer_groups
 from .models import device_placement, execution_device, input_device, load_model_and_tokenizer, pick_device
 from .plan import Plan, sae_load_kwargs
+
+SAE_HEADROOM = 0.1  # of the GPU's memory kept free when deciding how many SAEs fit (allocator slack)
 
 
 @dataclass
@@ -42,34 +45,58 @@ class ShardComputer:
     """Texts -> batches -> one forward+backward each -> one Partial per shard."""
 
     def __init__(self, model, tokenizer, modules, prefixes: dict[str, int], aggregation: Aggregation,
-                 sizer: BatchSizer, max_length: int, device: torch.device, saes=None):
+                 sizer: BatchSizer, max_length: int, device: torch.device, saes=None,
+                 sae_groups: list[list[int]] | None = None, sae_devices: list[torch.device] | None = None):
         self.model, self.tokenizer, self.modules, self.saes = model, tokenizer, modules, saes
         self.prefixes, self.aggregation, self.sizer = prefixes, aggregation, sizer
         self.max_length, self.device = max_length, device
+        # Layers per forward+backward: all at once, unless their SAEs do not fit beside the
+        # model; then each group's SAEs come to their devices for the group's pass over the shard.
+        self.groups = sae_groups or [list(range(len(modules)))]
+        self.sae_devices = sae_devices
 
     def compute(self, texts: list[str]) -> Partial:
         token_ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        if len(self.groups) == 1:
+            return self._compute_rows(token_ids, self.groups[0]).to_partial()
         acc = DeviceAccumulator(len(self.modules), self.prefixes, self.device)
+        for index, rows in enumerate(self.groups):
+            self._move_saes(rows, lambda row: self.sae_devices[row])
+            try:
+                acc.merge_rows(self._compute_rows(token_ids, rows), rows, with_loss=index == 0)
+            finally:
+                self._move_saes(rows, lambda row: torch.device("cpu"))
+        return acc.to_partial()
+
+    def _move_saes(self, rows: list[int], device_of) -> None:
+        for row in rows:
+            self.saes[row].to(device_of(row))
+
+    def _compute_rows(self, token_ids: list[list[int]], rows: list[int]) -> DeviceAccumulator:
+        """One pass over the shard for these layers (rows of the plan's layer list)."""
+        modules = [self.modules[row] for row in rows]
+        saes = [self.saes[row] for row in rows] if self.saes is not None else None
+        acc = DeviceAccumulator(len(rows), self.prefixes, self.device)
         queue = deque(self.sizer.batches([len(ids) for ids in token_ids]))
         while queue:
             indices = queue.popleft()
             input_ids, mask = collate([token_ids[i] for i in indices], self.tokenizer.pad_token_id)
-            if self._try_batch(make_batch(input_ids, mask, self.aggregation), acc):
+            if self._try_batch(make_batch(input_ids, mask, self.aggregation), acc, modules, saes):
                 continue
             # Out of memory: nothing of this batch was added. It and every batch still
             # waiting are packed again under the smaller budget.
             waiting = indices + [i for batch in queue for i in batch]
             repacked = self.sizer.batches([len(token_ids[i]) for i in waiting])
             queue = deque([waiting[j] for j in part] for part in repacked)
-        return acc.to_partial()
+        return acc
 
-    def _try_batch(self, batch, acc: DeviceAccumulator) -> bool:
+    def _try_batch(self, batch, acc: DeviceAccumulator, modules, saes) -> bool:
         """Add one batch to `acc`, or return False after an out-of-memory error the sizer can
         recover from (the batch's sums were kept apart, so nothing was counted)."""
         staged = acc.empty_like()
         self.sizer.before_batch()
         try:
-            accumulate_batch(self.model, self.modules, batch.to(self.device), staged, self.aggregation, self.saes)
+            accumulate_batch(self.model, modules, batch.to(self.device), staged, self.aggregation, saes)
         except torch.cuda.OutOfMemoryError:
             if batch.input_ids.shape[0] == 1 or not self.sizer.after_out_of_memory(batch.padded_tokens):
                 raise
@@ -101,7 +128,9 @@ class ShardRunner:
         self.device = input_device(self.model, device) if placement else device
         self.modules = [self.model.get_submodule(path) for path in plan.module_paths]
         self.layer_devices = [execution_device(self.model, path, self.device) for path in plan.module_paths]
-        self.saes = self._load_saes(plan) if plan.target == "sae" else None
+        self.sae_groups = self._sae_groups(plan, placement) if plan.target == "sae" else None
+        self.saes = self._load_saes(plan, waiting_on_cpu=len(self.sae_groups or []) > 1) \
+            if plan.target == "sae" else None
         aggregation = Aggregation(
             kinds=tuple(plan.aggregate_by),
             exclude_bos_id=self.tokenizer.bos_token_id if plan.exclude_bos else None,
@@ -109,7 +138,8 @@ class ShardRunner:
             sae_mode=plan.sae_mode or "clean",
         )
         self.computer = ShardComputer(self.model, self.tokenizer, self.modules, plan.prefixes, aggregation,
-                                      batch_sizer(plan, self.device), plan.max_length, self.device, self.saes)
+                                      batch_sizer(plan, self.device), plan.max_length, self.device, self.saes,
+                                      self.sae_groups, self.layer_devices)
         self.load_seconds = time.perf_counter() - started
 
     def run(self, shard: int, texts: list[str]) -> ShardResult:
@@ -119,12 +149,26 @@ class ShardRunner:
         return ShardResult(shard, partial, time.perf_counter() - started, self.load_seconds,
                            sizer.tokens if sizer.mode != "texts" else 0)
 
-    def _load_saes(self, plan: Plan) -> list[torch.nn.Module]:
+    def _sae_groups(self, plan: Plan, placement: dict | None) -> list[list[int]]:
+        """The layers of each forward+backward: as asked, or as many SAEs as this worker's GPU
+        holds beside the model and one batch's activations (a model split across GPUs, or a
+        CPU, takes every layer in one pass unless asked otherwise)."""
+        free = None
+        if self.device.type == "cuda" and not placement and not plan.sae_layers_per_pass:
+            free_now, total = torch.cuda.mem_get_info(self.device)
+            activations = plan.token_bytes * plan.batch_tokens()
+            free = max(0, free_now - activations - int(SAE_HEADROOM * total))
+        per_layer = plan.sae_bytes // max(1, len(plan.layers))
+        return sae_layer_groups(len(plan.layers), per_layer, free, plan.sae_layers_per_pass)
+
+    def _load_saes(self, plan: Plan, waiting_on_cpu: bool) -> list[torch.nn.Module]:
         from .saes import load_sae
 
         # SAEs run in --sae-dtype (z is cast to it); float64 under a float64 model.
         dtype = torch.float64 if plan.dtype == "float64" else getattr(torch, plan.sae_dtype)
         # load_sae returns them frozen: dLoss/df is taken w.r.t. f, never the SAE's weights.
-        # Each SAE sits with its layer (a model split across GPUs has layers on several).
-        return [load_sae(layer, **sae_load_kwargs(plan.sae_source), device=layer_device, dtype=dtype)
+        # Each SAE sits with its layer (a model split across GPUs has layers on several);
+        # in several passes, in CPU memory until its pass.
+        return [load_sae(layer, **sae_load_kwargs(plan.sae_source),
+                         device=torch.device("cpu") if waiting_on_cpu else layer_device, dtype=dtype)
                 for layer, layer_device in zip(plan.layers, self.layer_devices)]

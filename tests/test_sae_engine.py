@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import rms_norm_float64, run_tiny
+from helpers import assert_same_totals, rms_norm_float64, run_tiny
 from reference import (
     max_relative_error,
     read_sae_lens_weights,
@@ -318,3 +318,47 @@ def test_splice_and_splice_all_differ_before_the_last_layer(tiny_llama, texts_fi
     # At the last layer nothing downstream mixes positions: the gradient at a selected position
     # does not depend on what the other positions hold.
     assert max_relative_error(a[2], b[2]) < 1e-9
+
+
+@pytest.mark.parametrize("mode", ["clean", "splice"])
+def test_sae_layers_in_several_passes_equal_one_pass(mode, tiny_llama, texts_file, sae_dirs, tmp_path):
+    """SAEs that do not fit beside the model go in groups, one forward+backward per group, the
+    waiting SAEs in CPU memory: the sums equal one pass over all layers (the loss counted once)."""
+    _, one_pass = sae_run(tiny_llama, texts_file, tmp_path / "one", sae_dirs, layers="0-2", sae_mode=mode,
+                          aggregate_by=("gradients", "values"))
+    _, grouped = sae_run(tiny_llama, texts_file, tmp_path / "groups", sae_dirs, layers="0-2", sae_mode=mode,
+                         aggregate_by=("gradients", "values"), sae_layers_per_pass=2)
+    assert_same_totals(grouped, one_pass, rtol=1e-12)
+
+
+def test_the_worker_splits_sae_layers_by_its_gpu_memory(monkeypatch):
+    """The decision itself, with a GPU's free memory given: 5 layers' SAEs of 1 GiB each; of what is
+    free after the model, 2 GiB go to one batch's activations and 2 GiB (10% of 20) stay free."""
+    from types import SimpleNamespace
+
+    from raygrad.memory import sae_layer_groups
+    from raygrad.worker import ShardRunner
+
+    gib = 2**30
+    assert sae_layer_groups(5, gib, None) == [[0, 1, 2, 3, 4]]  # memory unknown (CPU): one pass
+    assert sae_layer_groups(5, gib, 2 * gib) == [[0, 1], [2, 3], [4]]
+    assert sae_layer_groups(5, gib, 0) == [[0], [1], [2], [3], [4]]  # at least one layer a pass
+    assert sae_layer_groups(5, gib, 100 * gib, requested=3) == [[0, 1, 2], [3, 4]]
+
+    plan = SimpleNamespace(sae_layers_per_pass=None, layers=list(range(5)), sae_bytes=5 * gib,
+                           token_bytes=gib // 1024, batch_tokens=lambda: 2048)  # 2 GiB of activations
+    runner = SimpleNamespace(device=torch.device("cuda", 0))
+    for free, expected in ((12 * gib, 1), (7 * gib, 2), (5 * gib, 5)):  # 8, 3 and 1 SAEs a pass
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 20 * gib))
+        groups = ShardRunner._sae_groups(runner, plan, placement=None)
+        assert len(groups) == expected, (free, groups)
+        assert sorted(row for group in groups for row in group) == list(range(5))
+
+
+def test_sae_layers_per_pass_is_checked():
+    from raygrad.config import RunConfig
+
+    with pytest.raises(RaygradError, match="--sae-layers-per-pass 0: must be an integer >= 1"):
+        RunConfig(target="sae", sae_path="x_{layer}", sae_layers_per_pass=0)
+    with pytest.raises(RaygradError, match="--sae-layers-per-pass 2: only used with --target sae"):
+        RunConfig(sae_layers_per_pass=2)
