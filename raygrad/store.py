@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from . import __version__
+from . import __version__, stats
 from . import constants as names
-from .grads import Partial, array_widths
+from .grads import Partial
 
 FEATURE_CHUNK = 65536  # dims per chunk along `dim`
 
@@ -35,13 +35,20 @@ class ResultStore:
         """`prefixes`: statistic prefix -> width; each gets {prefix}_sum/_abs_sum/_sq_sum."""
         group = zarr.open_group(str(path), mode="w-")
         num_layers = len(layers)
-        for name, width in array_widths(prefixes).items():
-            group.create_array(name, shape=(num_layers, width), chunks=(1, min(width, FEATURE_CHUNK)),
-                               dtype="float64", fill_value=0.0, dimension_names=("layer", "dim"))
-        group.create_array(names.LAYERS, shape=(num_layers,), dtype="int32", dimension_names=("layer",))
-        group[names.LAYERS][:] = np.asarray(layers, dtype=np.int32)
+        target = attrs.get(names.ATTR_PLAN, {}).get("target", "mlp")
+        for prefix, width in prefixes.items():
+            for name, stat in zip(names.sum_names(prefix), names.STATS):
+                array = group.create_array(name, shape=(num_layers, width), chunks=(1, min(width, FEATURE_CHUNK)),
+                                           dtype="float64", fill_value=0.0,
+                                           dimension_names=(names.LAYER_COORD, dimension_name(prefix, target)))
+                array.attrs.update(stats.array_attrs(prefix, stat))
+        for name in (names.LAYERS, names.LAYER_COORD):  # `layer`: the coordinate xarray reads
+            group.create_array(name, shape=(num_layers,), dtype="int32", dimension_names=(names.LAYER_COORD,))
+            group[name][:] = np.asarray(layers, dtype=np.int32)
+            group[name].attrs.update({"units": "layer index", "description": "model layer of each row"})
         group.create_array(names.TOKENS, shape=(num_layers,), dtype="int64", fill_value=0,
-                           dimension_names=("layer",))
+                           dimension_names=(names.LAYER_COORD,))
+        group[names.TOKENS].attrs.update({"units": "positions", "description": "positions aggregated per layer (n)"})
         group.create_array(names.SHARDS_DONE, shape=(num_shards,), dtype="bool", fill_value=False,
                            dimension_names=("shard",))
         group.create_array(names.LOSS_SUM, shape=(), dtype="float64", fill_value=0.0)
@@ -91,18 +98,26 @@ class ResultStore:
         return [name for prefix in self.prefixes() for name in names.sum_names(prefix)]
 
     def finalize(self, timing: dict) -> None:
-        """Write the derived means and mark the run complete."""
+        """Write every derived statistic ({prefix}_{statistic}, float32) and mark the run complete."""
         totals, _ = self.totals()
-        count = np.maximum(totals.tokens, 1)[:, None]  # a layer with no tokens has mean 0, not NaN
+        count = totals.tokens[:, None]  # a layer with no tokens has statistics 0, not NaN
         for prefix in self.prefixes():
-            total, abs_total, _ = names.sum_names(prefix)
-            for name, source in zip(names.MEAN_ARRAYS[prefix], (total, abs_total)):
-                values = (totals.sums[source] / count).astype(np.float32)
+            source = self.group[names.sum_names(prefix)[0]]
+            for statistic in names.STATISTICS:
+                name = names.store_name(prefix, statistic)
+                values = stats.derive(statistic, *(totals.sums[n] for n in names.sum_names(prefix)), count)
                 if name not in self.group:
-                    self.group.create_array(name, shape=values.shape, chunks=self.group[source].chunks,
-                                            dtype="float32", dimension_names=("layer", "dim"))
-                self.group[name][:] = values
+                    self.group.create_array(name, shape=values.shape, chunks=source.chunks, dtype="float32",
+                                            dimension_names=source.metadata.dimension_names)
+                self.group[name][:] = values.astype(np.float32)
+                self.group[name].attrs.update(stats.array_attrs(prefix, statistic))
         self.group.attrs.update({names.ATTR_STATUS: names.STATUS_COMPLETE, names.ATTR_TIMING: timing})
+
+
+def dimension_name(prefix: str, target: str) -> str:
+    """`feature` for an SAE's features, `dim` for a site's own dimensions: xarray needs distinct names
+    for the two widths of an SAE run."""
+    return names.DIM_FEATURE if target == "sae" and prefix != names.SITE_PREFIX else names.DIM_SITE
 
 
 def _checkpoint_arrays(totals: Partial, shards_done: np.ndarray) -> dict[str, np.ndarray]:
