@@ -20,6 +20,7 @@ top_specific.txt and plots.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -202,7 +203,8 @@ def _write(out: Path, a, b, run_a: Path, run_b: Path, epsilon: float, k: int, ra
         "tokens_a": [int(x) for x in tokens_a], "tokens_b": [int(x) for x in tokens_b],
         "statistics": {s: COMPARE_TEXT[s] for s in names.COMPARE_STATISTICS},
         "arrays": sorted(n for n, _ in group.arrays()),
-        "top_a": [row.__dict__ for row in sides["a"]], "top_b": [row.__dict__ for row in sides["b"]],
+        "top_a": [dataclasses.asdict(row) for row in sides["a"]],
+        "top_b": [dataclasses.asdict(row) for row in sides["b"]],
         "plots": [p.name for p in plots],
     }
     consolidated[names.NPZ_METADATA_KEY] = np.array(json.dumps(metadata))
