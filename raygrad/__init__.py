@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from . import stats  # noqa: E402  (statistics derived from a store's sums)
 from .config import RunConfig  # noqa: E402
 from .results import Results, load_results, open_results  # noqa: E402
 
@@ -15,4 +16,4 @@ def run(config: RunConfig | None = None, **options):
     return run_engine(config or RunConfig(**options), progress=False)
 
 
-__all__ = ["RunConfig", "Results", "load_results", "open_results", "run", "__version__"]
+__all__ = ["RunConfig", "Results", "load_results", "open_results", "run", "stats", "__version__"]

@@ -1,4 +1,4 @@
-"""Command line: `raygrad run | export | info`. Options come from RunConfig's
+"""Command line: `raygrad run | export | info | top | compare`. Options come from RunConfig's
 fields (each also accepted in the original scripts' underscore spelling)."""
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ import click
 from . import constants as names
 from .config import RunConfig, _choices, field_type
 from .errors import RaygradError
+
+
+def _help(name: str) -> str:
+    return next(f.metadata["help"] for f in dataclasses.fields(RunConfig) if f.name == name)
 
 
 def _config_options(func):
@@ -79,11 +83,25 @@ def run(ctx, model_alias, resume, no_progress, **options) -> None:
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--save-outputs/--no-save-outputs", default=None,
               help="Write per-layer .npy files and plots (default: as the run asked).")
-def export(run_dir, save_outputs) -> None:
-    """Regenerate every export of RUN_DIR from its Zarr store."""
-    from .export import write_exports
+@click.option("--aggregation-mode", "--aggregation_mode", "aggregation_mode", default=None,
+              help=_help("aggregation_mode") + " Given: a new export set.")
+@click.option("--power", type=float, default=None, help=_help("power") + " Given: a new export set.")
+@click.option("--normalize-mode", "--normalize_mode", "normalize_mode", default=None,
+              help=_help("normalize_mode") + " Given: a new export set.")
+@click.option("--name", default=None,
+              help=f"Name of the new export set in RUN_DIR/{names.EXPORT_SETS_DIR}/ (default: from its options, "
+                   "e.g. mean_abs-std_power2_norm_sum_abs); an existing one is never overwritten.")
+def export(run_dir, save_outputs, aggregation_mode, power, normalize_mode, name) -> None:
+    """Regenerate every export of RUN_DIR from its Zarr store, or derive a new export set."""
+    from .export import write_export_set, write_exports
 
     _store_of(run_dir)
+    options = {key: value for key, value in (("aggregation_mode", aggregation_mode), ("power", power),
+                                             ("normalize_mode", normalize_mode)) if value is not None}
+    if options or name is not None:
+        where, written = write_export_set(Path(run_dir), options, name, with_outputs=save_outputs)
+        click.echo(f"wrote {len(written)} files in {where}")
+        return
     written = write_exports(Path(run_dir), with_outputs=save_outputs)
     click.echo(f"wrote {len(written)} files in {run_dir}")
 
@@ -113,13 +131,13 @@ def info(run_dir) -> None:
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 def repair(run_dir) -> None:
-    """Rebuild what can be rebuilt from a complete run's verified sums: the means, then every export."""
+    """Rebuild what can be rebuilt from a complete run's verified sums: the derived statistics, then every export."""
     from .export import write_exports
     from .store import ResultStore
 
     rebuilt = ResultStore.open(_store_of(run_dir), writable=True, verify=False).rebuild_means()
     written = write_exports(Path(run_dir))
-    click.echo(f"rebuilt {len(rebuilt)} mean arrays from the verified sums and wrote {len(written)} files "
+    click.echo(f"rebuilt {len(rebuilt)} derived statistics from the verified sums and wrote {len(written)} files "
                f"in {run_dir}")
 
 
@@ -135,12 +153,35 @@ def _store_of(run_dir: str) -> Path:
 @click.option("--layer", type=int, default=None, help="One layer (default: every layer of the run).")
 @click.option("--k", type=int, default=20, show_default=True, help="Entries per layer.")
 @click.option("--by", default="mean_abs", show_default=True,
-              help="Array to rank by: mean_abs, mean, value_mean_abs, attr_mean_abs, site_mean_abs, ...")
+              help="Statistic to rank by (README \"Names\"): mean_abs, std, grad_mean_sq, value_mean_abs, "
+                   "sem_attribution, site_grad_mean_abs, ...")
 def top(run_dir, layer, k, by) -> None:
     """The top features (or dimensions) per layer, largest magnitude first."""
     from .top import format_rows, top_features
 
     click.echo(format_rows(top_features(run_dir, layer, k, by), by))
+
+
+@cli.command()
+@click.argument("run_a", type=click.Path(exists=True, file_okay=False))
+@click.argument("run_b", type=click.Path(exists=True, file_okay=False))
+@click.option("--output-dir", default=None,
+              help="The new directory (must not exist, nor lie inside either run); default beside RUN_A: "
+                   "compare_{A}_vs_{B}.")
+@click.option("--k", type=int, default=20, show_default=True, help="Entries per layer for each run.")
+@click.option("--by", default="welch_t_abs", show_default=True,
+              help="Rank by: welch_t_abs, welch_t, mean_abs_ratio, mean_diff, mean_abs_diff (gradients; add "
+                   "_values / _attribution, or name the array, e.g. value_welch_t_abs); A: largest, B: smallest.")
+@click.option("--epsilon", type=float, default=1e-10, show_default=True,
+              help="Added to both mean |x| in mean_abs_ratio = (A + eps) / (B + eps).")
+def compare(run_a, run_b, output_dir, k, by, epsilon) -> None:
+    """Which dimensions (features) matter more in RUN_A than in RUN_B, and the reverse (e.g. forget vs
+    retain): differences, ratios and Welch's t per dimension, from both runs' sums."""
+    from .compare import compare_runs
+
+    output, text = compare_runs(Path(run_a), Path(run_b), output_dir, epsilon=epsilon, k=k, by=by)
+    click.echo(text, nl=False)
+    click.echo(f"results  {output}")
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal, Optional, get_args
 
+from .constants import NORMALIZE_MODES, STATISTICS
 from .errors import RaygradError
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B"
@@ -57,8 +58,17 @@ class RunConfig:
         "float32", "Model weights and activations; sums are float64 whatever this is.")
     sae_dtype: Literal["float32", "bfloat16", "float16"] = _opt(
         "float32", "SAE weights and the feature projection (float64 under a float64 model); sums stay float64.")
-    aggregation_mode: Literal["mean_abs", "mean", "both"] = _opt("mean_abs", "Which aggregate to export.")
-    normalize_gradients: bool = _opt(False, "Rescale each exported vector so sum(|v|) equals its length.")
+    aggregation_mode: str = _opt(
+        "mean_abs", "Statistics to export, comma-separated: mean_abs, mean, mean_sq (E[x^2]; for gradients the "
+        "diagonal empirical Fisher), std, sem; 'both' = mean_abs,mean; 'all' = every one.")
+    power: float = _opt(1.0, "After aggregation, raise each value: sign(x)|x|^P (x^P for mean_abs and the others "
+                             "that are >= 0); P > 0.")
+    normalize_mode: Optional[str] = _opt(
+        None, "After --power, rescale each layer's vector: sum_abs x*D/sum|x|, sum x*D/sum x (a vector whose sum is 0 "
+        "stays as it is), none, or all (every mode, '_norm_{mode}' in file names and keys). Default: none, or "
+        "sum_abs with --normalize-gradients.")
+    normalize_gradients: bool = _opt(False, "Rescale each exported vector so sum(|v|) equals its length "
+                                            "(= --normalize-mode sum_abs).")
     save_outputs: bool = _opt(False, "Also write per-layer .npy files and plots.")
     save_consolidated: Optional[str] = _opt(None, "Also write the consolidated .npz to this path.")
     dataset: str = _opt("wikitext", "Hub dataset, a local .txt/.jsonl/.parquet/.csv file, or 'stdlib-docs'.")
@@ -133,6 +143,19 @@ class RunConfig:
         if not self.aggregate_by or len(set(self.aggregate_by)) != len(self.aggregate_by):
             raise RaygradError(f"--aggregate-by {','.join(self.aggregate_by)}: give each kind once, at least one")
         self._check_sae_source()
+        self._check_export_options()
+
+    def _check_export_options(self) -> None:
+        parse_statistics(self.aggregation_mode)
+        power = self.power
+        if isinstance(power, bool) or not isinstance(power, (int, float)) or not 0 < power < float("inf"):
+            raise RaygradError(f"--power {power}: must be a number > 0")
+        modes = (*NORMALIZE_MODES, "all")
+        if self.normalize_mode is not None and self.normalize_mode not in modes:
+            raise RaygradError(f"--normalize-mode {self.normalize_mode!r}: choose one of {', '.join(modes)}")
+        if self.normalize_gradients and self.normalize_mode not in (None, "sum_abs"):
+            raise RaygradError(f"--normalize-mode {self.normalize_mode}: --normalize-gradients means "
+                               "--normalize-mode sum_abs; give one of them")
 
     def _normalize_batch_size(self) -> None:
         """'auto' stays; '8' (from the command line) becomes 8; anything else is refused."""
@@ -165,7 +188,21 @@ class RunConfig:
 
     @property
     def export_modes(self) -> tuple[str, ...]:
-        return ("mean_abs", "mean") if self.aggregation_mode == "both" else (self.aggregation_mode,)
+        """The statistics to export, in the order given."""
+        return parse_statistics(self.aggregation_mode)
+
+    @property
+    def normalize_modes(self) -> tuple[str | None, ...]:
+        """Each normalize mode to export; None stands for the one mode of a run without 'all' (its
+        files keep the original's names), a mode name for 'all' (names get '_norm_{mode}')."""
+        if self.normalize_mode == "all":
+            return NORMALIZE_MODES
+        return (None,)
+
+    @property
+    def normalization(self) -> str:
+        """The single normalize mode (not 'all'): none, sum_abs or sum."""
+        return self.normalize_mode or ("sum_abs" if self.normalize_gradients else "none")
 
     def batching(self, device: str) -> str:
         """'texts' (a fixed count), 'tokens' (a budget by hand) or 'auto', on `device`."""
@@ -203,6 +240,19 @@ class RunConfig:
     def from_dict(cls, data: dict) -> "RunConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def parse_statistics(spec: str) -> tuple[str, ...]:
+    """'mean_abs,std' -> ('mean_abs', 'std'); 'both' -> ('mean_abs', 'mean'); 'all' -> every statistic."""
+    aliases = {"both": ("mean_abs", "mean"), "all": STATISTICS}
+    parts = [part.strip() for part in str(spec).split(",")]
+    chosen = [s for part in parts for s in aliases.get(part, (part,))]
+    unknown = [s for s in chosen if s not in STATISTICS]
+    if unknown or not chosen or len(set(chosen)) != len(chosen):
+        problem = f"{unknown[0]!r} is not a statistic" if unknown else "each statistic once"
+        raise RaygradError(f"--aggregation-mode {spec}: {problem}; choose from {', '.join(STATISTICS)} "
+                           "(comma-separated), both or all")
+    return tuple(chosen)
 
 
 def _dash(name: str) -> str:

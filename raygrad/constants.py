@@ -9,19 +9,28 @@ PENDING_CHECKPOINT = "pending_checkpoint.npz"  # redo log inside the store
 CHECKPOINT_STATE = "checkpoint_state.json"  # digests of what the last checkpoint wrote, inside the store
 
 # Arrays in the store (DESIGN §5).
-LAYERS = "layers"
+LAYERS = "layers"  # (L,) layer index of each row (kept for readers of earlier stores)
+LAYER_COORD = "layer"  # the same indices as the `layer` dimension's coordinate, for xarray
 TOKENS = "tokens"
+# Dimension names: a site's own dimensions, or an SAE's features (they differ in width).
+DIM_SITE = "dim"
+DIM_FEATURE = "feature"
 # Each aggregated quantity ("kind") has three running sums named
-# {prefix}_sum, {prefix}_abs_sum, {prefix}_sq_sum, and two derived means.
+# {prefix}_sum, {prefix}_abs_sum, {prefix}_sq_sum; every statistic is derived from them.
 KIND_PREFIX = {"gradients": "grad", "values": "value", "attribution": "attr"}
 SITE_PREFIX = "site_grad"  # target sae: the hook site's own d-dim gradient (= the SAE error node's)
+SITE_KIND = "site_gradients"
 STATS = ("sum", "abs_sum", "sq_sum")
-MEAN_ARRAYS = {  # prefix -> (signed mean, mean of |x|)
-    "grad": ("mean", "mean_abs"),
-    "value": ("value_mean", "value_mean_abs"),
-    "attr": ("attr_mean", "attr_mean_abs"),
-    SITE_PREFIX: ("site_mean", "site_mean_abs"),
+# Statistics per dimension, derived from the sums (README "Names"): store arrays {prefix}_{statistic}.
+STATISTICS = ("mean_abs", "mean", "mean_sq", "std", "sem")
+MEAN_ARRAYS = {  # prefix -> (signed mean, mean of |x|) as written at finalize
+    prefix: (f"{prefix}_mean", f"{prefix}_mean_abs") for prefix in (*KIND_PREFIX.values(), SITE_PREFIX)
 }
+# Stores written before the naming table (raygrad 0.1 sessions) named the means differently; readers
+# derive every statistic from the sums, so these are only accepted as spellings of `top --by`.
+LEGACY_MEAN_NAMES = {"mean": "grad_mean", "mean_abs": "grad_mean_abs", "site_mean": "site_grad_mean",
+                     "site_mean_abs": "site_grad_mean_abs"}
+NORMALIZE_MODES = ("sum_abs", "sum", "none")
 SUM_ARRAYS = tuple(f"grad_{stat}" for stat in STATS)  # the gradient kind's sums
 GRAD_SUM, GRAD_ABS_SUM, _ = SUM_ARRAYS
 SHARDS_DONE = "shards_done"
@@ -49,25 +58,49 @@ MLP_RUN_PREFIX = "layer_activations"
 
 
 SAE_RUN_PREFIX = "sae_features"
+EXPORT_SETS_DIR = "exports"  # RUN_DIR/exports/<name>/: later export sets (`raygrad export --power ...`)
+COMPARE_PREFIX = "compare"
+# A compare store (`raygrad compare`): per kind prefix, arrays {prefix}_{compare statistic}.
+COMPARE_STATISTICS = ("mean_diff", "mean_abs_diff", "mean_abs_ratio", "welch_t", "welch_t_abs",
+                      "welch_df", "welch_df_abs", "mean_abs_a", "mean_abs_b")
+TOKENS_A, TOKENS_B = "tokens_a", "tokens_b"
+ATTR_COMPARE = "compare"
 
 
 def sum_names(prefix: str) -> tuple[str, str, str]:
     return tuple(f"{prefix}_{stat}" for stat in STATS)
 
 
+def store_name(prefix: str, statistic: str) -> str:
+    """'grad', 'mean_abs' -> 'grad_mean_abs' (the store's and xarray's name)."""
+    return f"{prefix}_{statistic}"
+
+
 def mean_name(prefix: str, mode: str) -> str:
-    signed, absolute = MEAN_ARRAYS[prefix]
-    return absolute if mode == "mean_abs" else signed
+    return store_name(prefix, mode)
 
 
-def export_key(kind: str, mode: str) -> str:
+def kind_of(prefix: str) -> str:
+    return {**{p: k for k, p in KIND_PREFIX.items()}, SITE_PREFIX: SITE_KIND}[prefix]
+
+
+def prefix_of(kind: str) -> str:
+    return {**KIND_PREFIX, SITE_KIND: SITE_PREFIX}[kind]
+
+
+def norm_suffix(norm: str | None) -> str:
+    """'' for a single normalize mode (the original's names); '_norm_{mode}' under --normalize-mode all."""
+    return f"_norm_{norm}" if norm else ""
+
+
+def export_key(kind: str, mode: str, norm: str | None = None) -> str:
     """'mean_abs' for gradients (the original's name), 'mean_abs_values' etc. for other kinds."""
-    return mode if kind == "gradients" else f"{mode}_{kind}"
+    return (mode if kind == "gradients" else f"{mode}_{kind}") + norm_suffix(norm)
 
 
-def layer_npy_name(layer: int, mode: str, kind: str = "gradients") -> str:
-    return f"layer_{layer}_{mode}_{kind}.npy"
+def layer_npy_name(layer: int, mode: str, kind: str = "gradients", norm: str | None = None) -> str:
+    return f"layer_{layer}_{mode}_{kind}{norm_suffix(norm)}.npy"
 
 
-def npz_key(layer: int, mode: str, kind: str = "gradients") -> str:
-    return f"layer_{layer}_{export_key(kind, mode)}"
+def npz_key(layer: int, mode: str, kind: str = "gradients", norm: str | None = None) -> str:
+    return f"layer_{layer}_{export_key(kind, mode, norm)}"

@@ -1,47 +1,46 @@
 """Exports, all generated from the store: per-layer .npy, consolidated .npz,
 metadata.json and timing files (names follow the original scripts).
 
-`raygrad export RUN_DIR` calls `write_exports` again; nothing here reads
-anything but the store."""
+`raygrad export RUN_DIR` calls `write_exports` again; `raygrad export RUN_DIR
+--aggregation-mode/--power/--normalize-mode` writes a new export set in
+RUN_DIR/exports/<name>/ (`write_export_set`). Nothing here reads anything but
+the store."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from . import __version__, stats
 from . import constants as names
 from .config import RunConfig
 from .errors import RaygradError
 from .store import ResultStore
 
 
-def aggregated(store: ResultStore, name: str, normalize: bool) -> np.ndarray:
-    """(L, D) float32 from a mean array (`mean`, `mean_abs`, `value_mean`, ...),
-    rescaled so each row has sum(|v|) == D when `normalize`."""
-    values = store.group[name][:].astype(np.float32)
-    if normalize:
-        scale = np.abs(values).sum(axis=1, keepdims=True)
-        values = np.where(scale > 0, values * values.shape[1] / np.where(scale > 0, scale, 1), 0).astype(np.float32)
-    return values
-
-
 def exported_arrays(store: ResultStore, config: RunConfig,
-                    modes: tuple[str, ...] | None = None) -> dict[tuple[str, str], np.ndarray]:
-    """(kind, mode) -> (L, D) for every kind the run aggregated and each mode
-    (default: the modes the run exports). --normalize-gradients rescales the
-    gradient kind only."""
-    return {
-        (kind, mode): aggregated(store, names.mean_name(names.KIND_PREFIX[kind], mode),
-                                 config.normalize_gradients and kind == "gradients")
-        for kind in config.aggregate_by for mode in (modes or config.export_modes)
-    }
+                    modes: tuple[str, ...] | None = None) -> dict[tuple[str, str, str | None], np.ndarray]:
+    """(kind, statistic, normalize mode or None) -> (L, D) float32, derived from the float64 sums for
+    every kind the run aggregated and each statistic (default: those the run exports), then --power,
+    then --normalize-mode (README "Names": None keeps the original's names, a mode adds `_norm_{mode}`)."""
+    count = store.group[names.TOKENS][:][:, None]
+    arrays = {}
+    for kind in config.aggregate_by:
+        sums = [store.group[name][:] for name in names.sum_names(names.KIND_PREFIX[kind])]
+        for statistic in modes or config.export_modes:
+            powered = stats.transform(stats.derive(statistic, *sums, count), config.power)
+            for norm in config.normalize_modes:
+                arrays[(kind, statistic, norm)] = stats.transform(
+                    powered, normalize=norm or config.normalization).astype(np.float32)
+    return arrays
 
 
 def write_exports(run_dir: Path, with_outputs: bool | None = None, extra_npz: Path | None = None) -> list[Path]:
@@ -49,33 +48,80 @@ def write_exports(run_dir: Path, with_outputs: bool | None = None, extra_npz: Pa
 
     `with_outputs` overrides the run's --save-outputs (npy files and plots);
     `extra_npz` is a second place for the consolidated file (--save-consolidated)."""
-    started = time.perf_counter()
     run_dir = Path(run_dir)
+    store, config = _complete_run(run_dir)
+    return _write(store, config, run_dir, with_outputs, extra_npz)
+
+
+def export_set_name(config: RunConfig) -> str:
+    """e.g. 'mean_abs-std_power2_norm_sum_abs': what an export set holds, as a directory name."""
+    return f"{'-'.join(config.export_modes)}_power{config.power:g}_norm_{config.normalize_mode or config.normalization}"
+
+
+def write_export_set(run_dir: Path, options: dict, name: str | None = None,
+                     with_outputs: bool | None = None) -> tuple[Path, list[Path]]:
+    """A new export set RUN_DIR/exports/NAME derived from the store with `options` (aggregation_mode,
+    power, normalize_mode) replacing the run's; never overwrites one: an existing NAME is refused.
+    Written in a hidden directory renamed into place once whole."""
+    run_dir = Path(run_dir)
+    store, config = _complete_run(run_dir)
+    if "normalize_mode" in options:
+        options = {**options, "normalize_gradients": False}  # the mode given replaces the run's
+    config = dataclasses.replace(config, **options)
+    name = name or export_set_name(config)
+    if not name or "/" in name or name.startswith("."):
+        raise RaygradError(f"--name {name!r}: must be a plain directory name")
+    parent = run_dir / names.EXPORT_SETS_DIR
+    target = parent / name
+    if target.exists():
+        raise RaygradError(f"--name {name}: {target} exists; export sets are never overwritten (give another --name)")
+    staging = parent / f".{name}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)  # left by a killed export: never a visible set
+    staging.mkdir(parents=True)
+    try:
+        written = _write(store, config, staging, with_outputs, None, export_set=name)
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return target, [target / path.relative_to(staging) for path in written]
+
+
+def _complete_run(run_dir: Path) -> tuple[ResultStore, RunConfig]:
     store = ResultStore.open(run_dir / names.STORE_NAME)
     attrs = store.attrs
     if attrs.get(names.ATTR_STATUS) != names.STATUS_COMPLETE:
         raise RaygradError(f"{run_dir}: the run is not complete; finish it with: raygrad run --resume {run_dir}")
-    config = RunConfig.from_dict(attrs[names.ATTR_CONFIG])
+    if names.ATTR_CONFIG not in attrs:
+        raise RaygradError(f"{run_dir}: not a raygrad run (a compare result has its exports already)")
+    return store, RunConfig.from_dict(attrs[names.ATTR_CONFIG])
+
+
+def _write(store: ResultStore, config: RunConfig, out_dir: Path, with_outputs: bool | None,
+           extra_npz: Path | None, export_set: str | None = None) -> list[Path]:
+    started = time.perf_counter()
     save_outputs = config.save_outputs if with_outputs is None else with_outputs
     layers = [int(layer) for layer in store.group[names.LAYERS][:]]
     arrays = exported_arrays(store, config)
-    values = {names.export_key(kind, mode): array for (kind, mode), array in arrays.items()}
+    values = {names.export_key(*key): array for key, array in arrays.items()}
 
     written: list[Path] = []
     if save_outputs:
-        for (kind, mode), array in arrays.items():
+        for (kind, mode, norm), array in arrays.items():
             for row, layer in enumerate(layers):
-                path = run_dir / names.layer_npy_name(layer, mode, kind)
+                path = out_dir / names.layer_npy_name(layer, mode, kind, norm)
                 with _replacing(path) as handle:
                     np.save(handle, array[row])
                 written.append(path)
 
     metadata = build_metadata(store, config, layers, values)
-    consolidated = {names.npz_key(layer, mode, kind): array[row]
-                    for (kind, mode), array in arrays.items() for row, layer in enumerate(layers)}
+    metadata["export_set"] = export_set
+    consolidated = {names.npz_key(layer, mode, kind, norm): array[row]
+                    for (kind, mode, norm), array in arrays.items() for row, layer in enumerate(layers)}
     # JSON in a 0-d unicode array: loads with allow_pickle=False.
     consolidated[names.NPZ_METADATA_KEY] = np.array(json.dumps(metadata))
-    for path in [run_dir / names.CONSOLIDATED_NPZ] + ([Path(extra_npz)] if extra_npz else []):
+    for path in [out_dir / names.CONSOLIDATED_NPZ] + ([Path(extra_npz)] if extra_npz else []):
         path.parent.mkdir(parents=True, exist_ok=True)
         with _replacing(path) as handle:
             np.savez(handle, **consolidated)
@@ -84,21 +130,21 @@ def write_exports(run_dir: Path, with_outputs: bool | None = None, extra_npz: Pa
     if save_outputs:
         from .plots import write_plots
 
-        written.extend(write_plots(run_dir / names.PLOTS_DIR, layers, values))
+        written.extend(write_plots(out_dir / names.PLOTS_DIR, layers, values))
 
-    timing = dict(attrs.get(names.ATTR_TIMING, {}))
+    timing = dict(store.attrs.get(names.ATTR_TIMING, {}))
     timing["export_seconds"] = time.perf_counter() - started
     metadata["timing"] = timing
-    _write_json(run_dir / names.TIMING_JSON, timing)
-    with _replacing(run_dir / names.TIMING_TXT) as handle:
+    _write_json(out_dir / names.TIMING_JSON, timing)
+    with _replacing(out_dir / names.TIMING_TXT) as handle:
         handle.write(timing_summary(timing, metadata).encode())
-    written += [run_dir / names.TIMING_JSON, run_dir / names.TIMING_TXT]
+    written += [out_dir / names.TIMING_JSON, out_dir / names.TIMING_TXT]
     # Last, with a digest of every file written in the run directory: its presence says the set is
     # whole, and `check_exports` (raygrad info, --resume) finds one that went missing or changed.
-    metadata[names.EXPORT_FILES_KEY] = {str(path.relative_to(run_dir)): file_digest(path)
-                                        for path in written if path.is_relative_to(run_dir)}
-    _write_json(run_dir / names.METADATA_JSON, metadata)
-    return written + [run_dir / names.METADATA_JSON]
+    metadata[names.EXPORT_FILES_KEY] = {str(path.relative_to(out_dir)): file_digest(path)
+                                        for path in written if path.is_relative_to(out_dir)}
+    _write_json(out_dir / names.METADATA_JSON, metadata)
+    return written + [out_dir / names.METADATA_JSON]
 
 
 def check_exports(run_dir: Path) -> list[str]:
@@ -173,7 +219,9 @@ def build_metadata(store: ResultStore, config: RunConfig, layers: list[int], val
         "aggregation_modes": list(config.export_modes),
         "aggregated": list(config.aggregate_by),
         "exported_arrays": list(values),
-        "normalized": config.normalize_gradients,
+        "power": config.power,
+        "normalize_mode": config.normalize_mode or config.normalization,
+        "normalized": (config.normalize_mode or config.normalization) != "none",
         "num_samples_requested": plan["samples_requested"],
         "num_samples": plan["samples"],
         "target_tokens": loss_tokens,
@@ -184,7 +232,8 @@ def build_metadata(store: ResultStore, config: RunConfig, layers: list[int], val
             "npz": "d = np.load('consolidated_results.npz'); d['layer_{layer}_{mode}']; "
                    "json.loads(d['metadata'].item()) -> this metadata",
             "raygrad": "raygrad.load_results(path) -> arrays in memory; raygrad.open_results(path) -> lazy Zarr",
-            "zarr": "zarr.open_group('results.zarr', mode='r')['mean_abs'][layer_row] (rows follow 'layers')",
+            "zarr": "zarr.open_group('results.zarr', mode='r')['grad_mean_abs'][layer_row] (rows follow 'layers')",
+            "xarray": "xarray.open_zarr('results.zarr').grad_mean_abs.sel(layer=layer)",
         },
     }
 

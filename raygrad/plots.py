@@ -57,7 +57,7 @@ def _scatter(path: Path, v: np.ndarray, layer: int, mode: str) -> Path:
 def _heatmap(path: Path, array: np.ndarray, layers: list[int], mode: str) -> Path:
     fig = Figure(figsize=(10, max(3, 0.25 * len(layers) + 1)))
     ax = fig.subplots()
-    image = ax.imshow(array, aspect="auto", interpolation="nearest", cmap="viridis" if mode == "mean_abs" else "RdBu_r")
+    image = ax.imshow(array, aspect="auto", interpolation="nearest", cmap="RdBu_r" if (array < 0).any() else "viridis")
     ax.set(title=f"{mode} gradient, all layers", xlabel="dimension", ylabel="layer")
     ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=6)
     fig.colorbar(image, ax=ax)
@@ -80,4 +80,43 @@ def _combined(path: Path, mean_abs: np.ndarray, mean: np.ndarray, title: str) ->
     ax = fig.subplots()
     ax.scatter(mean_abs, mean, s=2)
     ax.set(title=f"{title}: signed mean vs mean |gradient|", xlabel="mean_abs", ylabel="mean")
+    return _save(fig, path)
+
+
+def write_compare_plots(plot_dir: Path, layers: list[int], mean_abs_a: np.ndarray, mean_abs_b: np.ndarray,
+                        t_abs: np.ndarray, kind: str = "gradients") -> list[Path]:
+    """`raygrad compare`: per layer, mean |x| in A against B (one point per dimension, log axes, the
+    diagonal drawn); and Welch's t of |x| by layer (its spread over dimensions)."""
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    suffix = "" if kind == "gradients" else f"_{kind}"
+    written = [_a_vs_b(plot_dir / f"layer_{layer}_mean_abs_a_vs_b{suffix}.png", mean_abs_a[row], mean_abs_b[row],
+                       f"layer {layer}: mean |{kind}| per dimension") for row, layer in enumerate(layers)]
+    written.append(_t_by_layer(plot_dir / f"all_layers_welch_t_abs{suffix}.png", t_abs, layers, kind))
+    return written
+
+
+def _a_vs_b(path: Path, a: np.ndarray, b: np.ndarray, title: str) -> Path:
+    fig = Figure(figsize=(5.5, 5))
+    ax = fig.subplots()
+    positive = (a > 0) & (b > 0)
+    ax.scatter(b[positive], a[positive], s=2)
+    if positive.any():
+        low, high = min(a[positive].min(), b[positive].min()), max(a[positive].max(), b[positive].max())
+        ax.plot([low, high], [low, high], color="grey", linewidth=0.8, label="A = B")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.legend()
+    ax.set(title=title, xlabel="RUN_B", ylabel="RUN_A")
+    return _save(fig, path)
+
+
+def _t_by_layer(path: Path, t: np.ndarray, layers: list[int], kind: str) -> Path:
+    fig = Figure(figsize=(8, 4))
+    ax = fig.subplots()
+    ax.plot(layers, t.max(axis=1), marker="^", label="max (most specific to A)")
+    ax.plot(layers, np.percentile(t, 50, axis=1), marker="o", label="median")
+    ax.plot(layers, t.min(axis=1), marker="v", label="min (most specific to B)")
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set(title=f"Welch's t of |{kind}|, A against B, over dimensions", xlabel="layer", ylabel="t")
+    ax.legend()
     return _save(fig, path)

@@ -17,12 +17,23 @@ from .errors import RaygradError
 @dataclass
 class Results:
     layers: list[int]
-    # "mean_abs"/"mean" (gradients), "mean_abs_values", "mean_attribution", ... -> (L, D); rows follow `layers`
+    # export keys (README "Names"): "mean_abs", "std" (gradients), "mean_abs_values", "sem_attribution",
+    # "mean_abs_norm_sum" (--normalize-mode all), ... -> (L, D); rows follow `layers`
     arrays: dict[str, np.ndarray]
     metadata: dict
 
     def layer(self, layer: int, mode: str = "mean_abs") -> np.ndarray:
         return self.arrays[mode][self.layers.index(layer)]
+
+    def __getitem__(self, key: str):
+        """The original scripts' helper's shape: results['data']['layer_0_mean_abs'] (the npz keys)
+        and results['metadata'] (a dict)."""
+        if key == "data":
+            return {f"layer_{layer}_{name}": array[row]
+                    for name, array in self.arrays.items() for row, layer in enumerate(self.layers)}
+        if key == "metadata":
+            return self.metadata
+        raise KeyError(f"{key!r}: Results has 'data' and 'metadata' (and .arrays, .layers)")
 
 
 def _store_path(path: Path) -> Path | None:
@@ -38,7 +49,10 @@ def open_results(path: str | Path) -> "zarr.Group":  # noqa: F821 (zarr is impor
     every array was checked against that checkpoint's digests; arrays then load
     lazily, chunk by chunk.
 
-    Accepts the run directory or its results.zarr."""
+    Accepts the run directory or its results.zarr. A complete run holds every statistic of every
+    kind as {prefix}_{statistic} (grad_mean_abs, grad_std, value_sem, ...; README "Names"), float32,
+    written at finalize; `raygrad.stats.from_group(group, prefix, statistic)` derives any of them
+    in float64 from the sums (also for stores written before those arrays existed)."""
     from .store import ResultStore
 
     store = _store_path(Path(path))
@@ -48,9 +62,12 @@ def open_results(path: str | Path) -> "zarr.Group":  # noqa: F821 (zarr is impor
 
 
 def load_results(path: str | Path) -> Results:
-    """Arrays as exported (normalized if the run asked for it) from the
-    consolidated .npz, the run directory, or its results.zarr."""
+    """Arrays as exported (with the run's --power and normalization) from the consolidated .npz,
+    an export set's directory, the run directory, or its results.zarr. From the store: every
+    statistic (mean_abs, mean, mean_sq, std, sem) of every kind, derived from the float64 sums."""
     path = Path(path)
+    if path.is_dir() and _store_path(path) is None and (path / names.CONSOLIDATED_NPZ).exists():
+        path = path / names.CONSOLIDATED_NPZ  # an export set (RUN_DIR/exports/NAME)
     if path.suffix == ".npz":
         return _from_npz(path)
     from .export import build_metadata, exported_arrays
@@ -62,14 +79,16 @@ def load_results(path: str | Path) -> Results:
     store = ResultStore.open(store_path)
     if store.attrs.get(names.ATTR_STATUS) != names.STATUS_COMPLETE:
         raise RaygradError(f"{path}: the run is not complete; finish it with raygrad run --resume")
+    if names.ATTR_CONFIG not in store.attrs:
+        raise RaygradError(f"{path}: a compare result, not a run; read it with open_results or its .npz")
     config = RunConfig.from_dict(store.attrs[names.ATTR_CONFIG])
     layers = [int(layer) for layer in store.group[names.LAYERS][:]]
-    arrays = {names.export_key(kind, mode): array
-              for (kind, mode), array in exported_arrays(store, config, ("mean_abs", "mean")).items()}
+    arrays = {names.export_key(*key): array
+              for key, array in exported_arrays(store, config, names.STATISTICS).items()}
     return Results(layers, arrays, build_metadata(store, config, layers, arrays))
 
 
-_KEY = re.compile(r"^layer_(\d+)_((?:mean_abs|mean)(?:_values|_attribution)?)$")
+_KEY = re.compile(r"^layer_(\d+)_(.+)$")
 
 
 def _from_npz(path: Path) -> Results:

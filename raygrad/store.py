@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from . import __version__
+from . import __version__, stats
 from . import constants as names
 from .errors import RaygradError
-from .grads import Partial, array_widths
+from .grads import Partial
 
 FEATURE_CHUNK = 65536  # values per chunk: one layer of a 65k-feature SAE, several layers of a narrow site
 
@@ -59,13 +59,20 @@ class ResultStore:
         """`prefixes`: statistic prefix -> width; each gets {prefix}_sum/_abs_sum/_sq_sum."""
         group = zarr.open_group(str(path), mode="w-")
         num_layers = len(layers)
-        for name, width in array_widths(prefixes).items():
-            group.create_array(name, shape=(num_layers, width), chunks=_chunks(num_layers, width),
-                               dtype="float64", fill_value=0.0, dimension_names=("layer", "dim"))
-        group.create_array(names.LAYERS, shape=(num_layers,), dtype="int32", dimension_names=("layer",))
-        group[names.LAYERS][:] = np.asarray(layers, dtype=np.int32)
+        target = attrs.get(names.ATTR_PLAN, {}).get("target", "mlp")
+        for prefix, width in prefixes.items():
+            for name, stat in zip(names.sum_names(prefix), names.STATS):
+                array = group.create_array(name, shape=(num_layers, width), chunks=_chunks(num_layers, width),
+                                           dtype="float64", fill_value=0.0,
+                                           dimension_names=(names.LAYER_COORD, dimension_name(prefix, target)))
+                array.attrs.update(stats.array_attrs(prefix, stat))
+        for name in (names.LAYERS, names.LAYER_COORD):  # `layer`: the coordinate xarray reads
+            group.create_array(name, shape=(num_layers,), dtype="int32", dimension_names=(names.LAYER_COORD,))
+            group[name][:] = np.asarray(layers, dtype=np.int32)
+            group[name].attrs.update({"units": "layer index", "description": "model layer of each row"})
         group.create_array(names.TOKENS, shape=(num_layers,), dtype="int64", fill_value=0,
-                           dimension_names=("layer",))
+                           dimension_names=(names.LAYER_COORD,))
+        group[names.TOKENS].attrs.update({"units": "positions", "description": "positions aggregated per layer (n)"})
         group.create_array(names.SHARDS_DONE, shape=(num_shards,), dtype="bool", fill_value=False,
                            dimension_names=("shard",))
         group.create_array(names.LOSS_SUM, shape=(), dtype="float64", fill_value=0.0)
@@ -140,35 +147,37 @@ class ResultStore:
     def sum_array_names(self) -> list[str]:
         return [name for prefix in self.prefixes() for name in names.sum_names(prefix)]
 
-    def mean_array_names(self) -> list[str]:
-        return [name for prefix in self.prefixes() for name in names.MEAN_ARRAYS[prefix]]
-
     def recorded_arrays(self) -> list[str]:
-        """Every array a checkpoint vouches for (the means only once the run is complete)."""
-        return [*self.sum_array_names(), names.LAYERS, names.TOKENS, names.SHARDS_DONE, names.LOSS_SUM,
-                names.LOSS_TOKENS]
+        """Every array a checkpoint vouches for (the derived statistics only once the run is complete)."""
+        return [*self.sum_array_names(), names.LAYERS, names.LAYER_COORD, names.TOKENS, names.SHARDS_DONE,
+                names.LOSS_SUM, names.LOSS_TOKENS]
 
     def finalize(self, timing: dict) -> None:
-        """Write the derived means and mark the run complete (in that order: a kill
+        """Write the derived statistics and mark the run complete (in that order: a kill
         in between leaves a running store that a resume finalizes again)."""
-        means = self.write_means()
-        self._record(means)
+        self._record(self.write_means())
         self.group.attrs.update({names.ATTR_STATUS: names.STATUS_COMPLETE, names.ATTR_TIMING: timing})
-        _sync_tree(self.path, only=("zarr.json",))
+        consolidate(self.path)
+
+
 
     def write_means(self) -> dict[str, np.ndarray]:
-        """The mean arrays from the sums; returns them by name."""
+        """Every derived statistic ({prefix}_{statistic}, float32, for xarray and lazy readers; the
+        exports derive theirs from the sums in float64) from the sums; returns them by name."""
         totals, _ = self.totals()
-        count = np.maximum(totals.tokens, 1)[:, None]  # a layer with no tokens has mean 0, not NaN
+        count = totals.tokens[:, None]  # a layer with no tokens has statistics 0, not NaN
         written = {}
         for prefix in self.prefixes():
-            total, abs_total, _ = names.sum_names(prefix)
-            for name, source in zip(names.MEAN_ARRAYS[prefix], (total, abs_total)):
-                values = (totals.sums[source] / count).astype(np.float32)
+            source = self.group[names.sum_names(prefix)[0]]
+            for statistic in names.STATISTICS:
+                name = names.store_name(prefix, statistic)
+                values = stats.derive(statistic, *(totals.sums[n] for n in names.sum_names(prefix)), count)
+                values = values.astype(np.float32)
                 if name not in self.group:
-                    self.group.create_array(name, shape=values.shape, chunks=self.group[source].chunks,
-                                            dtype="float32", dimension_names=("layer", "dim"))
+                    self.group.create_array(name, shape=values.shape, chunks=source.chunks, dtype="float32",
+                                            dimension_names=source.metadata.dimension_names)
                 self.group[name][:] = values
+                self.group[name].attrs.update(stats.array_attrs(prefix, statistic))
                 written[name] = values
         _sync_tree(self.path, only=tuple(written))
         return written
@@ -181,6 +190,11 @@ class ResultStore:
         state["arrays"].update({name: _digest(value) for name, value in arrays.items()})
         state["inputs"] = _inputs_digest(self.attrs)
         _write_state(self.path, state)
+
+    def seal(self) -> None:
+        """Record the digest of every array (a store written in one go, like a comparison's)."""
+        consolidate(self.path)
+        self._record({name: array[...] for name, array in self.group.arrays()})
 
     def committed_group(self) -> zarr.Group:
         """The Zarr group as last committed: the group itself, or (while a committed
@@ -222,9 +236,10 @@ class ResultStore:
             raise DamagedStore(f"{where}/zarr.json: the run's configuration or plan changed since its last "
                                "checkpoint; re-run it")
         complete = self.attrs.get(names.ATTR_STATUS) == names.STATUS_COMPLETE
-        mean_names = {name for pair in names.MEAN_ARRAYS.values() for name in pair}
-        if complete and means and not mean_names & set(state["arrays"]):
-            raise DamagedStore(f"{where}: marked complete, but its means were never recorded; re-run it")
+        mean_names = _derived_names()
+        is_run = names.ATTR_CONFIG in self.attrs  # a compare store has no derived statistics of its own
+        if is_run and complete and means and not mean_names & set(state["arrays"]):
+            raise DamagedStore(f"{where}: marked complete, but its statistics were never recorded; re-run it")
         for name, recorded in state["arrays"].items():
             if name in self.committed or (name in mean_names and not (complete and means)):
                 # The committed redo file is checked by np.load (zip CRC) as it reads; means
@@ -240,9 +255,29 @@ class ResultStore:
                                    f"truncated or changed); {self._remedy(name)}")
 
     def _remedy(self, name: str) -> str:
-        if any(name in pair for pair in names.MEAN_ARRAYS.values()):
-            return f"the sums are intact: rebuild the means with raygrad repair {self.run_dir}"
+        if name in _derived_names():
+            return f"the sums are intact: rebuild the derived statistics with raygrad repair {self.run_dir}"
         return "no number from this run can be vouched for: re-run it"
+
+
+def consolidate(path: Path) -> None:
+    """Every array's metadata in the root zarr.json (a finished store is opened in one read, and
+    xarray.open_zarr does not warn), flushed to disk."""
+    with warnings.catch_warnings():  # Zarr notes our own files (the state file) as "not a component"
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(str(path))
+    _sync_tree(path, only=("zarr.json",))
+
+
+def dimension_name(prefix: str, target: str) -> str:
+    """`feature` for an SAE's features, `dim` for a site's own dimensions: xarray needs distinct names
+    for the two widths of an SAE run."""
+    return names.DIM_FEATURE if target == "sae" and prefix != names.SITE_PREFIX else names.DIM_SITE
+
+
+def _derived_names() -> set[str]:
+    """Names of the statistics finalize derives (a complete run's; rebuilt by `raygrad repair`)."""
+    return {names.store_name(prefix, statistic) for prefix in names.MEAN_ARRAYS for statistic in names.STATISTICS}
 
 
 def _checkpoint_arrays(totals: Partial, shards_done: np.ndarray) -> dict[str, np.ndarray]:

@@ -15,8 +15,8 @@ from raygrad.store import DamagedStore, ResultStore
 from raygrad.worker import ShardRunner
 
 SUM_AND_STATE = [names.GRAD_SUM, names.GRAD_ABS_SUM, "grad_sq_sum", names.TOKENS, names.SHARDS_DONE,
-                 names.LOSS_SUM, names.LOSS_TOKENS, names.LAYERS]
-MEANS = ["mean_abs", "mean"]
+                 names.LOSS_SUM, names.LOSS_TOKENS, names.LAYERS, names.LAYER_COORD]
+MEANS = ["grad_mean_abs", "grad_mean", "grad_std"]  # statistics derived at finalize
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +139,10 @@ def test_a_damaged_redo_file_is_one_line_and_a_stale_staging_file_is_ignored(pri
 def test_repair_rebuilds_damaged_means_from_verified_sums(pristine, tmp_path, capsys, monkeypatch):
     run_dir = copy_of(pristine, "complete", tmp_path)
     expected = {key: value.copy() for key, value in load_results(run_dir).arrays.items()}
-    damage(chunk_files(run_dir, "mean_abs")[0], "missing")
+    damage(chunk_files(run_dir, "grad_mean_abs")[0], "missing")
     code, out, err = run_cli(["repair", str(run_dir)], capsys, monkeypatch)
     assert code == 0, err
-    assert "rebuilt 2 mean arrays" in out
+    assert "rebuilt 5 derived statistics" in out
     repaired = load_results(run_dir)
     for key, value in expected.items():
         np.testing.assert_array_equal(repaired.arrays[key], value)

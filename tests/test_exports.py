@@ -87,7 +87,7 @@ def test_load_results_accepts_npz_directory_and_store(both_run):
         np.testing.assert_allclose(results.layer(0, "mean_abs"), expected, rtol=1e-6)
         assert results.metadata["layers"] == [0, 2]
     lazy = raygrad.open_results(run_dir)
-    np.testing.assert_allclose(lazy["mean_abs"][0], expected, rtol=1e-6)
+    np.testing.assert_allclose(lazy["grad_mean_abs"][0], expected, rtol=1e-6)
     assert lazy["grad_sum"].metadata.dimension_names == ("layer", "dim")
 
 

@@ -141,7 +141,7 @@ def test_top_lists_features_with_neuronpedia_links(tiny_llama, texts_file, sae_d
         write_sae_lens_dir(tmp_path / "plain" / f"sae_{layer}", 32, D_SAE, hook_name=f"blocks.{layer}.hook_mlp_out")
     run_dir, _ = sae_run(tiny_llama, texts_file, tmp_path / "without", tmp_path / "plain")
     assert all(r.url is None for r in top_features(run_dir, k=2))
-    with pytest.raises(RaygradError, match="--by value_mean_abs: this run has mean, mean_abs"):
+    with pytest.raises(RaygradError, match="--by value_mean_abs: this run has grad_mean, grad_mean_abs, grad_mean_sq"):
         top_features(run_dir, by="value_mean_abs")
 
 
