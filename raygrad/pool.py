@@ -223,7 +223,7 @@ class WorkerPool:
             if ref in waiting:
                 actor = waiting.pop(ref)
                 try:
-                    info = ray.get(ref)
+                    info = _get(ref)
                 except RayActorError as err:  # gone before it was up: ask for another one
                     log.warning("a worker was lost while starting (%s); asking for another", _first_line(err))
                     self._replace(actor, waiting)
@@ -236,7 +236,7 @@ class WorkerPool:
             actor, item = running.pop(ref)
             self.busy.pop(actor._actor_id.hex(), None)
             try:
-                result = ray.get(ref)
+                result = _get(ref)
             except RayActorError as err:  # its node or process is gone: the shard goes back to the queue
                 self.echo(f"worker lost during shard {item[0]} ({_first_line(err)}); the shard is queued again")
                 queue.appendleft(item)
@@ -275,6 +275,20 @@ class WorkerPool:
     def _timeout_message(self) -> str:
         return (f"--worker-timeout {self.config.worker_timeout:g}: no worker was placed in that time; asked for "
                 f"{self.describe_request()}, the cluster offers {self._cluster_offer()}")
+
+
+def _get(ref):
+    """ray.get, with a worker's own one-line error (a model it cannot load, a GPU too small)
+    raised as that line rather than Ray's wrapper and the remote traceback."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    try:
+        return ray.get(ref)
+    except RayTaskError as err:
+        if isinstance(err.cause, RaygradError):
+            raise RaygradError(str(err.cause)) from None
+        raise
 
 
 def _wait_reachable(address: str, timeout: float) -> None:

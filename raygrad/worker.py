@@ -6,6 +6,7 @@ over a model that is already loaded (the GPU benchmark builds its own)."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections import deque
@@ -113,6 +114,22 @@ class ShardComputer:
         return True
 
 
+def _check_gpu_fits(plan: Plan, device: torch.device) -> None:
+    """Refuse, before loading, a plan whose estimate exceeds this worker's GPU (the driver of a
+    cluster cannot see its workers' GPUs). SAEs that do not all fit go in passes: one must fit."""
+    from .errors import RaygradError
+    from .memory import check_fits
+
+    if not plan.weight_bytes:
+        return
+    memory = plan.memory()
+    if plan.target == "sae" and not plan.sae_layers_per_pass:
+        memory = dataclasses.replace(memory, saes=plan.sae_bytes // max(1, len(plan.layers)))
+    problem = check_fits(memory, torch.cuda.get_device_properties(device).total_memory, plan.model)
+    if problem:
+        raise RaygradError(problem)
+
+
 class ShardRunner:
     def __init__(self, plan: Plan, seed: int = 0):
         started = time.perf_counter()
@@ -122,6 +139,8 @@ class ShardRunner:
         self.plan = plan
         device = pick_device(plan.device_request)  # resolved here, where the shards run
         placement = device_placement(device, plan.allow_offload)
+        if device.type == "cuda" and not placement:
+            _check_gpu_fits(plan, device)
         self.model, self.tokenizer = load_model_and_tokenizer(plan.model, device, getattr(torch, plan.dtype),
                                                               placement)
         # Split across GPUs: ids and running sums live where the model starts.

@@ -158,7 +158,7 @@ def test_resume_takes_execution_options_and_refuses_the_rest(tiny_llama, texts_f
     assert code == 2 and err.strip().splitlines() == [
         f"error: --resume {run_dir}: --layers would change what the run computes; a resumed run keeps its own "
         "(only --address, --workers, --gpus-per-worker, --device, --worker-timeout, --connect-timeout, "
-        "--checkpoint-seconds may change)"]
+        "--checkpoint-seconds, --sae-layers-per-pass may change)"]
     code, _, err = run_cli(["run", "--resume", str(run_dir), "--workers", "0", "--worker-timeout", "60"],
                            capsys, monkeypatch)
     assert code == 0, err
