@@ -88,11 +88,16 @@ def export(run_dir, save_outputs) -> None:
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 def info(run_dir) -> None:
     """Print a run's status, plan and timing."""
+    from .quality import sae_quality
     from .results import open_results
 
-    attrs = dict(open_results(run_dir).attrs)
-    click.echo(json.dumps({k: attrs.get(k) for k in (names.ATTR_STATUS, names.ATTR_PLAN, names.ATTR_TIMING)},
-                          indent=2))
+    group = open_results(run_dir)
+    attrs = dict(group.attrs)
+    shown = {k: attrs.get(k) for k in (names.ATTR_STATUS, names.ATTR_PLAN, names.ATTR_TIMING)}
+    quality = sae_quality(group)
+    if quality is not None:  # per layer: FVU, mean L0, and (splice modes) the loss with the SAE spliced in
+        shown["sae_quality"] = quality
+    click.echo(json.dumps(shown, indent=2))
 
 
 @cli.command()

@@ -12,20 +12,28 @@ LAYERS = "layers"
 TOKENS = "tokens"
 # Each aggregated quantity ("kind") has three running sums named
 # {prefix}_sum, {prefix}_abs_sum, {prefix}_sq_sum, and two derived means.
-KIND_PREFIX = {"gradients": "grad", "values": "value", "attribution": "attr"}
+KIND_PREFIX = {"gradients": "grad", "values": "value", "attribution": "attr", "hessian": "hess"}
 SITE_PREFIX = "site_grad"  # target sae: the hook site's own d-dim gradient (= the SAE error node's)
+SITE_VALUE_PREFIX = "site_value"  # target sae: the hook site's activations x (the SAE's input, for its FVU)
 STATS = ("sum", "abs_sum", "sq_sum")
 MEAN_ARRAYS = {  # prefix -> (signed mean, mean of |x|)
     "grad": ("mean", "mean_abs"),
     "value": ("value_mean", "value_mean_abs"),
     "attr": ("attr_mean", "attr_mean_abs"),
+    "hess": ("hess_mean", "hess_mean_abs"),
     SITE_PREFIX: ("site_mean", "site_mean_abs"),
+    SITE_VALUE_PREFIX: ("site_value_mean", "site_value_mean_abs"),
 }
 SUM_ARRAYS = tuple(f"grad_{stat}" for stat in STATS)  # the gradient kind's sums
 GRAD_SUM, GRAD_ABS_SUM, _ = SUM_ARRAYS
 SHARDS_DONE = "shards_done"
 LOSS_SUM = "loss_sum"  # scalar run total, nats (sum of CE over every target)
 LOSS_TOKENS = "loss_tokens"  # scalar run total, targets that entered the loss
+# Target sae, one float64 value per layer (dimension `layer`), summed like every other partial:
+SAE_SQ_ERROR_SUM = "sae_sq_error_sum"  # sum over aggregated tokens of ||x - x_hat||^2 (model units^2)
+SAE_L0_SUM = "sae_l0_sum"  # nonzero features, summed over aggregated tokens
+SPLICED_LOSS_SUM = "spliced_loss_sum"  # splice modes: nats, CE over every target with this layer's SAE spliced in
+LAYER_SUMS = (SAE_SQ_ERROR_SUM, SAE_L0_SUM, SPLICED_LOSS_SUM)
 
 # Root attributes.
 ATTR_VERSION = "raygrad_version"

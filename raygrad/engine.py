@@ -58,7 +58,7 @@ def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: boo
         run_dir.mkdir(parents=True)
         store = ResultStore.create(
             run_dir / names.STORE_NAME, plan.prefixes, len(plan.shards), plan.layers,
-            {names.ATTR_CONFIG: config.to_dict(), names.ATTR_PLAN: plan.to_dict()},
+            {names.ATTR_CONFIG: config.to_dict(), names.ATTR_PLAN: plan.to_dict()}, plan.layer_sums,
         )
         _execute(plan, config, texts, store, pool, progress, checkpoint_seconds, time.perf_counter() - started,
                  echo)

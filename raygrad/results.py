@@ -67,7 +67,7 @@ def load_results(path: str | Path) -> Results:
     return Results(layers, arrays, build_metadata(store, config, layers, arrays))
 
 
-_KEY = re.compile(r"^layer_(\d+)_((?:mean_abs|mean)(?:_values|_attribution)?)$")
+_KEY = re.compile(r"^layer_(\d+)_((?:mean_abs|mean)(?:_values|_attribution|_hessian)?)$")
 
 
 def _from_npz(path: Path) -> Results:

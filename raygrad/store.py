@@ -31,13 +31,17 @@ class ResultStore:
 
     @classmethod
     def create(cls, path: Path, prefixes: dict[str, int], num_shards: int, layers: list[int],
-               attrs: dict) -> "ResultStore":
-        """`prefixes`: statistic prefix -> width; each gets {prefix}_sum/_abs_sum/_sq_sum."""
+               attrs: dict, layer_sums: tuple[str, ...] = ()) -> "ResultStore":
+        """`prefixes`: statistic prefix -> width; each gets {prefix}_sum/_abs_sum/_sq_sum.
+        `layer_sums`: per-layer float64 scalar totals (constants.LAYER_SUMS), summed like the others."""
         group = zarr.open_group(str(path), mode="w-")
         num_layers = len(layers)
         for name, width in array_widths(prefixes).items():
             group.create_array(name, shape=(num_layers, width), chunks=(1, min(width, FEATURE_CHUNK)),
                                dtype="float64", fill_value=0.0, dimension_names=("layer", "dim"))
+        for name in layer_sums:
+            group.create_array(name, shape=(num_layers,), dtype="float64", fill_value=0.0,
+                               dimension_names=("layer",))
         group.create_array(names.LAYERS, shape=(num_layers,), dtype="int32", dimension_names=("layer",))
         group[names.LAYERS][:] = np.asarray(layers, dtype=np.int32)
         group.create_array(names.TOKENS, shape=(num_layers,), dtype="int64", fill_value=0,
@@ -88,7 +92,9 @@ class ResultStore:
         return [prefix for prefix in names.MEAN_ARRAYS if f"{prefix}_sum" in self.group]
 
     def sum_array_names(self) -> list[str]:
-        return [name for prefix in self.prefixes() for name in names.sum_names(prefix)]
+        """Every running total added shard by shard: the prefixes' sums and the per-layer scalars."""
+        return ([name for prefix in self.prefixes() for name in names.sum_names(prefix)]
+                + [name for name in names.LAYER_SUMS if name in self.group])
 
     def finalize(self, timing: dict) -> None:
         """Write the derived means and mark the run complete."""

@@ -42,7 +42,7 @@ def top_features(run_dir, layer: int | None = None, k: int = 20, by: str = "mean
             continue
         values = group[by][row]  # one chunk row, read on demand
         order = np.argsort(-np.abs(values), kind="stable")[:k]
-        neuronpedia_id = saes[row].get("neuronpedia_id") if by.startswith(("mean", "value", "attr")) else None
+        neuronpedia_id = saes[row].get("neuronpedia_id") if by.startswith(("mean", "value", "attr", "hess")) else None
         for rank, index in enumerate(order, start=1):
             url = NEURONPEDIA_URL.format(model_and_sae=neuronpedia_id, feature=int(index)) if neuronpedia_id else None
             rows.append(TopRow(current, rank, int(index), float(values[index]), url))

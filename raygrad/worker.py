@@ -42,19 +42,24 @@ class ShardComputer:
     """Texts -> batches -> one forward+backward each -> one Partial per shard."""
 
     def __init__(self, model, tokenizer, modules, prefixes: dict[str, int], aggregation: Aggregation,
-                 sizer: BatchSizer, max_length: int, device: torch.device, saes=None):
+                 sizer: BatchSizer, max_length: int, device: torch.device, saes=None,
+                 layer_sums: tuple[str, ...] = ()):
         self.model, self.tokenizer, self.modules, self.saes = model, tokenizer, modules, saes
         self.prefixes, self.aggregation, self.sizer = prefixes, aggregation, sizer
-        self.max_length, self.device = max_length, device
+        self.max_length, self.device, self.layer_sums = max_length, device, layer_sums
 
-    def compute(self, texts: list[str]) -> Partial:
+    def compute(self, texts: list[str], seed: int | None = None) -> Partial:
+        """`seed` fixes the batches' Rademacher probes (hessian kind): a shard computed again
+        (a retry, a resume) draws the same ones."""
         token_ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
-        acc = DeviceAccumulator(len(self.modules), self.prefixes, self.device)
+        acc = DeviceAccumulator(len(self.modules), self.prefixes, self.device, self.layer_sums)
+        probe_seeds = random.Random(seed)
         queue = deque(self.sizer.batches([len(ids) for ids in token_ids]))
         while queue:
             indices = queue.popleft()
             input_ids, mask = collate([token_ids[i] for i in indices], self.tokenizer.pad_token_id)
-            if self._try_batch(make_batch(input_ids, mask, self.aggregation), acc):
+            batch = make_batch(input_ids, mask, self.aggregation, probe_seed=probe_seeds.getrandbits(63))
+            if self._try_batch(batch, acc):
                 continue
             # Out of memory: nothing of this batch was added. It and every batch still
             # waiting are packed again under the smaller budget.
@@ -107,14 +112,17 @@ class ShardRunner:
             exclude_bos_id=self.tokenizer.bos_token_id if plan.exclude_bos else None,
             position_stride=plan.position_stride,
             sae_mode=plan.sae_mode or "clean",
+            hessian_probes=plan.hessian_probes,
         )
+        self.seed = seed
         self.computer = ShardComputer(self.model, self.tokenizer, self.modules, plan.prefixes, aggregation,
-                                      batch_sizer(plan, self.device), plan.max_length, self.device, self.saes)
+                                      batch_sizer(plan, self.device), plan.max_length, self.device, self.saes,
+                                      plan.layer_sums)
         self.load_seconds = time.perf_counter() - started
 
     def run(self, shard: int, texts: list[str]) -> ShardResult:
         started = time.perf_counter()
-        partial = self.computer.compute(texts)
+        partial = self.computer.compute(texts, seed=hash((self.seed, shard)))
         sizer = self.computer.sizer
         return ShardResult(shard, partial, time.perf_counter() - started, self.load_seconds,
                            sizer.tokens if sizer.mode != "texts" else 0)

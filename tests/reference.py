@@ -144,3 +144,35 @@ def reference_splice_all_sums(model_dir, sae_dirs, texts, layers, max_length, st
             out["grad_sq_sum"][row] += (g**2).sum(0)
             out["tokens"][row] += g.shape[0]
     return out
+
+
+def reference_site_hessian(model_dir, texts, layer, max_length, site="mlp_out"):
+    """Per text: (ids, H) with H the exact Hessian of the summed loss w.r.t. the module's output z,
+    (T*D, T*D) float64, row by row: one second derivative d(dLoss/dz_i)/dz per element i, from a leaf
+    that replaces the output (eager attention: the fused kernels have no double backward)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64, attn_implementation="eager")
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    module = explicit_module(model, layer, site)
+    out = []
+    for text in texts:
+        ids = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt").input_ids
+        leaf = {}
+
+        def replace_with_leaf(mod, args, output):
+            leaf["z"] = output.detach().requires_grad_(True)
+            return leaf["z"]
+
+        handle = module.register_forward_hook(replace_with_leaf)
+        try:
+            logits = model(ids).logits
+        finally:
+            handle.remove()
+        loss = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
+        (g,) = torch.autograd.grad(loss, leaf["z"], create_graph=True)
+        g = g.flatten()
+        # all rows at once: the backward of g batched over the unit vectors (vmap)
+        (rows,) = torch.autograd.grad(g, leaf["z"], grad_outputs=torch.eye(g.numel(), dtype=g.dtype),
+                                      is_grads_batched=True)
+        out.append((ids[0], rows.flatten(1)))
+    return out
