@@ -17,7 +17,7 @@ def sae_quality(group) -> dict[str, dict] | None:
     unmodified model's."""
     if names.SAE_SQ_ERROR_SUM not in group:
         return None
-    value_sum, value_sq_sum, _ = (f"{names.SITE_VALUE_PREFIX}_{stat}" for stat in names.STATS)
+    value_sum, _, value_sq_sum = names.sum_names(names.SITE_VALUE_PREFIX)
     tokens = group[names.TOKENS][:]
     errors, l0 = group[names.SAE_SQ_ERROR_SUM][:], group[names.SAE_L0_SUM][:]
     x_sum, x_sq_sum = group[value_sum][:], group[value_sq_sum][:]
