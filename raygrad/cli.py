@@ -111,11 +111,13 @@ def export(run_dir, save_outputs, aggregation_mode, power, normalize_mode, name)
 def info(run_dir) -> None:
     """Print a run's status, progress, exports, plan and timing (after verifying its store)."""
     from .export import check_exports
+    from .quality import sae_quality
     from .store import ResultStore
 
     store = ResultStore.open(_store_of(run_dir))
     attrs = store.attrs
     _, done = store.totals()
+    quality = sae_quality(store.committed_group())
     complete = attrs.get(names.ATTR_STATUS) == names.STATUS_COMPLETE
     exports = (check_exports(Path(run_dir)) or "whole") if complete else "not written (the run is not complete)"
     click.echo(json.dumps({
@@ -125,6 +127,8 @@ def info(run_dir) -> None:
         "exports": exports,
         names.ATTR_PLAN: attrs.get(names.ATTR_PLAN),
         names.ATTR_TIMING: attrs.get(names.ATTR_TIMING),
+        # per layer: FVU, mean L0, and (splice modes) the loss with the SAE spliced in
+        **({"sae_quality": quality} if quality is not None else {}),
     }, indent=2))
 
 

@@ -12,7 +12,7 @@ from .constants import NORMALIZE_MODES, STATISTICS
 from .errors import RaygradError
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B"
-AGGREGATE_KINDS = ("gradients", "values", "attribution")
+AGGREGATE_KINDS = ("gradients", "values", "attribution", "hessian")
 DEFAULT_BATCH_SIZE = 4  # texts, the original scripts' default (used on a CPU)
 PACKED_SHARD_TEXTS = 256  # texts per shard when batches are packed by tokens
 
@@ -51,8 +51,11 @@ class RunConfig:
         "worker's GPU, else as many as fit (the others wait in CPU memory and come over for their pass).")
     position_stride: int = _opt(1, "Aggregate every K-th position only (the original SAE script used 4).")
     aggregate_by: tuple[str, ...] = _opt(
-        ("gradients",), "What to aggregate (repeatable): gradients, values (activations), attribution (grad x value).",
-        multiple=True)
+        ("gradients",), "What to aggregate (repeatable): gradients, values (activations), attribution (grad x value), "
+        "hessian (Hutchinson estimate of the Hessian diagonal d2Loss/dz2).", multiple=True)
+    hessian_probes: int = _opt(
+        1, "Rademacher probes per batch for --aggregate-by hessian, one extra double backward each; the "
+        "per-token estimate is their mean.")
     device: Literal["auto", "cuda", "cpu"] = _opt("auto", "Device for each worker.")
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = _opt(
         "float32", "Model weights and activations; sums are float64 whatever this is.")
@@ -95,7 +98,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self._normalize_batch_size()
-        for name in ("num_samples", "min_chars", "position_stride"):
+        for name in ("num_samples", "min_chars", "position_stride", "hessian_probes"):
             value = getattr(self, name)
             low = 0 if name == "min_chars" else 1  # min_chars 0 keeps every non-empty text
             if not isinstance(value, int) or value < low:

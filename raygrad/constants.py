@@ -17,14 +17,17 @@ DIM_SITE = "dim"
 DIM_FEATURE = "feature"
 # Each aggregated quantity ("kind") has three running sums named
 # {prefix}_sum, {prefix}_abs_sum, {prefix}_sq_sum; every statistic is derived from them.
-KIND_PREFIX = {"gradients": "grad", "values": "value", "attribution": "attr"}
+KIND_PREFIX = {"gradients": "grad", "values": "value", "attribution": "attr", "hessian": "hess"}
 SITE_PREFIX = "site_grad"  # target sae: the hook site's own d-dim gradient (= the SAE error node's)
 SITE_KIND = "site_gradients"
+SITE_VALUE_PREFIX = "site_value"  # target sae: the hook site's activations x (the SAE's input, for its FVU)
+SITE_VALUE_KIND = "site_values"
 STATS = ("sum", "abs_sum", "sq_sum")
 # Statistics per dimension, derived from the sums (README "Names"): store arrays {prefix}_{statistic}.
 STATISTICS = ("mean_abs", "mean", "mean_sq", "std", "sem")
 MEAN_ARRAYS = {  # prefix -> (signed mean, mean of |x|) as written at finalize
-    prefix: (f"{prefix}_mean", f"{prefix}_mean_abs") for prefix in (*KIND_PREFIX.values(), SITE_PREFIX)
+    prefix: (f"{prefix}_mean", f"{prefix}_mean_abs")
+    for prefix in (*KIND_PREFIX.values(), SITE_PREFIX, SITE_VALUE_PREFIX)
 }
 # Stores written before the naming table (raygrad 0.1 sessions) named the means differently; readers
 # derive every statistic from the sums, so these are only accepted as spellings of `top --by`.
@@ -36,6 +39,11 @@ GRAD_SUM, GRAD_ABS_SUM, _ = SUM_ARRAYS
 SHARDS_DONE = "shards_done"
 LOSS_SUM = "loss_sum"  # scalar run total, nats (sum of CE over every target)
 LOSS_TOKENS = "loss_tokens"  # scalar run total, targets that entered the loss
+# Target sae, one float64 value per layer (dimension `layer`), summed like every other partial:
+SAE_SQ_ERROR_SUM = "sae_sq_error_sum"  # sum over aggregated tokens of ||x - x_hat||^2 (model units^2)
+SAE_L0_SUM = "sae_l0_sum"  # nonzero features, summed over aggregated tokens
+SPLICED_LOSS_SUM = "spliced_loss_sum"  # splice modes: nats, CE over every target with this layer's SAE spliced in
+LAYER_SUMS = (SAE_SQ_ERROR_SUM, SAE_L0_SUM, SPLICED_LOSS_SUM)
 
 # Root attributes.
 ATTR_VERSION = "raygrad_version"
@@ -81,11 +89,12 @@ def mean_name(prefix: str, mode: str) -> str:
 
 
 def kind_of(prefix: str) -> str:
-    return {**{p: k for k, p in KIND_PREFIX.items()}, SITE_PREFIX: SITE_KIND}[prefix]
+    kinds = {**{p: k for k, p in KIND_PREFIX.items()}, SITE_PREFIX: SITE_KIND, SITE_VALUE_PREFIX: SITE_VALUE_KIND}
+    return kinds[prefix]
 
 
 def prefix_of(kind: str) -> str:
-    return {**KIND_PREFIX, SITE_KIND: SITE_PREFIX}[kind]
+    return {**KIND_PREFIX, SITE_KIND: SITE_PREFIX, SITE_VALUE_KIND: SITE_VALUE_PREFIX}[kind]
 
 
 def norm_suffix(norm: str | None) -> str:

@@ -51,7 +51,7 @@ def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: boo
         try:
             store = ResultStore.create(
                 run_dir / names.STORE_NAME, plan.prefixes, len(plan.shards), plan.layers,
-                {names.ATTR_CONFIG: config.to_dict(), names.ATTR_PLAN: plan.to_dict()},
+                {names.ATTR_CONFIG: config.to_dict(), names.ATTR_PLAN: plan.to_dict()}, plan.layer_sums,
             )
         except OSError as err:
             raise RaygradError(f"--output-dir {output_dir}: cannot create the store ({_os_reason(err)})") from None

@@ -6,12 +6,14 @@ No Ray, no files: the worker (a Ray actor or in-process) calls
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from . import constants as names
@@ -24,7 +26,8 @@ class Partial:
     """Sums over some tokens, mergeable by addition (float64, exact order-free
     up to float64 rounding). Rows follow the plan's layer order."""
 
-    sums: dict[str, np.ndarray]  # e.g. grad_sum / grad_abs_sum / grad_sq_sum -> (L, width) float64
+    sums: dict[str, np.ndarray]  # e.g. grad_sum / grad_abs_sum / grad_sq_sum -> (L, width) float64;
+    #                              per-layer scalars (constants.LAYER_SUMS) -> (L,) float64
     tokens: np.ndarray  # (L,) int64, positions aggregated per layer
     loss_sum: float = 0.0  # nats, sum of cross-entropy over every target
     loss_tokens: int = 0  # targets that entered the loss
@@ -59,6 +62,7 @@ class DeviceAccumulator:
     num_layers: int
     prefixes: dict[str, int]  # statistic prefix -> width
     device: torch.device
+    layer_sums: tuple[str, ...] = ()  # per-layer scalar totals (constants.LAYER_SUMS), (L,) each
     sums: dict[str, torch.Tensor] = field(init=False)
     tokens: np.ndarray = field(init=False)  # (L,) positions aggregated per layer
     loss_sum: torch.Tensor = field(init=False)  # nats, float64 on the device
@@ -69,11 +73,17 @@ class DeviceAccumulator:
             name: torch.zeros((self.num_layers, width), dtype=torch.float64, device=self.device)
             for name, width in array_widths(self.prefixes).items()
         }
+        for name in self.layer_sums:
+            self.sums[name] = torch.zeros(self.num_layers, dtype=torch.float64, device=self.device)
         self.tokens = np.zeros(self.num_layers, dtype=np.int64)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
 
     def empty_like(self) -> "DeviceAccumulator":
-        return DeviceAccumulator(self.num_layers, self.prefixes, self.device)
+        return DeviceAccumulator(self.num_layers, self.prefixes, self.device, self.layer_sums)
+
+    def add_scalar(self, name: str, row: int, value: torch.Tensor) -> None:
+        """Add a 0-d tensor to one layer's scalar total (kept on the device)."""
+        self.sums[name][row] += value.to(self.device, torch.float64, non_blocking=True)
 
     def add(self, prefix: str, row: int, x: torch.Tensor) -> None:
         """Add sum, sum of |x| and sum of x^2 over the rows of x (N, width).
@@ -141,6 +151,7 @@ class Batch:
     selected: torch.Tensor  # (N,) int64 indices into the flattened (B*T) positions that are aggregated
     targets: int  # positions that predict a real target (enter the loss)
     has_padding: bool = True
+    probe_seed: int = 0  # seeds the batch's Rademacher probes (hessian kind)
 
     @property
     def model_mask(self) -> torch.Tensor | None:
@@ -163,10 +174,11 @@ class Batch:
         # Pinned host memory lets the copy overlap with the previous batch's kernels.
         move = {name: getattr(self, name).pin_memory().to(device, non_blocking=True)
                 for name in ("input_ids", "attention_mask", "labels", "selected")}
-        return Batch(**move, targets=self.targets, has_padding=self.has_padding)
+        return Batch(**move, targets=self.targets, has_padding=self.has_padding, probe_seed=self.probe_seed)
 
 
-def make_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, agg: "Aggregation") -> Batch:
+def make_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, agg: "Aggregation",
+               probe_seed: int = 0) -> Batch:
     """A host-side Batch from right-padded ids and their mask."""
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, :-1] = next_token_labels(input_ids, attention_mask)
@@ -175,7 +187,7 @@ def make_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, agg: "Aggr
     flat = torch.zeros_like(counted)
     flat[:, :-1] = mask
     return Batch(input_ids, attention_mask, labels, flat.flatten().nonzero().squeeze(1), int(counted.sum()),
-                 has_padding=bool((attention_mask == 0).any()))
+                 has_padding=bool((attention_mask == 0).any()), probe_seed=probe_seed)
 
 
 @dataclass
@@ -183,6 +195,7 @@ class BatchGradients:
     loss: torch.Tensor  # scalar float64, nats: sum of cross-entropy over real targets
     grads: tuple[torch.Tensor, ...]  # per hooked module, (B, T, D) dLoss/dz
     outputs: list[torch.Tensor]  # per hooked module, (B, T, D) z itself (detached)
+    deltas: list[torch.Tensor] | None = None  # the zero leaves added to z (kept for a second derivative)
 
 
 def _output_tensor(output):
@@ -229,7 +242,7 @@ def summed_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_elements: int 
 
 def site_gradients(
     model: nn.Module, modules: list[nn.Module], input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-    labels: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None, create_graph: bool = False,
 ) -> BatchGradients:
     """One forward and one backward for every hooked module at once.
 
@@ -237,7 +250,12 @@ def site_gradients(
     dLoss/d(delta) == dLoss/dz at every position, and the graph through z is
     untouched, so all layers' gradients come from a single backward pass that
     stops at the earliest hooked module. `labels` (B, T) default to the next
-    tokens of `input_ids` under `attention_mask`."""
+    tokens of `input_ids` under `attention_mask`.
+
+    `create_graph`: the gradients keep their graph (and `deltas` are returned)
+    so that second derivatives can be taken. The fused attention kernels have
+    no double backward (CPU flash attention, CUDA flash / memory-efficient), so
+    the forward then runs PyTorch's math attention: the same function, more memory."""
     deltas: list[torch.Tensor | None] = [None] * len(modules)
     outputs: list[torch.Tensor | None] = [None] * len(modules)
 
@@ -256,27 +274,42 @@ def site_gradients(
         labels[:, :-1] = next_token_labels(input_ids, attention_mask)
     handles = [module.register_forward_hook(hook_for(row)) for row, module in enumerate(modules)]
     try:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        with sdpa_kernel([SDPBackend.MATH]) if create_graph else contextlib.nullcontext():
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     finally:
         for handle in handles:
             handle.remove()
     loss = summed_loss(logits, labels)
     del logits  # the loss chunks keep what the backward needs
-    grads = torch.autograd.grad(loss, deltas)
-    return BatchGradients(loss.detach(), grads, outputs)
+    grads = torch.autograd.grad(loss, deltas, create_graph=create_graph)
+    return BatchGradients(loss.detach(), grads, outputs, deltas if create_graph else None)
 
 
 @dataclass(frozen=True)
 class Aggregation:
     """What a worker aggregates, resolved from the plan."""
 
-    kinds: tuple[str, ...] = ("gradients",)  # gradients / values / attribution
+    kinds: tuple[str, ...] = ("gradients",)  # gradients / values / attribution / hessian
     exclude_bos_id: int | None = None  # leave a first position holding this token out
     position_stride: int = 1  # aggregate positions t with t % stride == 0
     sae_mode: str = "clean"
+    hessian_probes: int = 1  # Rademacher probes per batch (hessian kind); the per-token estimate is their mean
     # Tokens x features per projection chunk. 2**24 float32 values = 64 MiB
     # per (chunk, features) tensor; about five are alive at once.
     chunk_elements: int = 2**24
+
+    @property
+    def hessian(self) -> bool:
+        return "hessian" in self.kinds
+
+    @property
+    def needs_values(self) -> bool:
+        return "values" in self.kinds or "attribution" in self.kinds
+
+    def chunks(self, rows: int, width: int) -> list[slice]:
+        """Row ranges of at most chunk_elements // width rows each."""
+        step = max(1, self.chunk_elements // width)
+        return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
 def aggregated_positions(counted: torch.Tensor, input_ids: torch.Tensor, agg: Aggregation) -> torch.Tensor:
@@ -297,10 +330,106 @@ def _rows(x: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
 
 
 def _add_kinds(acc: DeviceAccumulator, row: int, kinds: tuple[str, ...], value, grad) -> None:
-    """gradients: dLoss/dx; values: x; attribution: x * dLoss/dx (rows are positions)."""
+    """gradients: dLoss/dx; values: x; attribution: x * dLoss/dx (rows are positions).
+    The hessian kind is added by the Hutchinson step, not here."""
     for kind in kinds:
+        if kind == "hessian":
+            continue
         x = grad if kind == "gradients" else value if kind == "values" else value * grad
         acc.add(names.KIND_PREFIX[kind], row, x)
+
+
+# ---------------------------------------------------------------- Hutchinson (hessian kind)
+#
+# For a symmetric H and a probe v of independent +-1 entries, E[v_i (Hv)_i] = H_ii + sum_{j != i} H_ij E[v_i v_j]
+# = H_ii: v * (Hv) is an unbiased estimate of diag(H), of variance sum_{j != i} H_ij^2 per entry. H is the
+# Hessian of the batch's summed loss w.r.t. the target (site output z, or SAE features f) at the aggregated
+# positions; the probe is zero elsewhere (unbiased all the same, and no variance from positions that are
+# not aggregated).
+
+
+def _rademacher(shape: tuple[int, ...], seed: int, device, dtype: torch.dtype) -> torch.Tensor:
+    """Independent +-1 entries, probability 1/2 each, reproducible from `seed` on `device`."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.randint(0, 2, shape, generator=gen, device=device).to(dtype).mul_(2).sub_(1)
+
+
+def _probe(batch: Batch, probe: int, row: int, rows: slice, width: int, device, dtype) -> torch.Tensor:
+    """Probe `probe` of layer `row` on the aggregated rows `rows`, (rows, width). Seeded by (batch, probe,
+    layer, first row), so it is regenerated, not kept: a tokens x 65,536 probe never outlives one chunk."""
+    seed = hash((batch.probe_seed, probe, row, rows.start)) & (2**63 - 1)
+    return _rademacher((rows.stop - rows.start, width), seed, device, dtype)
+
+
+def _site_hessian_products(result: BatchGradients, batch: Batch, agg: Aggregation,
+                           saes: list[nn.Module] | None) -> list[list[torch.Tensor]]:
+    """Clean runs: one double backward per probe k through every layer at once.
+
+    Layer l's probe v_kl lives in its target space; u_kl is it pushed to the site (v itself, or
+    J_decode v for SAE features: the SAE error is held constant, so z = decode(f) + e). With
+    s_k = sum_l <dLoss/dz_l, u_kl> over the aggregated rows, ds_k/dz_m = sum_l H_ml u_kl. The
+    cross-layer blocks (l != m) reach layer m's estimate v_km * (...) only through products of
+    independent zero-mean probes of two layers: zero in expectation, so each layer's estimate
+    stays unbiased. Returns, per layer and probe, those rows (N, site width), detached."""
+    selected, n = batch.selected, batch.selected.numel()
+    products: list[list[torch.Tensor]] = [[] for _ in result.grads]
+    for k in range(agg.hessian_probes):
+        total = None
+        for row, (grad, z) in enumerate(zip(result.grads, result.outputs)):
+            u = _pushed_probe(batch, agg, k, row, n, grad, z, saes[row] if saes is not None else None)
+            term = (_rows(grad, selected) * u).sum()
+            # a model split across GPUs: every term to one device before they are added
+            total = term if total is None else total + term.to(total.device)
+        hv = torch.autograd.grad(total, result.deltas, retain_graph=k + 1 < agg.hessian_probes, allow_unused=True)
+        for row, (h, grad) in enumerate(zip(hv, result.grads)):
+            # None: no second-order path from this layer (its Hessian block is zero)
+            products[row].append(grad.new_zeros(n, grad.shape[-1]) if h is None else _rows(h.detach(), selected))
+    return products
+
+
+def _pushed_probe(batch: Batch, agg: Aggregation, k: int, row: int, n: int, grad: torch.Tensor,
+                  z: torch.Tensor, sae) -> torch.Tensor:
+    """(N, site width) u = the probe in site space, in the gradient's dtype and device."""
+    if sae is None:
+        return torch.cat([_probe(batch, k, row, part, grad.shape[-1], grad.device, grad.dtype)
+                          for part in agg.chunks(n, grad.shape[-1])])
+    weight = getattr(sae, "affine_decoder_weight", None)
+    device = weight.device if weight is not None else next(sae.parameters()).device
+    dtype = weight.dtype if weight is not None else next(sae.parameters()).dtype
+    pieces = []
+    for part in agg.chunks(n, sae.d_sae):
+        v = _probe(batch, k, row, part, sae.d_sae, device, dtype)
+        if weight is not None:
+            pieces.append(v @ weight)
+        else:  # J_decode v at this chunk's features
+            f = sae.encode(_rows(z, batch.selected[part])).detach()
+            pieces.append(torch.func.jvp(sae.decode, (f,), (v,))[1])
+    return torch.cat(pieces).to(grad.device, grad.dtype)
+
+
+def _add_site_hessian(acc: DeviceAccumulator, row: int, batch: Batch, agg: Aggregation,
+                      products: list[torch.Tensor]) -> None:
+    """Target = the site: the mean over probes of v_k * (H u_k), u_k = v_k."""
+    n, width = products[0].shape
+    estimate = torch.zeros_like(products[0])
+    for k, hv in enumerate(products):
+        for part in agg.chunks(n, width):
+            estimate[part] += _probe(batch, k, row, part, width, hv.device, hv.dtype) * hv[part]
+    acc.add(names.KIND_PREFIX["hessian"], row, estimate / len(products))
+
+
+# ---------------------------------------------------------------- SAE reconstruction quality
+
+
+def _add_quality(acc: DeviceAccumulator, row: int, x: torch.Tensor, f: torch.Tensor, x_hat: torch.Tensor) -> None:
+    """At aggregated rows: sum of ||x - x_hat||^2 (model units^2) and of the nonzero features, when the
+    accumulator keeps them (target sae runs). The FVU's denominator comes from the site_value sums."""
+    if names.SAE_SQ_ERROR_SUM not in acc.sums:
+        return
+    wide = torch.promote_types(x_hat.dtype, torch.float32)
+    error = x.to(x_hat.device, wide) - x_hat.to(wide)
+    acc.add_scalar(names.SAE_SQ_ERROR_SUM, row, torch.linalg.vector_norm(error).square())
+    acc.add_scalar(names.SAE_L0_SUM, row, torch.count_nonzero(f))
 
 
 def accumulate_batch(
@@ -319,41 +448,74 @@ def accumulate_batch(
     if saes is not None and agg.sae_mode in ("splice", "splice-all"):
         _accumulate_spliced(model, modules, batch, acc, agg, saes)
         return
-    result = site_gradients(model, modules, batch.input_ids, batch.model_mask, batch.labels)
+    result = site_gradients(model, modules, batch.input_ids, batch.model_mask, batch.labels, create_graph=agg.hessian)
+    products = _site_hessian_products(result, batch, agg, saes) if agg.hessian else None
+    grads = [grad.detach() for grad in result.grads]
+    loss, outputs = result.loss, result.outputs
+    del result  # with the hessian kind: the first backward's graph goes here
     with torch.no_grad():
-        acc.loss_sum += result.loss.to(acc.device, non_blocking=True)
-        for row, (grad, z) in enumerate(zip(result.grads, result.outputs)):
+        acc.loss_sum += loss.to(acc.device, non_blocking=True)
+        for row, (grad, z) in enumerate(zip(grads, outputs)):
             g = _rows(grad, batch.selected)  # (N, D)
             if saes is None:
-                value = _rows(z, batch.selected) if agg.kinds != ("gradients",) else None
+                value = _rows(z, batch.selected) if agg.needs_values else None
                 _add_kinds(acc, row, agg.kinds, value, g)
+                if products is not None:
+                    _add_site_hessian(acc, row, batch, agg, products[row])
             else:
                 acc.add(names.SITE_PREFIX, row, g)
-                _add_clean_features(acc, row, agg, saes[row], z, batch.selected, g)
+                if names.SITE_VALUE_PREFIX in acc.prefixes:
+                    acc.add(names.SITE_VALUE_PREFIX, row, _rows(z, batch.selected))
+                _add_clean_features(acc, row, agg, saes[row], z, batch.selected, g,
+                                    products[row] if products is not None else None, batch)
 
 
 def _add_clean_features(acc, row, agg: Aggregation, sae, z: torch.Tensor, selected: torch.Tensor,
-                        g: torch.Tensor) -> None:
+                        g: torch.Tensor, products: list[torch.Tensor] | None = None, batch: Batch | None = None
+                        ) -> None:
     """Clean mode: the model is unmodified and the SAE error e = z - decode(encode(z))
     is held constant, so dLoss/df = J_decode(f)^T dLoss/dz. For an affine decoder
-    that is g @ W_dec^T, one matmul per chunk in the SAE's dtype, and the
-    features themselves (the encoder) are needed only for values/attribution.
+    that is g @ W_dec^T, one matmul per chunk in the SAE's dtype. The features
+    (the encoder) are needed for values/attribution and for the reconstruction
+    quality (FVU, L0; a decode more); without those, an affine decoder skips both.
     Any other decoder is differentiated by autograd (input normalization folded
-    in by its own decode). Chunked over tokens so tokens x features stays bounded."""
+    in by its own decode). Chunked over tokens so tokens x features stays bounded.
+
+    `products` (hessian kind): per probe, H u_k at the site (N, d); the features'
+    Hessian is J^T H_z J (the decoder is linear in f for every supported SAE, so no
+    second-derivative term of decode), estimated as the mean of v_k * (J^T H_z u_k)."""
     weight = getattr(sae, "affine_decoder_weight", None)  # (d_sae, d_in) or None
-    needs_features = weight is None or agg.kinds != ("gradients",)
-    step = max(1, agg.chunk_elements // sae.d_sae)
-    for start in range(0, g.shape[0], step):
-        g_chunk = g[start:start + step]
-        f = sae.encode(_rows(z, selected[start:start + step])).detach() if needs_features else None
-        if weight is not None:
-            g_f = g_chunk.to(weight.device, weight.dtype, non_blocking=True) @ weight.T
-        else:
-            with torch.enable_grad():
-                leaf = f.requires_grad_(True)
-                (g_f,) = torch.autograd.grad(sae.decode(leaf), leaf, grad_outputs=g_chunk.to(f.dtype))
-            f = f.detach()
+    quality = names.SAE_SQ_ERROR_SUM in acc.sums
+    needs_features = weight is None or agg.needs_values or quality
+    for part in agg.chunks(g.shape[0], sae.d_sae):
+        g_chunk = g[part]
+        x = _rows(z, selected[part]) if needs_features else None
+        f = sae.encode(x).detach() if needs_features else None
+        if quality:
+            _add_quality(acc, row, x, f, sae.decode(f))
+        pull = _decoder_transpose(sae, weight, f)
+        g_f = pull(g_chunk)
         _add_kinds(acc, row, agg.kinds, f, g_f)
+        if products is not None:
+            estimate = None
+            for k, hv in enumerate(products):
+                term = _probe(batch, k, row, part, sae.d_sae, g_f.device, g_f.dtype) * pull(hv[part])
+                estimate = term if estimate is None else estimate + term
+            acc.add(names.KIND_PREFIX["hessian"], row, estimate / len(products))
+
+
+def _decoder_transpose(sae, weight: torch.Tensor | None, f: torch.Tensor | None):
+    """y (rows, d_in) -> J_decode(f)^T y (rows, d_sae), in the SAE's dtype."""
+    if weight is not None:
+        return lambda y: y.to(weight.device, weight.dtype, non_blocking=True) @ weight.T
+
+    def pull(y: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            leaf = f.detach().requires_grad_(True)
+            (out,) = torch.autograd.grad(sae.decode(leaf), leaf, grad_outputs=y.to(f.device, f.dtype))
+        return out
+
+    return pull
 
 
 def _accumulate_spliced(model, modules, batch: Batch, acc, agg: Aggregation, saes) -> None:
@@ -363,7 +525,12 @@ def _accumulate_spliced(model, modules, batch: Batch, acc, agg: Aggregation, sae
                 output is replaced by decode(f), f = encode(z) a leaf; every other position
                 keeps the model's own output. Only those positions are encoded.
     splice-all  the output is replaced by decode(encode(z)) at every position: the
-                gradient in the model with the SAE substituted everywhere."""
+                gradient in the model with the SAE substituted everywhere.
+
+    Each layer's pass also gives, at no extra cost, the loss with that SAE spliced in
+    (summed over every target, as the clean loss) and the reconstruction quality at the
+    aggregated positions. The hessian kind is the Hessian w.r.t. the leaf f in the spliced
+    model: K extra double backwards per layer."""
     everywhere = agg.sae_mode == "splice-all"
     with torch.no_grad():  # the unmodified model's loss, for the run's mean loss
         logits = model(input_ids=batch.input_ids, attention_mask=batch.model_mask, use_cache=False).logits
@@ -378,18 +545,46 @@ def _accumulate_spliced(model, modules, batch: Batch, acc, agg: Aggregation, sae
             z = flat.detach() if everywhere else _rows(flat.detach(), batch.selected)
             leaf["f"] = sae.encode(z).detach().requires_grad_(True)
             z_hat = sae.decode(leaf["f"]).to(hidden.dtype)
+            leaf["z"], leaf["z_hat"] = z, z_hat.detach()
             spliced = z_hat if everywhere else flat.index_copy(0, batch.selected.to(flat.device), z_hat)
             return _replace_output(output, spliced.view_as(hidden))
 
         handle = module.register_forward_hook(splice)
         try:
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.model_mask, use_cache=False).logits
+            with sdpa_kernel([SDPBackend.MATH]) if agg.hessian else contextlib.nullcontext():
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.model_mask, use_cache=False).logits
         finally:
             handle.remove()
-        (g_f,) = torch.autograd.grad(summed_loss(logits, batch.labels), leaf["f"])
+        loss = summed_loss(logits, batch.labels)
         del logits
+        (g_f,) = torch.autograd.grad(loss, leaf["f"], create_graph=agg.hessian)
+        rows = batch.selected.to(g_f.device) if everywhere else None  # the aggregated rows of f
+        hessian = _leaf_hessian(batch, agg, row, g_f, leaf["f"], rows) if agg.hessian else None
         with torch.no_grad():
-            f = leaf["f"].detach()
+            if names.SPLICED_LOSS_SUM in acc.sums:
+                acc.add_scalar(names.SPLICED_LOSS_SUM, row, loss.detach())
+            f, g_f, z, z_hat = leaf["f"].detach(), g_f.detach(), leaf["z"], leaf["z_hat"]
             if everywhere:  # rows are every position; keep the aggregated ones
-                f, g_f = _rows(f, batch.selected), _rows(g_f, batch.selected)
+                f, g_f, z, z_hat = (x.index_select(0, rows.to(x.device)) for x in (f, g_f, z, z_hat))
+            if names.SITE_VALUE_PREFIX in acc.prefixes:
+                acc.add(names.SITE_VALUE_PREFIX, row, z)
+            _add_quality(acc, row, z, f, z_hat)
             _add_kinds(acc, row, agg.kinds, f, g_f)
+            if hessian is not None:
+                acc.add(names.KIND_PREFIX["hessian"], row, hessian)
+
+
+def _leaf_hessian(batch: Batch, agg: Aggregation, row: int, g_f: torch.Tensor, f: torch.Tensor,
+                  rows: torch.Tensor | None) -> torch.Tensor:
+    """Splice modes: mean over probes of v_k * (H_f v_k), H_f the Hessian of the spliced model's loss
+    w.r.t. the leaf f (M, d_sae); the probe is nonzero on the aggregated rows `rows` only (None: all M).
+    Returns those rows (N, d_sae)."""
+    n = f.shape[0] if rows is None else rows.numel()
+    estimate = None
+    for k in range(agg.hessian_probes):
+        v = _probe(batch, k, row, slice(0, n), f.shape[1], f.device, f.dtype)
+        v_full = v if rows is None else torch.zeros_like(f).index_copy_(0, rows, v)
+        (hv,) = torch.autograd.grad((g_f * v_full).sum(), f, retain_graph=k + 1 < agg.hessian_probes)
+        term = v * (hv if rows is None else hv.index_select(0, rows))
+        estimate = term if estimate is None else estimate + term
+    return estimate.detach() / agg.hessian_probes

@@ -37,6 +37,7 @@ class Plan:
     target: str = "mlp"
     site_width: int = 0  # the hook site's width (the model's hidden size)
     aggregate_by: tuple[str, ...] = ("gradients",)
+    hessian_probes: int = 1  # Rademacher probes per batch for the hessian kind
     position_stride: int = 1
     sae_mode: str | None = None
     sae_source: dict | None = None  # {"release", "sae_id", "path"}; templates keep '{layer}'
@@ -112,7 +113,17 @@ class Plan:
         widths = {names.KIND_PREFIX[kind]: self.width for kind in self.aggregate_by}
         if self.target == "sae" and self.sae_mode == "clean":
             widths[names.SITE_PREFIX] = self.site_width
+        if self.target == "sae":  # sum and sum of squares of x: the FVU's denominator
+            widths[names.SITE_VALUE_PREFIX] = self.site_width
         return widths
+
+    @property
+    def layer_sums(self) -> tuple[str, ...]:
+        """Per-layer scalar totals this run keeps: the SAEs' reconstruction quality."""
+        if self.target != "sae":
+            return ()
+        spliced = (names.SPLICED_LOSS_SUM,) if self.sae_mode != "clean" else ()
+        return (names.SAE_SQ_ERROR_SUM, names.SAE_L0_SUM, *spliced)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -134,6 +145,8 @@ class Plan:
             f"layers   {layer_text}, width {self.site_width}",
             *self._sae_lines(),
             f"collect  {', '.join(self.aggregate_by)}"
+            + (f" ({self.hessian_probes} probe{'s' * (self.hessian_probes > 1)} per batch)"
+               if "hessian" in self.aggregate_by else "")
             + (f", every {self.position_stride}th position" if self.position_stride > 1 else ""),
             f"samples  {self.samples} (requested {self.samples_requested}), "
             f"{self._batch_text()}, max {self.max_length} tokens",
@@ -196,6 +209,7 @@ def make_plan(config: RunConfig, num_texts: int, workers: int = 0, device: str =
         target=config.target,
         site_width=site_width,
         aggregate_by=config.aggregate_by,
+        hessian_probes=config.hessian_probes,
         position_stride=config.position_stride,
         sae_mode=config.sae_mode if config.target == "sae" else None,
         sae_source=sae_source(config) if config.target == "sae" else None,

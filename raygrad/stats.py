@@ -22,7 +22,10 @@ UNITS = {  # prefix -> (unit of x, what x is)
     "grad": ("nats per unit of the target", "dLoss/dz: gradient of the summed next-token loss w.r.t. the target"),
     "value": ("units of the target", "z: the target's value (hook-site output or SAE feature activation)"),
     "attr": ("nats", "z * dLoss/dz: gradient times value"),
+    "hess": ("nats per unit of the target squared",
+             "d2Loss/dz2 diagonal: Hutchinson estimate v * (H v), Rademacher v (--hessian-probes per batch)"),
     names.SITE_PREFIX: ("nats per unit of the hook-site output", "dLoss/dz at the hook site (the SAE error node)"),
+    names.SITE_VALUE_PREFIX: ("units of the hook-site output", "x: the hook site's output, the SAE's input"),
 }
 STATISTIC_TEXT = {
     "sum": "sum over positions of x", "abs_sum": "sum over positions of |x|", "sq_sum": "sum over positions of x^2",

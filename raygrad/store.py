@@ -55,8 +55,9 @@ class ResultStore:
 
     @classmethod
     def create(cls, path: Path, prefixes: dict[str, int], num_shards: int, layers: list[int],
-               attrs: dict) -> "ResultStore":
-        """`prefixes`: statistic prefix -> width; each gets {prefix}_sum/_abs_sum/_sq_sum."""
+               attrs: dict, layer_sums: tuple[str, ...] = ()) -> "ResultStore":
+        """`prefixes`: statistic prefix -> width; each gets {prefix}_sum/_abs_sum/_sq_sum.
+        `layer_sums`: per-layer float64 scalar totals (constants.LAYER_SUMS), summed like the others."""
         group = zarr.open_group(str(path), mode="w-")
         num_layers = len(layers)
         target = attrs.get(names.ATTR_PLAN, {}).get("target", "mlp")
@@ -66,6 +67,9 @@ class ResultStore:
                                            dtype="float64", fill_value=0.0,
                                            dimension_names=(names.LAYER_COORD, dimension_name(prefix, target)))
                 array.attrs.update(stats.array_attrs(prefix, stat))
+        for name in layer_sums:  # per-layer scalar totals (SAE quality)
+            group.create_array(name, shape=(num_layers,), dtype="float64", fill_value=0.0,
+                               dimension_names=(names.LAYER_COORD,))
         for name in (names.LAYERS, names.LAYER_COORD):  # `layer`: the coordinate xarray reads
             group.create_array(name, shape=(num_layers,), dtype="int32", dimension_names=(names.LAYER_COORD,))
             group[name][:] = np.asarray(layers, dtype=np.int32)
@@ -145,7 +149,9 @@ class ResultStore:
         return [prefix for prefix in names.MEAN_ARRAYS if f"{prefix}_sum" in self.group]
 
     def sum_array_names(self) -> list[str]:
-        return [name for prefix in self.prefixes() for name in names.sum_names(prefix)]
+        """Every running total added shard by shard: the prefixes' sums and the per-layer scalars."""
+        return ([name for prefix in self.prefixes() for name in names.sum_names(prefix)]
+                + [name for name in names.LAYER_SUMS if name in self.group])
 
     def recorded_arrays(self) -> list[str]:
         """Every array a checkpoint vouches for (the derived statistics only once the run is complete)."""

@@ -47,24 +47,27 @@ class ShardComputer:
 
     def __init__(self, model, tokenizer, modules, prefixes: dict[str, int], aggregation: Aggregation,
                  sizer: BatchSizer, max_length: int, device: torch.device, saes=None,
-                 sae_groups: list[list[int]] | None = None, sae_devices: list[torch.device] | None = None):
+                 sae_groups: list[list[int]] | None = None, sae_devices: list[torch.device] | None = None,
+                 layer_sums: tuple[str, ...] = ()):
         self.model, self.tokenizer, self.modules, self.saes = model, tokenizer, modules, saes
         self.prefixes, self.aggregation, self.sizer = prefixes, aggregation, sizer
-        self.max_length, self.device = max_length, device
+        self.max_length, self.device, self.layer_sums = max_length, device, layer_sums
         # Layers per forward+backward: all at once, unless their SAEs do not fit beside the
         # model; then each group's SAEs come to their devices for the group's pass over the shard.
         self.groups = sae_groups or [list(range(len(modules)))]
         self.sae_devices = sae_devices
 
-    def compute(self, texts: list[str]) -> Partial:
+    def compute(self, texts: list[str], seed: int | None = None) -> Partial:
+        """`seed` fixes the batches' Rademacher probes (hessian kind): a shard computed again
+        (a retry, a resume) draws the same ones."""
         token_ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
         if len(self.groups) == 1:
-            return self._compute_rows(token_ids, self.groups[0]).to_partial()
-        acc = DeviceAccumulator(len(self.modules), self.prefixes, self.device)
+            return self._compute_rows(token_ids, self.groups[0], seed).to_partial()
+        acc = DeviceAccumulator(len(self.modules), self.prefixes, self.device, self.layer_sums)
         for index, rows in enumerate(self.groups):
             self._move_saes(rows, lambda row: self.sae_devices[row])
             try:
-                acc.merge_rows(self._compute_rows(token_ids, rows), rows, with_loss=index == 0)
+                acc.merge_rows(self._compute_rows(token_ids, rows, seed), rows, with_loss=index == 0)
             finally:
                 self._move_saes(rows, lambda row: torch.device("cpu"))
         return acc.to_partial()
@@ -73,16 +76,18 @@ class ShardComputer:
         for row in rows:
             self.saes[row].to(device_of(row))
 
-    def _compute_rows(self, token_ids: list[list[int]], rows: list[int]) -> DeviceAccumulator:
+    def _compute_rows(self, token_ids: list[list[int]], rows: list[int], seed: int | None) -> DeviceAccumulator:
         """One pass over the shard for these layers (rows of the plan's layer list)."""
         modules = [self.modules[row] for row in rows]
         saes = [self.saes[row] for row in rows] if self.saes is not None else None
-        acc = DeviceAccumulator(len(rows), self.prefixes, self.device)
+        acc = DeviceAccumulator(len(rows), self.prefixes, self.device, self.layer_sums)
+        probe_seeds = random.Random(seed)
         queue = deque(self.sizer.batches([len(ids) for ids in token_ids]))
         while queue:
             indices = queue.popleft()
             input_ids, mask = collate([token_ids[i] for i in indices], self.tokenizer.pad_token_id)
-            if self._try_batch(make_batch(input_ids, mask, self.aggregation), acc, modules, saes):
+            batch = make_batch(input_ids, mask, self.aggregation, probe_seed=probe_seeds.getrandbits(63))
+            if self._try_batch(batch, acc, modules, saes):
                 continue
             # Out of memory: nothing of this batch was added. It and every batch still
             # waiting are packed again under the smaller budget.
@@ -155,15 +160,17 @@ class ShardRunner:
             exclude_bos_id=self.tokenizer.bos_token_id if plan.exclude_bos else None,
             position_stride=plan.position_stride,
             sae_mode=plan.sae_mode or "clean",
+            hessian_probes=plan.hessian_probes,
         )
+        self.seed = seed
         self.computer = ShardComputer(self.model, self.tokenizer, self.modules, plan.prefixes, aggregation,
                                       batch_sizer(plan, self.device), plan.max_length, self.device, self.saes,
-                                      self.sae_groups, self.layer_devices)
+                                      self.sae_groups, self.layer_devices, plan.layer_sums)
         self.load_seconds = time.perf_counter() - started
 
     def run(self, shard: int, texts: list[str]) -> ShardResult:
         started = time.perf_counter()
-        partial = self.computer.compute(texts)
+        partial = self.computer.compute(texts, seed=hash((self.seed, shard)))
         sizer = self.computer.sizer
         return ShardResult(shard, partial, time.perf_counter() - started, self.load_seconds,
                            sizer.tokens if sizer.mode != "texts" else 0)

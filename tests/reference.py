@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
@@ -143,4 +144,39 @@ def reference_splice_all_sums(model_dir, sae_dirs, texts, layers, max_length, st
             out["grad_abs_sum"][row] += np.abs(g).sum(0)
             out["grad_sq_sum"][row] += (g**2).sum(0)
             out["tokens"][row] += g.shape[0]
+    return out
+
+
+
+def reference_site_hessian(model_dir, texts, layers, max_length, site="mlp_out"):
+    """Per text: (ids, H), H the exact Hessian of the summed loss w.r.t. the outputs z_l of the hooked
+    modules of `layers`, float64, (L*T*D, L*T*D) ordered (layer, position, dim): a zero leaf is added to
+    each output (z_l keeps its dependence on earlier layers), and H is one second derivative per element.
+    """
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    modules = [explicit_module(model, layer, site) for layer in layers]
+    out = []
+    for text in texts:
+        ids = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt").input_ids
+        leaves = []
+
+        def add_leaf(mod, args, output):
+            leaves.append(torch.zeros_like(output, requires_grad=True))
+            return output + leaves[-1]
+
+        handles = [module.register_forward_hook(add_leaf) for module in modules]
+        try:
+            with sdpa_kernel([SDPBackend.MATH]):  # the fused attention kernels have no double backward
+                logits = model(ids).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+        loss = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
+        g = torch.cat([grad.flatten() for grad in torch.autograd.grad(loss, leaves, create_graph=True)])
+        # every row at once: the backward of g batched over the unit vectors (vmap)
+        rows = torch.autograd.grad(g, leaves, grad_outputs=torch.eye(g.numel(), dtype=g.dtype),
+                                   is_grads_batched=True)
+        out.append((ids[0], torch.cat([r.flatten(1) for r in rows], 1)))
     return out

@@ -1,0 +1,275 @@
+"""--aggregate-by hessian: Hutchinson's estimate of diag(d2Loss/dz2) against exact float64 Hessians.
+
+For a symmetric H and a Rademacher probe v, v_i (Hv)_i = H_ii + sum_{j != i} H_ij v_i v_j: the tests check
+(1) one probe's estimate is exactly v * (Hv) with the exact H (so only the probe is random), and (2) the
+mean over K probes lands within a few standard errors of the exact diagonal, the standard error computed
+from the same exact H (so a biased or mis-scaled estimator fails)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import rms_norm_float64, run_tiny
+from reference import explicit_module, read_sae_lens_weights, reference_site_hessian, relu_sae_encode
+from sae_factory import write_sae_lens_dir
+from tiny import SAMPLE_TEXTS
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from raygrad import constants as names
+from raygrad import grads
+from raygrad.config import RunConfig
+from raygrad.errors import RaygradError
+from raygrad.grads import IGNORE_INDEX, Aggregation, DeviceAccumulator, accumulate_batch, make_batch, summed_loss
+
+TEXTS = [t for t in SAMPLE_TEXTS if len(t.strip()) > 50][:3]  # the first 3 texts a run on texts_file reads
+LENGTH = 12  # tokens per text: Hessians of 3 layers x 12 positions x 32 dims stay small
+WIDTH = 32
+
+
+@pytest.fixture(autouse=True)
+def float64_norm(monkeypatch):
+    """transformers computes RMSNorm in float32 even in a float64 model; exact Hessians need float64."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    monkeypatch.setattr(LlamaRMSNorm, "forward", rms_norm_float64)
+
+
+@pytest.fixture
+def probes(monkeypatch) -> dict:
+    """Every probe raygrad draws, by (batch seed, probe, layer row, first row); a probe drawn twice
+    (it is regenerated rather than kept) must be the same both times."""
+    seen = {}
+    real = grads._probe
+
+    def record(batch, probe, row, rows, width, device, dtype):
+        v = real(batch, probe, row, rows, width, device, dtype)
+        key = (batch.probe_seed, probe, row, rows.start)
+        assert key not in seen or torch.equal(seen[key], v)
+        seen[key] = v
+        return v
+
+    monkeypatch.setattr(grads, "_probe", record)
+    return seen
+
+
+def load_float64(model_dir):
+    from raygrad.models import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(str(model_dir), torch.device("cpu"), torch.float64)
+
+
+def site_module(model, layer):
+    from raygrad.models import resolve_hook_sites
+
+    return model.get_submodule(resolve_hook_sites(model, [layer], "mlp_out")[0].path)
+
+
+def one_text_batch(tokenizer, text, agg, seed):
+    ids = tokenizer(text, truncation=True, max_length=LENGTH, return_tensors="pt").input_ids
+    return make_batch(ids, torch.ones_like(ids), agg, probe_seed=seed)
+
+
+def stat_sums(x: torch.Tensor) -> dict[str, np.ndarray]:
+    return {"sum": x.sum(0).numpy(), "abs_sum": x.abs().sum(0).numpy(), "sq_sum": (x**2).sum(0).numpy()}
+
+
+def assert_sums(partial, prefix, expected: dict, rtol):
+    for stat, value in expected.items():
+        np.testing.assert_allclose(partial.sums[f"{prefix}_{stat}"][0], value, rtol=rtol, err_msg=stat)
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+def test_chunked_checkpointed_loss_has_the_exact_second_derivative():
+    """summed_loss recomputes its chunks in the backward (checkpointing); a double backward through it
+    gives the softmax Hessian: per target row, H v = p * v - p (p . v), p = softmax(logits)."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 7, (2, 5), generator=gen)
+    labels[1, 3:] = IGNORE_INDEX
+    v = torch.randn(2, 5, 7, dtype=torch.float64, generator=gen)
+    loss = summed_loss(logits, labels, chunk_elements=3 * 7)  # 4 chunks of 3 positions
+    (g,) = torch.autograd.grad(loss, logits, create_graph=True)
+    (hv,) = torch.autograd.grad((g * v).sum(), logits)
+    p = torch.softmax(logits.detach(), -1)
+    expected = (p * v - p * (p * v).sum(-1, keepdim=True)) * (labels != IGNORE_INDEX)[..., None]
+    np.testing.assert_allclose(hv.numpy(), expected.numpy(), rtol=1e-12, atol=1e-15)
+
+
+def test_probes_are_rademacher_and_reproducible():
+    v = grads._rademacher((400, 50), 7, "cpu", torch.float32)
+    assert set(v.unique().tolist()) == {-1.0, 1.0}
+    assert abs(float(v.mean())) < 4 / np.sqrt(v.numel())  # each sign with probability 1/2
+    assert torch.equal(v, grads._rademacher((400, 50), 7, "cpu", torch.float32))
+    assert not torch.equal(v, grads._rademacher((400, 50), 8, "cpu", torch.float32))
+
+
+def test_hessian_probes_below_one_is_one_line(capsys, monkeypatch):
+    import sys
+
+    from raygrad.cli import main
+
+    with pytest.raises(RaygradError, match=r"^--hessian-probes 0: must be an integer >= 1$"):
+        RunConfig(aggregate_by=("hessian",), hessian_probes=0)
+    monkeypatch.setattr(sys, "argv", ["raygrad", "run", "--aggregate-by", "hessian", "--hessian-probes", "-1"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "error: --hessian-probes -1: must be an integer >= 1\n"
+
+
+# ---------------------------------------------------------------- one probe, exactly
+
+
+def test_one_probe_is_v_times_the_exact_hessian_vector_product(tiny_llama, probes):
+    """Site target, one layer, two probes per batch: the per-token estimate is the mean over the probes
+    of v * (H v), H the exact Hessian w.r.t. the site's output over every position of the text."""
+    model, tokenizer = load_float64(tiny_llama)
+    agg = Aggregation(kinds=("gradients", "hessian"), hessian_probes=2)
+    acc = DeviceAccumulator(1, {"grad": WIDTH, "hess": WIDTH}, torch.device("cpu"))
+    estimates = []
+    for seed, (ids, hessian) in enumerate(reference_site_hessian(tiny_llama, TEXTS, [1], LENGTH), start=1):
+        accumulate_batch(model, [site_module(model, 1)], one_text_batch(tokenizer, TEXTS[seed - 1], agg, seed),
+                         acc, agg)
+        length = ids.numel()
+        estimate = torch.zeros(length, WIDTH, dtype=torch.float64)
+        for k in range(2):
+            v = torch.zeros(length, WIDTH, dtype=torch.float64)
+            v[:-1] = probes[(seed, k, 0, 0)]  # aggregated: every position but the last
+            estimate += v * (hessian @ v.flatten()).view(length, WIDTH) / 2
+        estimates.append(estimate[:-1])
+    got = acc.to_partial()
+    assert_sums(got, "hess", stat_sums(torch.cat(estimates)), rtol=1e-9)
+    assert (got.sums["hess_abs_sum"] > 0).all()  # the original script's attempt returned zeros
+
+
+def test_sae_clean_probe_is_pushed_through_the_decoder(tiny_llama, probes, tmp_path):
+    """Clean mode: z = decode(f) + e with e held constant, so d2Loss/df2 = W_dec H_z W_dec^T and one
+    probe's estimate is v * (W_dec H_z W_dec^T v) per token, H_z the exact site Hessian."""
+    from raygrad.saes import load_sae
+
+    sae_dir = write_sae_lens_dir(tmp_path / "sae", WIDTH, 64, hook_name="blocks.1.hook_mlp_out", seed=1)
+    w_dec = read_sae_lens_weights(sae_dir)[0]["W_dec"]  # (64, 32)
+    sae = load_sae(1, path=str(sae_dir), dtype=torch.float64)
+    model, tokenizer = load_float64(tiny_llama)
+    agg = Aggregation(kinds=("hessian",), hessian_probes=1, chunk_elements=4 * 64)  # chunks of 4 tokens
+    acc = DeviceAccumulator(1, {"hess": 64, names.SITE_PREFIX: WIDTH}, torch.device("cpu"))
+    estimates = []
+    for seed, (ids, hessian) in enumerate(reference_site_hessian(tiny_llama, TEXTS, [1], LENGTH), start=1):
+        accumulate_batch(model, [site_module(model, 1)], one_text_batch(tokenizer, TEXTS[seed - 1], agg, seed),
+                         acc, agg, [sae])
+        length = ids.numel()
+        v = torch.cat([probes[(seed, 0, 0, start)] for start in range(0, length - 1, 4)])  # (T-1, 64)
+        u = torch.zeros(length, WIDTH, dtype=torch.float64)
+        u[:-1] = v @ w_dec
+        hu = (hessian @ u.flatten()).view(length, WIDTH)[:-1]
+        estimates.append(v * (hu @ w_dec.T))
+    assert_sums(acc.to_partial(), "hess", stat_sums(torch.cat(estimates)), rtol=1e-9)
+
+
+def spliced_feature_hessian(model_dir, sae_dir, text, layer, stride):
+    """(chosen positions, H_f): the exact Hessian of the summed loss w.r.t. the features f = encode(z) at
+    positions t < T-1 with t % stride == 0, whose outputs are replaced by f @ W_dec + b_dec (the original
+    splice), from the SAE's files."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
+    model.requires_grad_(False)
+    ids = AutoTokenizer.from_pretrained(model_dir)(text, truncation=True, max_length=LENGTH,
+                                                   return_tensors="pt").input_ids
+    weights, cfg = read_sae_lens_weights(sae_dir)
+    module = explicit_module(model, layer, "mlp_out")
+    chosen = torch.arange(ids.shape[1] - 1)[::stride]
+    leaf = {}
+
+    def splice(mod, args, out):
+        leaf["f"] = relu_sae_encode(weights, cfg, out.detach()[0, chosen]).requires_grad_(True)
+        out = out.clone()
+        out[0, chosen] = leaf["f"] @ weights["W_dec"] + weights["b_dec"]
+        return out
+
+    handle = module.register_forward_hook(splice)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):  # the fused attention kernels have no double backward
+            logits = model(ids).logits
+    finally:
+        handle.remove()
+    loss = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
+    (g,) = torch.autograd.grad(loss, leaf["f"], create_graph=True)
+    (rows,) = torch.autograd.grad(g.flatten(), leaf["f"], grad_outputs=torch.eye(g.numel(), dtype=g.dtype),
+                                  is_grads_batched=True)
+    return chosen, rows.flatten(1)
+
+
+def test_splice_probe_is_the_spliced_models_hessian_vector_product(tiny_llama, probes, tmp_path):
+    """Splice mode: the Hessian w.r.t. the leaf features in the spliced model (layer 0, every 4th position)."""
+    from raygrad.saes import load_sae
+
+    sae_dir = write_sae_lens_dir(tmp_path / "sae", WIDTH, 64, hook_name="blocks.0.hook_mlp_out", seed=0)
+    sae = load_sae(0, path=str(sae_dir), dtype=torch.float64)
+    model, tokenizer = load_float64(tiny_llama)
+    agg = Aggregation(kinds=("hessian",), hessian_probes=2, sae_mode="splice", position_stride=4)
+    acc = DeviceAccumulator(1, {"hess": 64}, torch.device("cpu"))
+    estimates = []
+    for seed, text in enumerate(TEXTS, start=1):
+        accumulate_batch(model, [site_module(model, 0)], one_text_batch(tokenizer, text, agg, seed), acc, agg,
+                         [sae])
+        chosen, hessian = spliced_feature_hessian(tiny_llama, sae_dir, text, 0, 4)
+        estimate = 0
+        for k in range(2):
+            v = probes[(seed, k, 0, 0)]  # (chosen, 64)
+            estimate = estimate + v * (hessian @ v.flatten()).view_as(v) / 2
+        estimates.append(estimate)
+    got = acc.to_partial()
+    assert got.tokens[0] == sum(e.shape[0] for e in estimates)
+    assert_sums(got, "hess", stat_sums(torch.cat(estimates)), rtol=1e-9)
+
+
+# ---------------------------------------------------------------- many probes: the exact diagonal
+
+
+def test_many_probes_converge_to_the_exact_diagonal_for_every_layer(tiny_llama, texts_file, tmp_path):
+    """Two layers from one double backward per probe: hess_sum[l, j] = sum over tokens of the estimate
+    converges to sum_t H[(l,t,j), (l,t,j)]. Per probe, the estimate of that sum is
+    sum_{a in S} H_aa + sum_{a != b} H_ab v_a v_b [a in S], S = {(l, t, j): t aggregated}, of variance
+    s^T M (1 + s), M = H^2 off the diagonal, s the indicator of S; cross-layer blocks are in M (they add
+    variance, never bias). The mean of K probes is within 5 standard errors (sqrt(var / K)) of the exact
+    value, and the squared standardized errors average about 1 (the estimator's spread is the theory's)."""
+    probes_per_batch, layers = 120, [0, 2]
+    run_dir, totals = run_tiny(tiny_llama, texts_file, tmp_path, layers="0,2", num_samples=3, max_length=LENGTH,
+                               aggregate_by=("hessian",), hessian_probes=probes_per_batch)
+    exact = np.zeros((2, WIDTH))
+    variance = np.zeros((2, WIDTH))
+    aggregated = 0
+    for ids, hessian in reference_site_hessian(tiny_llama, TEXTS, layers, LENGTH):
+        length = ids.numel()
+        aggregated += length - 1
+        index = np.arange(hessian.shape[0]).reshape(2, length, WIDTH)
+        off_diagonal = hessian.numpy() ** 2
+        np.fill_diagonal(off_diagonal, 0)
+        diagonal = np.diag(hessian.numpy())
+        for row in range(2):
+            for j in range(WIDTH):
+                s = np.zeros(hessian.shape[0])
+                s[index[row, :-1, j]] = 1  # every position but the last is aggregated
+                exact[row, j] += diagonal[s == 1].sum()
+                variance[row, j] += s @ off_diagonal @ (1 + s)
+    assert totals.tokens.tolist() == [aggregated] * 2
+    standardized = (totals.sums["hess_sum"] - exact) / np.sqrt(variance / probes_per_batch)
+    assert np.abs(standardized).max() < 5, np.abs(standardized).max()
+    assert 0.3 < (standardized**2).mean() < 2.5, (standardized**2).mean()
+    assert (np.abs(exact) > 0).all() and (np.abs(totals.sums["hess_sum"]) > 0).all()
+
+    # exported like every other kind
+    with np.load(run_dir / names.CONSOLIDATED_NPZ, allow_pickle=False) as data:
+        np.testing.assert_allclose(data["layer_2_mean_abs_hessian"],
+                                   totals.sums["hess_abs_sum"][1] / totals.tokens[1], rtol=1e-6)  # float32 export
+
+
+def test_a_run_with_hessian_probes_is_reproducible(tiny_llama, texts_file, tmp_path):
+    """Probes are seeded per shard (--seed, shard index): the same run twice gives the same sums."""
+    runs = [run_tiny(tiny_llama, texts_file, tmp_path / str(i), layers="1", num_samples=3, max_length=LENGTH,
+                     aggregate_by=("gradients", "hessian"), hessian_probes=2)[1] for i in range(2)]
+    for name in runs[0].sums:
+        np.testing.assert_array_equal(runs[0].sums[name], runs[1].sums[name], err_msg=name)
