@@ -135,7 +135,8 @@ def _text_lines(path: Path, skipped: Counter) -> Iterator[str]:
 def _hub_texts(name: str, config: str | None, split: str, text_column: str) -> Iterator[str]:
     from .hub import hub_offline, why_offline
 
-    if hub_offline():  # streaming needs the hub; without this, datasets retries for half a minute
+    if not Path(name).expanduser().is_dir() and hub_offline():
+        # streaming needs the hub; without this, datasets retries for half a minute
         raise RaygradError(f"--dataset {name}: not a local file and could not be loaded from the hub "
                            f"({why_offline()}); for the offline demo use --dataset stdlib-docs")
     import datasets

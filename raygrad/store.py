@@ -253,6 +253,9 @@ class ResultStore:
                 continue
             try:
                 actual = _digest(self.read(name))
+                # Readers may go around the consolidated copy in the root (zarr.open_array, xarray
+                # with consolidated=False): each array's own metadata must parse too.
+                json.loads((where / name / "zarr.json").read_text())
             except Exception as err:  # a truncated chunk or array metadata, a deleted array
                 raise DamagedStore(f"{where}/{name}: cannot be read ({_first_line(err)}); "
                                    f"{self._remedy(name)}") from None
@@ -278,7 +281,8 @@ def consolidate(path: Path) -> None:
 def dimension_name(prefix: str, target: str) -> str:
     """`feature` for an SAE's features, `dim` for a site's own dimensions: xarray needs distinct names
     for the two widths of an SAE run."""
-    return names.DIM_FEATURE if target == "sae" and prefix != names.SITE_PREFIX else names.DIM_SITE
+    site = prefix in (names.SITE_PREFIX, names.SITE_VALUE_PREFIX)
+    return names.DIM_FEATURE if target == "sae" and not site else names.DIM_SITE
 
 
 def _derived_names() -> set[str]:
