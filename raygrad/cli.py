@@ -134,12 +134,18 @@ def info(run_dir) -> None:
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-def repair(run_dir) -> None:
+@click.option("--trust-unrecorded", is_flag=True,
+              help="A store written before raygrad recorded digests (no checkpoint_state.json): record what it "
+                   "holds now as its state. Only for a store you know to be whole.")
+def repair(run_dir, trust_unrecorded) -> None:
     """Rebuild what can be rebuilt from a complete run's verified sums: the derived statistics, then every export."""
     from .export import write_exports
     from .store import ResultStore
 
-    rebuilt = ResultStore.open(_store_of(run_dir), writable=True, verify=False).rebuild_means()
+    store = ResultStore.open(_store_of(run_dir), writable=True, verify=False)
+    if trust_unrecorded:
+        store.seal_unrecorded()
+    rebuilt = store.rebuild_means()
     written = write_exports(Path(run_dir))
     click.echo(f"rebuilt {len(rebuilt)} derived statistics from the verified sums and wrote {len(written)} files "
                f"in {run_dir}")

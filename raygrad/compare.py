@@ -100,13 +100,10 @@ def compare_runs(run_a, run_b, output_dir=None, epsilon: float = DEFAULT_EPSILON
 
 
 def _open_run(label: str, path: Path) -> tuple[ResultStore, RunConfig, dict]:
-    store = ResultStore.open(path / names.STORE_NAME)
-    attrs = store.attrs
-    if attrs.get(names.ATTR_STATUS) != names.STATUS_COMPLETE:
-        raise RaygradError(f"{label} {path}: the run is not complete; finish it with: raygrad run --resume {path}")
-    if names.ATTR_CONFIG not in attrs:
-        raise RaygradError(f"{label} {path}: not a raygrad run (a comparison cannot be compared)")
-    return store, RunConfig.from_dict(attrs[names.ATTR_CONFIG]), attrs[names.ATTR_PLAN]
+    from .export import open_complete_run
+
+    store, config = open_complete_run(path, label)
+    return store, config, store.attrs[names.ATTR_PLAN]
 
 
 def _check_same_measurement(a, b) -> None:

@@ -50,7 +50,7 @@ def write_exports(run_dir: Path, with_outputs: bool | None = None, extra_npz: Pa
     `with_outputs` overrides the run's --save-outputs (npy files and plots);
     `extra_npz` is a second place for the consolidated file (--save-consolidated)."""
     run_dir = Path(run_dir)
-    store, config = _complete_run(run_dir)
+    store, config = open_complete_run(run_dir)
     return _write(store, config, run_dir, with_outputs, extra_npz)
 
 
@@ -65,7 +65,7 @@ def write_export_set(run_dir: Path, options: dict, name: str | None = None,
     power, normalize_mode) replacing the run's; never overwrites one: an existing NAME is refused.
     Written in a hidden directory renamed into place once whole."""
     run_dir = Path(run_dir)
-    store, config = _complete_run(run_dir)
+    store, config = open_complete_run(run_dir)
     if "normalize_mode" in options:
         options = {**options, "normalize_gradients": False}  # the mode given replaces the run's
     config = dataclasses.replace(config, **options)
@@ -89,13 +89,17 @@ def write_export_set(run_dir: Path, options: dict, name: str | None = None,
     return target, [target / path.relative_to(staging) for path in written]
 
 
-def _complete_run(run_dir: Path) -> tuple[ResultStore, RunConfig]:
-    store = ResultStore.open(run_dir / names.STORE_NAME)
+def open_complete_run(run_dir: Path, label: str = "") -> tuple[ResultStore, RunConfig]:
+    """The verified store of a complete run and its configuration; one line otherwise.
+    `label` names the argument in that line (RUN_A, ...)."""
+    where = f"{label} {run_dir}" if label else f"{run_dir}"
+    store = ResultStore.open(Path(run_dir) / names.STORE_NAME)
     attrs = store.attrs
     if attrs.get(names.ATTR_STATUS) != names.STATUS_COMPLETE:
-        raise RaygradError(f"{run_dir}: the run is not complete; finish it with: raygrad run --resume {run_dir}")
+        raise RaygradError(f"{where}: the run is not complete; finish it with: raygrad run --resume {run_dir}")
     if names.ATTR_CONFIG not in attrs:
-        raise RaygradError(f"{run_dir}: not a raygrad run (a compare result has its exports already)")
+        raise RaygradError(f"{where}: not a raygrad run but a comparison (its exports are written with it; "
+                           "a comparison cannot be compared)")
     return store, RunConfig.from_dict(attrs[names.ATTR_CONFIG])
 
 

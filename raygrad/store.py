@@ -202,6 +202,13 @@ class ResultStore:
         consolidate(self.path)
         self._record({name: array[...] for name, array in self.group.arrays()})
 
+    def seal_unrecorded(self) -> None:
+        """A store from before digests were recorded: take what it holds as its state."""
+        if _read_state(self.path) is not None:
+            raise RaygradError(f"--trust-unrecorded: {self.path} has a {names.CHECKPOINT_STATE}; its digests "
+                               "are checked, not replaced")
+        self._record({name: self.group[name][...] for name in self.recorded_arrays()})
+
     def committed_group(self) -> zarr.Group:
         """The Zarr group as last committed: the group itself, or (while a committed
         checkpoint waits to be applied) an in-memory copy with it applied."""
@@ -237,7 +244,8 @@ class ResultStore:
         state = self.verified_state = _read_state(where)
         if state is None:
             raise DamagedStore(f"{where}: {names.CHECKPOINT_STATE} is missing or unreadable, so no number in "
-                               "this store can be vouched for; re-run it")
+                               "this store can be vouched for; re-run it (a store written before raygrad recorded "
+                               f"digests: raygrad repair --trust-unrecorded {self.run_dir})")
         if state.get("inputs") != _inputs_digest(self.attrs):
             raise DamagedStore(f"{where}/zarr.json: the run's configuration or plan changed since its last "
                                "checkpoint; re-run it")

@@ -77,3 +77,25 @@ def tree_digest(root: Path) -> dict[str, str]:
     """Relative path -> sha256 of every file under `root` (to show a failed command changed nothing)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def killed_run(config: RunConfig, dies_at_call: int) -> Path:
+    """An in-process run interrupted (KeyboardInterrupt, as Ctrl-C) when its `dies_at_call`-th shard
+    starts; returns the run directory (the only one in config.output_dir)."""
+    from raygrad.engine import run as engine_run
+    from raygrad.worker import ShardRunner
+
+    real_run, calls = ShardRunner.run, []
+
+    def dies(self, shard, texts):
+        calls.append(shard)
+        if len(calls) == dies_at_call:
+            raise KeyboardInterrupt
+        return real_run(self, shard, texts)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ShardRunner, "run", dies)
+        with pytest.raises(KeyboardInterrupt):
+            engine_run(config, echo=lambda _: None, progress=False)
+    (run_dir,) = Path(config.output_dir).iterdir()
+    return run_dir

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import build_config, run_cli, run_tiny, tiny_args, tree_digest
+from helpers import build_config, killed_run, run_cli, run_tiny, tiny_args, tree_digest
 from tiny import SAMPLE_TEXTS
 
 from raygrad import constants as names
@@ -191,24 +191,10 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tiny_llama, t
 
 
 def test_a_dataset_changed_before_resume_is_refused(tiny_llama, tmp_path, capsys, monkeypatch):
-    from raygrad.worker import ShardRunner
-
     path = tmp_path / "texts.txt"
     path.write_text("\n".join(LONG) + "\n")
-    real_run, calls = ShardRunner.run, []
-
-    def dies_on_third_shard(self, shard, texts):
-        calls.append(shard)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_run(self, shard, texts)
-
-    monkeypatch.setattr(ShardRunner, "run", dies_on_third_shard)
-    with pytest.raises(KeyboardInterrupt):
-        engine.run(build_config(tiny_llama, path, tmp_path / "out", shard_size=1, num_samples=4,
-                                checkpoint_seconds=0), echo=lambda _: None, progress=False)
-    monkeypatch.setattr(ShardRunner, "run", real_run)
-    (run_dir,) = (tmp_path / "out").iterdir()
+    run_dir = killed_run(build_config(tiny_llama, path, tmp_path / "out", shard_size=1, num_samples=4,
+                                      checkpoint_seconds=0), dies_at_call=3)
     edited = list(LONG)
     edited[2] = edited[2].replace("the", "a", 1)  # same line count, one text changed
     path.write_text("\n".join(edited) + "\n")

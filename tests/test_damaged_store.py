@@ -5,14 +5,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import build_config, run_cli, tree_digest
+from helpers import build_config, killed_run, run_cli, tree_digest
 
 from raygrad import constants as names
 from raygrad import engine, load_results, open_results
 from raygrad import store as store_module
 from raygrad.errors import RaygradError
 from raygrad.store import DamagedStore, ResultStore
-from raygrad.worker import ShardRunner
 
 SUM_AND_STATE = [names.GRAD_SUM, names.GRAD_ABS_SUM, "grad_sq_sum", names.TOKENS, names.SHARDS_DONE,
                  names.LOSS_SUM, names.LOSS_TOKENS, names.LAYERS, names.LAYER_COORD]
@@ -25,20 +24,8 @@ def pristine(tiny_llama, texts_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("pristine")
     complete = engine.run(build_config(tiny_llama, texts_file, root / "complete", shard_size=1,
                                        aggregation_mode="both"), echo=lambda _: None, progress=False)
-    real_run, calls = ShardRunner.run, []
-
-    def dies_on_fourth_shard(self, shard, texts):
-        calls.append(shard)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real_run(self, shard, texts)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ShardRunner, "run", dies_on_fourth_shard)
-        with pytest.raises(KeyboardInterrupt):
-            engine.run(build_config(tiny_llama, texts_file, root / "killed", shard_size=1, checkpoint_seconds=0),
-                       echo=lambda _: None, progress=False)
-    (killed,) = (root / "killed").iterdir()
+    killed = killed_run(build_config(tiny_llama, texts_file, root / "killed", shard_size=1, checkpoint_seconds=0),
+                        dies_at_call=4)
     return {"complete": complete, "killed": killed}
 
 
@@ -202,3 +189,16 @@ def test_export_of_an_incomplete_run_is_one_line(pristine, tmp_path, capsys, mon
     assert_one_line_error(["export", str(run_dir)], capsys, monkeypatch, "not complete", "--resume")
     with pytest.raises(RaygradError, match="not complete"):
         load_results(run_dir)
+
+
+def test_a_store_from_before_digests_is_refused_until_trusted(pristine, tmp_path, capsys, monkeypatch):
+    run_dir = copy_of(pristine, "complete", tmp_path)
+    expected = load_results(run_dir).arrays["mean_abs"].copy()
+    (run_dir / names.STORE_NAME / names.CHECKPOINT_STATE).unlink()  # as raygrad wrote stores before
+    assert_one_line_error(["info", str(run_dir)], capsys, monkeypatch, "missing or unreadable",
+                          f"raygrad repair --trust-unrecorded {run_dir}")
+    code, out, err = run_cli(["repair", "--trust-unrecorded", str(run_dir)], capsys, monkeypatch)
+    assert code == 0, err
+    np.testing.assert_array_equal(load_results(run_dir).arrays["mean_abs"], expected)
+    assert_one_line_error(["repair", "--trust-unrecorded", str(run_dir)], capsys, monkeypatch,
+                          "its digests are checked, not replaced")

@@ -97,25 +97,45 @@ def test_a_failing_shard_stops_the_run_and_keeps_finished_shards(tiny_llama, tex
     assert said[-1].endswith(f"raygrad run --resume {run_dir}")
 
 
-def test_a_local_ray_ignores_a_stale_cluster_pointer(tiny_llama, texts_file, tmp_path):
+def test_a_local_ray_ignores_a_stale_cluster_pointer(tiny_llama, texts_file, tmp_path, monkeypatch):
     """`ray start` leaves `ray_current_cluster` in Ray's temp directory; a dead address there
-    made a plain ray.init() hang. raygrad's local Ray never follows it."""
-    from ray._common.utils import get_default_ray_temp_dir
+    made a plain ray.init() hang. raygrad's local Ray never follows it. A private RAY_TMPDIR
+    (short: Ray's socket paths must fit 107 bytes) keeps the test off the machine's own."""
+    import shutil
+    import tempfile
 
+    from ray._common.utils import get_default_ray_temp_dir
+    from ray._private.services import canonicalize_bootstrap_address
+
+    private = Path(tempfile.mkdtemp(prefix="rg", dir="/tmp"))
+    monkeypatch.setenv("RAY_TMPDIR", str(private))
     pointer = Path(get_default_ray_temp_dir()) / "ray_current_cluster"
-    if pointer.exists():
-        pytest.skip(f"{pointer} belongs to a live cluster on this machine")
-    pointer.parent.mkdir(parents=True, exist_ok=True)
+    assert pointer.parent.parent == private
+    pointer.parent.mkdir(parents=True)
     pointer.write_text("127.0.0.1:1")  # nothing listens there
     try:
-        from ray._private.services import canonicalize_bootstrap_address
-
         assert canonicalize_bootstrap_address(None) == "127.0.0.1:1"  # where a plain ray.init() would go
         _, one = run_tiny(tiny_llama, texts_file, tmp_path / "w1", workers=1, shard_size=2)
     finally:
-        pointer.unlink(missing_ok=True)
+        shutil.rmtree(private, ignore_errors=True)
     _, local = run_tiny(tiny_llama, texts_file, tmp_path / "w0", workers=0, shard_size=2)
     assert_same_totals(local, one)
+
+
+def test_the_driver_forwards_hub_credentials_to_its_workers(tiny_llama, texts_file, tmp_path, monkeypatch):
+    """Workers read gated hub models with the driver's HF_TOKEN (and honour its HF_HUB_OFFLINE)."""
+    import os
+
+    import ray
+
+    from raygrad.pool import WorkerPool
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token_123")
+    config = build_config(tiny_llama, texts_file, tmp_path, workers=1)
+    with WorkerPool(config):
+        seen = ray.get(ray.remote(lambda: (os.environ.get("HF_TOKEN"), os.environ.get("HF_HUB_OFFLINE"))).remote())
+    assert seen == ("hf_test_token_123", os.environ["HF_HUB_OFFLINE"])
+    assert not ray.is_initialized()
 
 
 def test_ctrl_c_inside_an_add_never_counts_a_shard_twice(tiny_llama, texts_file, tmp_path, monkeypatch):
