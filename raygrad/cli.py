@@ -116,6 +116,11 @@ def info(run_dir) -> None:
 
     store = ResultStore.open(_store_of(run_dir))
     attrs = store.attrs
+    if names.ATTR_CONFIG not in attrs:  # a comparison (raygrad compare): what it compared
+        click.echo(json.dumps({names.ATTR_STATUS: attrs.get(names.ATTR_STATUS),
+                               "store": "every array matches its recorded digest",
+                               names.ATTR_COMPARE: attrs.get(names.ATTR_COMPARE)}, indent=2))
+        return
     _, done = store.totals()
     quality = sae_quality(store.committed_group())
     complete = attrs.get(names.ATTR_STATUS) == names.STATUS_COMPLETE

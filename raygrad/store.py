@@ -30,6 +30,11 @@ from . import constants as names
 from .errors import RaygradError
 from .grads import Partial
 
+# Zarr warns, when it lists a group, about files it does not know; these are raygrad's own
+# (the redo log and the digests beside the arrays), so that note is noise to a user.
+warnings.filterwarnings("ignore", message=r"Object at \.?(checkpoint_state|pending_checkpoint)\S* is not recognized",
+                        module="zarr")
+
 FEATURE_CHUNK = 65536  # values per chunk: one layer of a 65k-feature SAE, several layers of a narrow site
 
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -244,6 +245,10 @@ def test_compare_against_statistics_from_the_raw_sums(runs, capsys, monkeypatch)
         totals_b.sums["value_abs_sum"][1] / totals_b.tokens[1] + 1e-10)
     assert code == 0 and [int(line.split()[2]) for line in out.splitlines()[1:]] == list(
         np.argsort(-np.abs(ratio), kind="stable")[:2])
+    # `raygrad info` says what a comparison compared (after verifying it like a run)
+    code, out, err = run_cli(["info", out_dir], capsys, monkeypatch)
+    assert code == 0, err
+    assert json.loads(out)["compare"]["run_a"] == str(Path(run_a).resolve())
 
 
 def test_compare_of_sae_runs_links_features_and_ranks_by_any_statistic(sae_runs, capsys, monkeypatch):
