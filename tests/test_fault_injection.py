@@ -81,3 +81,52 @@ def test_kill_at_each_checkpoint_step_then_resume_is_exact(tiny_llama, texts_fil
         np.testing.assert_array_equal(resumed.sums[name], expected, err_msg=name)
     np.testing.assert_array_equal(resumed.tokens, undisturbed.tokens)
     assert resumed.loss_sum == undisturbed.loss_sum and resumed.loss_tokens == undisturbed.loss_tokens
+
+
+def test_a_real_sigkill_of_the_console_script_resumes_to_the_undisturbed_sums(tiny_llama, tmp_path):
+    """The real thing once: `raygrad run` in its own process, SIGKILLed after some checkpoints;
+    a resume here equals an undisturbed run here (another process: equal to float64 rounding)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from helpers import assert_same_totals
+    from tiny import SAMPLE_TEXTS
+
+    texts = [f"{text} (copy {i})" for i in range(8) for text in SAMPLE_TEXTS if len(text.strip()) > 50]
+    dataset = tmp_path / "many.txt"
+    dataset.write_text("\n".join(texts) + "\n")
+    options = dict(shard_size=1, num_samples=len(texts), checkpoint_seconds=0)
+    _, expected = run_tiny(tiny_llama, dataset, tmp_path / "undisturbed", **options)
+
+    out_dir = tmp_path / "killed"
+    script = str(Path(sys.executable).parent / "raygrad")
+    args = [script, "run", "--model", str(tiny_llama), "--dataset", str(dataset), "--num-samples", str(len(texts)),
+            "--batch-size", "3", "--max-length", "24", "--workers", "0", "--dtype", "float64", "--shard-size", "1",
+            "--checkpoint-seconds", "0", "--output-dir", str(out_dir), "--no-progress"]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline, done = time.monotonic() + 120, 0
+    try:
+        while done < 3 and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.02)
+            stores = list(out_dir.glob(f"*/{names.STORE_NAME}"))
+            if stores and (stores[0] / names.CHECKPOINT_STATE).exists():
+                try:
+                    done = int(ResultStore.open(stores[0]).totals()[1].sum())
+                except Exception:  # read while the writer is mid-checkpoint: look again
+                    continue
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    (run_dir,) = out_dir.iterdir()
+    _, done_flags = ResultStore.open(run_dir / names.STORE_NAME).totals()
+    assert 3 <= done_flags.sum() < len(done_flags)
+    engine.resume(run_dir, echo=lambda _: None, progress=False)
+    resumed, done_flags = ResultStore.open(run_dir / names.STORE_NAME).totals()
+    assert done_flags.all()
+    assert_same_totals(resumed, expected, rtol=1e-12)
