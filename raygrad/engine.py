@@ -94,7 +94,8 @@ def resume(run_dir: Path, echo: Callable[[str], None] = log.info, progress: bool
     # Shards and batching stay as saved (the store counts those shards); where they run may change.
     workers = execution.get("workers", None if "address" in execution else saved.workers)
     with WorkerPool(config, workers, echo=echo) as pool:
-        plan = dataclasses.replace(saved, workers=pool.workers, device=pool.device, device_request=config.device)
+        plan = dataclasses.replace(saved, workers=pool.workers, device=pool.device, device_request=config.device,
+                                   sae_layers_per_pass=config.sae_layers_per_pass)
         pool.start_workers(plan, config.seed)
         _, done = store.totals()
         echo(plan.describe())

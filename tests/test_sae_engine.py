@@ -362,3 +362,30 @@ def test_sae_layers_per_pass_is_checked():
         RunConfig(target="sae", sae_path="x_{layer}", sae_layers_per_pass=0)
     with pytest.raises(RaygradError, match="--sae-layers-per-pass 2: only used with --target sae"):
         RunConfig(sae_layers_per_pass=2)
+
+
+def test_a_resume_may_change_the_sae_layers_per_pass(tiny_llama, texts_file, sae_dirs, tmp_path):
+    from helpers import build_config, killed_run
+
+    from raygrad import engine
+    from raygrad.store import ResultStore
+
+    options = dict(target="sae", sae_path=str(sae_dirs / "sae_{layer}"), layers="0-2", num_samples=4,
+                   shard_size=1, checkpoint_seconds=0)
+    _, one_pass = run_tiny(tiny_llama, texts_file, tmp_path / "one", **options)
+    run_dir = killed_run(build_config(tiny_llama, texts_file, tmp_path / "killed", **options), dies_at_call=3)
+    from raygrad.worker import ShardComputer
+
+    real_rows, passes = ShardComputer._compute_rows, []
+
+    def recording(self, token_ids, rows, seed):
+        passes.append(list(rows))
+        return real_rows(self, token_ids, rows, seed)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ShardComputer, "_compute_rows", recording)
+        engine.resume(run_dir, echo=lambda _: None, progress=False, execution={"sae_layers_per_pass": 1})
+    assert passes[:3] == [[0], [1], [2]]  # the resumed shards ran one layer a pass
+    resumed, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
+    assert done.all()
+    assert_same_totals(resumed, one_pass, rtol=1e-12)
