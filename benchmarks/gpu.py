@@ -43,7 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from one_pass_vs_per_layer import corpus_paragraphs, long_texts, per_layer_loop  # noqa: E402
 
 from raygrad.batching import BatchSizer, MemoryProbe, collate, pack_by_tokens  # noqa: E402
+from raygrad.constants import KIND_PREFIX, SAE_L0_SUM, SAE_SQ_ERROR_SUM  # noqa: E402
 from raygrad.grads import Aggregation, make_batch, summed_loss  # noqa: E402
+from raygrad.memory import sae_layer_groups  # noqa: E402
 from raygrad.models import resolve_hook_sites  # noqa: E402
 from raygrad.saes import DictionaryLearningSAE  # noqa: E402
 from raygrad.worker import ShardComputer  # noqa: E402
@@ -64,6 +66,8 @@ class Case:
     sae_width: int = 0  # random SAEs on every layer (0: target mlp)
     sae_dtype: str = "bfloat16"
     per_layer: bool = True
+    kinds: tuple[str, ...] = ("gradients",)  # --aggregate-by (hessian: one Rademacher probe per batch)
+    sae_layers_per_pass: int = 0  # SAE layers per forward+backward (0: all in one pass)
 
 
 CASES = [
@@ -74,11 +78,21 @@ CASES = [
     Case("gemma-2-2b-bf16-sae65k", "gemma-2-2b.json", "bfloat16", texts=64, sae_width=65536, per_layer=False),
     Case("gemma-2-2b-bf16-sae65k-f32", "gemma-2-2b.json", "bfloat16", texts=16, sae_width=65536,
          sae_dtype="float32", per_layer=False),
+    # Not yet run on a GPU (added after the last GPU session): the Hessian's double backward, and
+    # SAEs in two passes (as when they do not fit beside the model), each against its plain case.
+    Case("qwen2.5-0.5b-bf16-hessian", "qwen2.5-0.5b.json", "bfloat16", texts=32, per_layer=False,
+         kinds=("gradients", "hessian")),
+    Case("gemma-2-2b-bf16-sae65k-2passes", "gemma-2-2b.json", "bfloat16", texts=64, sae_width=65536,
+         per_layer=False, sae_layers_per_pass=13),
 ]
 DRY_CASES = [
     Case("tiny-llama-fp32", "tiny-llama.json", "float32", texts=8),
     Case("tiny-llama-fp32-sae", "tiny-llama.json", "float32", texts=8, sae_width=256, sae_dtype="float32",
          per_layer=False),
+    Case("tiny-llama-fp32-hessian", "tiny-llama.json", "float32", texts=8, per_layer=False,
+         kinds=("gradients", "hessian")),
+    Case("tiny-llama-fp32-sae-2passes", "tiny-llama.json", "float32", texts=8, sae_width=256, sae_dtype="float32",
+         per_layer=False, sae_layers_per_pass=1),
 ]
 
 
@@ -162,12 +176,16 @@ def run_case(case: Case, tokenizer, device: torch.device, max_length: int, gpu: 
     modules = [model.get_submodule(site.path) for site in resolve_hook_sites(model, layers, "mlp_out")]
     saes = (random_saes(model, len(layers), case.sae_width, getattr(torch, case.sae_dtype), device)
             if case.sae_width else None)
-    prefixes = {"grad": case.sae_width or model.config.hidden_size}
+    prefixes = {KIND_PREFIX[kind]: case.sae_width or model.config.hidden_size for kind in case.kinds}
     if saes:
         prefixes["site_grad"] = model.config.hidden_size
+        prefixes["site_value"] = model.config.hidden_size
     probe = MemoryProbe.cuda(device) if device.type == "cuda" else None
     sizer = BatchSizer("auto", probe=probe)
-    computer = ShardComputer(model, tokenizer, modules, prefixes, Aggregation(), sizer, max_length, device, saes)
+    groups = sae_layer_groups(len(layers), 0, requested=case.sae_layers_per_pass) if case.sae_layers_per_pass else None
+    layer_sums = (SAE_SQ_ERROR_SUM, SAE_L0_SUM) if saes else ()
+    computer = ShardComputer(model, tokenizer, modules, prefixes, Aggregation(kinds=case.kinds), sizer, max_length,
+                             device, saes, groups, [device] * len(layers), layer_sums)
     texts = long_texts(2 * case.texts, chars=6 * max_length)
     warm, timed = texts[:case.texts], texts[case.texts:]
     built = time.perf_counter() - started
