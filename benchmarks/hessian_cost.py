@@ -6,14 +6,18 @@
   sae clean        --target sae, clean mode, as it runs: feature gradients plus the quality sums
                    (encode and decode of every aggregated token for FVU and L0)
   sae, no quality  the same with the quality sums left out (an affine decoder then needs no encoder)
-Prints each time and its ratio to the plain run.
+Prints each time and its ratio to the plain run. With --memory, instead: the peak memory one
+batch adds beyond the loaded model (each kind in a fresh process, its peak resident set on a CPU
+or peak allocation on a GPU), with and without the Hessian's double backward.
 
-    python benchmarks/hessian_cost.py [--model smollm2-135m] [--samples 8] [--probes 1,2]
+    python benchmarks/hessian_cost.py [--model smollm2-135m] [--samples 8] [--probes 1,2] [--memory]
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import resource
 import sys
 import tempfile
 import time
@@ -62,6 +66,34 @@ def without_quality(runner: ShardRunner) -> ShardRunner:
     return runner
 
 
+def batch_peak_bytes(args, kinds: tuple[str, ...]) -> int:
+    """Peak memory of one batch of --samples texts beyond the loaded model (and one warm-up text)."""
+    texts = long_texts(args.samples)
+    one_batch = argparse.Namespace(**{**vars(args), "batch_size": args.samples})
+    runner = runner_for(texts, one_batch, aggregate_by=kinds)
+    runner.run(0, texts[:1])
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated(runner.device)
+        torch.cuda.reset_peak_memory_stats(runner.device)
+        runner.run(0, texts)
+        return torch.cuda.max_memory_allocated(runner.device) - before
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    runner.run(0, texts)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024  # Linux: KiB
+
+
+def memory_report(args) -> None:
+    context = multiprocessing.get_context("spawn")  # a fresh process per kind: its own peak
+    with context.Pool(1, maxtasksperchild=1) as pool:
+        plain = pool.apply(batch_peak_bytes, (args, ("gradients",)))
+    with context.Pool(1, maxtasksperchild=1) as pool:
+        hessian = pool.apply(batch_peak_bytes, (args, ("gradients", "hessian")))
+    print(f"{args.model} on {args.device}, one batch of {args.samples} x {args.max_length} tokens, beyond the model:")
+    print(f"  gradients      {plain / 2**20:8.0f} MiB")
+    print(f"  + hessian      {hessian / 2**20:8.0f} MiB  {hessian / plain:5.2f}x gradients")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -73,7 +105,11 @@ def main() -> None:
     parser.add_argument("--sae-layers", default="0,10,20,29")
     parser.add_argument("--width", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--memory", action="store_true", help="peak memory of one batch instead of time")
     args = parser.parse_args()
+    if args.memory:
+        memory_report(args)
+        return
 
     texts = long_texts(args.samples)
     base = runner_for(texts, args)

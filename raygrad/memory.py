@@ -16,6 +16,10 @@ GIB = 2**30
 # gpu_h200_run3.json, peak minus weights): Qwen2.5-0.5B bf16 +5%, fp32 -18%, Gemma-2-2B
 # bf16 -10%, Llama-3.1-8B bf16 +38%. A rough guide, not a bound.
 HIDDEN_FACTOR, INTERMEDIATE_FACTOR, LOGIT_FACTOR = 16, 3, 2
+# --aggregate-by hessian keeps the first backward's graph for the double backward, and runs
+# PyTorch's math attention: one batch's peak was 3.02x that of gradients alone (smollm2-135m, CPU,
+# 8 x 128 tokens, benchmarks/hessian_cost.py --memory; not yet measured on a GPU).
+HESSIAN_ACTIVATION_FACTOR = 3.0
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,14 @@ class Plan:
         # On the device at once: one pass's SAEs.
         on_device = min(self.sae_layers_per_pass or len(self.layers), len(self.layers))
         saes = self.sae_bytes * on_device // max(1, len(self.layers))
-        return MemoryEstimate(self.weight_bytes, saes, self.token_bytes * tokens, tokens)
+        return MemoryEstimate(self.weight_bytes, saes, self.activation_bytes(), tokens)
+
+    def activation_bytes(self) -> int:
+        """What one batch keeps for its backward (and the Hessian's double backward)."""
+        from .memory import HESSIAN_ACTIVATION_FACTOR
+
+        factor = HESSIAN_ACTIVATION_FACTOR if "hessian" in self.aggregate_by else 1.0
+        return int(self.token_bytes * self.batch_tokens() * factor)
 
     def placed(self, config: RunConfig, workers: int, device: str) -> "Plan":
         """This plan on `workers` workers of `device`: the batching (auto on a

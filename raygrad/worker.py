@@ -182,8 +182,7 @@ class ShardRunner:
         free = None
         if self.device.type == "cuda" and not placement and not plan.sae_layers_per_pass:
             free_now, total = torch.cuda.mem_get_info(self.device)
-            activations = plan.token_bytes * plan.batch_tokens()
-            free = max(0, free_now - activations - int(SAE_HEADROOM * total))
+            free = max(0, free_now - plan.activation_bytes() - int(SAE_HEADROOM * total))
         per_layer = plan.sae_bytes // max(1, len(plan.layers))
         return sae_layer_groups(len(plan.layers), per_layer, free, plan.sae_layers_per_pass)
 

@@ -1,6 +1,7 @@
 """Batches packed by tokens, the auto budget and its out-of-memory retry, the
 chunked loss, half-precision sums and the affine-decoder shortcut."""
 
+import dataclasses
 import random
 
 import numpy as np
@@ -213,6 +214,8 @@ def test_the_plan_estimates_worker_memory_and_refuses_what_cannot_fit(tiny_llama
     memory = plan.memory()
     assert memory.batch_tokens == 2 * 24 and memory.activations == plan.token_bytes * 48
     assert "memory   about" in plan.describe()
+    hessian = make_plan(dataclasses.replace(config, aggregate_by=("gradients", "hessian")), 4)
+    assert hessian.memory().activations == 3 * memory.activations  # the double backward's graph
     assert check_fits(memory, 10 * GIB, "m") is None
     big = MemoryEstimate(weights=70 * GIB, saes=31 * GIB, activations=20 * GIB, batch_tokens=4096)
     line = check_fits(big, 80 * GIB, "google/gemma-2-27b")
