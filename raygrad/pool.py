@@ -116,6 +116,7 @@ class WorkerPool:
                 ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
                          log_to_driver=False, logging_level=logging.ERROR,
                          runtime_env={"env_vars": {"PYTHONPATH": python_path, **env_vars}})
+                _start_reaper()  # ends this Ray's processes if this process is SIGKILLed
             self.started_ray = True
         self._size(ray.cluster_resources(), _largest_node_gpus(ray.nodes()))
         return self
@@ -275,6 +276,20 @@ class WorkerPool:
     def _timeout_message(self) -> str:
         return (f"--worker-timeout {self.config.worker_timeout:g}: no worker was placed in that time; asked for "
                 f"{self.describe_request()}, the cluster offers {self._cluster_offer()}")
+
+
+_reaper = None  # one per driver process: it outlives every local Ray this process starts
+
+
+def _start_reaper() -> None:
+    global _reaper
+    if _reaper is None or _reaper.poll() is not None:
+        import subprocess
+        import sys
+
+        _reaper = subprocess.Popen([sys.executable, str(Path(__file__).with_name("reaper.py")), str(os.getpid())],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True)
 
 
 def _get(ref):

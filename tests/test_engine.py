@@ -164,3 +164,43 @@ def test_ctrl_c_inside_an_add_never_counts_a_shard_twice(tiny_llama, texts_file,
     resumed, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
     assert done.all()
     assert_same_totals(resumed, expected)
+
+
+def test_a_sigkilled_driver_leaves_no_ray_process(tiny_llama, tmp_path):
+    """ray.shutdown() cannot run in a SIGKILLed driver; Ray's GCS and raylet exit by themselves, but
+    its agents were left to PID 1 until raygrad's reaper (raygrad/reaper.py) ended them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    from tiny import SAMPLE_TEXTS
+
+    dataset = tmp_path / "many.txt"
+    dataset.write_text("\n".join(f"{text} ({i})" for i in range(20) for text in SAMPLE_TEXTS if len(text) > 50))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # a cluster of its own
+    script = str(Path(sys.executable).parent / "raygrad")
+    driver = subprocess.Popen([script, "run", "--model", str(tiny_llama), "--dataset", str(dataset), "--num-samples",
+                               "100", "--batch-size", "2", "--max-length", "16", "--workers", "1", "--shard-size",
+                               "1", "--checkpoint-seconds", "0", "--output-dir", str(tmp_path / "out"),
+                               "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**env, "HF_HUB_OFFLINE": "1"})
+    ray_processes: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and driver.poll() is None:
+            descendants = psutil.Process(driver.pid).children(recursive=True)
+            ray_processes = [p for p in descendants if p.name().startswith("ray::") or "/ray/" in " ".join(p.cmdline())]
+            if any(p.name() == "ray::RemoteWorker.run" for p in ray_processes):  # mid-shard
+                break
+            time.sleep(0.2)
+        time.sleep(2)  # the reaper looks every second
+        assert driver.poll() is None, "the run ended before it could be killed"
+        driver.send_signal(signal.SIGKILL)
+    finally:
+        driver.wait(timeout=60)
+    assert {p.name() for p in ray_processes} >= {"ray::DashboardAgent", "ray::RuntimeEnvAgent"}
+    _, alive = psutil.wait_procs(ray_processes, timeout=30)
+    assert not [(p.pid, p.name()) for p in alive if p.status() != psutil.STATUS_ZOMBIE]
