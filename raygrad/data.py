@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import RaygradError
+from .errors import RaygradError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def _local_texts(path: Path, text_column: str, skipped: Counter) -> Iterator[str
     try:
         table = datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as err:  # the file is unreadable: report it as bad input
-        raise RaygradError(f"--dataset {path}: cannot be read as {kind} ({_first_line(err)})") from None
+        raise RaygradError(f"--dataset {path}: cannot be read as {kind} ({first_line(err)})") from None
     finally:
         if bars_were_on:
             datasets.enable_progress_bars()
@@ -146,7 +146,7 @@ def _hub_texts(name: str, config: str | None, split: str, text_column: str) -> I
         columns = stream.column_names or list(next(iter(stream)).keys())
     except Exception as err:  # no network, unknown name or config: one line for the user
         raise RaygradError(
-            f"--dataset {name}: not a local file and could not be loaded from the hub ({_first_line(err)}); "
+            f"--dataset {name}: not a local file and could not be loaded from the hub ({first_line(err)}); "
             "for the offline demo use --dataset stdlib-docs"
         ) from None
     _check_column(name, text_column, columns)
@@ -157,11 +157,6 @@ def _check_column(dataset: str, column: str, columns: Iterable[str]) -> None:
     columns = list(columns)
     if column not in columns:
         raise RaygradError(f"--text-column {column}: not in dataset {dataset}; its columns are {', '.join(columns)}")
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 # --- the bundled corpus: English prose from the standard library's docstrings

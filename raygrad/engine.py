@@ -75,9 +75,12 @@ def resume(run_dir: Path, echo: Callable[[str], None] = log.info, progress: bool
                 f"run keeps its own (only --{', --'.join(o.replace('_', '-') for o in EXECUTION_OPTIONS)} may change)"
             )
     store = ResultStore.open(store_path, writable=True)
+    if names.ATTR_CONFIG not in store.attrs:
+        raise RaygradError(f"--resume {run_dir}: a comparison (raygrad compare), not a run; nothing to resume")
+    config = RunConfig.from_dict(store.attrs[names.ATTR_CONFIG])
     if store.attrs.get(names.ATTR_STATUS) == names.STATUS_COMPLETE:
-        return _complete_exports(Path(run_dir), echo)
-    config = dataclasses.replace(RunConfig.from_dict(store.attrs[names.ATTR_CONFIG]), **execution)
+        return _complete_exports(Path(run_dir), config, echo)
+    config = dataclasses.replace(config, **execution)
     saved = Plan.from_dict(store.attrs[names.ATTR_PLAN])
     texts = _texts(config, echo)
     if len(texts) != saved.samples:
@@ -104,7 +107,7 @@ def resume(run_dir: Path, echo: Callable[[str], None] = log.info, progress: bool
     return Path(run_dir)
 
 
-def _complete_exports(run_dir: Path, echo) -> Path:
+def _complete_exports(run_dir: Path, config: RunConfig, echo) -> Path:
     """--resume on a complete run: regenerate exports that are missing or damaged."""
     from .export import check_exports
 
@@ -112,7 +115,7 @@ def _complete_exports(run_dir: Path, echo) -> Path:
     if not problems:
         raise RaygradError(f"--resume {run_dir}: this run is already complete, and its exports are whole")
     echo(f"resuming {run_dir}: the run is complete; its exports are not ({problems[0]}), writing them again")
-    _export(run_dir, RunConfig.from_dict(ResultStore.open(run_dir / names.STORE_NAME).attrs[names.ATTR_CONFIG]))
+    _export(run_dir, config)
     return run_dir
 
 
@@ -163,18 +166,13 @@ def _os_reason(err: OSError) -> str:
 
 def _check_memory(plan: Plan, pool: WorkerPool) -> None:
     """Refuse, before anything is written, a plan whose estimate exceeds the one GPU this
-    process will use; Ray workers' devices are not known here, and a split model is not refused.
-    SAEs that do not all fit are split into passes by the worker: only one layer's must fit."""
+    process will use; Ray workers check their own GPU (the driver cannot see it), and a
+    split model is not refused."""
     if pool.workers or not pool.device.startswith("cuda") or not plan.weight_bytes:
         return
     import torch
 
-    from .memory import check_fits
-
-    memory = plan.memory()
-    if plan.target == "sae" and not plan.sae_layers_per_pass:
-        memory = dataclasses.replace(memory, saes=plan.sae_bytes // max(1, len(plan.layers)))
-    problem = check_fits(memory, torch.cuda.get_device_properties(0).total_memory, plan.model)
+    problem = plan.fit_problem(torch.cuda.get_device_properties(0).total_memory)
     if problem:
         raise RaygradError(problem)
 

@@ -8,7 +8,6 @@ the store."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -23,6 +22,7 @@ from . import __version__, stats
 from . import constants as names
 from .config import RunConfig
 from .errors import RaygradError
+from .files import replacing
 from .quality import sae_quality
 from .store import ResultStore
 
@@ -98,8 +98,8 @@ def open_complete_run(run_dir: Path, label: str = "") -> tuple[ResultStore, RunC
     if attrs.get(names.ATTR_STATUS) != names.STATUS_COMPLETE:
         raise RaygradError(f"{where}: the run is not complete; finish it with: raygrad run --resume {run_dir}")
     if names.ATTR_CONFIG not in attrs:
-        raise RaygradError(f"{where}: not a raygrad run but a comparison (its exports are written with it; "
-                           "a comparison cannot be compared)")
+        raise RaygradError(f"{where}: not a raygrad run but a comparison (written whole, exports included; "
+                           "read it with open_results or its .npz)")
     return store, RunConfig.from_dict(attrs[names.ATTR_CONFIG])
 
 
@@ -116,7 +116,7 @@ def _write(store: ResultStore, config: RunConfig, out_dir: Path, with_outputs: b
         for (kind, mode, norm), array in arrays.items():
             for row, layer in enumerate(layers):
                 path = out_dir / names.layer_npy_name(layer, mode, kind, norm)
-                with _replacing(path) as handle:
+                with replacing(path) as handle:
                     np.save(handle, array[row])
                 written.append(path)
 
@@ -128,7 +128,7 @@ def _write(store: ResultStore, config: RunConfig, out_dir: Path, with_outputs: b
     consolidated[names.NPZ_METADATA_KEY] = np.array(json.dumps(metadata))
     for path in [out_dir / names.CONSOLIDATED_NPZ] + ([Path(extra_npz)] if extra_npz else []):
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _replacing(path) as handle:
+        with replacing(path) as handle:
             np.savez(handle, **consolidated)
         written.append(path)
 
@@ -141,7 +141,7 @@ def _write(store: ResultStore, config: RunConfig, out_dir: Path, with_outputs: b
     timing["export_seconds"] = time.perf_counter() - started
     metadata["timing"] = timing
     _write_json(out_dir / names.TIMING_JSON, timing)
-    with _replacing(out_dir / names.TIMING_TXT) as handle:
+    with replacing(out_dir / names.TIMING_TXT) as handle:
         handle.write(timing_summary(timing, metadata).encode())
     written += [out_dir / names.TIMING_JSON, out_dir / names.TIMING_TXT]
     # Last, with a digest of every file written in the run directory: its presence says the set is
@@ -177,22 +177,6 @@ def file_digest(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-@contextlib.contextmanager
-def _replacing(path: Path):
-    """A binary handle on a temporary file beside `path`, renamed onto `path` only once it is
-    completely written: a full disk or a kill never leaves a truncated export, and an earlier
-    version stays until the new one is whole."""
-    temporary = path.with_name(f".{path.name}.partial")
-    try:
-        with open(temporary, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def build_metadata(store: ResultStore, config: RunConfig, layers: list[int], values: dict[str, np.ndarray]) -> dict:
@@ -263,5 +247,5 @@ def timing_summary(timing: dict, metadata: dict) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    with _replacing(path) as handle:
+    with replacing(path) as handle:
         handle.write((json.dumps(data, indent=2) + "\n").encode())

@@ -12,6 +12,8 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .errors import first_line
+
 PROBE_SECONDS = 3.0
 OFFLINE_HINT = "for the offline demo use --model smollm2-135m --dataset stdlib-docs"
 
@@ -66,5 +68,5 @@ def load_error(option: str, name: str, err: Exception) -> str:
     if hub_offline():
         return (f"{option} {name}: not a local path, and not in the hub cache while the hub cannot be reached "
                 f"({why_offline()}); {OFFLINE_HINT}")
-    first_line = text.strip().splitlines()[0] if text.strip() else type(err).__name__
-    return f"{option} {name}: not a local path and could not be loaded from the hub ({first_line}); {OFFLINE_HINT}"
+    return (f"{option} {name}: not a local path and could not be loaded from the hub ({first_line(err)}); "
+            f"{OFFLINE_HINT}")

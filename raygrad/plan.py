@@ -68,11 +68,24 @@ class Plan:
     def memory(self):
         from .memory import MemoryEstimate
 
-        tokens = self.batch_tokens()
         # On the device at once: one pass's SAEs.
         on_device = min(self.sae_layers_per_pass or len(self.layers), len(self.layers))
-        saes = self.sae_bytes * on_device // max(1, len(self.layers))
-        return MemoryEstimate(self.weight_bytes, saes, self.activation_bytes(), tokens)
+        return MemoryEstimate(self.weight_bytes, self.sae_bytes_per_layer * on_device, self.activation_bytes(),
+                              self.batch_tokens())
+
+    @property
+    def sae_bytes_per_layer(self) -> int:
+        return self.sae_bytes // max(1, len(self.layers))
+
+    def fit_problem(self, device_bytes: int) -> str | None:
+        """None when one worker's estimate fits a device of `device_bytes`, else one line saying what
+        would. SAEs that do not all fit go in passes, decided by the worker: then one layer's must fit."""
+        from .memory import check_fits
+
+        memory = self.memory()
+        if self.target == "sae" and not self.sae_layers_per_pass:
+            memory = dataclasses.replace(memory, saes=self.sae_bytes_per_layer)
+        return check_fits(memory, device_bytes, self.model)
 
     def activation_bytes(self) -> int:
         """What one batch keeps for its backward (and the Hessian's double backward)."""

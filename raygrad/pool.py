@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .config import RunConfig
-from .errors import RaygradError
+from .errors import RaygradError, first_line
 from .models import pick_device
 from .plan import Plan
 from .worker import ShardResult, ShardRunner
@@ -103,7 +103,7 @@ class WorkerPool:
                              runtime_env={"py_modules": [str(Path(__file__).parent)], "env_vars": env_vars})
                 except (ConnectionError, RuntimeError, ValueError) as err:
                     raise RaygradError(f"--address {config.address}: cannot join that Ray cluster "
-                                       f"({_first_line(err)})") from None
+                                       f"({first_line(err)})") from None
             else:
                 # A local Ray bound to loopback only; workers import raygrad from
                 # wherever this driver does (a checkout works too).
@@ -226,7 +226,7 @@ class WorkerPool:
                 try:
                     info = _get(ref)
                 except RayActorError as err:  # gone before it was up: ask for another one
-                    log.warning("a worker was lost while starting (%s); asking for another", _first_line(err))
+                    log.warning("a worker was lost while starting (%s); asking for another", first_line(err))
                     self._replace(actor, waiting)
                     continue
                 self.worker_devices[actor._actor_id.hex()] = info["device"]
@@ -239,7 +239,7 @@ class WorkerPool:
             try:
                 result = _get(ref)
             except RayActorError as err:  # its node or process is gone: the shard goes back to the queue
-                self.echo(f"worker lost during shard {item[0]} ({_first_line(err)}); the shard is queued again")
+                self.echo(f"worker lost during shard {item[0]} ({first_line(err)}); the shard is queued again")
                 queue.appendleft(item)
                 waiting[actor.ready.remote()] = actor  # answers if Ray restarts it, raises if it is gone
                 continue
@@ -332,8 +332,3 @@ def _wait_reachable(address: str, timeout: float) -> None:
 
 def _largest_node_gpus(nodes: list[dict]) -> int:
     return max((int(node.get("Resources", {}).get("GPU", 0)) for node in nodes if node.get("Alive")), default=0)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 
 from . import constants as names
-from .config import RunConfig
 from .errors import RaygradError
 
 
@@ -70,18 +69,12 @@ def load_results(path: str | Path) -> Results:
         path = path / names.CONSOLIDATED_NPZ  # an export set (RUN_DIR/exports/NAME)
     if path.suffix == ".npz":
         return _from_npz(path)
-    from .export import build_metadata, exported_arrays
-    from .store import ResultStore
+    from .export import build_metadata, exported_arrays, open_complete_run
 
     store_path = _store_path(path)
     if store_path is None:
         raise RaygradError(f"{path}: expected a consolidated .npz, a run directory or a {names.STORE_NAME} store")
-    store = ResultStore.open(store_path)
-    if store.attrs.get(names.ATTR_STATUS) != names.STATUS_COMPLETE:
-        raise RaygradError(f"{path}: the run is not complete; finish it with raygrad run --resume")
-    if names.ATTR_CONFIG not in store.attrs:
-        raise RaygradError(f"{path}: a compare result, not a run; read it with open_results or its .npz")
-    config = RunConfig.from_dict(store.attrs[names.ATTR_CONFIG])
+    store, config = open_complete_run(store_path.parent)
     layers = [int(layer) for layer in store.group[names.LAYERS][:]]
     arrays = {names.export_key(*key): array
               for key, array in exported_arrays(store, config, names.STATISTICS).items()}

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .errors import RaygradError
+from .errors import RaygradError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def _fold_checkpoint_scaler(sae, directory: Path, shown: str) -> None:
     try:
         scaler.load(scaler_file)
     except (OSError, ValueError, KeyError) as err:
-        raise RaygradError(f"{shown}: unreadable {SAE_LENS_SCALER}: {_first_line(err)}") from None
+        raise RaygradError(f"{shown}: unreadable {SAE_LENS_SCALER}: {first_line(err)}") from None
     if norm == "expected_average_only_in" and scaler.scaling_factor is not None:
         log.info("%s: folding the activation scaling factor %.6g into the weights", shown, scaler.scaling_factor)
         sae.fold_activation_norm_scaling_factor(scaler.scaling_factor)
@@ -199,7 +199,7 @@ def _load_sae_lens_dir(directory: Path, shown: str, device: str, dtype: torch.dt
                            "inference class, such as a batchtopk training checkpoint, or a missing cfg.json field; "
                            f"supported: {', '.join(SAE_LENS_ARCHITECTURES)})") from None
     except (OSError, ValueError, TypeError, RuntimeError) as err:
-        raise RaygradError(f"{shown}: sae-lens could not load it ({type(err).__name__}: {_first_line(err)})") from None
+        raise RaygradError(f"{shown}: sae-lens could not load it ({type(err).__name__}: {first_line(err)})") from None
     _check_sae_lens(sae, shown)
     _fold_checkpoint_scaler(sae, directory, shown)
     return SaeLensSAE(sae, source=f"sae-lens {sae.cfg.architecture()} directory {directory}",
@@ -212,7 +212,7 @@ def _load_release(release: str, sae_id: str, shown: str, device: str, dtype: tor
     try:
         sae = SAE.from_pretrained(release, sae_id, device=device, dtype=_dtype_name(dtype))
     except Exception as err:  # hub, network, unknown release or id: sae-lens raises many types; all reported
-        raise RaygradError(f"{shown}: sae-lens could not load it ({type(err).__name__}: {_first_line(err)})") from None
+        raise RaygradError(f"{shown}: sae-lens could not load it ({type(err).__name__}: {first_line(err)})") from None
     _check_sae_lens(sae, shown)
     if sae.cfg.normalize_activations != "none":  # from_pretrained folds the registry's factor when it has one
         raise RaygradError(f"{shown}: normalize_activations {sae.cfg.normalize_activations!r} and sae-lens's "
@@ -357,7 +357,7 @@ def _load_dictionary_learning_dir(directory: Path, shown: str, device: str, dtyp
         raise RaygradError(f"{shown}: {DL_WEIGHTS} is not a plain tensor state dict, the only kind raygrad "
                            f"unpickles ({_unpickler_reason(err)})") from None
     except (OSError, RuntimeError, EOFError) as err:
-        raise RaygradError(f"{shown}: unreadable {DL_WEIGHTS} ({_first_line(err)})") from None
+        raise RaygradError(f"{shown}: unreadable {DL_WEIGHTS} ({first_line(err)})") from None
     if not isinstance(state, dict):
         raise RaygradError(f"{shown}: {DL_WEIGHTS} holds a {type(state).__name__}, not a state dict")
     state = {key.removeprefix("_orig_mod."): value for key, value in state.items()}  # torch.compile'd saves
@@ -425,7 +425,7 @@ def _sae_lens_cfg_info(cfg: dict, shown: str, source: str, neuronpedia_id: str |
     try:
         d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
     except (KeyError, TypeError, ValueError) as err:
-        raise RaygradError(f"{shown}: {SAE_LENS_CFG} has no usable d_in/d_sae ({_first_line(err)})") from None
+        raise RaygradError(f"{shown}: {SAE_LENS_CFG} has no usable d_in/d_sae ({first_line(err)})") from None
     return SaeInfo(d_in=d_in, d_sae=d_sae, hook_name=metadata.get("hook_name") or cfg.get("hook_name"),
                    neuronpedia_id=metadata.get("neuronpedia_id") or cfg.get("neuronpedia_id") or neuronpedia_id,
                    source=source)
@@ -459,7 +459,7 @@ def _release_info(release: str, sae_id: str, shown: str) -> SaeInfo:
         cfg = load_sae_config_from_huggingface(release, sae_id)
     except Exception as err:  # hub, network, unknown release or id: sae-lens raises many types; all reported
         raise RaygradError(f"{shown}: sae-lens could not read its config ({type(err).__name__}: "
-                           f"{_first_line(err)})") from None
+                           f"{first_line(err)})") from None
     return _sae_lens_cfg_info(cfg, shown, f"sae-lens release {release} / {sae_id}",
                               neuronpedia_id=_registry_neuronpedia_id(release, sae_id))
 
@@ -538,15 +538,10 @@ def _read_json(file: Path, shown: str):
     try:
         return json.loads(file.read_text())
     except (OSError, ValueError) as err:
-        raise RaygradError(f"{shown}: unreadable {file.name} ({_first_line(err)})") from None
+        raise RaygradError(f"{shown}: unreadable {file.name} ({first_line(err)})") from None
 
 
 def _unpickler_reason(err: BaseException) -> str:
     # torch's message is a paragraph of advice (including weights_only=False); keep only its reason
     _, marker, reason = str(err).partition("WeightsUnpickler error:")
-    return " ".join(reason.strip().split("\n\n")[0].split()).split(". ")[0] if marker else _first_line(err)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    return " ".join(reason.strip().split("\n\n")[0].split()).split(". ")[0] if marker else first_line(err)

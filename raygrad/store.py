@@ -27,7 +27,8 @@ import zarr
 
 from . import __version__, stats
 from . import constants as names
-from .errors import RaygradError
+from .errors import RaygradError, first_line
+from .files import fsync_dir, replacing, sync_tree
 from .grads import Partial
 
 # Zarr warns, when it lists a group, about files it does not know; these are raygrad's own
@@ -88,7 +89,7 @@ class ResultStore:
         group.create_array(names.LOSS_TOKENS, shape=(), dtype="int64", fill_value=0)
         group.attrs.update({names.ATTR_VERSION: __version__, names.ATTR_STATUS: names.STATUS_RUNNING, **attrs})
         store = cls(path, group)
-        _sync_tree(store.path)
+        sync_tree(store.path)
         store._record({name: group[name][...] for name in store.recorded_arrays()})
         return store
 
@@ -105,7 +106,7 @@ class ResultStore:
         except DamagedStore:
             raise
         except Exception as err:  # truncated zarr.json, unreadable redo file: one line, not a traceback
-            raise DamagedStore(f"{path}: cannot be read ({_first_line(err)}); the run cannot be vouched for, "
+            raise DamagedStore(f"{path}: cannot be read ({first_line(err)}); the run cannot be vouched for, "
                                "re-run it") from None
         store = cls(path, group, committed)
         if verify:
@@ -170,8 +171,6 @@ class ResultStore:
         self.group.attrs.update({names.ATTR_STATUS: names.STATUS_COMPLETE, names.ATTR_TIMING: timing})
         consolidate(self.path)
 
-
-
     def write_means(self) -> dict[str, np.ndarray]:
         """Every derived statistic ({prefix}_{statistic}, float32, for xarray and lazy readers; the
         exports derive theirs from the sums in float64) from the sums; returns them by name."""
@@ -190,7 +189,7 @@ class ResultStore:
                 self.group[name][:] = values
                 self.group[name].attrs.update(stats.array_attrs(prefix, statistic))
                 written[name] = values
-        _sync_tree(self.path, only=tuple(written))
+        sync_tree(self.path, only=tuple(written))
         return written
 
     # --- digests
@@ -270,7 +269,7 @@ class ResultStore:
                 # with consolidated=False): each array's own metadata must parse too.
                 json.loads((where / name / "zarr.json").read_text())
             except Exception as err:  # a truncated chunk or array metadata, a deleted array
-                raise DamagedStore(f"{where}/{name}: cannot be read ({_first_line(err)}); "
+                raise DamagedStore(f"{where}/{name}: cannot be read ({first_line(err)}); "
                                    f"{self._remedy(name)}") from None
             if actual != recorded:
                 raise DamagedStore(f"{where}/{name}: does not match its checkpoint digest (a chunk is missing, "
@@ -288,7 +287,7 @@ def consolidate(path: Path) -> None:
     with warnings.catch_warnings():  # Zarr notes our own files (the state file) as "not a component"
         warnings.simplefilter("ignore")
         zarr.consolidate_metadata(str(path))
-    _sync_tree(path, only=("zarr.json",))
+    sync_tree(path, only=("zarr.json",))
 
 
 def dimension_name(prefix: str, target: str) -> str:
@@ -325,7 +324,7 @@ def _stage(pending: Path, arrays: dict[str, np.ndarray]) -> None:
 
 def _commit(pending: Path) -> None:
     os.replace(pending.with_suffix(".tmp.npz"), pending)  # the commit point
-    _fsync_dir(pending.parent)
+    fsync_dir(pending.parent)
 
 
 def _apply_pending(group: zarr.Group, pending: Path) -> None:
@@ -336,14 +335,14 @@ def _apply_pending(group: zarr.Group, pending: Path) -> None:
     for name, value in arrays.items():
         _write_array(group, name, value)
     path = pending.parent
-    _sync_tree(path, only=tuple(arrays))
+    sync_tree(path, only=tuple(arrays))
     ResultStore(path, group)._record(arrays)
     _drop_redo(pending)
 
 
 def _drop_redo(pending: Path) -> None:
     pending.unlink()
-    _fsync_dir(pending.parent)
+    fsync_dir(pending.parent)
 
 
 def _write_array(group: zarr.Group, name: str, value: np.ndarray) -> None:
@@ -390,47 +389,6 @@ def _read_state(path: Path) -> dict | None:
 
 
 def _write_state(path: Path, state: dict) -> None:
-    target = path / names.CHECKPOINT_STATE
-    temporary = target.with_name(f".{target.name}.partial")
-    with open(temporary, "w") as handle:
-        json.dump(state, handle, indent=1, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, target)
-    _fsync_dir(path)
+    with replacing(path / names.CHECKPOINT_STATE) as handle:
+        handle.write(json.dumps(state, indent=1, sort_keys=True).encode())
 
-
-# --- durability: Zarr renames each chunk into place but does not flush it
-
-def _sync_tree(root: Path, only: tuple[str, ...] | None = None) -> None:
-    """fsync the files (and directories) of these arrays, or of the whole store."""
-    tops = [root / name for name in only] if only is not None else [root]
-    for top in tops:
-        if top.is_file():
-            _fsync_file(top)
-            continue
-        for directory, _, files in os.walk(top):
-            for file in files:
-                _fsync_file(Path(directory) / file)
-            _fsync_dir(Path(directory))
-    _fsync_dir(root)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        _fsync_file(path)
-    except OSError:  # some filesystems refuse to fsync a directory; the files are flushed
-        pass
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

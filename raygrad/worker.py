@@ -6,7 +6,6 @@ over a model that is already loaded (the GPU benchmark builds its own)."""
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import time
 from collections import deque
@@ -121,16 +120,10 @@ class ShardComputer:
 
 def _check_gpu_fits(plan: Plan, device: torch.device) -> None:
     """Refuse, before loading, a plan whose estimate exceeds this worker's GPU (the driver of a
-    cluster cannot see its workers' GPUs). SAEs that do not all fit go in passes: one must fit."""
+    cluster cannot see its workers' GPUs)."""
     from .errors import RaygradError
-    from .memory import check_fits
 
-    if not plan.weight_bytes:
-        return
-    memory = plan.memory()
-    if plan.target == "sae" and not plan.sae_layers_per_pass:
-        memory = dataclasses.replace(memory, saes=plan.sae_bytes // max(1, len(plan.layers)))
-    problem = check_fits(memory, torch.cuda.get_device_properties(device).total_memory, plan.model)
+    problem = plan.fit_problem(torch.cuda.get_device_properties(device).total_memory) if plan.weight_bytes else None
     if problem:
         raise RaygradError(problem)
 
@@ -183,8 +176,7 @@ class ShardRunner:
         if self.device.type == "cuda" and not placement and not plan.sae_layers_per_pass:
             free_now, total = torch.cuda.mem_get_info(self.device)
             free = max(0, free_now - plan.activation_bytes() - int(SAE_HEADROOM * total))
-        per_layer = plan.sae_bytes // max(1, len(plan.layers))
-        return sae_layer_groups(len(plan.layers), per_layer, free, plan.sae_layers_per_pass)
+        return sae_layer_groups(len(plan.layers), plan.sae_bytes_per_layer, free, plan.sae_layers_per_pass)
 
     def _load_saes(self, plan: Plan, waiting_on_cpu: bool) -> list[torch.nn.Module]:
         from .saes import load_sae

@@ -140,7 +140,7 @@ def test_a_full_disk_while_exporting_is_reported_and_resume_rewrites_the_exports
 
     from raygrad import export
 
-    real_replacing = export._replacing
+    real_replacing = export.replacing
 
     @contextlib.contextmanager
     def disk_fills_in_the_npz(path):
@@ -150,11 +150,11 @@ def test_a_full_disk_while_exporting_is_reported_and_resume_rewrites_the_exports
                 raise OSError(errno.ENOSPC, "No space left on device")
             yield handle
 
-    monkeypatch.setattr(export, "_replacing", disk_fills_in_the_npz)
+    monkeypatch.setattr(export, "replacing", disk_fills_in_the_npz)
     code, out, err = run_cli(tiny_args(tiny_llama, texts_file, tmp_path), capsys, monkeypatch)
     (run_dir,) = tmp_path.iterdir()
     one_line(code, err, "writing the exports failed (No space left on device)", f"raygrad run --resume {run_dir}")
-    monkeypatch.setattr(export, "_replacing", real_replacing)
+    monkeypatch.setattr(export, "replacing", real_replacing)
     assert not (run_dir / names.CONSOLIDATED_NPZ).exists()
     assert not (run_dir / names.METADATA_JSON).exists()
     assert not list(run_dir.glob("*.partial"))  # no truncated export left behind

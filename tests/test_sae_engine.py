@@ -345,7 +345,7 @@ def test_the_worker_splits_sae_layers_by_its_gpu_memory(monkeypatch):
     assert sae_layer_groups(5, gib, 0) == [[0], [1], [2], [3], [4]]  # at least one layer a pass
     assert sae_layer_groups(5, gib, 100 * gib, requested=3) == [[0, 1, 2], [3, 4]]
 
-    plan = SimpleNamespace(sae_layers_per_pass=None, layers=list(range(5)), sae_bytes=5 * gib,
+    plan = SimpleNamespace(sae_layers_per_pass=None, layers=list(range(5)), sae_bytes_per_layer=gib,
                            activation_bytes=lambda: 2 * gib)  # one batch's activations
     runner = SimpleNamespace(device=torch.device("cuda", 0))
     for free, expected in ((12 * gib, 1), (7 * gib, 2), (5 * gib, 5)):  # 8, 3 and 1 SAEs a pass
