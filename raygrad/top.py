@@ -57,7 +57,7 @@ def row_reader(group, by: str) -> tuple[str, Callable[[int], np.ndarray]]:
 def neuronpedia_ids(group, name: str, num_layers: int) -> list[str | None]:
     """Per layer, the SAE's Neuronpedia id when `name` is indexed by SAE features."""
     saes = group.attrs.get(names.ATTR_PLAN, {}).get("saes") or [{} for _ in range(num_layers)]
-    if name.startswith(names.SITE_PREFIX + "_"):
+    if name.startswith((names.SITE_PREFIX + "_", names.SITE_VALUE_PREFIX + "_")):  # the site's dims
         return [None] * num_layers
     return [sae.get("neuronpedia_id") for sae in saes]
 

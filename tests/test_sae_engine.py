@@ -136,6 +136,8 @@ def test_top_lists_features_with_neuronpedia_links(tiny_llama, texts_file, sae_d
         raise SystemExit(0)
     out = capsys.readouterr().out.splitlines()
     assert exited.value.code == 0 and len(out) == 1 + 2 * 3 and "neuronpedia" not in out[0]
+    # the site's own activations (the SAE's input, kept for its FVU) are not SAE features either
+    assert all(r.url is None for r in top_features(run_dir, k=2, by="site_value_mean_abs"))
 
     for layer in range(3):
         write_sae_lens_dir(tmp_path / "plain" / f"sae_{layer}", 32, D_SAE, hook_name=f"blocks.{layer}.hook_mlp_out")
