@@ -120,12 +120,9 @@ class RunConfig:
             raise RaygradError(f"--gpus-per-worker {self.gpus_per_worker}: must be an integer >= 0")
         if self.gpus_per_worker == 0 and self.device == "cuda":
             raise RaygradError("--gpus-per-worker 0: workers would see no GPU, but --device cuda asks for one")
-        if not isinstance(self.worker_timeout, (int, float)) or not self.worker_timeout > 0:
-            raise RaygradError(f"--worker-timeout {self.worker_timeout}: must be a number of seconds > 0")
+        self._check_number("worker_timeout", "a number of seconds > 0", lambda v: v > 0)
         for name in ("connect_timeout", "checkpoint_seconds"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise RaygradError(f"--{_dash(name)} {value}: must be a number of seconds >= 0")
+            self._check_number(name, "a number of seconds >= 0", lambda v: v >= 0)
         if self.workers == 0 and self.address:
             raise RaygradError(f"--workers 0: runs in this process without Ray, so --address {self.address} "
                                "would be ignored; give --workers N to use that cluster, or drop --address")
@@ -150,15 +147,18 @@ class RunConfig:
 
     def _check_export_options(self) -> None:
         parse_statistics(self.aggregation_mode)
-        power = self.power
-        if isinstance(power, bool) or not isinstance(power, (int, float)) or not 0 < power < float("inf"):
-            raise RaygradError(f"--power {power}: must be a number > 0")
+        self._check_number("power", "a number > 0", lambda v: 0 < v < float("inf"))
         modes = (*NORMALIZE_MODES, "all")
         if self.normalize_mode is not None and self.normalize_mode not in modes:
             raise RaygradError(f"--normalize-mode {self.normalize_mode!r}: choose one of {', '.join(modes)}")
         if self.normalize_gradients and self.normalize_mode not in (None, "sum_abs"):
             raise RaygradError(f"--normalize-mode {self.normalize_mode}: --normalize-gradients means "
                                "--normalize-mode sum_abs; give one of them")
+
+    def _check_number(self, name: str, allowed: str, ok) -> None:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+            raise RaygradError(f"--{_dash(name)} {value}: must be {allowed}")
 
     def _normalize_batch_size(self) -> None:
         """'auto' stays; '8' (from the command line) becomes 8; anything else is refused."""
