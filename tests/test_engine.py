@@ -187,13 +187,24 @@ def test_a_sigkilled_driver_leaves_no_ray_process(tiny_llama, tmp_path):
                                "1", "--checkpoint-seconds", "0", "--output-dir", str(tmp_path / "out"),
                                "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env={**env, "HF_HUB_OFFLINE": "1"})
-    ray_processes: list[psutil.Process] = []
+    ray_processes: dict[psutil.Process, str] = {}  # process -> its name, read while it was alive
+
+    def ray_descendants() -> dict[psutil.Process, str]:
+        found = {}
+        for process in psutil.Process(driver.pid).children(recursive=True):
+            try:  # a process may end between the listing and the reading (Ray's short-lived helpers do)
+                name, command = process.name(), " ".join(process.cmdline())
+            except psutil.NoSuchProcess:
+                continue
+            if name.startswith("ray::") or "/ray/" in command:
+                found[process] = name
+        return found
+
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and driver.poll() is None:
-            descendants = psutil.Process(driver.pid).children(recursive=True)
-            ray_processes = [p for p in descendants if p.name().startswith("ray::") or "/ray/" in " ".join(p.cmdline())]
-            if any(p.name() == "ray::RemoteWorker.run" for p in ray_processes):  # mid-shard
+            ray_processes = ray_descendants()
+            if "ray::RemoteWorker.run" in ray_processes.values():  # mid-shard
                 break
             time.sleep(0.2)
         time.sleep(2)  # the reaper looks every second
@@ -201,6 +212,13 @@ def test_a_sigkilled_driver_leaves_no_ray_process(tiny_llama, tmp_path):
         driver.send_signal(signal.SIGKILL)
     finally:
         driver.wait(timeout=60)
-    assert {p.name() for p in ray_processes} >= {"ray::DashboardAgent", "ray::RuntimeEnvAgent"}
-    _, alive = psutil.wait_procs(ray_processes, timeout=30)
-    assert not [(p.pid, p.name()) for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    assert set(ray_processes.values()) >= {"ray::DashboardAgent", "ray::RuntimeEnvAgent"}
+    _, alive = psutil.wait_procs(list(ray_processes), timeout=30)
+    left = []
+    for process in alive:
+        try:
+            if process.status() != psutil.STATUS_ZOMBIE:
+                left.append((process.pid, ray_processes[process]))
+        except psutil.NoSuchProcess:  # ended after wait_procs looked
+            pass
+    assert not left
