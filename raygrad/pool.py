@@ -73,6 +73,7 @@ class WorkerPool:
         self.requested = config.workers if workers is None else workers
         self.echo = echo
         self.started_ray = False
+        self._loopback_setting: tuple | None = None  # what _bind_to_loopback changed, put back on exit
         self.gpus_per_worker = 0
         self.cpus_per_worker = 1
         self.actors: list = []
@@ -113,6 +114,7 @@ class WorkerPool:
                 # by another process (a stale one made runs hang); --address names a cluster.
                 # logging_level: Ray's start-up notices (token authentication, "Started a local Ray
                 # instance") say nothing a raygrad user can act on; warnings about the run still show.
+                self._loopback_setting = _bind_to_loopback()
                 ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
                          log_to_driver=False, logging_level=logging.ERROR,
                          runtime_env={"env_vars": {"PYTHONPATH": python_path, **env_vars}})
@@ -179,6 +181,8 @@ class WorkerPool:
             import ray
 
             ray.shutdown()
+            if self._loopback_setting is not None:
+                _restore_cluster_setting(*self._loopback_setting)
 
     # --- running shards
 
@@ -304,6 +308,33 @@ def _get(ref):
         if isinstance(err.cause, RaygradError):
             raise RaygradError(str(err.cause)) from None
         raise
+
+
+def _bind_to_loopback() -> tuple[str | None, bool]:
+    """Keep a private local Ray on 127.0.0.1. On Linux Ray replaces a loopback
+    `_node_ip_address` with the machine's own address and listens on every
+    interface, unless its "cluster" switch is off (the switch macOS and Windows
+    default to). The Ray processes read it from the environment, this process
+    from a constant set when Ray was imported. -> what to put back."""
+    from ray._private import ray_constants
+
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    before = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[name] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    return before
+
+
+def _restore_cluster_setting(environment_value: str | None, constant: bool) -> None:
+    """Undo _bind_to_loopback, so a later --address run in this process joins its cluster as usual."""
+    from ray._private import ray_constants
+
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    if environment_value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = environment_value
+    ray_constants.ENABLE_RAY_CLUSTER = constant
 
 
 def _wait_reachable(address: str, timeout: float) -> None:

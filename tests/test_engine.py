@@ -122,6 +122,47 @@ def test_a_local_ray_ignores_a_stale_cluster_pointer(tiny_llama, texts_file, tmp
     assert_same_totals(local, one)
 
 
+LOOPBACK_RUN = """
+import json, os, sys
+os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # as in a user's shell (the tests' conftest sets it)
+sys.path.insert(0, sys.argv[1])
+import psutil
+from helpers import build_config
+from raygrad import engine, pool
+
+seen, real_exit = {}, pool.WorkerPool.__exit__
+
+def exit_after_looking(self, *exc):  # the actor has run a shard by now
+    import ray
+    seen["nodes"] = [node["NodeManagerAddress"] for node in ray.nodes()]
+    processes = [psutil.Process(), *psutil.Process().children(recursive=True)]
+    seen["listening"] = sorted({c.laddr.ip for p in processes for c in p.net_connections("inet")
+                                if c.status == psutil.CONN_LISTEN})
+    return real_exit(self, *exc)
+
+pool.WorkerPool.__exit__ = exit_after_looking
+engine.run(build_config(*sys.argv[2:5], workers=1), echo=lambda _: None, progress=False)
+seen["setting after"] = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+print(json.dumps(seen))
+"""
+
+
+def test_a_local_ray_listens_on_loopback_only(tiny_llama, texts_file, tmp_path):
+    """Ray on Linux swaps 127.0.0.1 for the machine's address and listens on every
+    interface unless told otherwise; a private run must be reachable from this machine only."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", LOOPBACK_RUN, str(Path(__file__).parent), str(tiny_llama),
+                           str(texts_file), str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["nodes"] == ["127.0.0.1"]
+    assert seen["listening"] and set(seen["listening"]) <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+    assert seen["setting after"] is None  # put back: a later --address run joins its cluster as usual
+
+
 def test_the_driver_forwards_hub_credentials_to_its_workers(tiny_llama, texts_file, tmp_path, monkeypatch):
     """Workers read gated hub models with the driver's HF_TOKEN (and honour its HF_HUB_OFFLINE)."""
     import os
