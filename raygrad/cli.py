@@ -117,15 +117,15 @@ def info(run_dir) -> None:
     store = ResultStore.open(_store_of(run_dir))
     attrs = store.attrs
     if names.ATTR_CONFIG not in attrs:  # a comparison (raygrad compare): what it compared
-        click.echo(json.dumps({names.ATTR_STATUS: attrs.get(names.ATTR_STATUS),
+        click.echo(_readable_json({names.ATTR_STATUS: attrs.get(names.ATTR_STATUS),
                                "store": "every array matches its recorded digest",
-                               names.ATTR_COMPARE: attrs.get(names.ATTR_COMPARE)}, indent=2))
+                               names.ATTR_COMPARE: attrs.get(names.ATTR_COMPARE)}))
         return
     _, done = store.totals()
     quality = sae_quality(store.committed_group())
     complete = attrs.get(names.ATTR_STATUS) == names.STATUS_COMPLETE
     exports = (check_exports(Path(run_dir)) or "whole") if complete else "not written (the run is not complete)"
-    click.echo(json.dumps({
+    click.echo(_readable_json({
         names.ATTR_STATUS: attrs.get(names.ATTR_STATUS),
         "store": "every array matches its checkpoint digest",
         "shards_done": f"{int(done.sum())} of {len(done)}",
@@ -134,7 +134,7 @@ def info(run_dir) -> None:
         names.ATTR_TIMING: attrs.get(names.ATTR_TIMING),
         # per layer: FVU, mean L0, and (splice modes) the loss with the SAE spliced in
         **({"sae_quality": quality} if quality is not None else {}),
-    }, indent=2))
+    }))
 
 
 @cli.command()
@@ -156,6 +156,18 @@ def repair(run_dir, trust_unrecorded) -> None:
                f"in {run_dir}")
 
 
+def _readable_json(value, depth: int = 0) -> str:
+    """JSON indented by object, with a list of values or of lists on one line (a
+    run's layer indices, its shards, a per-layer statistic): `info` reads on one screen."""
+    pad, end = "  " * (depth + 1), "  " * depth
+    if isinstance(value, dict) and value:
+        items = [f"{pad}{json.dumps(str(key))}: {_readable_json(item, depth + 1)}" for key, item in value.items()]
+        return "{\n" + ",\n".join(items) + f"\n{end}}}"
+    if isinstance(value, list) and any(isinstance(item, dict) for item in value):
+        return "[\n" + ",\n".join(f"{pad}{_readable_json(item, depth + 1)}" for item in value) + f"\n{end}]"
+    return json.dumps(value)
+
+
 def _store_of(run_dir: str) -> Path:
     store = Path(run_dir) / names.STORE_NAME
     if not store.is_dir():
@@ -166,7 +178,7 @@ def _store_of(run_dir: str) -> Path:
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--layer", type=int, default=None, help="One layer (default: every layer of the run).")
-@click.option("--k", type=int, default=20, show_default=True, help="Entries per layer.")
+@click.option("-k", "--k", type=int, default=20, show_default=True, help="Entries per layer.")
 @click.option("--by", default="mean_abs", show_default=True,
               help="Statistic to rank by (README \"Names\"): mean_abs, std, grad_mean_sq, value_mean_abs, "
                    "sem_attribution, site_grad_mean_abs, ...")
@@ -183,7 +195,7 @@ def top(run_dir, layer, k, by) -> None:
 @click.option("--output-dir", default=None,
               help="The new directory (must not exist, nor lie inside either run); default beside RUN_A: "
                    "compare_{A}_vs_{B}.")
-@click.option("--k", type=int, default=20, show_default=True, help="Entries per layer for each run.")
+@click.option("-k", "--k", type=int, default=20, show_default=True, help="Entries per layer for each run.")
 @click.option("--by", default="welch_t_abs", show_default=True,
               help="Rank by: welch_t_abs, welch_t, mean_abs_ratio, mean_diff, mean_abs_diff (gradients; add "
                    "_values / _attribution, or name the array, e.g. value_welch_t_abs); A: largest, B: smallest.")

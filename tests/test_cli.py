@@ -43,6 +43,7 @@ def test_info_prints_status_plan_and_timing(tiny_llama, texts_file, tmp_path, ca
     info = json.loads(out)
     assert code == 0 and info["status"] == "complete"
     assert info["plan"]["layers"] == [0, 1, 2] and info["plan"]["samples"] == 4
+    assert '"layers": [0, 1, 2],' in out  # a list of values on one line, not a line per layer
     assert info["timing"]["tokens_this_session"] == json.loads((run_dir / names.METADATA_JSON).read_text())[
         "target_tokens"]
 
