@@ -251,6 +251,22 @@ def test_compare_against_statistics_from_the_raw_sums(runs, capsys, monkeypatch)
     assert json.loads(out)["compare"]["run_a"] == str(Path(run_a).resolve())
 
 
+def test_compare_knows_one_model_named_two_ways(runs, tiny_llama, tiny_qwen2, texts_file, capsys, monkeypatch,
+                                                 tmp_path):
+    root, (run_a, totals_a), _ = runs
+    common = dict(layers="0,2", aggregate_by=("gradients", "values"), num_samples=3, max_length=16)
+    spelled_otherwise, totals = run_tiny(f"{tiny_llama}/.", texts_file, tmp_path / "b", **common)
+    code, _, err = run_cli(["compare", run_a, spelled_otherwise, "--output-dir", tmp_path / "cmp"], capsys,
+                           monkeypatch)
+    assert code == 0, err
+    np.testing.assert_array_equal(raygrad.open_results(tmp_path / "cmp")["tokens_b"][:], totals.tokens)
+    other_model = tmp_path / "other"  # another model's files: still refused
+    shutil.copytree(tiny_qwen2, other_model)
+    other, _ = run_tiny(other_model, texts_file, tmp_path / "c", **common)
+    code, _, err = run_cli(["compare", run_a, other, "--output-dir", tmp_path / "cmp2"], capsys, monkeypatch)
+    assert code == 2 and f"--model {tiny_llama} vs {other_model}" in err, err
+
+
 def test_compare_of_sae_runs_links_features_and_ranks_by_any_statistic(sae_runs, capsys, monkeypatch):
     root, (run_a, totals_a), (run_b, totals_b) = sae_runs
     output, text = compare_runs(run_a, run_b, root / "cmp", k=2, by="mean_abs_ratio")
