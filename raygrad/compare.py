@@ -48,7 +48,7 @@ MEASURED = (
     ("width", lambda c, p: p["width"]),
     ("sae-release", lambda c, p: c.sae_release),
     ("sae-id", lambda c, p: c.sae_id),
-    ("sae-path", lambda c, p: c.sae_path),
+    ("sae-path", lambda c, p: (p.get("sae_source") or {}).get("path") or c.sae_path),  # made absolute at the start
     ("sae-mode", lambda c, p: c.sae_mode),
     ("position-stride", lambda c, p: c.position_stride),
     ("exclude-bos", lambda c, p: c.exclude_bos),

@@ -10,6 +10,7 @@ import ast
 import hashlib
 import inspect
 import logging
+import os
 import re
 import sysconfig
 from collections import Counter
@@ -82,6 +83,13 @@ def _fingerprint(texts: list[str]) -> str:
         h.update(len(encoded).to_bytes(8, "little"))  # lengths first: no two lists hash alike by concatenation
         h.update(encoded)
     return h.hexdigest()
+
+
+def absolute_if_local(dataset: str) -> str:
+    """A local file or directory made absolute (a resumed run may start in another
+    directory); a hub id or the bundled corpus as given."""
+    path = Path(dataset).expanduser()
+    return os.path.abspath(path) if dataset != BUNDLED_CORPUS and path.exists() else dataset
 
 
 def _looks_local(dataset: str) -> bool:

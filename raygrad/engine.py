@@ -14,7 +14,7 @@ from typing import Callable
 
 from . import constants as names
 from .config import RunConfig
-from .data import first_changed_shard, load_texts, shard_fingerprints
+from .data import absolute_if_local, first_changed_shard, load_texts, shard_fingerprints
 from .errors import RaygradError
 from .plan import Plan, make_plan, run_dir_name
 from .pool import WorkerPool
@@ -31,6 +31,7 @@ EXECUTION_OPTIONS = ("address", "workers", "gpus_per_worker", "device", "worker_
 def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: bool = True) -> Path:
     """A new run; returns its output directory."""
     started = time.perf_counter()
+    config = dataclasses.replace(config, dataset=absolute_if_local(config.dataset))  # what --resume reads
     output_dir = Path(config.output_dir)
     _check_output_paths(config)
     # Planning checks layers, sites and SAEs before Ray starts or weights load;

@@ -82,13 +82,15 @@ def cache_root() -> Path:
 
 
 def resolve_model_path(name: str) -> str:
-    """A hub id or local directory as given; a bundled name -> its converted copy.
+    """A hub id as given; a local directory made absolute (workers and a resumed
+    run may start elsewhere); a bundled name -> its converted copy.
 
     The first use of a bundled model dequantizes its GGUF file (tens of
     seconds) and caches a safetensors copy, so later loads take about a second."""
     bundled = BUNDLED_MODELS.get(name)
     if bundled is None:
-        return name
+        local = Path(name).expanduser()
+        return os.path.abspath(local) if local.is_dir() else name
     target = cache_root() / "models" / name
     if (target / "config.json").exists():
         return str(target)

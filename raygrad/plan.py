@@ -6,13 +6,14 @@ needs to load its model and hook the right modules."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 
 from . import constants as names
 from .config import RunConfig, parse_layer_spec
 from .memory import weight_sae_token_bytes
-from .models import family_of, load_model_config, resolve_hook_sites, resolve_model_path, text_config
+from .models import BUNDLED_MODELS, family_of, load_model_config, resolve_hook_sites, resolve_model_path, text_config
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,11 @@ class Plan:
             return f"in-process (no Ray) on {self.device}"
         where = "GPU workers" if self.device.startswith("cuda") else "CPU workers"
         return f"{self.workers} Ray {where} (each resolves --device {self.device_request} where it runs)"
+
+    def model_source(self) -> str:
+        """What a worker loads: a bundled name (each node converts its own copy), else the hub id or
+        the local directory made absolute when the run started (workers may start elsewhere)."""
+        return self.model if self.model in BUNDLED_MODELS else self.model_path
 
     @property
     def prefixes(self) -> dict[str, int]:
@@ -243,7 +249,10 @@ def make_plan(config: RunConfig, num_texts: int, workers: int = 0, device: str =
 
 
 def sae_source(config: RunConfig) -> dict:
-    return {"release": config.sae_release, "sae_id": config.sae_id, "path": config.sae_path}
+    """Where the SAEs come from; a local template made absolute, since workers and a resumed run may start
+    in another directory (abspath keeps the '{layer}' in it)."""
+    path = os.path.abspath(os.path.expanduser(config.sae_path)) if config.sae_path else None
+    return {"release": config.sae_release, "sae_id": config.sae_id, "path": path}
 
 
 def _sae_entries(config: RunConfig, layers: list[int], site_width: int) -> tuple[list[dict], list[str]]:

@@ -139,7 +139,7 @@ class ShardRunner:
         placement = device_placement(device, plan.allow_offload)
         if device.type == "cuda" and not placement:
             _check_gpu_fits(plan, device)
-        self.model, self.tokenizer = load_model_and_tokenizer(plan.model, device, getattr(torch, plan.dtype),
+        self.model, self.tokenizer = load_model_and_tokenizer(plan.model_source(), device, getattr(torch, plan.dtype),
                                                               placement)
         # Split across GPUs: ids and running sums live where the model starts.
         self.device = input_device(self.model, device) if placement else device

@@ -263,3 +263,28 @@ def test_a_sigkilled_driver_leaves_no_ray_process(tiny_llama, tmp_path):
         except psutil.NoSuchProcess:  # ended after wait_procs looked
             pass
     assert not left
+
+
+def test_a_run_on_relative_paths_resumes_from_another_directory(tiny_llama, texts_file, tmp_path, monkeypatch):
+    """Relative --model, --dataset and --sae-path are made absolute when a run starts: Ray workers
+    and a resumed run may start in another directory, where those words name other files or none."""
+    import shutil
+
+    from helpers import killed_run
+    from sae_factory import write_sae_lens_dir
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_llama, work / "model")
+    shutil.copy(texts_file, work / "texts.txt")
+    for layer in (0, 2):
+        write_sae_lens_dir(work / "saes" / f"sae_{layer}", 32, 48, hook_name=f"blocks.{layer}.hook_mlp_out",
+                           seed=layer)
+    options = dict(target="sae", sae_path="saes/sae_{layer}", layers="0,2", shard_size=1)
+    monkeypatch.chdir(work)
+    _, expected = run_tiny("model", "texts.txt", tmp_path / "undisturbed", **options)
+    run_dir = killed_run(build_config("model", "texts.txt", tmp_path / "killed", **options), dies_at_call=3)
+    monkeypatch.chdir(tmp_path)  # no model, texts or saes here
+    engine.resume(run_dir, echo=lambda _: None, progress=False)
+    resumed, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
+    assert done.all()
+    assert_same_totals(resumed, expected, rtol=1e-12)
