@@ -115,12 +115,20 @@ class WorkerPool:
                 # logging_level: Ray's start-up notices (token authentication, "Started a local Ray
                 # instance") say nothing a raygrad user can act on; warnings about the run still show.
                 self._loopback_setting = _bind_to_loopback()
-                ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                         log_to_driver=False, logging_level=logging.ERROR,
-                         runtime_env={"env_vars": {"PYTHONPATH": python_path, **env_vars}})
+                try:
+                    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                             log_to_driver=False, logging_level=logging.ERROR,
+                             runtime_env={"env_vars": {"PYTHONPATH": python_path, **env_vars}})
+                except BaseException:
+                    _restore_cluster_setting(*self._loopback_setting)
+                    raise
                 _start_reaper()  # ends this Ray's processes if this process is SIGKILLed
             self.started_ray = True
-        self._size(ray.cluster_resources(), _largest_node_gpus(ray.nodes()))
+        try:
+            self._size(ray.cluster_resources(), _largest_node_gpus(ray.nodes()))
+        except BaseException:  # a request no node can meet: stop the Ray this started (no __exit__ follows)
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def _size(self, resources: dict, node_gpus: int) -> None:

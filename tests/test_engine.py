@@ -288,3 +288,18 @@ def test_a_run_on_relative_paths_resumes_from_another_directory(tiny_llama, text
     resumed, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
     assert done.all()
     assert_same_totals(resumed, expected, rtol=1e-12)
+
+
+def test_a_request_this_machine_cannot_meet_stops_the_ray_it_started(tiny_llama, texts_file, tmp_path):
+    import os
+
+    import ray
+
+    from raygrad.pool import WorkerPool
+
+    config = build_config(tiny_llama, texts_file, tmp_path, workers=1, device="cuda")  # no GPU here
+    with pytest.raises(RaygradError, match="this machine has 0 GPUs"):
+        with WorkerPool(config):
+            pass
+    assert not ray.is_initialized()  # the error left no Ray running in this process
+    assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0"  # as conftest set it: put back
