@@ -87,8 +87,8 @@ class RunConfig:
         "On an autoscaling cluster give it: workers are then asked for whatever is up.")
     allow_offload: bool = _opt(
         False, "Let accelerate put what does not fit on a worker's GPUs in CPU memory or on disk (slow).")
-    worker_timeout: float = _opt(900.0, "Seconds to wait with no worker up (placed and loaded) before stopping; "
-                                 "the run stays resumable.")
+    worker_timeout: float = _opt(900.0, "Seconds to wait with no worker placed on a node before stopping (a "
+                                 "worker loading its model or computing counts as placed); the run stays resumable.")
     connect_timeout: float = _opt(60.0, "Seconds to keep trying to reach the --address cluster before stopping.")
     checkpoint_seconds: float = _opt(
         30.0, "Seconds between checkpoints (the last shard always checkpoints); a kill loses at most this much "

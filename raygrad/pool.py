@@ -42,26 +42,32 @@ def local_gpus() -> int:
 
 
 class RemoteWorker:
-    """The Ray actor around a ShardRunner. A load failure (a model that cannot
-    be read, say) is kept and raised by `ready`: a failing actor constructor
-    would look like a lost node and be retried forever."""
+    """The Ray actor around a ShardRunner. The constructor only keeps the plan,
+    so `placed` answers as soon as the actor has a node; `ready` loads the model
+    (minutes for a large one being downloaded) and raises a load failure, which
+    the driver reports as the run's error (a failing constructor would look like
+    a lost node and be retried)."""
 
     def __init__(self, plan: Plan, seed: int):
-        try:
-            self.runner, self.error = ShardRunner(plan, seed), None
-        except Exception as err:  # raised by ready(), where the driver sees it as the run's error
-            self.runner, self.error = None, err
+        self.plan, self.seed, self.runner = plan, seed, None
 
-    def ready(self) -> dict:
-        if self.error is not None:
-            raise self.error
+    def placed(self) -> str:
         import ray
 
-        return {"device": str(self.runner.device), "node": ray.get_runtime_context().get_node_id(),
-                "load_seconds": self.runner.load_seconds, "sae_groups": self.runner.sae_groups}
+        return ray.get_runtime_context().get_node_id()
+
+    def ready(self) -> dict:
+        runner = self._runner()
+        return {"device": str(runner.device), "node": self.placed(), "load_seconds": runner.load_seconds,
+                "sae_groups": runner.sae_groups}
 
     def run(self, shard: int, texts: list[str]) -> ShardResult:
-        return self.runner.run(shard, texts)
+        return self._runner().run(shard, texts)
+
+    def _runner(self) -> ShardRunner:
+        if self.runner is None:  # also after Ray restarted this actor
+            self.runner = ShardRunner(self.plan, self.seed)
+        return self.runner
 
 
 class WorkerPool:
@@ -80,6 +86,8 @@ class WorkerPool:
         self.worker_devices: dict[str, str] = {}  # actor id -> the device it resolved
         self.worker_nodes: dict[str, str] = {}  # actor id -> the Ray node it runs on
         self.busy: dict[str, int] = {}  # actor id -> the shard it is computing
+        self.placing: dict = {}  # `placed` ref -> an actor not yet on a node
+        self.starting: dict = {}  # `ready` ref -> an actor not yet loaded (placed or not)
 
     # --- where shards run
 
@@ -166,7 +174,19 @@ class WorkerPool:
         self.plan, self.seed, self.actors = plan, seed, []
         if self.workers == 0:
             return
-        self.actors = [self._new_actor() for _ in range(self.workers)]
+        for _ in range(self.workers):
+            self._add_actor()
+
+    def _add_actor(self) -> None:
+        actor = self._new_actor()
+        self.actors.append(actor)
+        self._watch_start(actor)
+
+    def _watch_start(self, actor) -> None:
+        """Ask a new (or restarted) actor where it is and to load its model: the
+        answers come in that order, since an actor runs its calls one at a time."""
+        self.placing[actor.placed.remote()] = actor
+        self.starting[actor.ready.remote()] = actor
 
     def _new_actor(self):
         import ray
@@ -210,7 +230,7 @@ class WorkerPool:
         import ray
         from ray.exceptions import RayActorError
 
-        waiting = {actor.ready.remote(): actor for actor in self.actors}  # ready ref -> actor not yet up
+        waiting, placing = self.starting, self.placing
         running: dict = {}  # run ref -> (actor, (shard, texts))
         idle: list = []
         finished: set[int] = set()
@@ -221,25 +241,34 @@ class WorkerPool:
                 actor, item = idle.pop(), queue.popleft()
                 running[actor.run.remote(*item)] = (actor, item)
                 self.busy[actor._actor_id.hex()] = item[0]
-            if running or idle:
+            loading = len(waiting) - len(placing)  # placed, loading their model (a download may take long)
+            some_worker_placed = bool(running or idle or loading)
+            if some_worker_placed:
                 none_up_since = time.monotonic()
-            ready, _ = ray.wait([*running, *waiting], num_returns=1, timeout=POLL_SECONDS)
+            ready, _ = ray.wait([*running, *placing, *waiting], num_returns=1, timeout=POLL_SECONDS)
             if not ready:
                 now = time.monotonic()
-                if now - none_up_since > self.config.worker_timeout:
+                if not some_worker_placed and now - none_up_since > self.config.worker_timeout:
                     raise WorkerTimeout(self._timeout_message())
                 if not running and now - last_status >= STATUS_SECONDS:
-                    self.echo(self._status_line(len(idle)))
+                    self.echo(self._status_line(len(idle), loading))
                     last_status = now
                 continue
             ref = ready[0]
+            if ref in placing:
+                actor = placing.pop(ref)
+                try:
+                    self.worker_nodes[actor._actor_id.hex()] = _get(ref)
+                except RayActorError:
+                    pass  # gone before it was placed: its `ready` call says so and it is replaced
+                continue
             if ref in waiting:
                 actor = waiting.pop(ref)
                 try:
                     info = _get(ref)
                 except RayActorError as err:  # gone before it was up: ask for another one
                     log.warning("a worker was lost while starting (%s); asking for another", first_line(err))
-                    self._replace(actor, waiting)
+                    self._replace(actor)
                     continue
                 self.worker_devices[actor._actor_id.hex()] = info["device"]
                 self._say_sae_passes(f"worker {len(self.worker_devices)}", info.get("sae_groups"))
@@ -253,7 +282,7 @@ class WorkerPool:
             except RayActorError as err:  # its node or process is gone: the shard goes back to the queue
                 self.echo(f"worker lost during shard {item[0]} ({first_line(err)}); the shard is queued again")
                 queue.appendleft(item)
-                waiting[actor.ready.remote()] = actor  # answers if Ray restarts it, raises if it is gone
+                self._watch_start(actor)  # answers if Ray restarts it, raises if it is gone
                 continue
             idle.append(actor)
             if result.shard not in finished:
@@ -265,15 +294,16 @@ class WorkerPool:
             self.echo(f"sae      {who}: the SAEs of {len(self.plan.layers)} layers do not fit beside the model "
                       f"on its GPU; {len(groups)} passes of up to {len(groups[0])} layers each")
 
-    def _replace(self, lost, waiting: dict) -> None:
+    def _replace(self, lost) -> None:
         import ray
 
         if lost in self.actors:
             self.actors.remove(lost)
+        for refs in (self.placing, self.starting):  # its unanswered calls
+            for ref in [ref for ref, actor in refs.items() if actor is lost]:
+                del refs[ref]
         ray.kill(lost)
-        actor = self._new_actor()
-        self.actors.append(actor)
-        waiting[actor.ready.remote()] = actor
+        self._add_actor()
 
     def _cluster_offer(self) -> str:
         import ray
@@ -282,8 +312,9 @@ class WorkerPool:
         return (f"GPU {free.get('GPU', 0):g} free of {total.get('GPU', 0):g}, "
                 f"CPU {free.get('CPU', 0):g} free of {total.get('CPU', 0):g}, {len(ray.nodes())} node(s)")
 
-    def _status_line(self, up: int) -> str:
-        return f"waiting  for workers: asked for {self.describe_request()}, {up} up; cluster: {self._cluster_offer()}"
+    def _status_line(self, up: int, loading: int) -> str:
+        return (f"waiting  for workers: asked for {self.describe_request()}, {up} up, {loading} loading their "
+                f"model; cluster: {self._cluster_offer()}")
 
     def _timeout_message(self) -> str:
         return (f"--worker-timeout {self.config.worker_timeout:g}: no worker was placed in that time; asked for "

@@ -50,6 +50,23 @@ class SlowWorker(RemoteWorker):
         return super().run(shard, texts)
 
 
+class SlowLoadingWorker(RemoteWorker):
+    """Loads for 7 s and computes a shard for 6 s: both longer than --worker-timeout 2 and than one
+    wait of the pool (5 s), as a large model being downloaded and a long shard are on a cluster."""
+
+    def ready(self):
+        import time
+
+        time.sleep(7.0)
+        return super().ready()
+
+    def run(self, shard, texts):
+        import time
+
+        time.sleep(6.0)
+        return super().run(shard, texts)
+
+
 def remembered_pools(monkeypatch) -> list:
     pools, real_enter = [], WorkerPool.__enter__
 
@@ -209,3 +226,21 @@ def test_workers_asked_for_scale_an_autoscaling_cluster_up_from_zero(tiny_llama,
                              address=address, shard_size=1, worker_timeout=240)
         assert demo.worker_nodes(address) >= 1
     assert_same_counts_and_close_sums(remote, local)
+
+
+def test_a_worker_loading_or_computing_longer_than_the_timeout_is_waited_for(tiny_llama, texts_file, tmp_path,
+                                                                              monkeypatch):
+    """--worker-timeout counts only while no worker is placed: not while one loads its model or computes."""
+    import sys
+
+    from helpers import assert_same_totals
+    from ray import cloudpickle
+
+    _, local = run_tiny(tiny_llama, texts_file, tmp_path / "local", workers=0)
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    monkeypatch.setattr(pool_module, "RemoteWorker", SlowLoadingWorker)
+    try:
+        _, remote = run_tiny(tiny_llama, texts_file, tmp_path / "ray", workers=1, worker_timeout=2)
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert_same_totals(remote, local)
