@@ -6,8 +6,9 @@ now (a pending actor is what Ray's autoscaler scales on); shards go to the
 actors that are up, in the order they come up; a shard whose actor is lost
 goes back to the queue for another, and a lost actor is asked for again.
 Results are keyed by shard, so a retried shard is never counted twice. With
-no worker up for `--worker-timeout` seconds the pool stops with one line
-naming what was asked for and what the cluster offers."""
+no worker placed on a node for `--worker-timeout` seconds (one loading its
+model counts as placed) the pool stops with one line naming what was asked
+for and what the cluster offers."""
 
 from __future__ import annotations
 
