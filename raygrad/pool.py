@@ -231,6 +231,10 @@ class WorkerPool:
         import ray
         from ray.exceptions import RayActorError
 
+        watched = {id(actor) for actor in self.starting.values()}
+        for actor in self.actors:
+            if id(actor) not in watched:
+                self._watch_start(actor)  # up since an earlier map: answers at once
         waiting, placing = self.starting, self.placing
         running: dict = {}  # run ref -> (actor, (shard, texts))
         idle: list = []

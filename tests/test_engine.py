@@ -303,3 +303,18 @@ def test_a_request_this_machine_cannot_meet_stops_the_ray_it_started(tiny_llama,
             pass
     assert not ray.is_initialized()  # the error left no Ray running in this process
     assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0"  # as conftest set it: put back
+
+
+def test_the_pool_maps_twice_with_the_same_workers(tiny_llama, texts_file, tmp_path):
+    """Workers that came up for one map serve the next (a library caller may map in parts)."""
+    from raygrad.plan import make_plan
+    from raygrad.pool import WorkerPool
+
+    config = build_config(tiny_llama, texts_file, tmp_path, workers=1, worker_timeout=30)
+    texts = [line for line in texts_file.read_text().splitlines() if len(line) > 50][:2]
+    with WorkerPool(config) as pool:
+        plan = make_plan(config, len(texts)).placed(config, pool.workers, pool.device)
+        pool.start_workers(plan, config.seed)
+        first = [result.shard for result in pool.map([(0, texts[:1])])]
+        second = [result.shard for result in pool.map([(1, texts[1:])])]
+    assert first == [0] and second == [1]
