@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -14,7 +15,7 @@ import click
 
 from . import constants as names
 from .config import RunConfig, _choices, field_type
-from .errors import RaygradError
+from .errors import RaygradError, Terminated, raise_terminated
 
 
 def _help(name: str) -> str:
@@ -213,6 +214,7 @@ def compare(run_a, run_b, output_dir, k, by, epsilon) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    signal.signal(signal.SIGTERM, raise_terminated)  # like Ctrl-C: a preempted job keeps its finished shards
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Exit as done:
@@ -220,6 +222,9 @@ def main() -> None:
     except click.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except Terminated:
+        click.echo("terminated (SIGTERM)", err=True)
+        sys.exit(128 + signal.SIGTERM)
     except click.ClickException as err:  # bad option value or usage: one line
         click.echo(f"error: {err.format_message()}", err=True)
         sys.exit(2)

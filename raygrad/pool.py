@@ -12,8 +12,11 @@ for and what the cluster offers."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -104,34 +107,8 @@ class WorkerPool:
         import ray
 
         if not ray.is_initialized():
-            # Workers read gated hub models with the driver's token.
-            env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
-            if config.address:
-                _wait_reachable(config.address, config.connect_timeout)
-                try:
-                    ray.init(address=config.address, log_to_driver=False, logging_level=logging.ERROR,
-                             runtime_env={"py_modules": [str(Path(__file__).parent)], "env_vars": env_vars})
-                except (ConnectionError, RuntimeError, ValueError) as err:
-                    raise RaygradError(f"--address {config.address}: cannot join that Ray cluster "
-                                       f"({first_line(err)})") from None
-            else:
-                # A local Ray bound to loopback only; workers import raygrad from
-                # wherever this driver does (a checkout works too).
-                python_path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
-                                                            os.environ.get("PYTHONPATH")]))
-                # address="local": never follow RAY_ADDRESS or a `ray_current_cluster` file left
-                # by another process (a stale one made runs hang); --address names a cluster.
-                # logging_level: Ray's start-up notices (token authentication, "Started a local Ray
-                # instance") say nothing a raygrad user can act on; warnings about the run still show.
-                self._loopback_setting = _bind_to_loopback()
-                try:
-                    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                             log_to_driver=False, logging_level=logging.ERROR,
-                             runtime_env={"env_vars": {"PYTHONPATH": python_path, **env_vars}})
-                except BaseException:
-                    _restore_cluster_setting(*self._loopback_setting)
-                    raise
-                _start_reaper()  # ends this Ray's processes if this process is SIGKILLed
+            with _sigterm_handler_kept():
+                self._start_or_join_ray(ray)
             self.started_ray = True
         try:
             self._size(ray.cluster_resources(), _largest_node_gpus(ray.nodes()))
@@ -139,6 +116,38 @@ class WorkerPool:
             self.__exit__(None, None, None)
             raise
         return self
+
+    def _start_or_join_ray(self, ray) -> None:
+        """ray.init: join --address, else start a private local Ray."""
+        config = self.config
+        # Workers read gated hub models with the driver's token.
+        env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+        if config.address:
+            _wait_reachable(config.address, config.connect_timeout)
+            try:
+                ray.init(address=config.address, log_to_driver=False, logging_level=logging.ERROR,
+                         runtime_env={"py_modules": [str(Path(__file__).parent)], "env_vars": env_vars})
+            except (ConnectionError, RuntimeError, ValueError) as err:
+                raise RaygradError(f"--address {config.address}: cannot join that Ray cluster "
+                                   f"({first_line(err)})") from None
+        else:
+            # A local Ray bound to loopback only; workers import raygrad from
+            # wherever this driver does (a checkout works too).
+            python_path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+                                                        os.environ.get("PYTHONPATH")]))
+            # address="local": never follow RAY_ADDRESS or a `ray_current_cluster` file left
+            # by another process (a stale one made runs hang); --address names a cluster.
+            # logging_level: Ray's start-up notices (token authentication, "Started a local Ray
+            # instance") say nothing a raygrad user can act on; warnings about the run still show.
+            self._loopback_setting = _bind_to_loopback()
+            try:
+                ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                         log_to_driver=False, logging_level=logging.ERROR,
+                         runtime_env={"env_vars": {"PYTHONPATH": python_path, **env_vars}})
+            except BaseException:
+                _restore_cluster_setting(*self._loopback_setting)
+                raise
+            _start_reaper()  # ends this Ray's processes if this process is SIGKILLed
 
     def _size(self, resources: dict, node_gpus: int) -> None:
         """Workers and their resources from the request; the cluster is consulted
@@ -379,6 +388,22 @@ def _restore_cluster_setting(environment_value: str | None, constant: bool) -> N
     else:
         os.environ[name] = environment_value
     ray_constants.ENABLE_RAY_CLUSTER = constant
+
+
+@contextlib.contextmanager
+def _sigterm_handler_kept():
+    """ray.init replaces the SIGTERM handler with one that exits at once; keep a
+    handler of the caller's own, such as the CLI's, which stops like Ctrl-C
+    (finished shards saved, the resume command said). Without one, Ray's stays."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers, and Ray then sets none
+        return
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(handler):  # not SIG_DFL, SIG_IGN, or None (set outside Python)
+            signal.signal(signal.SIGTERM, handler)
 
 
 def _wait_reachable(address: str, timeout: float) -> None:

@@ -83,9 +83,13 @@ def test_kill_at_each_checkpoint_step_then_resume_is_exact(tiny_llama, texts_fil
     assert resumed.loss_sum == undisturbed.loss_sum and resumed.loss_tokens == undisturbed.loss_tokens
 
 
-def test_a_real_sigkill_of_the_console_script_resumes_to_the_undisturbed_sums(tiny_llama, tmp_path):
-    """The real thing once: `raygrad run` in its own process, SIGKILLed after some checkpoints;
-    a resume here equals an undisturbed run here (another process: equal to float64 rounding)."""
+@pytest.mark.parametrize("signal_name, workers", [("SIGKILL", 0), ("SIGTERM", 0), ("SIGTERM", 1)])
+def test_a_real_signal_to_the_console_script_then_resume_gives_the_undisturbed_sums(signal_name, workers,
+                                                                                    tiny_llama, tmp_path):
+    """The real thing: `raygrad run` in its own process, signalled after some checkpoints; a resume
+    here equals an undisturbed run here (another process: equal to float64 rounding). SIGTERM (a
+    scheduler ending the job) stops like Ctrl-C: finished shards saved, the resume command said,
+    exit 143, also with Ray (whose ray.init would put its own handler in, one that exits at once)."""
     import os
     import signal
     import subprocess
@@ -105,9 +109,9 @@ def test_a_real_sigkill_of_the_console_script_resumes_to_the_undisturbed_sums(ti
     out_dir = tmp_path / "killed"
     script = str(Path(sys.executable).parent / "raygrad")
     args = [script, "run", "--model", str(tiny_llama), "--dataset", str(dataset), "--num-samples", str(len(texts)),
-            "--batch-size", "3", "--max-length", "24", "--workers", "0", "--dtype", "float64", "--shard-size", "1",
-            "--checkpoint-seconds", "0", "--output-dir", str(out_dir), "--no-progress"]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            "--batch-size", "3", "--max-length", "24", "--workers", str(workers), "--dtype", "float64",
+            "--shard-size", "1", "--checkpoint-seconds", "0", "--output-dir", str(out_dir), "--no-progress"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline, done = time.monotonic() + 120, 0
     try:
@@ -119,11 +123,16 @@ def test_a_real_sigkill_of_the_console_script_resumes_to_the_undisturbed_sums(ti
                     done = int(ResultStore.open(stores[0]).totals()[1].sum())
                 except Exception:  # read while the writer is mid-checkpoint: look again
                     continue
-        process.send_signal(signal.SIGKILL)
+        process.send_signal(getattr(signal, signal_name))
     finally:
-        process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+        out, err = process.communicate(timeout=120)
     (run_dir,) = out_dir.iterdir()
+    if signal_name == "SIGKILL":
+        assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    else:
+        assert process.returncode == 128 + signal.SIGTERM, (process.returncode, err[-2000:])
+        assert err.strip() == "terminated (SIGTERM)", err[-2000:]
+        assert f"(Terminated: SIGTERM); continue with: raygrad run --resume {run_dir}" in out, out
     _, done_flags = ResultStore.open(run_dir / names.STORE_NAME).totals()
     assert 3 <= done_flags.sum() < len(done_flags)
     engine.resume(run_dir, echo=lambda _: None, progress=False)
