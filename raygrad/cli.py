@@ -214,7 +214,7 @@ def compare(run_a, run_b, output_dir, k, by, epsilon) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    signal.signal(signal.SIGTERM, raise_terminated)  # like Ctrl-C: a preempted job keeps its finished shards
+    previous = signal.signal(signal.SIGTERM, raise_terminated)  # like Ctrl-C: a preempted job keeps its shards
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Exit as done:
@@ -235,6 +235,8 @@ def main() -> None:
         where = f" ({err.filename})" if err.filename else ""
         click.echo(f"error: {err.strerror or err}{where}", err=True)
         sys.exit(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # main() called in a process that goes on (tests)
 
 
 if __name__ == "__main__":

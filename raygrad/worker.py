@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .batching import BatchSizer, MemoryProbe, collate
+from .errors import RaygradError
 from .grads import Aggregation, DeviceAccumulator, Partial, accumulate_batch, make_batch
 from .memory import sae_layer_groups
 from .models import device_placement, execution_device, input_device, load_model_and_tokenizer, pick_device
@@ -102,9 +103,9 @@ class ShardComputer:
         self.sizer.before_batch()
         try:
             accumulate_batch(self.model, modules, batch.to(self.device), staged, self.aggregation, saes)
-        except torch.cuda.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError as err:
             if batch.input_ids.shape[0] == 1 or not self.sizer.after_out_of_memory(batch.padded_tokens):
-                raise
+                raise RaygradError(_out_of_memory_line(batch, self.device, err)) from None
             recovered = True
         else:
             recovered = False
@@ -118,11 +119,18 @@ class ShardComputer:
         return True
 
 
+def _out_of_memory_line(batch, device: torch.device, err: BaseException) -> str:
+    """One line for a batch that does not fit even after the sizer shrank what it could."""
+    texts, tokens = batch.input_ids.shape[0], batch.padded_tokens
+    cause = str(err).split(".")[0]  # "CUDA out of memory"; the rest is the allocator's report
+    return (f"{cause} on {device} in a batch of {texts} text(s), {tokens} padded tokens: use a smaller "
+            "--batch-size or --tokens-per-batch (--batch-size auto shrinks by itself), a shorter --max-length, "
+            "--dtype bfloat16, --sae-dtype bfloat16 or --sae-layers-per-pass for SAEs, or more --gpus-per-worker")
+
+
 def _check_gpu_fits(plan: Plan, device: torch.device) -> None:
     """Refuse, before loading, a plan whose estimate exceeds this worker's GPU (the driver of a
     cluster cannot see its workers' GPUs)."""
-    from .errors import RaygradError
-
     problem = plan.fit_problem(torch.cuda.get_device_properties(device).total_memory) if plan.weight_bytes else None
     if problem:
         raise RaygradError(problem)

@@ -256,3 +256,25 @@ def test_negative_durations_are_one_line(tiny_llama, texts_file, tmp_path, capsy
                                          expected):
     code, _, err = run_cli(tiny_args(tiny_llama, texts_file, tmp_path, option, value), capsys, monkeypatch)
     one_line(code, err, expected)
+
+
+def test_out_of_memory_in_a_batch_that_cannot_shrink_is_one_line(tiny_llama, texts_file, tmp_path, capsys,
+                                                                 monkeypatch):
+    """A fixed --batch-size that does not fit (auto shrinks by itself): one line saying what would fit,
+    the finished shards kept, the resume command said; not a traceback from the allocator."""
+    import torch
+
+    from raygrad import worker
+
+    def no_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                          "capacity of 79.1 GiB of which 1.2 GiB is free.")
+
+    monkeypatch.setattr(worker, "accumulate_batch", no_memory)
+    code, out, err = run_cli(tiny_args(tiny_llama, texts_file, tmp_path), capsys, monkeypatch)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: CUDA out of memory on cpu in a batch of 2 text(s),") and (
+        "--tokens-per-batch" in lines[0] and "GiB" not in lines[0])
+    (run_dir,) = tmp_path.iterdir()
+    assert f"continue with: raygrad run --resume {run_dir}" in out
