@@ -18,7 +18,7 @@ import os
 import signal
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 5.0  # how long one wait for a result or a worker lasts
 STATUS_SECONDS = 30.0  # between "waiting for workers" lines
+RESTART_POLL_SECONDS = 1.0  # between questions to an actor Ray is restarting
+MAX_LOSSES_PER_SHARD = 3  # a shard whose worker dies this often is killing it (memory, say): stop, not loop
 FORWARDED_ENV = ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "RAYGRAD_CACHE")  # driver -> worker actors
 
 
@@ -195,8 +197,14 @@ class WorkerPool:
     def _watch_start(self, actor) -> None:
         """Ask a new (or restarted) actor where it is and to load its model: the
         answers come in that order, since an actor runs its calls one at a time."""
+        self._forget_calls(actor)  # one outstanding pair per actor; earlier ones answer the same
         self.placing[actor.placed.remote()] = actor
         self.starting[actor.ready.remote()] = actor
+
+    def _forget_calls(self, actor) -> None:
+        for refs in (self.placing, self.starting):
+            for ref in [ref for ref, owner in refs.items() if owner is actor]:
+                del refs[ref]
 
     def _new_actor(self):
         import ray
@@ -238,7 +246,7 @@ class WorkerPool:
 
     def _elastic_map(self, queue: deque) -> Iterator[ShardResult]:
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import ActorUnavailableError, RayActorError
 
         watched = {id(actor) for actor in self.starting.values()}
         for actor in self.actors:
@@ -248,6 +256,7 @@ class WorkerPool:
         running: dict = {}  # run ref -> (actor, (shard, texts))
         idle: list = []
         finished: set[int] = set()
+        losses: Counter = Counter()  # shard -> workers lost while computing it
         none_up_since = time.monotonic()
         last_status = time.monotonic()
         while queue or running:
@@ -255,15 +264,18 @@ class WorkerPool:
                 actor, item = idle.pop(), queue.popleft()
                 running[actor.run.remote(*item)] = (actor, item)
                 self.busy[actor._actor_id.hex()] = item[0]
-            loading = len(waiting) - len(placing)  # placed, loading their model (a download may take long)
-            some_worker_placed = bool(running or idle or loading)
-            if some_worker_placed:
-                none_up_since = time.monotonic()
+            # placed, loading their model (a download may take long)
+            loading = len({id(actor) for actor in waiting.values()} - {id(actor) for actor in placing.values()})
+            # Checked before every wait, not only after an empty one: an actor that Ray cannot
+            # restart (no node for it) answers at once, in vain, so the waits keep returning.
+            now = time.monotonic()
+            if running or idle or loading:
+                none_up_since = now
+            elif now - none_up_since > self.config.worker_timeout:
+                raise WorkerTimeout(self._timeout_message())
             ready, _ = ray.wait([*running, *placing, *waiting], num_returns=1, timeout=POLL_SECONDS)
             if not ready:
                 now = time.monotonic()
-                if not some_worker_placed and now - none_up_since > self.config.worker_timeout:
-                    raise WorkerTimeout(self._timeout_message())
                 if not running and now - last_status >= STATUS_SECONDS:
                     self.echo(self._status_line(len(idle), loading))
                     last_status = now
@@ -273,13 +285,20 @@ class WorkerPool:
                 actor = placing.pop(ref)
                 try:
                     self.worker_nodes[actor._actor_id.hex()] = _get(ref)
+                except ActorUnavailableError:  # restarting, perhaps waiting for a node: not placed, ask again
+                    time.sleep(RESTART_POLL_SECONDS)
+                    self._watch_start(actor)
                 except RayActorError:
-                    pass  # gone before it was placed: its `ready` call says so and it is replaced
+                    pass  # gone for good: its `ready` call says so and it is replaced
                 continue
             if ref in waiting:
                 actor = waiting.pop(ref)
                 try:
                     info = _get(ref)
+                except ActorUnavailableError:  # restarting after a loss: Ray brings it back, ask again
+                    time.sleep(RESTART_POLL_SECONDS)
+                    self._watch_start(actor)
+                    continue
                 except RayActorError as err:  # gone before it was up: ask for another one
                     log.warning("a worker was lost while starting (%s); asking for another", first_line(err))
                     self._replace(actor)
@@ -294,6 +313,9 @@ class WorkerPool:
             try:
                 result = _get(ref)
             except RayActorError as err:  # its node or process is gone: the shard goes back to the queue
+                losses[item[0]] += 1
+                if losses[item[0]] >= MAX_LOSSES_PER_SHARD:
+                    raise RaygradError(_shard_keeps_killing_line(item, losses[item[0]], err)) from None
                 self.echo(f"worker lost during shard {item[0]} ({first_line(err)}); the shard is queued again")
                 queue.appendleft(item)
                 self._watch_start(actor)  # answers if Ray restarts it, raises if it is gone
@@ -313,9 +335,7 @@ class WorkerPool:
 
         if lost in self.actors:
             self.actors.remove(lost)
-        for refs in (self.placing, self.starting):  # its unanswered calls
-            for ref in [ref for ref, actor in refs.items() if actor is lost]:
-                del refs[ref]
+        self._forget_calls(lost)
         ray.kill(lost)
         self._add_actor()
 
@@ -388,6 +408,15 @@ def _restore_cluster_setting(environment_value: str | None, constant: bool) -> N
     else:
         os.environ[name] = environment_value
     ray_constants.ENABLE_RAY_CLUSTER = constant
+
+
+def _shard_keeps_killing_line(item: tuple[int, list[str]], losses: int, err: BaseException) -> str:
+    shard, texts = item
+    longest = max((len(text) for text in texts), default=0)
+    return (f"shard {shard} ({len(texts)} texts, the longest {longest} characters) lost its worker {losses} times "
+            f"(last: {first_line(err)}); a worker that dies on the same shard is likely out of host or GPU "
+            "memory: use a smaller --batch-size or --tokens-per-batch, a shorter --max-length, or workers with "
+            "more memory, then resume")
 
 
 @contextlib.contextmanager

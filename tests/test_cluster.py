@@ -67,6 +67,17 @@ class SlowLoadingWorker(RemoteWorker):
         return super().run(shard, texts)
 
 
+class DiesOnShardZero(RemoteWorker):
+    """A worker whose process dies on shard 0 every time, as one out of host memory on a long text would."""
+
+    def run(self, shard, texts):
+        if shard == 0:
+            import os
+
+            os._exit(1)
+        return super().run(shard, texts)
+
+
 def remembered_pools(monkeypatch) -> list:
     pools, real_enter = [], WorkerPool.__enter__
 
@@ -244,3 +255,34 @@ def test_a_worker_loading_or_computing_longer_than_the_timeout_is_waited_for(tin
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert_same_totals(remote, local)
+
+
+def test_a_shard_that_keeps_killing_its_worker_stops_the_run(tiny_llama, texts_file, tmp_path, monkeypatch):
+    """Ray restarts a dead worker, and the pool queues its shard again; a shard that kills every worker
+    would loop forever. After 3 losses the run stops with one line naming the shard, resumable."""
+    import sys
+
+    from ray import cloudpickle
+
+    replaced = []
+
+    def replace_once_at_most(self, lost):  # without the limit the pool replaces dead workers forever
+        replaced.append(lost)
+        assert len(replaced) < 2, "the pool kept replacing workers that die on the same shard"
+        real_replace(self, lost)
+
+    real_replace = WorkerPool._replace
+    monkeypatch.setattr(WorkerPool, "_replace", replace_once_at_most)
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    monkeypatch.setattr(pool_module, "RemoteWorker", DiesOnShardZero)
+    said = []
+    config = build_config(tiny_llama, texts_file, tmp_path, workers=1, shard_size=1, num_samples=3)
+    try:
+        with pytest.raises(RaygradError, match=r"^shard 0 \(1 texts, the longest \d+ characters\) lost its worker 3 "
+                                               r"times \(last: .*\); a worker that dies on the same shard"):
+            engine.run(config, echo=said.append, progress=False)
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    (run_dir,) = tmp_path.iterdir()
+    assert said[-1].endswith(f"continue with: raygrad run --resume {run_dir}")
+    assert sum(line.startswith("worker lost during shard 0") for line in said) == 2
