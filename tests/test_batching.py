@@ -14,6 +14,7 @@ from sae_factory import random_weights, write_sae_lens_dir
 from raygrad import constants as names
 from raygrad import worker
 from raygrad.batching import AUTO_GPU_TOKENS, BatchSizer, MemoryProbe, pack_by_tokens
+from raygrad.errors import RaygradError
 from raygrad.grads import IGNORE_INDEX, Aggregation, DeviceAccumulator, _add_clean_features, summed_loss
 from raygrad.models import load_model_and_tokenizer, resolve_hook_sites
 from raygrad.saes import DictionaryLearningSAE, load_sae
@@ -103,7 +104,7 @@ def test_out_of_memory_on_one_text_is_raised(tiny_llama, monkeypatch):
     monkeypatch.setattr(worker, "accumulate_batch", always_fails)
     sizer = BatchSizer("auto", probe=fake_probe(10**12, 1, {"tokens": 0}))
     computer = ShardComputer(model, tokenizer, modules, {"grad": 32}, Aggregation(), sizer, 24, torch.device("cpu"))
-    with pytest.raises(torch.cuda.OutOfMemoryError):
+    with pytest.raises(RaygradError, match=r"^CUDA out of memory \(injected\) on cpu in a batch of 1 text\(s\), "):
         computer.compute(["one text that can never fit, however it is batched"])
 
 

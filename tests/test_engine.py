@@ -135,9 +135,13 @@ seen, real_exit = {}, pool.WorkerPool.__exit__
 def exit_after_looking(self, *exc):  # the actor has run a shard by now
     import ray
     seen["nodes"] = [node["NodeManagerAddress"] for node in ray.nodes()]
-    processes = [psutil.Process(), *psutil.Process().children(recursive=True)]
-    seen["listening"] = sorted({c.laddr.ip for p in processes for c in p.net_connections("inet")
-                                if c.status == psutil.CONN_LISTEN})
+    listening = set()
+    for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:  # a short-lived helper may end between the listing and the reading
+            listening |= {c.laddr.ip for c in process.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+        except psutil.NoSuchProcess:
+            pass
+    seen["listening"] = sorted(listening)
     return real_exit(self, *exc)
 
 pool.WorkerPool.__exit__ = exit_after_looking
