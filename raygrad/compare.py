@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +31,7 @@ from . import __version__, stats
 from . import constants as names
 from .config import RunConfig
 from .errors import RaygradError
+from .files import replacing_directory
 from .store import ResultStore, dimension_name
 from .top import format_rows, store_array_name, top_rows
 
@@ -86,16 +85,8 @@ def compare_runs(run_a, run_b, output_dir=None, epsilon: float = DEFAULT_EPSILON
     _check_same_measurement(a, b)
     ranking = _ranking(a[0].prefixes(), by)
 
-    staging = output.with_name(f".{output.name}.partial")
-    if staging.exists():
-        shutil.rmtree(staging)  # left by a killed compare: never a visible result
-    staging.mkdir(parents=True)
-    try:
+    with replacing_directory(output) as staging:
         text = _write(staging, a, b, run_a, run_b, epsilon, k, ranking)
-        os.replace(staging, output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return output, text
 
 

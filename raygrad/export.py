@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from . import __version__, stats
 from . import constants as names
 from .config import RunConfig
 from .errors import RaygradError
-from .files import replacing
+from .files import replacing, replacing_directory
 from .quality import sae_quality
 from .store import ResultStore
 
@@ -72,20 +70,11 @@ def write_export_set(run_dir: Path, options: dict, name: str | None = None,
     name = name or export_set_name(config)
     if not name or "/" in name or name.startswith("."):
         raise RaygradError(f"--name {name!r}: must be a plain directory name")
-    parent = run_dir / names.EXPORT_SETS_DIR
-    target = parent / name
+    target = run_dir / names.EXPORT_SETS_DIR / name
     if target.exists():
         raise RaygradError(f"--name {name}: {target} exists; export sets are never overwritten (give another --name)")
-    staging = parent / f".{name}.partial"
-    if staging.exists():
-        shutil.rmtree(staging)  # left by a killed export: never a visible set
-    staging.mkdir(parents=True)
-    try:
+    with replacing_directory(target) as staging:
         written = _write(store, config, staging, with_outputs, None, export_set=name)
-        os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return target, [target / path.relative_to(staging) for path in written]
 
 

@@ -1,12 +1,14 @@
 """Durable writes: a file replaced only once it is whole, and flushes to disk.
 
 Zarr renames each chunk into place but does not flush it; exports and the
-store's state file are written under a temporary name and renamed."""
+store's state file are written under a temporary name and renamed, and so are
+whole directories (an export set, a comparison)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 
 
@@ -26,6 +28,24 @@ def replacing(path: Path):
         fsync_dir(path.parent)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def replacing_directory(target: Path):
+    """A hidden staging directory beside `target` (one left by a killed writer is cleared first),
+    renamed onto `target` once the block has written it whole: a failure or a kill never leaves a
+    half-written directory under the visible name."""
+    target = Path(target)
+    staging = target.with_name(f".{target.name}.partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
 
 
 def sync_tree(root: Path, only: tuple[str, ...] | None = None) -> None:
