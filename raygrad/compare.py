@@ -40,7 +40,7 @@ DEFAULT_BY = "welch_t_abs"
 TOP_TXT = "top_specific.txt"
 # What two runs must share to be compared: (option, value read from (config, plan)).
 MEASURED = (
-    ("model", lambda c, p: c.model),
+    ("model", lambda c, p: _model_identity(c, p)),
     ("target", lambda c, p: c.target),
     ("hook-site", lambda c, p: c.hook_site),
     ("layers", lambda c, p: p["layers"]),
@@ -97,21 +97,17 @@ def _open_run(label: str, path: Path) -> tuple[ResultStore, RunConfig, dict]:
     return store, config, store.attrs[names.ATTR_PLAN]
 
 
-def _same_model_directory(plan_a: dict, plan_b: dict) -> bool:
-    """One local model named two ways: a bundled name and its directory, a relative
-    and an absolute path. Hub ids are compared as given."""
-    paths = [plan.get("model_path") for plan in (plan_a, plan_b)]
-    if not all(paths) or not all(Path(path).is_dir() for path in paths):
-        return False
-    return Path(paths[0]).resolve() == Path(paths[1]).resolve()
+def _model_identity(config: RunConfig, plan: dict) -> str:
+    """A local model's directory, resolved, so one model named two ways (a bundled name and its
+    directory, a relative and an absolute path) is one; a hub id, or a directory gone, as given."""
+    path = plan.get("model_path")
+    return str(Path(path).resolve()) if path and Path(path).is_dir() else config.model
 
 
 def _check_same_measurement(a, b) -> None:
     (store_a, config_a, plan_a), (store_b, config_b, plan_b) = a, b
     for option, read in MEASURED:
         value_a, value_b = read(config_a, plan_a), read(config_b, plan_b)
-        if option == "model" and _same_model_directory(plan_a, plan_b):
-            continue
         if value_a != value_b:
             raise RaygradError(f"RUN_A and RUN_B measured different things: --{option} {_show(value_a)} "
                                f"vs {_show(value_b)}")
