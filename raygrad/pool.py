@@ -64,8 +64,7 @@ class RemoteWorker:
 
     def ready(self) -> dict:
         runner = self._runner()
-        return {"device": str(runner.device), "node": self.placed(), "load_seconds": runner.load_seconds,
-                "sae_groups": runner.sae_groups}
+        return {"device": str(runner.device), "load_seconds": runner.load_seconds, "sae_groups": runner.sae_groups}
 
     def run(self, shard: int, texts: list[str]) -> ShardResult:
         return self._runner().run(shard, texts)
@@ -284,7 +283,7 @@ class WorkerPool:
             if ref in placing:
                 actor = placing.pop(ref)
                 try:
-                    self.worker_nodes[actor._actor_id.hex()] = _get(ref)
+                    self.worker_nodes[actor._actor_id.hex()] = _get(ref)  # answered before its `ready`
                 except ActorUnavailableError:  # restarting, perhaps waiting for a node: not placed, ask again
                     time.sleep(RESTART_POLL_SECONDS)
                     self._watch_start(actor)
@@ -305,7 +304,6 @@ class WorkerPool:
                     continue
                 self.worker_devices[actor._actor_id.hex()] = info["device"]
                 self._say_sae_passes(f"worker {len(self.worker_devices)}", info.get("sae_groups"))
-                self.worker_nodes[actor._actor_id.hex()] = info["node"]
                 idle.append(actor)
                 continue
             actor, item = running.pop(ref)
