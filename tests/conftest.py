@@ -1,3 +1,4 @@
+import logging
 import os
 import random
 import sys
@@ -41,3 +42,68 @@ def texts_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "texts.txt"
     path.write_text("\n".join(SAMPLE_TEXTS) + "\n")
     return path
+
+
+# --- one loopback Ray for the session
+
+SESSION_RAY_CPUS = 2  # a --workers 2 run gets one CPU per worker, as on the 2-core build machine
+_session_ray = {"up": False}  # whether the Ray initialized in this process is the session's
+
+
+def _start_session_ray():
+    import ray
+
+    from raygrad.pool import FORWARDED_ENV, _start_reaper
+
+    if ray.is_initialized():  # a Ray an earlier test left behind: not the one asked for
+        ray.shutdown()
+    repo = str(Path(__file__).resolve().parent.parent)
+    env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+    python_path = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=SESSION_RAY_CPUS,
+             log_to_driver=False, logging_level=logging.ERROR,
+             runtime_env={"env_vars": {"PYTHONPATH": python_path, **env_vars}})
+    _start_reaper()  # its processes end even if pytest is SIGKILLed
+    _session_ray["up"] = True
+
+
+def _stop_session_ray():
+    if _session_ray["up"]:
+        import ray
+
+        ray.shutdown()
+        _session_ray["up"] = False
+
+
+@pytest.fixture
+def ray_session():
+    """The `ray` module, initialized on a loopback Ray shared by the session (2 CPUs, no GPU): a
+    WorkerPool joins it and leaves it running, so a `--workers N` run costs its actors, not a Ray
+    start-up. For tests that compare Ray workers with an in-process run. It starts on first use;
+    tests asking for it run last (pytest_collection_modifyitems), every other test finds no Ray."""
+    import ray
+
+    if not (_session_ray["up"] and ray.is_initialized()):
+        _start_session_ray()
+    yield ray
+    if not ray.is_initialized():  # the test shut it down: the next one starts it again
+        _session_ray["up"] = False
+
+
+@pytest.fixture(autouse=True)
+def _no_session_ray_unless_asked(request):
+    """A test that does not ask for ray_session finds no Ray initialized, as if it ran alone: a
+    private local Ray, a Cluster, --address and the "Ray is shut down" checks all need that."""
+    if "ray_session" not in request.fixturenames:
+        _stop_session_ray()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_ray_stopped_at_the_end():
+    yield
+    _stop_session_ray()
+
+
+def pytest_collection_modifyitems(items):
+    """The session Ray's tests last (a stable sort keeps every other order), so it starts once."""
+    items.sort(key=lambda item: "ray_session" in getattr(item, "fixturenames", ()))

@@ -14,15 +14,13 @@ from raygrad.store import ResultStore
 from raygrad.worker import ShardRunner
 
 
-def test_ray_workers_give_the_same_arrays_as_in_process(tiny_llama, texts_file, tmp_path):
+def test_ray_workers_give_the_same_arrays_as_in_process(tiny_llama, texts_file, tmp_path, ray_session):
     _, local = run_tiny(tiny_llama, texts_file, tmp_path / "w0", workers=0, shard_size=2)
     _, one = run_tiny(tiny_llama, texts_file, tmp_path / "w1", workers=1, shard_size=2)
     _, two = run_tiny(tiny_llama, texts_file, tmp_path / "w2", workers=2, shard_size=2)
     assert_same_totals(local, one)
     assert_same_totals(local, two)
-    import ray
-
-    assert not ray.is_initialized()  # the local cluster was shut down
+    assert ray_session.is_initialized()  # a Ray the pool joined is left running
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tiny_llama, texts_file, tmp_path, monkeypatch):
@@ -118,6 +116,9 @@ def test_a_local_ray_ignores_a_stale_cluster_pointer(tiny_llama, texts_file, tmp
         _, one = run_tiny(tiny_llama, texts_file, tmp_path / "w1", workers=1, shard_size=2)
     finally:
         shutil.rmtree(private, ignore_errors=True)
+    import ray
+
+    assert not ray.is_initialized()  # the local Ray the run started was shut down
     _, local = run_tiny(tiny_llama, texts_file, tmp_path / "w0", workers=0, shard_size=2)
     assert_same_totals(local, one)
 
@@ -309,7 +310,7 @@ def test_a_request_this_machine_cannot_meet_stops_the_ray_it_started(tiny_llama,
     assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0"  # as conftest set it: put back
 
 
-def test_the_pool_maps_twice_with_the_same_workers(tiny_llama, texts_file, tmp_path):
+def test_the_pool_maps_twice_with_the_same_workers(tiny_llama, texts_file, tmp_path, ray_session):
     """Workers that came up for one map serve the next (a library caller may map in parts)."""
     from raygrad.plan import make_plan
     from raygrad.pool import WorkerPool
