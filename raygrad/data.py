@@ -33,11 +33,13 @@ REPLACED_BYTES = "undecodable_bytes"  # .txt lines with bytes that are not UTF-8
 
 
 def load_texts(dataset: str, num_samples: int, *, text_column: str = "text", config: str | None = None,
-               split: str = "train", min_chars: int = 50, skipped: Counter | None = None) -> list[str]:
+               split: str = "train", min_chars: int = 50, skipped: Counter | None = None,
+               rows: list[int] | None = None) -> list[str]:
     """Up to `num_samples` texts, in source order. Fewer means the source ran out.
 
     `skipped` (if given) counts, among the rows read, those left out (SKIP_*) and
-    those kept with replaced bytes (REPLACED_BYTES)."""
+    those kept with replaced bytes (REPLACED_BYTES). `rows` (if given) receives each
+    kept text's row: its 0-based index in the source as read, before any filtering."""
     skipped = Counter() if skipped is None else skipped
     if dataset == BUNDLED_CORPUS:
         source = stdlib_paragraphs()
@@ -46,13 +48,15 @@ def load_texts(dataset: str, num_samples: int, *, text_column: str = "text", con
     else:
         source = _hub_texts(dataset, config or DEFAULT_CONFIGS.get(dataset), split, text_column)
     texts = []
-    for text in source:
+    rows = [] if rows is None else rows
+    for row, text in enumerate(source):
         if not isinstance(text, str):
             skipped[SKIP_NOT_TEXT] += 1
         elif len(text.strip()) <= min_chars:
             skipped[SKIP_SHORT] += 1
         else:
             texts.append(text)
+            rows.append(row)
             if len(texts) == num_samples:
                 break
     if not texts:

@@ -17,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from . import constants as names
+from .probes import rademacher, token_keys
 
 IGNORE_INDEX = -100  # label of positions that have no real target
 
@@ -151,7 +152,10 @@ class Batch:
     selected: torch.Tensor  # (N,) int64 indices into the flattened (B*T) positions that are aggregated
     targets: int  # positions that predict a real target (enter the loss)
     has_padding: bool = True
-    probe_seed: int = 0  # seeds the batch's Rademacher probes (hessian kind)
+    # Per aggregated position (N,): the dataset row of its text and its token position there.
+    # Host arrays; they key the Hutchinson probes (raygrad.probes) by what is computed.
+    token_rows: np.ndarray | None = None
+    token_positions: np.ndarray | None = None
 
     @property
     def model_mask(self) -> torch.Tensor | None:
@@ -174,20 +178,26 @@ class Batch:
         # Pinned host memory lets the copy overlap with the previous batch's kernels.
         move = {name: getattr(self, name).pin_memory().to(device, non_blocking=True)
                 for name in ("input_ids", "attention_mask", "labels", "selected")}
-        return Batch(**move, targets=self.targets, has_padding=self.has_padding, probe_seed=self.probe_seed)
+        return Batch(**move, targets=self.targets, has_padding=self.has_padding, token_rows=self.token_rows,
+                     token_positions=self.token_positions)
 
 
 def make_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, agg: "Aggregation",
-               probe_seed: int = 0) -> Batch:
-    """A host-side Batch from right-padded ids and their mask."""
+               rows: list[int] | None = None) -> Batch:
+    """A host-side Batch from right-padded ids and their mask; `rows` (B,) are the texts' dataset
+    rows (default 0..B-1), which key the Hessian's probes."""
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, :-1] = next_token_labels(input_ids, attention_mask)
     counted = labels != IGNORE_INDEX
     mask = aggregated_positions(counted[:, :-1], input_ids, agg)
     flat = torch.zeros_like(counted)
     flat[:, :-1] = mask
-    return Batch(input_ids, attention_mask, labels, flat.flatten().nonzero().squeeze(1), int(counted.sum()),
-                 has_padding=bool((attention_mask == 0).any()), probe_seed=probe_seed)
+    selected = flat.flatten().nonzero().squeeze(1)
+    text_rows = np.arange(input_ids.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
+    width = input_ids.shape[1]
+    return Batch(input_ids, attention_mask, labels, selected, int(counted.sum()),
+                 has_padding=bool((attention_mask == 0).any()), token_rows=text_rows[selected.numpy() // width],
+                 token_positions=selected.numpy() % width)
 
 
 @dataclass
@@ -293,7 +303,8 @@ class Aggregation:
     exclude_bos_id: int | None = None  # leave a first position holding this token out
     position_stride: int = 1  # aggregate positions t with t % stride == 0
     sae_mode: str = "clean"
-    hessian_probes: int = 1  # Rademacher probes per batch (hessian kind); the per-token estimate is their mean
+    hessian_probes: int = 1  # Rademacher probes per token (hessian kind); the per-token estimate is their mean
+    probe_seed: int = 0  # the run's --seed: with (row, layer, probe, position) it keys every probe entry
     # Tokens x features per projection chunk. 2**24 float32 values = 64 MiB
     # per (chunk, features) tensor; about five are alive at once.
     chunk_elements: int = 2**24
@@ -341,43 +352,48 @@ def _add_kinds(acc: DeviceAccumulator, row: int, kinds: tuple[str, ...], value, 
 
 # ---------------------------------------------------------------- Hutchinson (hessian kind)
 #
-# For a symmetric H and a probe v of independent +-1 entries, E[v_i (Hv)_i] = H_ii + sum_{j != i} H_ij E[v_i v_j]
-# = H_ii: v * (Hv) is an unbiased estimate of diag(H), of variance sum_{j != i} H_ij^2 per entry. H is the
-# Hessian of the batch's summed loss w.r.t. the target (site output z, or SAE features f) at the aggregated
-# positions; the probe is zero elsewhere (unbiased all the same, and no variance from positions that are
-# not aggregated).
+# For a symmetric H and a probe r of independent +-1 entries, E[r_i (Hr)_i] = H_ii + sum_{j != i} H_ij E[r_i r_j]
+# = H_ii: r * (Hr) is an unbiased estimate of diag(H), of variance sum_{j != i} H_ij^2 per entry. H is the
+# Hessian of the summed loss w.r.t. the site outputs z of every hooked layer at the aggregated positions; the
+# probe is zero elsewhere (unbiased all the same, and no variance from positions that are not aggregated).
+# For SAE features in clean mode (z = decode(f) + e, e held constant) the Hessian is J^T H J, J = d decode/df,
+# and (J^T r) * (J^T H r) is unbiased for its diagonal too: E[(J^T r)_i (J^T H r)_i] = (J^T E[r r^T] H J)_ii.
+# So the probes live in site space for both targets, and need no SAE to be drawn.
+#
+# Every entry of r is drawn from (--seed, dataset row, layer, probe, position, dimension) (raygrad.probes):
+# texts in a batch do not interact, so the estimate is the same for any batching, sharding or resume.
 
 
-def _rademacher(shape: tuple[int, ...], seed: int, device, dtype: torch.dtype) -> torch.Tensor:
-    """Independent +-1 entries, probability 1/2 each, reproducible from `seed` on `device`."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    return torch.randint(0, 2, shape, generator=gen, device=device).to(dtype).mul_(2).sub_(1)
+def _probe(batch: Batch, agg: Aggregation, k: int, layer: int, rows: slice, width: int, device,
+           dtype) -> torch.Tensor:
+    """Probe k of model layer `layer` on the aggregated rows `rows`, (rows, width): regenerated where it is
+    needed rather than kept (a tokens x 65,536 probe never outlives one chunk)."""
+    keys = token_keys(agg.probe_seed, batch.token_rows[rows], batch.token_positions[rows], layer, k)
+    return rademacher(keys, width, device, dtype)
 
 
-def _probe(batch: Batch, probe: int, row: int, rows: slice, width: int, device, dtype) -> torch.Tensor:
-    """Probe `probe` of layer `row` on the aggregated rows `rows`, (rows, width). Seeded by (batch, probe,
-    layer, first row), so it is regenerated, not kept: a tokens x 65,536 probe never outlives one chunk."""
-    seed = hash((batch.probe_seed, probe, row, rows.start)) & (2**63 - 1)
-    return _rademacher((rows.stop - rows.start, width), seed, device, dtype)
+def _site_probe(batch: Batch, agg: Aggregation, k: int, layer: int, like: torch.Tensor) -> torch.Tensor:
+    """(N, site width) probe k of `layer` at every aggregated row, in `like`'s dtype and device, drawn in
+    chunks of agg.chunk_elements entries (the int64 hashing needs 8 bytes an entry)."""
+    n, width = like.shape[0], like.shape[-1]
+    return torch.cat([_probe(batch, agg, k, layer, part, width, like.device, like.dtype)
+                      for part in agg.chunks(n, width)]) if n else like.new_zeros(0, width)
 
 
 def _site_hessian_products(result: BatchGradients, batch: Batch, agg: Aggregation,
-                           saes: list[nn.Module] | None) -> list[list[torch.Tensor]]:
-    """Clean runs: one double backward per probe k through every layer at once.
-
-    Layer l's probe v_kl lives in its target space; u_kl is it pushed to the site (v itself, or
-    J_decode v for SAE features: the SAE error is held constant, so z = decode(f) + e). With
-    s_k = sum_l <dLoss/dz_l, u_kl> over the aggregated rows, ds_k/dz_m = sum_l H_ml u_kl. The
-    cross-layer blocks (l != m) reach layer m's estimate v_km * (...) only through products of
+                           layers: list[int]) -> list[list[torch.Tensor]]:
+    """One double backward per probe k through every hooked layer at once: with
+    s_k = sum_l <dLoss/dz_l, r_kl> over the aggregated rows, ds_k/dz_m = sum_l H_ml r_kl. The
+    cross-layer blocks (l != m) reach layer m's estimate r_km * (...) only through products of
     independent zero-mean probes of two layers: zero in expectation, so each layer's estimate
-    stays unbiased. Returns, per layer and probe, those rows (N, site width), detached."""
+    stays unbiased. Returns, per hooked layer and probe, those rows (N, site width), detached."""
     selected, n = batch.selected, batch.selected.numel()
     products: list[list[torch.Tensor]] = [[] for _ in result.grads]
     for k in range(agg.hessian_probes):
         total = None
-        for row, (grad, z) in enumerate(zip(result.grads, result.outputs)):
-            u = _pushed_probe(batch, agg, k, row, n, grad, z, saes[row] if saes is not None else None)
-            term = (_rows(grad, selected) * u).sum()
+        for grad, layer in zip(result.grads, layers):
+            g = _rows(grad, selected)
+            term = (g * _site_probe(batch, agg, k, layer, g)).sum()
             # a model split across GPUs: every term to one device before they are added
             total = term if total is None else total + term.to(total.device)
         hv = torch.autograd.grad(total, result.deltas, retain_graph=k + 1 < agg.hessian_probes, allow_unused=True)
@@ -387,34 +403,10 @@ def _site_hessian_products(result: BatchGradients, batch: Batch, agg: Aggregatio
     return products
 
 
-def _pushed_probe(batch: Batch, agg: Aggregation, k: int, row: int, n: int, grad: torch.Tensor,
-                  z: torch.Tensor, sae) -> torch.Tensor:
-    """(N, site width) u = the probe in site space, in the gradient's dtype and device."""
-    if sae is None:
-        return torch.cat([_probe(batch, k, row, part, grad.shape[-1], grad.device, grad.dtype)
-                          for part in agg.chunks(n, grad.shape[-1])])
-    weight = getattr(sae, "affine_decoder_weight", None)
-    device = weight.device if weight is not None else next(sae.parameters()).device
-    dtype = weight.dtype if weight is not None else next(sae.parameters()).dtype
-    pieces = []
-    for part in agg.chunks(n, sae.d_sae):
-        v = _probe(batch, k, row, part, sae.d_sae, device, dtype)
-        if weight is not None:
-            pieces.append(v @ weight)
-        else:  # J_decode v at this chunk's features
-            f = sae.encode(_rows(z, batch.selected[part])).detach()
-            pieces.append(torch.func.jvp(sae.decode, (f,), (v,))[1])
-    return torch.cat(pieces).to(grad.device, grad.dtype)
-
-
-def _add_site_hessian(acc: DeviceAccumulator, row: int, batch: Batch, agg: Aggregation,
+def _add_site_hessian(acc: DeviceAccumulator, row: int, layer: int, batch: Batch, agg: Aggregation,
                       products: list[torch.Tensor]) -> None:
-    """Target = the site: the mean over probes of v_k * (H u_k), u_k = v_k."""
-    n, width = products[0].shape
-    estimate = torch.zeros_like(products[0])
-    for k, hv in enumerate(products):
-        for part in agg.chunks(n, width):
-            estimate[part] += _probe(batch, k, row, part, width, hv.device, hv.dtype) * hv[part]
+    """Target = the site: the mean over probes of r_k * (H r_k)."""
+    estimate = sum(_site_probe(batch, agg, k, layer, hr) * hr for k, hr in enumerate(products))
     acc.add(names.KIND_PREFIX["hessian"], row, estimate / len(products))
 
 
@@ -439,40 +431,48 @@ def accumulate_batch(
     acc: DeviceAccumulator,
     agg: Aggregation = Aggregation(),
     saes: list[nn.Module] | None = None,
+    layers: list[int] | None = None,
+    context: list[tuple[nn.Module, int]] = (),
 ) -> None:
     """Add one batch's statistics to `acc`: of the hook sites' own dimensions
     (no `saes`), or of SAE features (one SAE per hooked module). `batch` is
-    on the model's device."""
+    on the model's device. `layers`: the model layer of each module (default
+    0, 1, ...), which keys its Hessian probes. `context`: other (module, layer)
+    pairs of the run, hooked only so that the Hessian's double backward mixes
+    every layer of the run whichever of them this pass adds (SAE passes)."""
     acc.loss_tokens += batch.targets
     acc.tokens += batch.aggregated
+    layers = list(range(len(modules))) if layers is None else list(layers)
     if saes is not None and agg.sae_mode in ("splice", "splice-all"):
-        _accumulate_spliced(model, modules, batch, acc, agg, saes)
+        _accumulate_spliced(model, modules, batch, acc, agg, saes, layers)
         return
-    result = site_gradients(model, modules, batch.input_ids, batch.model_mask, batch.labels, create_graph=agg.hessian)
-    products = _site_hessian_products(result, batch, agg, saes) if agg.hessian else None
-    grads = [grad.detach() for grad in result.grads]
+    hooked = list(modules) + ([module for module, _ in context] if agg.hessian else [])
+    result = site_gradients(model, hooked, batch.input_ids, batch.model_mask, batch.labels, create_graph=agg.hessian)
+    products = _site_hessian_products(result, batch, agg, layers + [layer for _, layer in context]) \
+        if agg.hessian else None
+    grads = [grad.detach() for grad in result.grads[:len(modules)]]
     loss, outputs = result.loss, result.outputs
     del result  # with the hessian kind: the first backward's graph goes here
     with torch.no_grad():
         acc.loss_sum += loss.to(acc.device, non_blocking=True)
-        for row, (grad, z) in enumerate(zip(grads, outputs)):
+        for row, (grad, z, layer) in enumerate(zip(grads, outputs, layers)):
             g = _rows(grad, batch.selected)  # (N, D)
             if saes is None:
                 value = _rows(z, batch.selected) if agg.needs_values else None
                 _add_kinds(acc, row, agg.kinds, value, g)
                 if products is not None:
-                    _add_site_hessian(acc, row, batch, agg, products[row])
+                    _add_site_hessian(acc, row, layer, batch, agg, products[row])
             else:
                 acc.add(names.SITE_PREFIX, row, g)
                 if names.SITE_VALUE_PREFIX in acc.prefixes:
                     acc.add(names.SITE_VALUE_PREFIX, row, _rows(z, batch.selected))
                 _add_clean_features(acc, row, agg, saes[row], z, batch.selected, g,
-                                    products[row] if products is not None else None, batch)
+                                    products[row] if products is not None else None, batch, layer)
 
 
 def _add_clean_features(acc, row, agg: Aggregation, sae, z: torch.Tensor, selected: torch.Tensor,
-                        g: torch.Tensor, products: list[torch.Tensor] | None = None, batch: Batch | None = None
-                        ) -> None:
+                        g: torch.Tensor, products: list[torch.Tensor] | None = None, batch: Batch | None = None,
+                        layer: int = 0) -> None:
     """Clean mode: the model is unmodified and the SAE error e = z - decode(encode(z))
     is held constant, so dLoss/df = J_decode(f)^T dLoss/dz. For an affine decoder
     that is g @ W_dec^T, one matmul per chunk in the SAE's dtype. The features
@@ -481,9 +481,9 @@ def _add_clean_features(acc, row, agg: Aggregation, sae, z: torch.Tensor, select
     Any other decoder is differentiated by autograd (input normalization folded
     in by its own decode). Chunked over tokens so tokens x features stays bounded.
 
-    `products` (hessian kind): per probe, H u_k at the site (N, d); the features'
+    `products` (hessian kind): per probe, H r_k at the site (N, d); the features'
     Hessian is J^T H_z J (the decoder is linear in f for every supported SAE, so no
-    second-derivative term of decode), estimated as the mean of v_k * (J^T H_z u_k)."""
+    second-derivative term of decode), estimated as the mean of (J^T r_k) * (J^T H r_k)."""
     weight = getattr(sae, "affine_decoder_weight", None)  # (d_sae, d_in) or None
     quality = names.SAE_SQ_ERROR_SUM in acc.sums
     needs_features = weight is None or agg.needs_values or quality
@@ -498,8 +498,9 @@ def _add_clean_features(acc, row, agg: Aggregation, sae, z: torch.Tensor, select
         _add_kinds(acc, row, agg.kinds, f, g_f)
         if products is not None:
             estimate = None
-            for k, hv in enumerate(products):
-                term = _probe(batch, k, row, part, sae.d_sae, g_f.device, g_f.dtype) * pull(hv[part])
+            for k, hr in enumerate(products):
+                r = _probe(batch, agg, k, layer, part, hr.shape[-1], hr.device, hr.dtype)
+                term = pull(r) * pull(hr[part])
                 estimate = term if estimate is None else estimate + term
             acc.add(names.KIND_PREFIX["hessian"], row, estimate / len(products))
 
@@ -518,7 +519,7 @@ def _decoder_transpose(sae, weight: torch.Tensor | None, f: torch.Tensor | None)
     return pull
 
 
-def _accumulate_spliced(model, modules, batch: Batch, acc, agg: Aggregation, saes) -> None:
+def _accumulate_spliced(model, modules, batch: Batch, acc, agg: Aggregation, saes, layers: list[int]) -> None:
     """Splice modes, one forward+backward per layer, dLoss/df taken in the spliced model:
 
     splice      (the original SAE script) at the aggregated positions only, the layer's
@@ -536,7 +537,7 @@ def _accumulate_spliced(model, modules, batch: Batch, acc, agg: Aggregation, sae
         logits = model(input_ids=batch.input_ids, attention_mask=batch.model_mask, use_cache=False).logits
         acc.loss_sum += summed_loss(logits, batch.labels).to(acc.device, non_blocking=True)
         del logits
-    for row, (module, sae) in enumerate(zip(modules, saes)):
+    for row, (module, sae, layer) in enumerate(zip(modules, saes, layers)):
         leaf = {}
 
         def splice(mod, args, output, sae=sae):
@@ -559,7 +560,7 @@ def _accumulate_spliced(model, modules, batch: Batch, acc, agg: Aggregation, sae
         del logits
         (g_f,) = torch.autograd.grad(loss, leaf["f"], create_graph=agg.hessian)
         rows = batch.selected.to(g_f.device) if everywhere else None  # the aggregated rows of f
-        hessian = _leaf_hessian(batch, agg, row, g_f, leaf["f"], rows) if agg.hessian else None
+        hessian = _leaf_hessian(batch, agg, layer, g_f, leaf["f"], rows) if agg.hessian else None
         with torch.no_grad():
             if names.SPLICED_LOSS_SUM in acc.sums:
                 acc.add_scalar(names.SPLICED_LOSS_SUM, row, loss.detach())
@@ -574,7 +575,7 @@ def _accumulate_spliced(model, modules, batch: Batch, acc, agg: Aggregation, sae
                 acc.add(names.KIND_PREFIX["hessian"], row, hessian)
 
 
-def _leaf_hessian(batch: Batch, agg: Aggregation, row: int, g_f: torch.Tensor, f: torch.Tensor,
+def _leaf_hessian(batch: Batch, agg: Aggregation, layer: int, g_f: torch.Tensor, f: torch.Tensor,
                   rows: torch.Tensor | None) -> torch.Tensor:
     """Splice modes: mean over probes of v_k * (H_f v_k), H_f the Hessian of the spliced model's loss
     w.r.t. the leaf f (M, d_sae); the probe is nonzero on the aggregated rows `rows` only (None: all M).
@@ -582,7 +583,7 @@ def _leaf_hessian(batch: Batch, agg: Aggregation, row: int, g_f: torch.Tensor, f
     n = f.shape[0] if rows is None else rows.numel()
     estimate = None
     for k in range(agg.hessian_probes):
-        v = _probe(batch, k, row, slice(0, n), f.shape[1], f.device, f.dtype)
+        v = _probe(batch, agg, k, layer, slice(0, n), f.shape[1], f.device, f.dtype)
         v_full = v if rows is None else torch.zeros_like(f).index_copy_(0, rows, v)
         (hv,) = torch.autograd.grad((g_f * v_full).sum(), f, retain_graph=k + 1 < agg.hessian_probes)
         term = v * (hv if rows is None else hv.index_select(0, rows))

@@ -48,8 +48,10 @@ class ShardComputer:
     def __init__(self, model, tokenizer, modules, prefixes: dict[str, int], aggregation: Aggregation,
                  sizer: BatchSizer, max_length: int, device: torch.device, saes=None,
                  sae_groups: list[list[int]] | None = None, sae_devices: list[torch.device] | None = None,
-                 layer_sums: tuple[str, ...] = ()):
+                 layer_sums: tuple[str, ...] = (), layers: list[int] | None = None):
         self.model, self.tokenizer, self.modules, self.saes = model, tokenizer, modules, saes
+        # The model layer of each module: with a text's dataset row, it keys the Hessian's probes.
+        self.layers = list(range(len(modules))) if layers is None else list(layers)
         self.prefixes, self.aggregation, self.sizer = prefixes, aggregation, sizer
         self.max_length, self.device, self.layer_sums = max_length, device, layer_sums
         # Layers per forward+backward: all at once, unless their SAEs do not fit beside the
@@ -57,37 +59,41 @@ class ShardComputer:
         self.groups = sae_groups or [list(range(len(modules)))]
         self.sae_devices = sae_devices
 
-    def compute(self, texts: list[str], seed: int | None = None) -> Partial:
-        """`seed` fixes the batches' Rademacher probes (hessian kind): a shard computed again
-        (a retry, a resume) draws the same ones."""
+    def compute(self, texts: list[str], rows: list[int] | None = None) -> Partial:
+        """`rows`: each text's dataset row (default 0, 1, ...); with the layer and the run's seed it
+        keys the Hessian's probes, so a text draws the same ones in any shard, batch or retry."""
         token_ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        rows = list(range(len(texts))) if rows is None else list(rows)
         if len(self.groups) == 1:
-            return self._compute_rows(token_ids, self.groups[0], seed).to_partial()
+            return self._compute_rows(token_ids, rows, self.groups[0]).to_partial()
         acc = DeviceAccumulator(len(self.modules), self.prefixes, self.device, self.layer_sums)
-        for index, rows in enumerate(self.groups):
-            self._move_saes(rows, lambda row: self.sae_devices[row])
+        for index, group in enumerate(self.groups):
+            self._move_saes(group, lambda row: self.sae_devices[row])
             try:
-                acc.merge_rows(self._compute_rows(token_ids, rows, seed), rows, with_loss=index == 0)
+                acc.merge_rows(self._compute_rows(token_ids, rows, group), group, with_loss=index == 0)
             finally:
-                self._move_saes(rows, lambda row: torch.device("cpu"))
+                self._move_saes(group, lambda row: torch.device("cpu"))
         return acc.to_partial()
 
     def _move_saes(self, rows: list[int], device_of) -> None:
         for row in rows:
             self.saes[row].to(device_of(row))
 
-    def _compute_rows(self, token_ids: list[list[int]], rows: list[int], seed: int | None) -> DeviceAccumulator:
-        """One pass over the shard for these layers (rows of the plan's layer list)."""
-        modules = [self.modules[row] for row in rows]
-        saes = [self.saes[row] for row in rows] if self.saes is not None else None
-        acc = DeviceAccumulator(len(rows), self.prefixes, self.device, self.layer_sums)
-        probe_seeds = random.Random(seed)
+    def _compute_rows(self, token_ids: list[list[int]], text_rows: list[int], group: list[int]
+                      ) -> DeviceAccumulator:
+        """One pass over the shard for the layers of `group` (rows of the plan's layer list). The
+        other layers are hooked too when the Hessian's double backward must mix every layer."""
+        modules = [self.modules[row] for row in group]
+        saes = [self.saes[row] for row in group] if self.saes is not None else None
+        layers = [self.layers[row] for row in group]
+        context = [(self.modules[row], self.layers[row]) for row in range(len(self.modules)) if row not in group]
+        acc = DeviceAccumulator(len(group), self.prefixes, self.device, self.layer_sums)
         queue = deque(self.sizer.batches([len(ids) for ids in token_ids]))
         while queue:
             indices = queue.popleft()
             input_ids, mask = collate([token_ids[i] for i in indices], self.tokenizer.pad_token_id)
-            batch = make_batch(input_ids, mask, self.aggregation, probe_seed=probe_seeds.getrandbits(63))
-            if self._try_batch(batch, acc, modules, saes):
+            batch = make_batch(input_ids, mask, self.aggregation, rows=[text_rows[i] for i in indices])
+            if self._try_batch(batch, acc, modules, saes, layers, context):
                 continue
             # Out of memory: nothing of this batch was added. It and every batch still
             # waiting are packed again under the smaller budget.
@@ -96,13 +102,14 @@ class ShardComputer:
             queue = deque([waiting[j] for j in part] for part in repacked)
         return acc
 
-    def _try_batch(self, batch, acc: DeviceAccumulator, modules, saes) -> bool:
+    def _try_batch(self, batch, acc: DeviceAccumulator, modules, saes, layers, context) -> bool:
         """Add one batch to `acc`, or return False after an out-of-memory error the sizer can
         recover from (the batch's sums were kept apart, so nothing was counted)."""
         staged = acc.empty_like()
         self.sizer.before_batch()
         try:
-            accumulate_batch(self.model, modules, batch.to(self.device), staged, self.aggregation, saes)
+            accumulate_batch(self.model, modules, batch.to(self.device), staged, self.aggregation, saes, layers,
+                             context)
         except torch.cuda.OutOfMemoryError as err:
             if batch.input_ids.shape[0] == 1 or not self.sizer.after_out_of_memory(batch.padded_tokens):
                 raise RaygradError(_out_of_memory_line(batch, self.device, err)) from None
@@ -162,16 +169,18 @@ class ShardRunner:
             position_stride=plan.position_stride,
             sae_mode=plan.sae_mode or "clean",
             hessian_probes=plan.hessian_probes,
+            probe_seed=seed,
         )
         self.seed = seed
         self.computer = ShardComputer(self.model, self.tokenizer, self.modules, plan.prefixes, aggregation,
                                       batch_sizer(plan, self.device), plan.max_length, self.device, self.saes,
-                                      self.sae_groups, self.layer_devices, plan.layer_sums)
+                                      self.sae_groups, self.layer_devices, plan.layer_sums, plan.layers)
         self.load_seconds = time.perf_counter() - started
 
-    def run(self, shard: int, texts: list[str]) -> ShardResult:
+    def run(self, shard: int, texts: list[str], rows: list[int] | None = None) -> ShardResult:
+        """`rows`: the texts' dataset rows (they key the Hessian's probes; default 0, 1, ...)."""
         started = time.perf_counter()
-        partial = self.computer.compute(texts, seed=hash((self.seed, shard)))
+        partial = self.computer.compute(texts, rows)
         sizer = self.computer.sizer
         return ShardResult(shard, partial, time.perf_counter() - started, self.load_seconds,
                            sizer.tokens if sizer.mode != "texts" else 0)

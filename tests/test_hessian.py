@@ -16,10 +16,10 @@ from tiny import SAMPLE_TEXTS
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from raygrad import constants as names
-from raygrad import grads
 from raygrad.config import RunConfig
 from raygrad.errors import RaygradError
 from raygrad.grads import IGNORE_INDEX, Aggregation, DeviceAccumulator, accumulate_batch, make_batch, summed_loss
+from raygrad.probes import rademacher, token_keys
 
 TEXTS = [t for t in SAMPLE_TEXTS if len(t.strip()) > 50][:3]  # the first 3 texts a run on texts_file reads
 LENGTH = 12  # tokens per text: Hessians of 3 layers x 12 positions x 32 dims stay small
@@ -34,22 +34,12 @@ def float64_norm(monkeypatch):
     monkeypatch.setattr(LlamaRMSNorm, "forward", rms_norm_float64)
 
 
-@pytest.fixture
-def probes(monkeypatch) -> dict:
-    """Every probe raygrad draws, by (batch seed, probe, layer row, first row); a probe drawn twice
-    (it is regenerated rather than kept) must be the same both times."""
-    seen = {}
-    real = grads._probe
-
-    def record(batch, probe, row, rows, width, device, dtype):
-        v = real(batch, probe, row, rows, width, device, dtype)
-        key = (batch.probe_seed, probe, row, rows.start)
-        assert key not in seen or torch.equal(seen[key], v)
-        seen[key] = v
-        return v
-
-    monkeypatch.setattr(grads, "_probe", record)
-    return seen
+def drawn_probe(row: int, layer: int, probe: int, positions, width: int, seed: int = 0) -> torch.Tensor:
+    """(len(positions), width) float64: the probe raygrad draws for these positions of the text at dataset
+    row `row` (a pure function of what is computed; test_probes_* check it is a fair Rademacher draw)."""
+    positions = np.asarray(positions)
+    keys = token_keys(seed, np.full(len(positions), row), positions, layer, probe)
+    return rademacher(keys, width, "cpu", torch.float64)
 
 
 def load_float64(model_dir):
@@ -64,9 +54,9 @@ def site_module(model, layer):
     return model.get_submodule(resolve_hook_sites(model, [layer], "mlp_out")[0].path)
 
 
-def one_text_batch(tokenizer, text, agg, seed):
+def one_text_batch(tokenizer, text, agg, row):
     ids = tokenizer(text, truncation=True, max_length=LENGTH, return_tensors="pt").input_ids
-    return make_batch(ids, torch.ones_like(ids), agg, probe_seed=seed)
+    return make_batch(ids, torch.ones_like(ids), agg, rows=[row])
 
 
 def stat_sums(x: torch.Tensor) -> dict[str, np.ndarray]:
@@ -97,12 +87,33 @@ def test_chunked_checkpointed_loss_has_the_exact_second_derivative():
     np.testing.assert_allclose(hv.numpy(), expected.numpy(), rtol=1e-12, atol=1e-15)
 
 
-def test_probes_are_rademacher_and_reproducible():
-    v = grads._rademacher((400, 50), 7, "cpu", torch.float32)
+def test_probes_are_independent_fair_signs():
+    """4,000 tokens x 256 dims: every entry +-1; each sign with probability 1/2; no two dimensions and
+    no two tokens correlated beyond sampling noise (a shared or shifted stream would be)."""
+    rows, positions = np.repeat(np.arange(40), 100), np.tile(np.arange(100), 40)
+    v = rademacher(token_keys(7, rows, positions, 3, 0), 256, "cpu", torch.float64)
     assert set(v.unique().tolist()) == {-1.0, 1.0}
-    assert abs(float(v.mean())) < 4 / np.sqrt(v.numel())  # each sign with probability 1/2
-    assert torch.equal(v, grads._rademacher((400, 50), 7, "cpu", torch.float32))
-    assert not torch.equal(v, grads._rademacher((400, 50), 8, "cpu", torch.float32))
+    assert abs(float(v.mean())) < 4 / np.sqrt(v.numel())
+    for gram, samples in ((v.T @ v, v.shape[0]), (v @ v.T, v.shape[1])):  # dimensions, tokens
+        gram = gram / samples
+        gram.fill_diagonal_(0)
+        assert float(gram.abs().max()) < 6.5 / np.sqrt(samples)  # max of ~8e6 pairs of N(0, 1/samples)
+        assert 0.9 < float(gram.pow(2).sum() / (gram.numel() - gram.shape[0]) * samples) < 1.1
+
+
+def test_a_probe_is_a_function_of_what_is_computed():
+    """A token's signs depend on (seed, row, layer, probe, position) only: drawn alone, in another order
+    or among other tokens they are the same; changing any one part of the key redraws them."""
+    rows, positions = np.array([5, 5, 5, 9, 9]), np.array([0, 1, 2, 0, 1])
+    whole = rademacher(token_keys(1, rows, positions, 2, 0), 300, "cpu", torch.float32)
+    order = [4, 0, 3]
+    assert torch.equal(rademacher(token_keys(1, rows[order], positions[order], 2, 0), 300, "cpu", torch.float32),
+                       whole[order])
+    for changed in (token_keys(2, rows, positions, 2, 0), token_keys(1, rows + 1, positions, 2, 0),
+                    token_keys(1, rows, positions, 3, 0), token_keys(1, rows, positions, 2, 1),
+                    token_keys(1, rows, positions + 1, 2, 0)):
+        agree = (rademacher(changed, 300, "cpu", torch.float32) == whole).float().mean()
+        assert 0.4 < float(agree) < 0.6  # independent signs agree half the time
 
 
 def test_hessian_probes_below_one_is_one_line(capsys, monkeypatch):
@@ -122,21 +133,22 @@ def test_hessian_probes_below_one_is_one_line(capsys, monkeypatch):
 # ---------------------------------------------------------------- one probe, exactly
 
 
-def test_one_probe_is_v_times_the_exact_hessian_vector_product(tiny_llama, probes):
-    """Site target, one layer, two probes per batch: the per-token estimate is the mean over the probes
-    of v * (H v), H the exact Hessian w.r.t. the site's output over every position of the text."""
+def test_one_probe_is_v_times_the_exact_hessian_vector_product(tiny_llama):
+    """Site target, one layer, two probes per token: the per-token estimate is the mean over the probes
+    of v * (H v), H the exact Hessian w.r.t. the site's output over every position of the text, v the
+    probe of (text's row, model layer 1, probe k, position)."""
     model, tokenizer = load_float64(tiny_llama)
     agg = Aggregation(kinds=("gradients", "hessian"), hessian_probes=2)
     acc = DeviceAccumulator(1, {"grad": WIDTH, "hess": WIDTH}, torch.device("cpu"))
     estimates = []
-    for seed, (ids, hessian) in enumerate(reference_site_hessian(tiny_llama, TEXTS, [1], LENGTH), start=1):
-        accumulate_batch(model, [site_module(model, 1)], one_text_batch(tokenizer, TEXTS[seed - 1], agg, seed),
-                         acc, agg)
+    for row, (ids, hessian) in enumerate(reference_site_hessian(tiny_llama, TEXTS, [1], LENGTH)):
+        accumulate_batch(model, [site_module(model, 1)], one_text_batch(tokenizer, TEXTS[row], agg, 10 + row),
+                         acc, agg, layers=[1])
         length = ids.numel()
         estimate = torch.zeros(length, WIDTH, dtype=torch.float64)
         for k in range(2):
             v = torch.zeros(length, WIDTH, dtype=torch.float64)
-            v[:-1] = probes[(seed, k, 0, 0)]  # aggregated: every position but the last
+            v[:-1] = drawn_probe(10 + row, 1, k, range(length - 1), WIDTH)  # every position but the last
             estimate += v * (hessian @ v.flatten()).view(length, WIDTH) / 2
         estimates.append(estimate[:-1])
     got = acc.to_partial()
@@ -144,9 +156,10 @@ def test_one_probe_is_v_times_the_exact_hessian_vector_product(tiny_llama, probe
     assert (got.sums["hess_abs_sum"] > 0).all()  # the original script's attempt returned zeros
 
 
-def test_sae_clean_probe_is_pushed_through_the_decoder(tiny_llama, probes, tmp_path):
-    """Clean mode: z = decode(f) + e with e held constant, so d2Loss/df2 = W_dec H_z W_dec^T and one
-    probe's estimate is v * (W_dec H_z W_dec^T v) per token, H_z the exact site Hessian."""
+def test_sae_clean_probe_is_pulled_through_the_decoder(tiny_llama, tmp_path):
+    """Clean mode: z = decode(f) + e with e held constant, so d2Loss/df2 = W_dec H_z W_dec^T; with a site
+    probe r, (W_dec r) * (W_dec H_z r) is unbiased for its diagonal, and is the estimate per token, H_z the
+    exact site Hessian. Chunks of 4 tokens: a probe drawn by chunk is the probe drawn whole."""
     from raygrad.saes import load_sae
 
     sae_dir = write_sae_lens_dir(tmp_path / "sae", WIDTH, 64, hook_name="blocks.1.hook_mlp_out", seed=1)
@@ -156,16 +169,52 @@ def test_sae_clean_probe_is_pushed_through_the_decoder(tiny_llama, probes, tmp_p
     agg = Aggregation(kinds=("hessian",), hessian_probes=1, chunk_elements=4 * 64)  # chunks of 4 tokens
     acc = DeviceAccumulator(1, {"hess": 64, names.SITE_PREFIX: WIDTH}, torch.device("cpu"))
     estimates = []
-    for seed, (ids, hessian) in enumerate(reference_site_hessian(tiny_llama, TEXTS, [1], LENGTH), start=1):
-        accumulate_batch(model, [site_module(model, 1)], one_text_batch(tokenizer, TEXTS[seed - 1], agg, seed),
-                         acc, agg, [sae])
+    for row, (ids, hessian) in enumerate(reference_site_hessian(tiny_llama, TEXTS, [1], LENGTH)):
+        accumulate_batch(model, [site_module(model, 1)], one_text_batch(tokenizer, TEXTS[row], agg, row),
+                         acc, agg, [sae], layers=[1])
         length = ids.numel()
-        v = torch.cat([probes[(seed, 0, 0, start)] for start in range(0, length - 1, 4)])  # (T-1, 64)
-        u = torch.zeros(length, WIDTH, dtype=torch.float64)
-        u[:-1] = v @ w_dec
-        hu = (hessian @ u.flatten()).view(length, WIDTH)[:-1]
-        estimates.append(v * (hu @ w_dec.T))
+        r = torch.zeros(length, WIDTH, dtype=torch.float64)
+        r[:-1] = drawn_probe(row, 1, 0, range(length - 1), WIDTH)
+        hr = (hessian @ r.flatten()).view(length, WIDTH)
+        estimates.append((r[:-1] @ w_dec.T) * (hr[:-1] @ w_dec.T))
     assert_sums(acc.to_partial(), "hess", stat_sums(torch.cat(estimates)), rtol=1e-9)
+
+
+def test_sae_clean_probes_converge_to_the_exact_feature_diagonal(tiny_llama, tmp_path):
+    """The site-space probes give the features' diagonal: the mean of K probes lands within 5 standard
+    errors of diag(W H W^T) summed over tokens, the variance computed exactly. Per feature i, the summed
+    estimate is r^T A r with A = sum_t w_ti (W H)_ti^T (w_ti: feature i of token t as a row over every
+    aggregated site entry), so it is unbiased for trace(A) and, r Rademacher, of variance
+    sum_{a != b} A_ab (A_ab + A_ba)."""
+    from raygrad.saes import load_sae
+
+    sae_dir = write_sae_lens_dir(tmp_path / "sae", WIDTH, 64, hook_name="blocks.1.hook_mlp_out", seed=1)
+    w_dec = read_sae_lens_weights(sae_dir)[0]["W_dec"].numpy()  # (64, 32)
+    sae = load_sae(1, path=str(sae_dir), dtype=torch.float64)
+    model, tokenizer = load_float64(tiny_llama)
+    probes = 200
+    agg = Aggregation(kinds=("hessian",), hessian_probes=probes)
+    acc = DeviceAccumulator(1, {"hess": 64, names.SITE_PREFIX: WIDTH}, torch.device("cpu"))
+    ((ids, hessian),) = reference_site_hessian(tiny_llama, TEXTS[:1], [1], LENGTH)
+    accumulate_batch(model, [site_module(model, 1)], one_text_batch(tokenizer, TEXTS[0], agg, 0), acc, agg,
+                     [sae], layers=[1])
+    n = ids.numel() - 1  # aggregated positions: every one but the last
+    entries = n * WIDTH
+    h = hessian.numpy()[:entries, :entries]  # the probe is zero at the last position
+    a = np.zeros((64, entries, entries))
+    for t in range(n):
+        w = np.zeros((64, entries))
+        w[:, t * WIDTH:(t + 1) * WIDTH] = w_dec
+        a += np.einsum("ia,ib->iab", w, w @ h)
+    exact = np.einsum("iaa->i", a)
+    off = a.copy()
+    off[:, np.arange(entries), np.arange(entries)] = 0
+    variance = (off * (off + off.transpose(0, 2, 1))).sum((1, 2))
+    got = acc.to_partial().sums["hess_sum"][0]
+    standardized = (got - exact) / np.sqrt(variance / probes)
+    assert np.abs(standardized).max() < 5, np.abs(standardized).max()
+    assert 0.3 < (standardized**2).mean() < 2.5, (standardized**2).mean()  # the spread is the theory's
+    assert (np.abs(got - exact) > 0).any()
 
 
 def spliced_feature_hessian(model_dir, sae_dir, text, layer, stride):
@@ -202,7 +251,7 @@ def spliced_feature_hessian(model_dir, sae_dir, text, layer, stride):
     return chosen, rows.flatten(1)
 
 
-def test_splice_probe_is_the_spliced_models_hessian_vector_product(tiny_llama, probes, tmp_path):
+def test_splice_probe_is_the_spliced_models_hessian_vector_product(tiny_llama, tmp_path):
     """Splice mode: the Hessian w.r.t. the leaf features in the spliced model (layer 0, every 4th position)."""
     from raygrad.saes import load_sae
 
@@ -212,13 +261,13 @@ def test_splice_probe_is_the_spliced_models_hessian_vector_product(tiny_llama, p
     agg = Aggregation(kinds=("hessian",), hessian_probes=2, sae_mode="splice", position_stride=4)
     acc = DeviceAccumulator(1, {"hess": 64}, torch.device("cpu"))
     estimates = []
-    for seed, text in enumerate(TEXTS, start=1):
-        accumulate_batch(model, [site_module(model, 0)], one_text_batch(tokenizer, text, agg, seed), acc, agg,
-                         [sae])
+    for row, text in enumerate(TEXTS):
+        accumulate_batch(model, [site_module(model, 0)], one_text_batch(tokenizer, text, agg, row), acc, agg,
+                         [sae], layers=[0])
         chosen, hessian = spliced_feature_hessian(tiny_llama, sae_dir, text, 0, 4)
         estimate = 0
         for k in range(2):
-            v = probes[(seed, k, 0, 0)]  # (chosen, 64)
+            v = drawn_probe(row, 0, k, chosen.numpy(), 64)  # (chosen, 64) features
             estimate = estimate + v * (hessian @ v.flatten()).view_as(v) / 2
         estimates.append(estimate)
     got = acc.to_partial()
