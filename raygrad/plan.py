@@ -38,7 +38,7 @@ class Plan:
     target: str = "mlp"
     site_width: int = 0  # the hook site's width (the model's hidden size)
     aggregate_by: tuple[str, ...] = ("gradients",)
-    hessian_probes: int = 1  # Rademacher probes per batch for the hessian kind
+    hessian_probes: int = 1  # Rademacher probes per token for the hessian kind
     position_stride: int = 1
     sae_mode: str | None = None
     sae_source: dict | None = None  # {"release", "sae_id", "path"}; templates keep '{layer}'
@@ -171,7 +171,7 @@ class Plan:
             f"layers   {layer_text}, width {self.site_width}",
             *self._sae_lines(),
             f"collect  {', '.join(self.aggregate_by)}"
-            + (f" ({self.hessian_probes} probe{'s' * (self.hessian_probes > 1)} per batch)"
+            + (f" ({self.hessian_probes} probe{'s' * (self.hessian_probes > 1)} per token)"
                if "hessian" in self.aggregate_by else "")
             + (f", every {self.position_stride}th position" if self.position_stride > 1 else ""),
             f"samples  {self.samples} (requested {self.samples_requested}), "

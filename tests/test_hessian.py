@@ -130,6 +130,23 @@ def test_hessian_probes_below_one_is_one_line(capsys, monkeypatch):
     assert capsys.readouterr().err == "error: --hessian-probes -1: must be an integer >= 1\n"
 
 
+def test_hessian_probes_without_the_hessian_kind_is_one_line(capsys, monkeypatch, tmp_path):
+    """--hessian-probes asks for something only --aggregate-by hessian does: refused, nothing written."""
+    import sys
+
+    from raygrad.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["raygrad", "run", "--hessian-probes", "3", "--output-dir", str(tmp_path / "out"),
+                                      "--aggregate-by", "gradients"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == ("error: --hessian-probes 3: only --aggregate-by hessian draws probes; add "
+                                       "--aggregate-by hessian, or drop --hessian-probes\n")
+    assert not (tmp_path / "out").exists()
+    RunConfig(aggregate_by=("gradients", "hessian"), hessian_probes=3)  # with the kind it is fine
+
+
 # ---------------------------------------------------------------- one probe, exactly
 
 
