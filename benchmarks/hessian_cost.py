@@ -3,6 +3,8 @@
   gradients        ShardRunner.run with --aggregate-by gradients, every layer
   + hessian K      the same with --aggregate-by gradients hessian --hessian-probes K: the first
                    backward keeps its graph, then one double backward per probe for all layers
+  probes undrawn   + hessian K with every probe entry +1 instead of drawn from its key
+                   (raygrad.probes): the time it saves is what drawing the probes costs
   sae clean        --target sae, clean mode, as it runs: feature gradients plus the quality sums
                    (encode and decode of every aggregated token for FVU and L0)
   sae, no quality  the same with the quality sums left out (an affine decoder then needs no encoder)
@@ -32,6 +34,7 @@ from one_pass_vs_per_layer import long_texts  # noqa: E402
 from sae_factory import write_sae_lens_dir  # noqa: E402
 
 from raygrad import constants as names  # noqa: E402
+from raygrad import grads  # noqa: E402
 from raygrad.config import RunConfig  # noqa: E402
 from raygrad.plan import make_plan  # noqa: E402
 from raygrad.worker import ShardComputer, ShardRunner  # noqa: E402
@@ -55,6 +58,23 @@ def best_times(runners: dict[str, ShardRunner], texts, args) -> dict[str, float]
             runner.run(0, texts)
             best[name] = min(best[name], time.perf_counter() - started)
     return best
+
+
+class UndrawnProbes:
+    """A runner whose Hessian probes are all +1 rather than drawn (a wrong estimate, the same work)."""
+
+    def __init__(self, runner: ShardRunner):
+        self.runner = runner
+
+    def run(self, shard, texts):
+        def ones(batch, agg, k, layer, rows, width, device, dtype):
+            return torch.ones(rows.stop - rows.start, width, device=device, dtype=dtype)
+
+        drawn, grads._probe = grads._probe, ones
+        try:
+            return self.runner.run(shard, texts)
+        finally:
+            grads._probe = drawn
 
 
 def without_quality(runner: ShardRunner) -> ShardRunner:
@@ -119,11 +139,14 @@ def main() -> None:
     probes = [int(p) for p in args.probes.split(",")]
     runners = {"plain": base, **{k: runner_for(texts, args, aggregate_by=("gradients", "hessian"), hessian_probes=k)
                                  for k in probes}}
+    runners.update({("undrawn", k): UndrawnProbes(runners[k]) for k in probes})
     seconds = best_times(runners, texts, args)
     del runners
     print(f"gradients              {seconds['plain']:8.2f} s")
     for k in probes:
         print(f"+ hessian, {k} probe(s)  {seconds[k]:8.2f} s  {seconds[k] / seconds['plain']:5.2f}x gradients")
+        undrawn = seconds[("undrawn", k)]
+        print(f"  probes undrawn       {undrawn:8.2f} s  drawing them costs {seconds[k] / undrawn - 1:+6.1%}")
 
     if args.sae_layers == "none":
         return
