@@ -16,6 +16,7 @@ import click
 from . import constants as names
 from .config import RunConfig, _choices, field_type
 from .errors import RaygradError, Terminated, raise_terminated
+from .lock import run_lock
 
 
 def _help(name: str) -> str:
@@ -99,12 +100,12 @@ def export(run_dir, save_outputs, aggregation_mode, power, normalize_mode, name)
     _store_of(run_dir)
     options = {key: value for key, value in (("aggregation_mode", aggregation_mode), ("power", power),
                                              ("normalize_mode", normalize_mode)) if value is not None}
-    if options or name is not None:
-        where, written = write_export_set(Path(run_dir), options, name, with_outputs=save_outputs)
-        click.echo(f"wrote {len(written)} files in {where}")
-        return
-    written = write_exports(Path(run_dir), with_outputs=save_outputs)
-    click.echo(f"wrote {len(written)} files in {run_dir}")
+    with run_lock(Path(run_dir), "export"):  # it writes into RUN_DIR: not while another command does
+        if options or name is not None:
+            where, written = write_export_set(Path(run_dir), options, name, with_outputs=save_outputs)
+        else:
+            where, written = run_dir, write_exports(Path(run_dir), with_outputs=save_outputs)
+    click.echo(f"wrote {len(written)} files in {where}")
 
 
 @cli.command()
@@ -148,11 +149,16 @@ def repair(run_dir, trust_unrecorded) -> None:
     from .export import write_exports
     from .store import ResultStore
 
-    store = ResultStore.open(_store_of(run_dir), writable=True, verify=False)
-    if trust_unrecorded:
-        store.seal_unrecorded()
-    rebuilt = store.rebuild_means()
-    written = write_exports(Path(run_dir))
+    store_path = _store_of(run_dir)
+    with run_lock(Path(run_dir), "repair"):  # not while a run, a resume or an export writes it
+        store = ResultStore.open(store_path, writable=True, verify=False)
+        if names.ATTR_CONFIG not in store.attrs:
+            raise RaygradError(f"RUN_DIR {run_dir}: a comparison (raygrad compare), not a run; nothing to repair "
+                               "(a comparison is written whole: run raygrad compare again)")
+        if trust_unrecorded:
+            store.seal_unrecorded()
+        rebuilt = store.rebuild_means()
+        written = write_exports(Path(run_dir))
     click.echo(f"rebuilt {len(rebuilt)} derived statistics from the verified sums and wrote {len(written)} files "
                f"in {run_dir}")
 

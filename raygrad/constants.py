@@ -7,6 +7,7 @@ repeating string literals, so a rename happens in exactly one place.
 STORE_NAME = "results.zarr"
 PENDING_CHECKPOINT = "pending_checkpoint.npz"  # redo log inside the store
 CHECKPOINT_STATE = "checkpoint_state.json"  # digests of what the last checkpoint wrote, inside the store
+LOCK_FILE = ".raygrad.lock"  # in a run directory while a driver writes it: {pid, host, command, since, heartbeat}
 
 # Arrays in the store (DESIGN §5).
 LAYERS = "layers"  # (L,) layer index of each row (kept for readers of earlier stores)

@@ -3,6 +3,7 @@ partial sums into the store, finalize, export."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import tempfile
@@ -16,6 +17,7 @@ from . import constants as names
 from .config import RunConfig
 from .data import absolute_if_local, first_changed_shard, load_texts, shard_fingerprints
 from .errors import RaygradError
+from .lock import run_lock
 from .plan import Plan, make_plan, run_dir_name
 from .pool import WorkerPool
 from .reducer import Reducer
@@ -37,7 +39,7 @@ def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: boo
     # Planning checks layers, sites and SAEs before Ray starts or weights load;
     # the samples and shards follow once the texts are read.
     plan = make_plan(config, 0)
-    with WorkerPool(config, echo=echo) as pool:
+    with contextlib.ExitStack() as locked, WorkerPool(config, echo=echo) as pool:
         plan = plan.placed(config, pool.workers, pool.device)
         pool.start_workers(plan, config.seed)  # Ray actors load their model while the texts are read
         skipped = Counter()
@@ -48,6 +50,7 @@ def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: boo
         _check_memory(plan, pool)
         echo(plan.describe())
         run_dir = _new_run_dir(output_dir, run_dir_name(config, plan, datetime.now().strftime("%Y%m%d_%H%M%S")))
+        locked.enter_context(run_lock(run_dir, "run", "--output-dir"))  # from now until the run ends or stops
         echo(f"output   {run_dir}")
         try:
             store = ResultStore.create(
@@ -63,7 +66,8 @@ def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: boo
 def resume(run_dir: Path, echo: Callable[[str], None] = log.info, progress: bool = True,
            execution: dict | None = None) -> Path:
     """Continue a killed run from its last checkpoint. `execution` may change
-    where it runs (EXECUTION_OPTIONS), never what it computes."""
+    where it runs (EXECUTION_OPTIONS), never what it computes. Holds the run's lock
+    throughout; one line when another command holds it."""
     started = time.perf_counter()
     store_path = Path(run_dir) / names.STORE_NAME
     if not store_path.exists():
@@ -75,6 +79,12 @@ def resume(run_dir: Path, echo: Callable[[str], None] = log.info, progress: bool
                 f"--resume {run_dir}: --{name.replace('_', '-')} would change what the run computes; a resumed "
                 f"run keeps its own (only --{', --'.join(o.replace('_', '-') for o in EXECUTION_OPTIONS)} may change)"
             )
+    # Locked before the store opens: opening it for writing replays a committed checkpoint.
+    with run_lock(Path(run_dir), "run --resume", "--resume"):
+        return _resume(run_dir, store_path, execution, echo, progress, started)
+
+
+def _resume(run_dir: Path, store_path: Path, execution: dict, echo, progress: bool, started: float) -> Path:
     store = ResultStore.open(store_path, writable=True)
     if names.ATTR_CONFIG not in store.attrs:
         raise RaygradError(f"--resume {run_dir}: a comparison (raygrad compare), not a run; nothing to resume")
