@@ -381,32 +381,34 @@ def _site_probe(batch: Batch, agg: Aggregation, k: int, layer: int, like: torch.
 
 
 def _site_hessian_products(result: BatchGradients, batch: Batch, agg: Aggregation,
-                           layers: list[int]) -> list[list[torch.Tensor]]:
+                           layers: list[int]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     """One double backward per probe k through every hooked layer at once: with
     s_k = sum_l <dLoss/dz_l, r_kl> over the aggregated rows, ds_k/dz_m = sum_l H_ml r_kl. The
     cross-layer blocks (l != m) reach layer m's estimate r_km * (...) only through products of
     independent zero-mean probes of two layers: zero in expectation, so each layer's estimate
-    stays unbiased. Returns, per hooked layer and probe, those rows (N, site width), detached."""
+    stays unbiased. Returns, per hooked layer and probe, (r_km, (H r_k)_m) at those rows
+    (N, site width each), detached: the probe is kept rather than drawn twice."""
     selected, n = batch.selected, batch.selected.numel()
-    products: list[list[torch.Tensor]] = [[] for _ in result.grads]
+    products: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in result.grads]
     for k in range(agg.hessian_probes):
-        total = None
+        total, probes = None, []
         for grad, layer in zip(result.grads, layers):
             g = _rows(grad, selected)
-            term = (g * _site_probe(batch, agg, k, layer, g)).sum()
+            probes.append(_site_probe(batch, agg, k, layer, g))
+            term = (g * probes[-1]).sum()
             # a model split across GPUs: every term to one device before they are added
             total = term if total is None else total + term.to(total.device)
         hv = torch.autograd.grad(total, result.deltas, retain_graph=k + 1 < agg.hessian_probes, allow_unused=True)
         for row, (h, grad) in enumerate(zip(hv, result.grads)):
             # None: no second-order path from this layer (its Hessian block is zero)
-            products[row].append(grad.new_zeros(n, grad.shape[-1]) if h is None else _rows(h.detach(), selected))
+            hr = grad.new_zeros(n, grad.shape[-1]) if h is None else _rows(h.detach(), selected)
+            products[row].append((probes[row], hr))
     return products
 
 
-def _add_site_hessian(acc: DeviceAccumulator, row: int, layer: int, batch: Batch, agg: Aggregation,
-                      products: list[torch.Tensor]) -> None:
+def _add_site_hessian(acc: DeviceAccumulator, row: int, products: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Target = the site: the mean over probes of r_k * (H r_k)."""
-    estimate = sum(_site_probe(batch, agg, k, layer, hr) * hr for k, hr in enumerate(products))
+    estimate = sum(r * hr for r, hr in products)
     acc.add(names.KIND_PREFIX["hessian"], row, estimate / len(products))
 
 
@@ -455,24 +457,23 @@ def accumulate_batch(
     del result  # with the hessian kind: the first backward's graph goes here
     with torch.no_grad():
         acc.loss_sum += loss.to(acc.device, non_blocking=True)
-        for row, (grad, z, layer) in enumerate(zip(grads, outputs, layers)):
+        for row, (grad, z) in enumerate(zip(grads, outputs)):
             g = _rows(grad, batch.selected)  # (N, D)
             if saes is None:
                 value = _rows(z, batch.selected) if agg.needs_values else None
                 _add_kinds(acc, row, agg.kinds, value, g)
                 if products is not None:
-                    _add_site_hessian(acc, row, layer, batch, agg, products[row])
+                    _add_site_hessian(acc, row, products[row])
             else:
                 acc.add(names.SITE_PREFIX, row, g)
                 if names.SITE_VALUE_PREFIX in acc.prefixes:
                     acc.add(names.SITE_VALUE_PREFIX, row, _rows(z, batch.selected))
                 _add_clean_features(acc, row, agg, saes[row], z, batch.selected, g,
-                                    products[row] if products is not None else None, batch, layer)
+                                    products[row] if products is not None else None)
 
 
 def _add_clean_features(acc, row, agg: Aggregation, sae, z: torch.Tensor, selected: torch.Tensor,
-                        g: torch.Tensor, products: list[torch.Tensor] | None = None, batch: Batch | None = None,
-                        layer: int = 0) -> None:
+                        g: torch.Tensor, products: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
     """Clean mode: the model is unmodified and the SAE error e = z - decode(encode(z))
     is held constant, so dLoss/df = J_decode(f)^T dLoss/dz. For an affine decoder
     that is g @ W_dec^T, one matmul per chunk in the SAE's dtype. The features
@@ -481,7 +482,7 @@ def _add_clean_features(acc, row, agg: Aggregation, sae, z: torch.Tensor, select
     Any other decoder is differentiated by autograd (input normalization folded
     in by its own decode). Chunked over tokens so tokens x features stays bounded.
 
-    `products` (hessian kind): per probe, H r_k at the site (N, d); the features'
+    `products` (hessian kind): per probe, (r_k, H r_k) at the site (N, d each); the features'
     Hessian is J^T H_z J (the decoder is linear in f for every supported SAE, so no
     second-derivative term of decode), estimated as the mean of (J^T r_k) * (J^T H r_k)."""
     weight = getattr(sae, "affine_decoder_weight", None)  # (d_sae, d_in) or None
@@ -498,9 +499,8 @@ def _add_clean_features(acc, row, agg: Aggregation, sae, z: torch.Tensor, select
         _add_kinds(acc, row, agg.kinds, f, g_f)
         if products is not None:
             estimate = None
-            for k, hr in enumerate(products):
-                r = _probe(batch, agg, k, layer, part, hr.shape[-1], hr.device, hr.dtype)
-                term = pull(r) * pull(hr[part])
+            for r, hr in products:
+                term = pull(r[part]) * pull(hr[part])
                 estimate = term if estimate is None else estimate + term
             acc.add(names.KIND_PREFIX["hessian"], row, estimate / len(products))
 
