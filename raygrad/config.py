@@ -120,6 +120,10 @@ class RunConfig:
             raise RaygradError(f"--gpus-per-worker {self.gpus_per_worker}: must be an integer >= 0")
         if self.gpus_per_worker == 0 and self.device == "cuda":
             raise RaygradError("--gpus-per-worker 0: workers would see no GPU, but --device cuda asks for one")
+        if self.workers == 0 and self.gpus_per_worker:
+            raise RaygradError(f"--gpus-per-worker {self.gpus_per_worker}: --workers 0 runs in this process "
+                               "without Ray workers, so it would have no effect; give --workers N to run Ray "
+                               "workers, or drop --gpus-per-worker")
         self._check_number("worker_timeout", "a number of seconds > 0", lambda v: v > 0)
         for name in ("connect_timeout", "checkpoint_seconds"):
             self._check_number(name, "a number of seconds >= 0", lambda v: v >= 0)

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 5.0  # how long one wait for a result or a worker lasts
 STATUS_SECONDS = 30.0  # between "waiting for workers" lines
-RESTART_POLL_SECONDS = 1.0  # between questions to an actor Ray is restarting
+RESTART_POLL_SECONDS = 1.0  # between questions to an actor Ray is restarting (the loop takes other results meanwhile)
 MAX_LOSSES_PER_SHARD = 3  # a shard whose worker dies this often is killing it (memory, say): stop, not loop
 FORWARDED_ENV = ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "RAYGRAD_CACHE")  # driver -> worker actors
 
@@ -57,10 +57,12 @@ class RemoteWorker:
     def __init__(self, plan: Plan, seed: int):
         self.plan, self.seed, self.runner = plan, seed, None
 
-    def placed(self) -> str:
+    def placed(self) -> tuple[str, str]:
+        """-> (its node, its process): Ray's worker id names the process, a new one after each restart."""
         import ray
 
-        return ray.get_runtime_context().get_node_id()
+        context = ray.get_runtime_context()
+        return context.get_node_id(), context.get_worker_id()
 
     def ready(self) -> dict:
         runner = self._runner()
@@ -93,6 +95,7 @@ class WorkerPool:
         self.busy: dict[str, int] = {}  # actor id -> the shard it is computing
         self.placing: dict = {}  # `placed` ref -> an actor not yet on a node
         self.starting: dict = {}  # `ready` ref -> an actor not yet loaded (placed or not)
+        self.retry_at: dict[str, tuple[float, object]] = {}  # actor id -> (time.monotonic(), actor): ask it again then
 
     # --- where shards run
 
@@ -101,6 +104,9 @@ class WorkerPool:
         if self.requested is None and not config.address and local_gpus() <= 1:
             # One device here and no cluster named: Ray would add start-up and nothing else.
             self.requested = 0
+            if config.gpus_per_worker:  # with --workers 0 given, RunConfig refuses it
+                self.echo(f"--gpus-per-worker {config.gpus_per_worker}: no effect on an in-process run (one "
+                          "device here and no --address); use --workers N to run Ray workers")
         if self.requested == 0:
             self.workers = 0
             self.device = str(pick_device(config.device))
@@ -197,8 +203,15 @@ class WorkerPool:
         """Ask a new (or restarted) actor where it is and to load its model: the
         answers come in that order, since an actor runs its calls one at a time."""
         self._forget_calls(actor)  # one outstanding pair per actor; earlier ones answer the same
+        self.retry_at.pop(_name(actor), None)
         self.placing[actor.placed.remote()] = actor
         self.starting[actor.ready.remote()] = actor
+
+    def _ask_later(self, actor) -> None:
+        """An actor Ray is restarting (perhaps waiting for a node) answers every call at once, in vain: ask
+        again in RESTART_POLL_SECONDS, taking other results meanwhile."""
+        self._forget_calls(actor)
+        self.retry_at[_name(actor)] = (time.monotonic() + RESTART_POLL_SECONDS, actor)
 
     def _forget_calls(self, actor) -> None:
         for refs in (self.placing, self.starting):
@@ -244,35 +257,72 @@ class WorkerPool:
         yield from self._elastic_map(deque(work))
 
     def _elastic_map(self, queue: deque) -> Iterator[ShardResult]:
+        """Shards to actors as they come up, until every shard has a result.
+
+        A shard is charged a loss (MAX_LOSSES_PER_SHARD stop the run) only when the worker process that
+        started it is gone, never for a death while idle or for an actor that is only restarting:
+        - an idle actor is asked `placed` before it is sent a shard, and sent it once that answers, so the
+          shard runs on the process that answered. A death while idle fails that question (Ray answers
+          ActorUnavailableError while it restarts the actor, ActorDiedError when it will not); the shard
+          goes back to the queue uncharged.
+        - a shard's call that fails with ActorUnavailableError tells only that the actor could not be
+          reached ("the task may or may not have been executed"): its process died (Ray says this, not
+          ActorDiedError, while restarts are left) or the network failed. The shard is queued again, and
+          the loss is charged when the actor answers `placed` from another process, or is gone for good;
+          the same process answering again costs nothing.
+        - ActorDiedError on a shard's call: the process that started it is dead and not restarted; charged."""
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError
 
-        watched = {id(actor) for actor in self.starting.values()}
+        watched = {id(actor) for actor in self.starting.values()} | {id(a) for _, a in self.retry_at.values()}
         for actor in self.actors:
             if id(actor) not in watched:
                 self._watch_start(actor)  # up since an earlier map: answers at once
-        waiting, placing = self.starting, self.placing
-        running: dict = {}  # run ref -> (actor, (shard, texts))
+        waiting, placing, retry_at = self.starting, self.placing, self.retry_at
+        asking: dict = {}  # `placed` ref -> (actor, item): an idle actor asked whether it is up, before `item`
+        running: dict = {}  # run ref -> (actor, (shard, texts), the worker process that answered before it)
+        unreachable: dict = {}  # actor id -> (item, process that started it, error): charged if another answers
         idle: list = []
         finished: set[int] = set()
-        losses: Counter = Counter()  # shard -> workers lost while computing it
+        losses: Counter = Counter()  # shard -> worker processes lost while computing it
         none_up_since = time.monotonic()
         last_status = time.monotonic()
-        while queue or running:
+
+        def charge(item, err) -> None:
+            losses[item[0]] += 1
+            if losses[item[0]] >= MAX_LOSSES_PER_SHARD:
+                raise RaygradError(_shard_keeps_killing_line(item, losses[item[0]], err)) from None
+
+        def settle(actor, process: str | None) -> None:
+            """The actor answered from `process`, or (None) is gone for good."""
+            if _name(actor) in unreachable:
+                item, started_by, err = unreachable.pop(_name(actor))
+                if process != started_by:
+                    charge(item, err)
+
+        while queue or running or asking:
             while idle and queue:
                 actor, item = idle.pop(), queue.popleft()
-                running[actor.run.remote(*item)] = (actor, item)
-                self.busy[actor._actor_id.hex()] = item[0]
+                asking[actor.placed.remote()] = (actor, item)
+            now = time.monotonic()
+            for due, actor in list(retry_at.values()):
+                if due <= now:
+                    self._watch_start(actor)  # drops it from retry_at
             # placed, loading their model (a download may take long)
             loading = len({id(actor) for actor in waiting.values()} - {id(actor) for actor in placing.values()})
-            # Checked before every wait, not only after an empty one: an actor that Ray cannot
-            # restart (no node for it) answers at once, in vain, so the waits keep returning.
-            now = time.monotonic()
-            if running or idle or loading:
+            # Checked before every wait, not only after an empty one: the waits end early while an
+            # actor that Ray cannot restart (no node for it) is asked again.
+            if running or asking or idle or loading:
                 none_up_since = now
             elif now - none_up_since > self.config.worker_timeout:
                 raise WorkerTimeout(self._timeout_message())
-            ready, _ = ray.wait([*running, *placing, *waiting], num_returns=1, timeout=POLL_SECONDS)
+            timeout = min([POLL_SECONDS, *(due - now for due, _ in retry_at.values())])
+            refs = [*running, *asking, *placing, *waiting]
+            if refs:
+                ready, _ = ray.wait(refs, num_returns=1, timeout=max(0.0, timeout))
+            else:  # every actor is being restarted: nothing to take until one is asked again
+                time.sleep(max(0.0, timeout))
+                ready = []
             if not ready:
                 now = time.monotonic()
                 if not running and now - last_status >= STATUS_SECONDS:
@@ -283,40 +333,59 @@ class WorkerPool:
             if ref in placing:
                 actor = placing.pop(ref)
                 try:
-                    self.worker_nodes[actor._actor_id.hex()] = _get(ref)  # answered before its `ready`
+                    node, process = _get(ref)  # answered before its `ready`
                 except ActorUnavailableError:  # restarting, perhaps waiting for a node: not placed, ask again
-                    time.sleep(RESTART_POLL_SECONDS)
-                    self._watch_start(actor)
-                except RayActorError:
-                    pass  # gone for good: its `ready` call says so and it is replaced
+                    self._ask_later(actor)
+                    continue
+                except RayActorError:  # gone for good: its `ready` call says so and it is replaced
+                    settle(actor, None)
+                    continue
+                self.worker_nodes[_name(actor)] = node
+                settle(actor, process)
                 continue
             if ref in waiting:
                 actor = waiting.pop(ref)
                 try:
                     info = _get(ref)
                 except ActorUnavailableError:  # restarting after a loss: Ray brings it back, ask again
-                    time.sleep(RESTART_POLL_SECONDS)
-                    self._watch_start(actor)
+                    self._ask_later(actor)
                     continue
                 except RayActorError as err:  # gone before it was up: ask for another one
                     log.warning("a worker was lost while starting (%s); asking for another", first_line(err))
                     self._replace(actor)
                     continue
-                self.worker_devices[actor._actor_id.hex()] = info["device"]
+                self.worker_devices[_name(actor)] = info["device"]
                 self._say_sae_passes(f"worker {len(self.worker_devices)}", info.get("sae_groups"))
                 idle.append(actor)
                 continue
-            actor, item = running.pop(ref)
-            self.busy.pop(actor._actor_id.hex(), None)
+            if ref in asking:
+                actor, item = asking.pop(ref)
+                try:
+                    node, process = _get(ref)
+                except ActorUnavailableError:  # died while idle and being restarted: the shard never started
+                    queue.appendleft(item)
+                    self._ask_later(actor)
+                    continue
+                except RayActorError:  # died while idle, for good: its `ready` call says so and it is replaced
+                    queue.appendleft(item)
+                    self._watch_start(actor)
+                    continue
+                self.worker_nodes[_name(actor)] = node  # Ray may have restarted it elsewhere while idle
+                running[actor.run.remote(*item)] = (actor, item, process)
+                self.busy[_name(actor)] = item[0]
+                continue
+            actor, item, process = running.pop(ref)
+            self.busy.pop(_name(actor), None)
             try:
                 result = _get(ref)
-            except RayActorError as err:  # its node or process is gone: the shard goes back to the queue
-                losses[item[0]] += 1
-                if losses[item[0]] >= MAX_LOSSES_PER_SHARD:
-                    raise RaygradError(_shard_keeps_killing_line(item, losses[item[0]], err)) from None
+            except RayActorError as err:  # its node or process is gone, or out of reach: the shard is queued again
+                if isinstance(err, ActorUnavailableError):
+                    unreachable[_name(actor)] = (item, process, err)  # charged once the actor answers again
+                else:
+                    charge(item, err)
                 self.echo(f"worker lost during shard {item[0]} ({first_line(err)}); the shard is queued again")
                 queue.appendleft(item)
-                self._watch_start(actor)  # answers if Ray restarts it, raises if it is gone
+                self._watch_start(actor)  # answers if Ray restarts it (or it was out of reach), raises if gone
                 continue
             idle.append(actor)
             if result.shard not in finished:
@@ -334,6 +403,7 @@ class WorkerPool:
         if lost in self.actors:
             self.actors.remove(lost)
         self._forget_calls(lost)
+        self.retry_at.pop(_name(lost), None)
         ray.kill(lost)
         self._add_actor()
 
@@ -365,6 +435,10 @@ def _start_reaper() -> None:
         _reaper = subprocess.Popen([sys.executable, str(Path(__file__).with_name("reaper.py")), str(os.getpid())],
                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                    start_new_session=True)
+
+
+def _name(actor) -> str:
+    return actor._actor_id.hex()
 
 
 def _get(ref):
