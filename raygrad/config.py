@@ -54,8 +54,8 @@ class RunConfig:
         ("gradients",), "What to aggregate (repeatable): gradients, values (activations), attribution (grad x value), "
         "hessian (Hutchinson estimate of the Hessian diagonal d2Loss/dz2).", multiple=True)
     hessian_probes: int = _opt(
-        1, "Rademacher probes per batch for --aggregate-by hessian, one extra double backward each; the "
-        "per-token estimate is their mean.")
+        1, "Rademacher probes per token for --aggregate-by hessian, one extra double backward per batch each; "
+        "the per-token estimate is their mean, reproducible for a given --seed.")
     device: Literal["auto", "cuda", "cpu"] = _opt("auto", "Device for each worker.")
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = _opt(
         "float32", "Model weights and activations; sums are float64 whatever this is.")
@@ -103,6 +103,9 @@ class RunConfig:
             low = 0 if name == "min_chars" else 1  # min_chars 0 keeps every non-empty text
             if not isinstance(value, int) or value < low:
                 raise RaygradError(f"--{_dash(name)} {value}: must be an integer >= {low}")
+        if self.hessian_probes != 1 and "hessian" not in self.aggregate_by:
+            raise RaygradError(f"--hessian-probes {self.hessian_probes}: only --aggregate-by hessian draws probes; "
+                               "add --aggregate-by hessian, or drop --hessian-probes")
         if self.max_length < 2:
             raise RaygradError(f"--max-length {self.max_length}: must be >= 2 (one input and one target token)")
         if self.tokens_per_batch is not None and (not isinstance(self.tokens_per_batch, int)

@@ -42,8 +42,8 @@ def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: boo
     with contextlib.ExitStack() as locked, WorkerPool(config, echo=echo) as pool:
         plan = plan.placed(config, pool.workers, pool.device)
         pool.start_workers(plan, config.seed)  # Ray actors load their model while the texts are read
-        skipped = Counter()
-        texts = _texts(config, echo, skipped)
+        skipped, rows = Counter(), []
+        texts = _texts(config, echo, skipped, rows)
         plan = dataclasses.replace(plan, samples=len(texts), skipped_texts=dict(skipped)).placed(
             config, pool.workers, pool.device)
         plan = dataclasses.replace(plan, shard_fingerprints=shard_fingerprints(texts, plan.shards))
@@ -59,7 +59,7 @@ def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: boo
             )
         except OSError as err:
             raise RaygradError(f"--output-dir {output_dir}: cannot create the store ({_os_reason(err)})") from None
-        _execute(plan, config, texts, store, pool, progress, time.perf_counter() - started, echo)
+        _execute(plan, config, texts, rows, store, pool, progress, time.perf_counter() - started, echo)
     return run_dir
 
 
@@ -91,9 +91,12 @@ def _resume(run_dir: Path, store_path: Path, execution: dict, echo, progress: bo
     config = RunConfig.from_dict(store.attrs[names.ATTR_CONFIG])
     if store.attrs.get(names.ATTR_STATUS) == names.STATUS_COMPLETE:
         return _complete_exports(Path(run_dir), config, echo)
+    if execution.get("workers") == 0:  # in this process now: the saved run's Ray options no longer apply
+        execution = {"address": None, "gpus_per_worker": None, **execution}
     config = dataclasses.replace(config, **execution)
     saved = Plan.from_dict(store.attrs[names.ATTR_PLAN])
-    texts = _texts(config, echo)
+    rows = []
+    texts = _texts(config, echo, rows=rows)
     if len(texts) != saved.samples:
         raise RaygradError(
             f"--resume {run_dir}: the dataset now yields {len(texts)} texts, the run was planned on {saved.samples}"
@@ -114,7 +117,7 @@ def _resume(run_dir: Path, store_path: Path, execution: dict, echo, progress: bo
         _, done = store.totals()
         echo(plan.describe())
         echo(f"resuming {run_dir}: {int(done.sum())} of {len(done)} shards already done")
-        _execute(plan, config, texts, store, pool, progress, time.perf_counter() - started, echo)
+        _execute(plan, config, texts, rows, store, pool, progress, time.perf_counter() - started, echo)
     return Path(run_dir)
 
 
@@ -188,22 +191,24 @@ def _check_memory(plan: Plan, pool: WorkerPool) -> None:
         raise RaygradError(problem)
 
 
-def _texts(config: RunConfig, echo, skipped: Counter | None = None) -> list[str]:
+def _texts(config: RunConfig, echo, skipped: Counter | None = None, rows: list[int] | None = None) -> list[str]:
     texts = load_texts(config.dataset, config.num_samples, text_column=config.text_column,
                        config=config.dataset_config, split=config.dataset_split, min_chars=config.min_chars,
-                       skipped=skipped)
+                       skipped=skipped, rows=rows)
     if len(texts) < config.num_samples:
         echo(f"warning: --num-samples {config.num_samples}: the dataset has only {len(texts)} texts "
              f"longer than {config.min_chars} characters; going on with {len(texts)}")
     return texts
 
 
-def _execute(plan: Plan, config: RunConfig, texts: list[str], store: ResultStore, pool: WorkerPool,
-             progress: bool, plan_seconds: float, echo) -> None:
+def _execute(plan: Plan, config: RunConfig, texts: list[str], rows: list[int], store: ResultStore,
+             pool: WorkerPool, progress: bool, plan_seconds: float, echo) -> None:
     reducer = Reducer(store, config.checkpoint_seconds, progress)
     resume_hint = f"continue with: raygrad run --resume {store.run_dir}"
     try:
-        for result in pool.map([(i, texts[slice(*plan.shards[i])]) for i in reducer.todo]):
+        # each shard: its texts and their dataset rows (which key the Hessian's probes)
+        work = [(i, texts[slice(*plan.shards[i])], rows[slice(*plan.shards[i])]) for i in reducer.todo]
+        for result in pool.map(work):
             reducer.add(result)
     except BaseException as err:  # a failed shard, Ctrl-C, no workers: keep what finished, say how to go on
         try:

@@ -68,8 +68,8 @@ class RemoteWorker:
         runner = self._runner()
         return {"device": str(runner.device), "load_seconds": runner.load_seconds, "sae_groups": runner.sae_groups}
 
-    def run(self, shard: int, texts: list[str]) -> ShardResult:
-        return self._runner().run(shard, texts)
+    def run(self, shard: int, texts: list[str], rows: list[int] | None = None) -> ShardResult:
+        return self._runner().run(shard, texts, rows)
 
     def _runner(self) -> ShardRunner:
         if self.runner is None:  # also after Ray restarted this actor
@@ -244,15 +244,15 @@ class WorkerPool:
 
     # --- running shards
 
-    def map(self, work: list[tuple[int, list[str]]]) -> Iterator[ShardResult]:
+    def map(self, work: list[tuple[int, list[str], list[int]]]) -> Iterator[ShardResult]:
         if not work:
             return
         if self.workers == 0:
             runner = ShardRunner(self.plan, self.seed)
             self.worker_devices["in-process"] = str(runner.device)
             self._say_sae_passes("this process", runner.sae_groups)
-            for shard, texts in work:
-                yield runner.run(shard, texts)
+            for item in work:  # (shard, texts, rows)
+                yield runner.run(*item)
             return
         yield from self._elastic_map(deque(work))
 
@@ -482,8 +482,8 @@ def _restore_cluster_setting(environment_value: str | None, constant: bool) -> N
     ray_constants.ENABLE_RAY_CLUSTER = constant
 
 
-def _shard_keeps_killing_line(item: tuple[int, list[str]], losses: int, err: BaseException) -> str:
-    shard, texts = item
+def _shard_keeps_killing_line(item: tuple, losses: int, err: BaseException) -> str:
+    shard, texts = item[0], item[1]
     longest = max((len(text) for text in texts), default=0)
     return (f"shard {shard} ({len(texts)} texts, the longest {longest} characters) lost its worker {losses} times "
             f"(last: {first_line(err)}); a worker that dies on the same shard is likely out of host or GPU "

@@ -247,3 +247,25 @@ def test_gpus_per_worker_on_a_default_in_process_run_is_one_warning(tiny_llama, 
                "use --workers N to run Ray workers")
     assert out.splitlines().count(warning) == 1, out
     assert warning not in err
+
+
+def test_a_ray_run_resumed_in_process_drops_its_ray_options(tiny_llama, texts_file, tmp_path):
+    """A run saved with --gpus-per-worker 1 and an --address, resumed with --workers 0: those options
+    describe the Ray workers it no longer has, so the resume drops them rather than refusing the run
+    (an explicit --gpus-per-worker with --workers 0 is still refused)."""
+    from helpers import assert_same_totals, build_config, killed_run, run_tiny
+
+    from raygrad import constants as names
+    from raygrad import engine
+    from raygrad.store import ResultStore
+
+    _, expected = run_tiny(tiny_llama, texts_file, tmp_path / "full", shard_size=2)
+    config = build_config(tiny_llama, texts_file, tmp_path / "killed", shard_size=2, checkpoint_seconds=0,
+                          workers=None, gpus_per_worker=1)  # ran in this process: one device, no --address
+    run_dir = killed_run(config, dies_at_call=2)
+    with pytest.raises(RaygradError, match=r"^--gpus-per-worker 1: --workers 0 runs in this process"):
+        engine.resume(run_dir, echo=lambda _: None, progress=False, execution={"workers": 0, "gpus_per_worker": 1})
+    engine.resume(run_dir, echo=lambda _: None, progress=False, execution={"workers": 0})
+    resumed, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
+    assert done.all()
+    assert_same_totals(resumed, expected)
