@@ -43,11 +43,11 @@ def assert_same_counts_and_close_sums(got, expected):
 class SlowWorker(RemoteWorker):
     """A worker whose shards take a second: the other worker is up and busy when a node is removed."""
 
-    def run(self, shard, texts):
+    def run(self, shard, texts, rows=None):
         import time
 
         time.sleep(1.0)
-        return super().run(shard, texts)
+        return super().run(shard, texts, rows)
 
 
 class SlowLoadingWorker(RemoteWorker):
@@ -64,12 +64,12 @@ class SlowLoadingWorker(RemoteWorker):
 class DiesOnShardZero(RemoteWorker):
     """A worker whose process dies on shard 0 every time, as one out of host memory on a long text would."""
 
-    def run(self, shard, texts):
+    def run(self, shard, texts, rows=None):
         if shard == 0:
             import os
 
             os._exit(1)
-        return super().run(shard, texts)
+        return super().run(shard, texts, rows)
 
 
 def remembered_pools(monkeypatch) -> list:
@@ -169,10 +169,10 @@ def test_resume_refuses_an_option_that_changes_what_is_computed(tiny_llama, text
 
     real_run = ShardRunner.run
 
-    def dies_on_second_shard(self, shard, texts):
+    def dies_on_second_shard(self, shard, texts, rows=None):
         if shard == 1:
             raise KeyboardInterrupt
-        return real_run(self, shard, texts)
+        return real_run(self, shard, texts, rows)
 
     monkeypatch.setattr(ShardRunner, "run", dies_on_second_shard)
     with pytest.raises(KeyboardInterrupt):

@@ -28,11 +28,11 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_llama, texts_file, 
 
     real_run, calls = ShardRunner.run, []
 
-    def dies_on_fourth_shard(self, shard, texts):
+    def dies_on_fourth_shard(self, shard, texts, rows=None):
         calls.append(shard)
         if len(calls) == 4:
             raise KeyboardInterrupt  # as if the process were killed mid-run
-        return real_run(self, shard, texts)
+        return real_run(self, shard, texts, rows)
 
     monkeypatch.setattr(ShardRunner, "run", dies_on_fourth_shard)
     config = build_config(tiny_llama, texts_file, tmp_path / "killed", shard_size=1, checkpoint_seconds=0)
@@ -78,11 +78,11 @@ def test_resume_refuses_a_complete_run(tiny_llama, texts_file, tmp_path):
 def test_a_failing_shard_stops_the_run_and_keeps_finished_shards(tiny_llama, texts_file, tmp_path, monkeypatch):
     real_run, calls, said = ShardRunner.run, [], []
 
-    def fails_on_third_shard(self, shard, texts):
+    def fails_on_third_shard(self, shard, texts, rows=None):
         calls.append(shard)
         if len(calls) == 3:
             raise RuntimeError("CUDA out of memory")
-        return real_run(self, shard, texts)
+        return real_run(self, shard, texts, rows)
 
     monkeypatch.setattr(ShardRunner, "run", fails_on_third_shard)
     config = build_config(tiny_llama, texts_file, tmp_path, shard_size=2)
