@@ -21,6 +21,7 @@ from .lock import run_lock
 from .plan import Plan, make_plan, run_dir_name
 from .pool import WorkerPool
 from .reducer import Reducer
+from .revisions import check_unchanged
 from .store import ResultStore
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ def _resume(run_dir: Path, store_path: Path, execution: dict, echo, progress: bo
         execution = {"address": None, "gpus_per_worker": None, **execution}
     config = dataclasses.replace(config, **execution)
     saved = Plan.from_dict(store.attrs[names.ATTR_PLAN])
+    check_unchanged(saved, "resuming")  # the pinned model and SAEs, before the dataset is read
     rows = []
     texts = _texts(config, echo, rows=rows)
     if len(texts) != saved.samples:

@@ -70,3 +70,18 @@ def load_error(option: str, name: str, err: Exception) -> str:
                 f"({why_offline()}); {OFFLINE_HINT}")
     return (f"{option} {name}: not a local path and could not be loaded from the hub ({first_line(err)}); "
             f"{OFFLINE_HINT}")
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment now (huggingface_hub fixes its own at
+    import): HF_HUB_CACHE, else HF_HOME/hub, else XDG_CACHE_HOME/huggingface/hub or ~/.cache/...."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.join(Path.home(), ".cache")), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def cached_repo_dir(repo_id: str, repo_type: str = "model") -> Path:
+    """Where the hub cache keeps one repository: refs/<revision> hold commits, snapshots/<commit> the files."""
+    return hub_cache_dir() / f"{repo_type}s--{repo_id.replace('/', '--')}"

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import RaygradError
-from .hub import hub_offline, load_error, local_path_problem
+from .hub import hub_cache_dir, hub_offline, load_error, local_path_problem
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +122,8 @@ def _convert_gguf(source: Path, gguf_file: str, target: Path) -> None:
     partial.replace(target)  # a half-written copy is never mistaken for a cache hit
 
 
-def load_model_config(name: str):
-    """The model's config (no weights), for planning before loading."""
+def load_model_config(name: str, revision: str | None = None):
+    """The model's config (no weights), for planning before loading; a hub model's at commit `revision`."""
     from transformers import AutoConfig
 
     path = resolve_model_path(name)
@@ -131,7 +131,7 @@ def load_model_config(name: str):
     if problem:
         raise RaygradError(problem)
     try:
-        config = AutoConfig.from_pretrained(path, **_hub_options(path))
+        config = AutoConfig.from_pretrained(path, **_hub_options(path, revision))
     except (OSError, ValueError) as err:
         raise RaygradError(load_error("--model", name, err)) from None
     family_of(config)
@@ -153,11 +153,13 @@ def family_of(config) -> str:
     return family
 
 
-def _hub_options(path: str) -> dict:
-    """from_pretrained options: a hub id is read from the local cache only when the hub is unreachable."""
+def _hub_options(path: str, revision: str | None = None) -> dict:
+    """from_pretrained options for a hub id: at `revision` (the run's pinned commit) when given, from
+    the cache HF_HOME/HF_HUB_CACHE name now, and from that cache only when the hub is unreachable."""
     if Path(path).expanduser().exists():
         return {}
-    return {"local_files_only": True} if hub_offline() else {}
+    options = {"cache_dir": str(hub_cache_dir()), **({"revision": revision} if revision else {})}
+    return {**options, "local_files_only": True} if hub_offline() else options
 
 
 def pick_device(device: str) -> torch.device:
@@ -192,13 +194,14 @@ def device_placement(device: torch.device, allow_offload: bool = False) -> dict 
 
 
 def load_model_and_tokenizer(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
-                             placement: dict | None = None):
+                             placement: dict | None = None, revision: str | None = None):
     """Frozen eval-mode model and a right-padding tokenizer: on `device`, or dispatched by
-    accelerate as `placement` (from_pretrained's device_map options) says."""
+    accelerate as `placement` (from_pretrained's device_map options) says; a hub model's and
+    tokenizer's files at commit `revision` (the run's pin) when given."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name)
-    hub_options = _hub_options(path)
+    hub_options = _hub_options(path, revision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **hub_options)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **hub_options, **(placement or {}))

@@ -14,6 +14,7 @@ from . import constants as names
 from .config import RunConfig, parse_layer_spec
 from .memory import weight_sae_token_bytes
 from .models import BUNDLED_MODELS, family_of, load_model_config, resolve_hook_sites, resolve_model_path, text_config
+from .revisions import describe_pins, model_commit, pin_dataset, pin_model, pin_saes
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,10 @@ class Plan:
     token_bytes: int = 0  # and the activations kept per token of a batch
     shard_fingerprints: list[str] = dataclasses.field(default_factory=list)  # digest of each shard's texts
     skipped_texts: dict[str, int] = dataclasses.field(default_factory=dict)  # data.SKIP_* -> rows left out
+    # What was computed, pinned when the plan was made (revisions.py): workers and resumes load exactly these.
+    model_revision: dict | None = None  # hub commit, local directory digest, or bundled package version
+    sae_revisions: list[dict] | None = None  # per layer: a release's commit and file hashes, or a directory digest
+    dataset_revision: dict | None = None  # hub commit, or a local file's digest (shards keep their own fingerprints)
 
     def batch_tokens(self) -> int:
         """Padded tokens in one batch at most (the memory estimate's batch)."""
@@ -180,6 +185,7 @@ class Plan:
             f"shards   {len(self.shards)} of <= {self.shards[0][1] - self.shards[0][0]} samples",
             f"workers  {self._workers_text()}",
             *([f"memory   {self.memory().describe()}"] if self.weight_bytes else []),
+            *describe_pins(self),
             *(f"warning: {text}" for text in self.warnings),
         ])
 
@@ -205,12 +211,14 @@ def make_plan(config: RunConfig, num_texts: int, workers: int = 0, device: str =
     """Resolve `config` against the model's config (no weights) and the SAEs.
     `workers`, `device` and what depends on them (batching, shards) are filled
     in again by `placed` once the cluster is known."""
-    model_config = load_model_config(config.model)
+    model_revision = pin_model(config.model)  # first, so the config read is the pinned commit's
+    model_config = load_model_config(config.model, revision=model_commit(model_revision))
     family = family_of(model_config)
     num_layers = text_config(model_config).num_hidden_layers
     layers = parse_layer_spec(config.layers, num_layers) if config.layers else list(range(num_layers))
     site_width = text_config(model_config).hidden_size
-    saes, warnings = _sae_entries(config, layers, site_width) if config.target == "sae" else (None, [])
+    sae_revisions = pin_saes(sae_source(config), layers) if config.target == "sae" else None
+    saes, warnings = _sae_entries(config, layers, site_width, sae_revisions) if config.target == "sae" else (None, [])
     skeleton = _skeleton(model_config)
     weight_bytes, sae_bytes, token_bytes = weight_sae_token_bytes(
         skeleton, text_config(model_config), config.dtype, [e["d_sae"] for e in saes or []], config.sae_dtype)
@@ -245,6 +253,9 @@ def make_plan(config: RunConfig, num_texts: int, workers: int = 0, device: str =
         weight_bytes=weight_bytes,
         sae_bytes=sae_bytes,
         token_bytes=token_bytes,
+        model_revision=model_revision,
+        sae_revisions=sae_revisions,
+        dataset_revision=pin_dataset(config.dataset),
     ).placed(config, workers, device)
 
 
@@ -255,7 +266,8 @@ def sae_source(config: RunConfig) -> dict:
     return {"release": config.sae_release, "sae_id": config.sae_id, "path": path}
 
 
-def _sae_entries(config: RunConfig, layers: list[int], site_width: int) -> tuple[list[dict], list[str]]:
+def _sae_entries(config: RunConfig, layers: list[int], site_width: int, pins: list[dict] | None = None
+                 ) -> tuple[list[dict], list[str]]:
     """Each layer's SAE, described and checked against the hook site, from its
     configuration alone: the driver never reads SAE weights (workers load them)."""
     from .errors import RaygradError
@@ -263,8 +275,9 @@ def _sae_entries(config: RunConfig, layers: list[int], site_width: int) -> tuple
 
     option = f"--sae-path {config.sae_path}" if config.sae_path else f"--sae-id {config.sae_id}"
     entries, warnings = [], []
-    for layer in layers:
-        info = read_sae_info(layer, **sae_load_kwargs(sae_source(config)))
+    for index, layer in enumerate(layers):
+        commit = pins[index].get("commit") if pins else None  # a release's config at its pinned commit
+        info = read_sae_info(layer, **sae_load_kwargs(sae_source(config)), revision=commit)
         entry = {"layer": layer, "source": info.source, "d_in": info.d_in, "d_sae": info.d_sae,
                  "hook_name": info.hook_name, "trained_site": info.trained_site,
                  "neuronpedia_id": info.neuronpedia_id}

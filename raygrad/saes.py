@@ -397,11 +397,11 @@ class SaeInfo:
 
 
 def read_sae_info(layer: int, *, release: str | None = None, sae_id: str | None = None,
-                  path: str | None = None) -> SaeInfo:
+                  path: str | None = None, revision: str | None = None) -> SaeInfo:
     """Width, input width, training site and Neuronpedia id of one layer's SAE without reading its
     weights (the driver of a cluster run stays light): cfg.json or config.json for a directory,
-    sae-lens's config loader for a release. Configuration problems are refused here, with the same
-    lines as at load; weights are checked where they load, on the workers."""
+    sae-lens's config loader for a release (at commit `revision`, when given). Configuration problems
+    are refused here, with the same lines as at load; weights are checked where they load, on the workers."""
     if path is not None:
         directory = Path(_fill(path, layer)).expanduser()
         shown = _shown("--sae-path", path, layer, str(directory))
@@ -415,7 +415,7 @@ def read_sae_info(layer: int, *, release: str | None = None, sae_id: str | None 
     if release is None or sae_id is None:
         raise RaygradError("--sae-release/--sae-id: give both (the id may contain '{layer}'), or --sae-path")
     shown = f"--sae-release {release} " + _shown("--sae-id", sae_id, layer, _fill(sae_id, layer))
-    return _release_info(release, _fill(sae_id, layer), shown)
+    return _release_info(release, _fill(sae_id, layer), shown, revision)
 
 
 def _sae_lens_cfg_info(cfg: dict, shown: str, source: str, neuronpedia_id: str | None = None) -> SaeInfo:
@@ -452,11 +452,12 @@ def _dictionary_learning_info(directory: Path, shown: str) -> SaeInfo:
                    source=f"dictionary_learning {name} directory {directory}")
 
 
-def _release_info(release: str, sae_id: str, shown: str) -> SaeInfo:
+def _release_info(release: str, sae_id: str, shown: str, revision: str | None = None) -> SaeInfo:
     from sae_lens.loading.pretrained_sae_loaders import load_sae_config_from_huggingface
 
     try:
-        cfg = load_sae_config_from_huggingface(release, sae_id)
+        with _pinned(release, sae_id, revision):
+            cfg = load_sae_config_from_huggingface(release, sae_id)
     except Exception as err:  # hub, network, unknown release or id: sae-lens raises many types; all reported
         raise RaygradError(f"{shown}: sae-lens could not read its config ({type(err).__name__}: "
                            f"{first_line(err)})") from None
@@ -487,9 +488,11 @@ register_format("dictionary_learning", SaeFormat((DL_WEIGHTS, DL_CONFIG), _load_
 
 
 def load_sae(layer: int, *, release: str | None = None, sae_id: str | None = None, path: str | None = None,
-             device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedSAE:
+             device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+             revision: str | None = None) -> LoadedSAE:
     """The SAE for one layer, frozen and in eval mode. `path` and `sae_id` are templates: '{layer}' is
-    replaced by the layer index. Give either `path` or both `release` and `sae_id`."""
+    replaced by the layer index. Give either `path` or both `release` and `sae_id`; a release loads
+    at commit `revision` of its repository when given (the run's pin), else at its main."""
     if path is not None and (release is not None or sae_id is not None):
         raise RaygradError(f"--sae-path {path}: give either --sae-path or --sae-release/--sae-id, not both")
     device = str(torch.device(device))
@@ -500,7 +503,8 @@ def load_sae(layer: int, *, release: str | None = None, sae_id: str | None = Non
         sae = _load_dir(directory, shown, device, dtype)
     elif release is not None and sae_id is not None:
         shown = f"--sae-release {release} " + _shown("--sae-id", sae_id, layer, _fill(sae_id, layer))
-        sae = _load_release(release, _fill(sae_id, layer), shown, device, dtype)
+        with _pinned(release, _fill(sae_id, layer), revision):
+            sae = _load_release(release, _fill(sae_id, layer), shown, device, dtype)
     else:
         raise RaygradError("--sae-release/--sae-id: give both (the id may contain '{layer}'), or --sae-path")
     log.info("layer %d: %s (d_in %d, %d features, trained on %s)", layer, sae.source, sae.d_in, sae.d_sae,
@@ -522,6 +526,24 @@ def _load_dir(directory: Path, shown: str, device: str, dtype: torch.dtype) -> L
 
 def _fill(template: str, layer: int) -> str:
     return template.replace("{layer}", str(layer))  # not str.format: other braces stay literal
+
+
+fill_layer = _fill
+
+
+def _pinned(release: str, sae_id: str, revision: str | None):
+    """A block in which sae-lens downloads the release's files at commit `revision` (when given)."""
+    from .revisions import pinned_hub_downloads
+
+    if revision is None:
+        return pinned_hub_downloads(None, None)
+    from sae_lens.loading.pretrained_saes_directory import get_repo_id_and_folder_name
+
+    try:
+        repo_id, _ = get_repo_id_and_folder_name(release, sae_id)
+    except ValueError:  # an unknown id: the loader says so with its own line
+        return pinned_hub_downloads(None, None)
+    return pinned_hub_downloads(repo_id, revision)
 
 
 def _shown(option: str, template: str, layer: int, resolved: str) -> str:

@@ -20,6 +20,7 @@ from .grads import Aggregation, DeviceAccumulator, Partial, accumulate_batch, ma
 from .memory import sae_layer_groups
 from .models import device_placement, execution_device, input_device, load_model_and_tokenizer, pick_device
 from .plan import Plan, sae_load_kwargs
+from .revisions import check_unchanged, model_commit, sae_commit
 
 SAE_HEADROOM = 0.1  # of the GPU's memory kept free when deciding how many SAEs fit (allocator slack)
 
@@ -154,8 +155,9 @@ class ShardRunner:
         placement = device_placement(device, plan.allow_offload)
         if device.type == "cuda" and not placement:
             _check_gpu_fits(plan, device)
+        check_unchanged(plan)  # this node's copy of a local model or SAE is the one the run pinned
         self.model, self.tokenizer = load_model_and_tokenizer(plan.model_source(), device, getattr(torch, plan.dtype),
-                                                              placement)
+                                                              placement, revision=model_commit(plan))
         # Split across GPUs: ids and running sums live where the model starts.
         self.device = input_device(self.model, device) if placement else device
         self.modules = [self.model.get_submodule(path) for path in plan.module_paths]
@@ -203,6 +205,6 @@ class ShardRunner:
         # load_sae returns them frozen: dLoss/df is taken w.r.t. f, never the SAE's weights.
         # Each SAE sits with its layer (a model split across GPUs has layers on several);
         # in several passes, in CPU memory until its pass.
-        return [load_sae(layer, **sae_load_kwargs(plan.sae_source),
+        return [load_sae(layer, **sae_load_kwargs(plan.sae_source), revision=sae_commit(plan, index),
                          device=torch.device("cpu") if waiting_on_cpu else layer_device, dtype=dtype)
-                for layer, layer_device in zip(plan.layers, self.layer_devices)]
+                for index, (layer, layer_device) in enumerate(zip(plan.layers, self.layer_devices))]
