@@ -227,7 +227,8 @@ def _execute(plan: Plan, config: RunConfig, texts: list[str], rows: list[int], s
         reducer.close()
     if not reducer.complete:
         raise RuntimeError("internal error: the worker pool returned before every shard was done")
-    timing = reducer.timing(plan_seconds, {"worker_devices": sorted(set(pool.worker_devices.values()))})
+    timing = reducer.timing(plan_seconds, {"worker_devices": sorted(set(pool.worker_devices.values())),
+                                           **pool.clocks.record()})
     try:
         store.finalize(timing)
     except OSError as err:

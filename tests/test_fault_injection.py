@@ -1,6 +1,10 @@
 """A kill at any step of a checkpoint, or between a shard's arrival and its checkpoint, then a
 resume: the float64 sums equal an undisturbed run's exactly (in-process, so the arithmetic is the
-same; shards are added in order either way)."""
+same; shards are added in order either way). Checkpoints are written by the reducer's writer
+thread: a SIGKILL there stops it writing, a SIGINT lands in the main thread meanwhile."""
+
+import _thread
+import threading
 
 import numpy as np
 import pytest
@@ -45,12 +49,18 @@ def test_kill_at_each_checkpoint_step_then_resume_is_exact(tiny_llama, texts_fil
 
     def land():
         fired.append(signal)
-        raise Killed if signal == "SIGKILL" else KeyboardInterrupt
+        if signal == "SIGINT" and threading.current_thread() is not threading.main_thread():
+            _thread.interrupt_main()  # a signal lands in the main thread; the checkpoint writer goes on
+            return
+        raise Killed if signal == "SIGKILL" else KeyboardInterrupt  # in the writer: it writes nothing more
 
     def counting_checkpoint(self):
-        checkpoints.append(1)
         if fired == ["SIGKILL"]:
             raise Killed  # a killed process writes nothing more
+        # One snapshot per shard, each written before the next is handed over (the writer would
+        # otherwise fold a waiting snapshot into a newer one): the third is the same in every run.
+        self.writer.wait()
+        checkpoints.append(1)
         if owner is Reducer and len(checkpoints) == CHECKPOINT_TO_HIT:
             land()
         return real_checkpoint(self)
@@ -73,7 +83,9 @@ def test_kill_at_each_checkpoint_step_then_resume_is_exact(tiny_llama, texts_fil
 
     (run_dir,) = tmp_path.iterdir()
     _, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
-    assert 2 <= done.sum() <= 3 and not done.all()
+    # A signal reaches the main thread while the writer finishes its checkpoint: a shard or two
+    # more may be added and kept by then.
+    assert 2 <= done.sum() < len(done)
     engine.resume(run_dir, echo=lambda _: None, progress=False)
     resumed, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
     assert done.all()
