@@ -10,6 +10,7 @@ import signal
 import sys
 import typing
 from pathlib import Path
+from typing import Literal
 
 import click
 
@@ -36,7 +37,8 @@ def _config_options(func):
                                   help=help_text)
         else:
             choices = _choices(f)
-            kind = click.Choice(choices) if choices else next(
+            words = any(typing.get_origin(arg) is Literal for arg in typing.get_args(hint))  # 'all' or N: str
+            kind = click.Choice(choices) if choices else str if words else next(
                 (t for t in (int, float) if t in (hint, *typing.get_args(hint))), str)
             option = click.option(*spellings, f.name, type=kind, default=f.default, show_default=True,
                                   help=help_text)

@@ -6,7 +6,7 @@ import dataclasses
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Literal, Optional, get_args
+from typing import Literal, Optional, Union, get_args
 
 from .constants import NORMALIZE_MODES, STATISTICS
 from .errors import RaygradError
@@ -14,7 +14,10 @@ from .errors import RaygradError
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B"
 AGGREGATE_KINDS = ("gradients", "values", "attribution", "hessian")
 DEFAULT_BATCH_SIZE = 4  # texts, the original scripts' default (used on a CPU)
-PACKED_SHARD_TEXTS = 256  # texts per shard when batches are packed by tokens
+GPU_SHARD_TOKENS = 1 << 20  # estimated target tokens per shard on a GPU worker (~1M)
+CPU_SHARD_TOKENS = 1 << 16  # on a CPU (64k): a shard of minutes, not hours
+SHARDS_PER_WORKER = 4  # at least, for a run small for its workers: work spreads, a lost worker costs little
+ALL = "all"  # --num-samples all: every usable text of the dataset
 
 
 def _opt(default, help: str, **extra):
@@ -26,7 +29,8 @@ class RunConfig:
     model: str = _opt(DEFAULT_MODEL, "Hub id, local directory, or the bundled 'smollm2-135m'.")
     target: Literal["mlp", "sae"] = _opt(
         "mlp", "Target space: 'mlp' = the hook site's dimensions; 'sae' = the features of an SAE on that site.")
-    num_samples: int = _opt(500, "Number of texts to aggregate over.")
+    num_samples: Union[int, Literal["all"]] = _opt(
+        500, "Number of texts to aggregate over: the first N usable texts of the dataset, or 'all'.")
     batch_size: Optional[str] = _opt(
         None, "Texts per forward/backward pass, or 'auto': texts sorted by length and packed to a token budget "
         "learned from the device's free memory. Default: auto on a GPU, 4 on a CPU.")
@@ -93,12 +97,15 @@ class RunConfig:
     checkpoint_seconds: float = _opt(
         30.0, "Seconds between checkpoints (the last shard always checkpoints); a kill loses at most this much "
         "finished work, plus the shards in flight.")
-    shard_size: Optional[int] = _opt(None, "Samples per shard (unit of work, retry and checkpoint); default 8 batches.")
+    shard_size: Optional[int] = _opt(
+        None, "Texts per shard (unit of work, retry and checkpoint); default a budget of estimated target tokens: "
+        "about 1M on a GPU, 64k on a CPU, and at least 4 shards per Ray worker.")
     seed: int = _opt(42, "Seed for torch, numpy and random.")
 
     def __post_init__(self) -> None:
         self._normalize_batch_size()
-        for name in ("num_samples", "min_chars", "position_stride", "hessian_probes"):
+        self._normalize_num_samples()
+        for name in ("min_chars", "position_stride", "hessian_probes"):
             value = getattr(self, name)
             low = 0 if name == "min_chars" else 1  # min_chars 0 keeps every non-empty text
             if not isinstance(value, int) or value < low:
@@ -167,6 +174,23 @@ class RunConfig:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
             raise RaygradError(f"--{_dash(name)} {value}: must be {allowed}")
 
+    def _normalize_num_samples(self) -> None:
+        """'all' stays; '8' (from the command line) becomes 8; anything else is refused."""
+        value = self.num_samples
+        if isinstance(value, str) and value.strip().lower() == ALL:
+            object.__setattr__(self, "num_samples", ALL)
+            return
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RaygradError(f"--num-samples {self.num_samples}: must be an integer >= 1 or 'all'")
+        object.__setattr__(self, "num_samples", value)
+
+    @property
+    def sample_limit(self) -> int | None:
+        """--num-samples as a count; None for all."""
+        return None if self.num_samples == ALL else self.num_samples
+
     def _normalize_batch_size(self) -> None:
         """'auto' stays; '8' (from the command line) becomes 8; anything else is refused."""
         value = self.batch_size
@@ -225,17 +249,9 @@ class RunConfig:
     def texts_per_batch(self) -> int:
         return self.batch_size if isinstance(self.batch_size, int) else DEFAULT_BATCH_SIZE
 
-    def samples_per_shard(self, batching: str, samples: int = 0, workers: int = 0) -> int:
-        """Default shard: 8 batches of texts; when packing, enough texts to pack
-        well (packing happens within a shard), but at least 4 shards per Ray
-        worker, so that work spreads and a lost worker costs little."""
-        if self.shard_size:
-            return self.shard_size
-        if batching == "texts":
-            return 8 * self.texts_per_batch()
-        if workers and samples:
-            return max(1, min(PACKED_SHARD_TEXTS, -(-samples // (4 * workers))))
-        return PACKED_SHARD_TEXTS
+    def shard_tokens(self, device: str) -> int:
+        """The default shard's budget of estimated target tokens on `device` (--shard-size overrides it)."""
+        return GPU_SHARD_TOKENS if device.startswith("cuda") else CPU_SHARD_TOKENS
 
     @property
     def consolidated_path(self) -> str | None:

@@ -1,13 +1,12 @@
-"""Texts to aggregate over: hub datasets, local files, the bundled corpus.
+"""What a usable text is, the bundled corpus, and a whole read of a source (tests, benchmarks).
 
-Every source yields plain strings; only texts longer than `min_chars`
-characters (after stripping) are kept, as the original scripts did.
+Only texts longer than `min_chars` characters (after stripping) are kept, as the
+original scripts did; sources.py reads each format, shards.py plans and reads shards.
 """
 
 from __future__ import annotations
 
 import ast
-import hashlib
 import inspect
 import logging
 import os
@@ -17,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import RaygradError, first_line
+from .errors import RaygradError
 
 log = logging.getLogger(__name__)
 
@@ -32,31 +31,27 @@ SKIP_NOT_TEXT = "not_text"  # null, missing, or a number/list in the text column
 REPLACED_BYTES = "undecodable_bytes"  # .txt lines with bytes that are not UTF-8: kept, decoded with U+FFFD
 
 
-def load_texts(dataset: str, num_samples: int, *, text_column: str = "text", config: str | None = None,
+def load_texts(dataset: str, num_samples: int | None, *, text_column: str = "text", config: str | None = None,
                split: str = "train", min_chars: int = 50, skipped: Counter | None = None,
                rows: list[int] | None = None) -> list[str]:
-    """Up to `num_samples` texts, in source order. Fewer means the source ran out.
+    """Up to `num_samples` texts (None: all), in source order, read whole: for tests and
+    benchmarks (a run plans shards and its workers read them, shards.py). Fewer means the
+    source ran out.
 
     `skipped` (if given) counts, among the rows read, those left out (SKIP_*) and
     those kept with replaced bytes (REPLACED_BYTES). `rows` (if given) receives each
     kept text's row: its 0-based index in the source as read, before any filtering."""
+    from .shards import usable_rows
+    from .sources import describe_source, scan
+
     skipped = Counter() if skipped is None else skipped
-    if dataset == BUNDLED_CORPUS:
-        source = stdlib_paragraphs()
-    elif _looks_local(dataset):
-        source = _local_texts(Path(dataset), text_column, skipped)
-    else:
-        source = _hub_texts(dataset, config or DEFAULT_CONFIGS.get(dataset), split, text_column)
+    source = describe_source(dataset, text_column, config, split, min_chars)
     texts = []
     rows = [] if rows is None else rows
-    for row, text in enumerate(source):
-        if not isinstance(text, str):
-            skipped[SKIP_NOT_TEXT] += 1
-        elif len(text.strip()) <= min_chars:
-            skipped[SKIP_SHORT] += 1
-        else:
+    for item, text in usable_rows(source, scan(source, skipped), skipped):
+        if text is not None:
             texts.append(text)
-            rows.append(row)
+            rows.append(item.row)
             if len(texts) == num_samples:
                 break
     if not texts:
@@ -66,29 +61,6 @@ def load_texts(dataset: str, num_samples: int, *, text_column: str = "text", con
     return texts
 
 
-def shard_fingerprints(texts: list[str], shards: list[tuple[int, int]]) -> list[str]:
-    """A short digest of each shard's texts, so a resume can tell that the dataset changed."""
-    return [_fingerprint(texts[start:stop]) for start, stop in shards]
-
-
-def first_changed_shard(texts: list[str], shards: list[tuple[int, int]], fingerprints: list[str]) -> int | None:
-    """The first shard whose texts differ from those the run was planned on (None: all equal;
-    a run saved without fingerprints is not checked)."""
-    for index, (fingerprint, now) in enumerate(zip(fingerprints, shard_fingerprints(texts, shards))):
-        if fingerprint != now:
-            return index
-    return None
-
-
-def _fingerprint(texts: list[str]) -> str:
-    h = hashlib.blake2b(digest_size=8)
-    for text in texts:
-        encoded = text.encode("utf-8", "surrogatepass")
-        h.update(len(encoded).to_bytes(8, "little"))  # lengths first: no two lists hash alike by concatenation
-        h.update(encoded)
-    return h.hexdigest()
-
-
 def absolute_if_local(dataset: str) -> str:
     """A local file or directory made absolute (a resumed run may start in another
     directory); a hub id or the bundled corpus as given."""
@@ -96,76 +68,7 @@ def absolute_if_local(dataset: str) -> str:
     return os.path.abspath(path) if dataset != BUNDLED_CORPUS and path.exists() else dataset
 
 
-def _looks_local(dataset: str) -> bool:
-    """A single file. A directory goes to `datasets.load_dataset` like a hub
-    repository (it reads a local dataset directory the same way)."""
-    path = Path(dataset).expanduser()
-    if path.is_file():
-        return True
-    return not path.is_dir() and (path.suffix.lower() in LOCAL_FORMATS or dataset.startswith((".", "/", "~")))
-
-
-def _local_texts(path: Path, text_column: str, skipped: Counter) -> Iterator[str]:
-    path = path.expanduser()
-    if not path.is_file():
-        raise RaygradError(f"--dataset {path}: no such file")
-    kind = LOCAL_FORMATS.get(path.suffix.lower())
-    if kind is None:
-        raise RaygradError(f"--dataset {path}: unknown file type; use one of {', '.join(LOCAL_FORMATS)}")
-    if kind == "text":  # one text per line, like wikitext's rows
-        return _text_lines(path, skipped)
-    import datasets
-
-    bars_were_on = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # "Generating train split" bars say nothing about a local file
-    try:
-        table = datasets.load_dataset(kind, data_files=str(path), split="train")
-    except Exception as err:  # the file is unreadable: report it as bad input
-        raise RaygradError(f"--dataset {path}: cannot be read as {kind} ({first_line(err)})") from None
-    finally:
-        if bars_were_on:
-            datasets.enable_progress_bars()
-    _check_column(str(path), text_column, table.column_names)
-    return iter(table[text_column])
-
-
-def _text_lines(path: Path, skipped: Counter) -> Iterator[str]:
-    """Lines of a text file as UTF-8; bytes that are not UTF-8 become U+FFFD (and are counted)
-    rather than stopping the run on one bad byte."""
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise RaygradError(f"--dataset {path}: cannot be read ({err.strerror})") from None
-    for raw in data.splitlines():
-        try:
-            yield raw.decode("utf-8")
-        except UnicodeDecodeError:
-            skipped[REPLACED_BYTES] += 1
-            yield raw.decode("utf-8", errors="replace")
-
-
-def _hub_texts(name: str, config: str | None, split: str, text_column: str) -> Iterator[str]:
-    from .hub import hub_offline, why_offline
-
-    if not Path(name).expanduser().is_dir() and hub_offline():
-        # streaming needs the hub; without this, datasets retries for half a minute
-        raise RaygradError(f"--dataset {name}: not a local file and could not be loaded from the hub "
-                           f"({why_offline()}); for the offline demo use --dataset stdlib-docs")
-    import datasets
-
-    try:
-        stream = datasets.load_dataset(name, config, split=split, streaming=True)
-        columns = stream.column_names or list(next(iter(stream)).keys())
-    except Exception as err:  # no network, unknown name or config: one line for the user
-        raise RaygradError(
-            f"--dataset {name}: not a local file and could not be loaded from the hub ({first_line(err)}); "
-            "for the offline demo use --dataset stdlib-docs"
-        ) from None
-    _check_column(name, text_column, columns)
-    return (row[text_column] for row in stream)
-
-
-def _check_column(dataset: str, column: str, columns: Iterable[str]) -> None:
+def check_column(dataset: str, column: str, columns: Iterable[str]) -> None:
     columns = list(columns)
     if column not in columns:
         raise RaygradError(f"--text-column {column}: not in dataset {dataset}; its columns are {', '.join(columns)}")

@@ -1,5 +1,6 @@
-"""The driver: plan, read the texts, run shards on the worker pool, reduce
-partial sums into the store, finalize, export."""
+"""The driver: plan (shards as row ranges, from one streaming pass over the dataset),
+run shards on the worker pool (each worker reads its own rows), reduce partial sums
+into the store, finalize, export. The driver never holds the texts."""
 
 from __future__ import annotations
 
@@ -8,20 +9,21 @@ import dataclasses
 import logging
 import tempfile
 import time
-from collections import Counter
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
 from . import constants as names
-from .config import RunConfig
-from .data import absolute_if_local, first_changed_shard, load_texts, shard_fingerprints
+from .config import SHARDS_PER_WORKER, RunConfig
+from .data import absolute_if_local
 from .errors import RaygradError
 from .lock import run_lock
 from .plan import Plan, make_plan, run_dir_name
 from .pool import WorkerPool
 from .reducer import Reducer
-from .revisions import check_unchanged
+from .revisions import check_unchanged, dataset_commit, model_commit
+from .shards import plan_shards
+from .sources import arrow_fingerprint, describe_source
 from .store import ResultStore
 
 log = logging.getLogger(__name__)
@@ -37,17 +39,15 @@ def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: boo
     config = dataclasses.replace(config, dataset=absolute_if_local(config.dataset))  # what --resume reads
     output_dir = Path(config.output_dir)
     _check_output_paths(config)
-    # Planning checks layers, sites and SAEs before Ray starts or weights load;
-    # the samples and shards follow once the texts are read.
+    # Planning checks layers, sites, SAEs and the dataset's file before Ray starts or weights
+    # load; the samples and shards follow from one pass over the dataset.
     plan = make_plan(config, 0)
+    source = describe_source(config.dataset, config.text_column, config.dataset_config, config.dataset_split,
+                             config.min_chars)
     with contextlib.ExitStack() as locked, WorkerPool(config, echo=echo) as pool:
         plan = plan.placed(config, pool.workers, pool.device)
-        pool.start_workers(plan, config.seed)  # Ray actors load their model while the texts are read
-        skipped, rows = Counter(), []
-        texts = _texts(config, echo, skipped, rows)
-        plan = dataclasses.replace(plan, samples=len(texts), skipped_texts=dict(skipped)).placed(
-            config, pool.workers, pool.device)
-        plan = dataclasses.replace(plan, shard_fingerprints=shard_fingerprints(texts, plan.shards))
+        pool.start_workers(plan, config.seed)  # Ray actors load their model while the shards are planned
+        plan = _plan_shards(plan, config, source, pool, echo)
         _check_memory(plan, pool)
         echo(plan.describe())
         run_dir = _new_run_dir(output_dir, run_dir_name(config, plan, datetime.now().strftime("%Y%m%d_%H%M%S")))
@@ -60,7 +60,7 @@ def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: boo
             )
         except OSError as err:
             raise RaygradError(f"--output-dir {output_dir}: cannot create the store ({_os_reason(err)})") from None
-        _execute(plan, config, texts, rows, store, pool, progress, time.perf_counter() - started, echo)
+        _execute(plan, config, store, pool, progress, time.perf_counter() - started, echo)
     return run_dir
 
 
@@ -97,19 +97,10 @@ def _resume(run_dir: Path, store_path: Path, execution: dict, echo, progress: bo
     config = dataclasses.replace(config, **execution)
     saved = Plan.from_dict(store.attrs[names.ATTR_PLAN])
     check_unchanged(saved, "resuming")  # the pinned model and SAEs, before the dataset is read
-    rows = []
-    texts = _texts(config, echo, rows=rows)
-    if len(texts) != saved.samples:
-        raise RaygradError(
-            f"--resume {run_dir}: the dataset now yields {len(texts)} texts, the run was planned on {saved.samples}"
-        )
-    changed = first_changed_shard(texts, saved.shards, saved.shard_fingerprints)
-    if changed is not None:
-        start, stop = saved.shards[changed]
-        raise RaygradError(
-            f"--resume {run_dir}: the dataset changed since the run started (shard {changed}, texts {start}-"
-            f"{stop - 1}, differs); resuming would mix two datasets: start a new run"
-        )
+    if saved.source is None:
+        raise RaygradError(f"--resume {run_dir}: planned by an older raygrad, whose shards held texts rather than "
+                           "rows of the dataset; start a new run")
+    # The dataset is not read here: each worker checks its shard's rows against the plan's fingerprint.
     # Shards and batching stay as saved (the store counts those shards); where they run may change.
     workers = execution.get("workers", None if "address" in execution else saved.workers)
     with WorkerPool(config, workers, echo=echo) as pool:
@@ -119,7 +110,7 @@ def _resume(run_dir: Path, store_path: Path, execution: dict, echo, progress: bo
         _, done = store.totals()
         echo(plan.describe())
         echo(f"resuming {run_dir}: {int(done.sum())} of {len(done)} shards already done")
-        _execute(plan, config, texts, rows, store, pool, progress, time.perf_counter() - started, echo)
+        _execute(plan, config, store, pool, progress, time.perf_counter() - started, echo)
     return Path(run_dir)
 
 
@@ -193,23 +184,41 @@ def _check_memory(plan: Plan, pool: WorkerPool) -> None:
         raise RaygradError(problem)
 
 
-def _texts(config: RunConfig, echo, skipped: Counter | None = None, rows: list[int] | None = None) -> list[str]:
-    texts = load_texts(config.dataset, config.num_samples, text_column=config.text_column,
-                       config=config.dataset_config, split=config.dataset_split, min_chars=config.min_chars,
-                       skipped=skipped, rows=rows)
-    if len(texts) < config.num_samples:
-        echo(f"warning: --num-samples {config.num_samples}: the dataset has only {len(texts)} texts "
-             f"longer than {config.min_chars} characters; going on with {len(texts)}")
-    return texts
+def _plan_shards(plan: Plan, config: RunConfig, source: dict, pool: WorkerPool, echo) -> Plan:
+    """The plan with its shards: one streaming pass over the dataset (shards.py), sized for this pool."""
+    if source["kind"] == "datasets":  # every node reads the pinned commit; `datasets` fingerprints its cache
+        source = {**source, "revision": dataset_commit(plan)}
+        source["fingerprint"] = arrow_fingerprint(source)
+    layout = plan_shards(source, config.sample_limit, _tokenizer(plan), config.max_length,
+                         shard_texts=config.shard_size, token_budget=config.shard_tokens(pool.device),
+                         min_shards=SHARDS_PER_WORKER * pool.workers)
+    if config.sample_limit and layout.samples < config.sample_limit:
+        echo(f"warning: --num-samples {config.num_samples}: the dataset has only {layout.samples} texts "
+             f"longer than {config.min_chars} characters; going on with {layout.samples}")
+    return dataclasses.replace(plan, samples=layout.samples, skipped_texts=layout.skipped, shards=layout.shards,
+                               source=source, tokens_per_char=layout.tokens_per_char)
 
 
-def _execute(plan: Plan, config: RunConfig, texts: list[str], rows: list[int], store: ResultStore,
-             pool: WorkerPool, progress: bool, plan_seconds: float, echo) -> None:
+def _tokenizer(plan: Plan):
+    """The model's tokenizer alone (no weights): the shards' token estimates."""
+    from transformers import AutoTokenizer
+
+    from .hub import load_error
+    from .models import _hub_options
+
+    try:
+        return AutoTokenizer.from_pretrained(plan.model_path, **_hub_options(plan.model_path, model_commit(plan)))
+    except OSError as err:
+        raise RaygradError(load_error("--model", plan.model, err)) from None
+
+
+def _execute(plan: Plan, config: RunConfig, store: ResultStore, pool: WorkerPool, progress: bool,
+             plan_seconds: float, echo) -> None:
     reducer = Reducer(store, config.checkpoint_seconds, progress)
     resume_hint = f"continue with: raygrad run --resume {store.run_dir}"
     try:
-        # each shard: its texts and their dataset rows (which key the Hessian's probes)
-        work = [(i, texts[slice(*plan.shards[i])], rows[slice(*plan.shards[i])]) for i in reducer.todo]
+        # each shard a reference, (number, source, row range): its worker reads the rows
+        work = [(i, plan.source, plan.shards[i]) for i in reducer.todo]
         for result in pool.map(work):
             reducer.add(result)
     except BaseException as err:  # a failed shard, Ctrl-C, no workers: keep what finished, say how to go on

@@ -15,6 +15,7 @@ from .config import RunConfig, parse_layer_spec
 from .memory import weight_sae_token_bytes
 from .models import BUNDLED_MODELS, family_of, load_model_config, resolve_hook_sites, resolve_model_path, text_config
 from .revisions import describe_pins, model_commit, pin_dataset, pin_model, pin_saes
+from .shards import Shard
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,9 @@ class Plan:
     hook_site: str
     module_paths: list[str]  # one per selected layer
     width: int  # dimensions per layer of the target space (SAE features for target sae)
-    samples_requested: int
-    samples: int  # texts found (may be fewer than requested)
-    shards: list[tuple[int, int]]  # [start, stop) sample ranges
+    samples_requested: int | str  # --num-samples: a count or 'all'
+    samples: int  # usable texts found (may be fewer than requested)
+    shards: list[Shard]  # references: row ranges of `source` (shards.py), never the texts
     workers: int  # 0 = in-process
     device: str
     dtype: str
@@ -54,7 +55,8 @@ class Plan:
     weight_bytes: int = 0  # estimates before loading (memory.py): the weights, all SAEs,
     sae_bytes: int = 0
     token_bytes: int = 0  # and the activations kept per token of a batch
-    shard_fingerprints: list[str] = dataclasses.field(default_factory=list)  # digest of each shard's texts
+    source: dict | None = None  # the dataset as sources.py reads it: kind, path, text column, split, --min-chars
+    tokens_per_char: float = 0.0  # the tokenizer's, on the first texts: shards' token estimates
     skipped_texts: dict[str, int] = dataclasses.field(default_factory=dict)  # data.SKIP_* -> rows left out
     # What was computed, pinned when the plan was made (revisions.py): workers and resumes load exactly these.
     model_revision: dict | None = None  # hub commit, local directory digest, or bundled package version
@@ -104,13 +106,11 @@ class Plan:
         """This plan on `workers` workers of `device`: the batching (auto on a
         GPU unless asked otherwise) and the shards that follow from it."""
         batching = config.batching(device)
-        step = config.samples_per_shard(batching, self.samples, workers)
         return dataclasses.replace(
             self, workers=workers, device=device, device_request=config.device, allow_offload=config.allow_offload,
             batching=batching, sae_layers_per_pass=config.sae_layers_per_pass,
             batch_size=config.texts_per_batch() if batching == "texts" else None,
             tokens_per_batch=config.tokens_per_batch,
-            shards=[(start, min(start + step, self.samples)) for start in range(0, self.samples, step)],
         )
 
     def batch_label(self) -> str:
@@ -162,7 +162,8 @@ class Plan:
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
         data = dict(data)
-        data["shards"] = [tuple(s) for s in data["shards"]]
+        data["shards"] = [Shard.from_dict(s) for s in data["shards"]]
+        data.pop("shard_fingerprints", None)  # an older raygrad's; shards carry their own now
         data["aggregate_by"] = tuple(data.get("aggregate_by", ("gradients",)))
         data["warnings"] = tuple(data.get("warnings", ()))
         return cls(**data)
@@ -182,12 +183,20 @@ class Plan:
             f"samples  {self.samples} (requested {self.samples_requested}), "
             f"{self._batch_text()}, max {self.max_length} tokens",
             *([f"skipped  {self._skipped_text()}"] if self.skipped_texts else []),
-            f"shards   {len(self.shards)} of <= {self.shards[0][1] - self.shards[0][0]} samples",
+            f"shards   {self._shards_text()}",
             f"workers  {self._workers_text()}",
             *([f"memory   {self.memory().describe()}"] if self.weight_bytes else []),
             *describe_pins(self),
             *(f"warning: {text}" for text in self.warnings),
         ])
+
+    def _shards_text(self) -> str:
+        if not self.shards:
+            return "planned from the dataset when the run starts"
+        tokens = sum(shard.est_tokens for shard in self.shards)
+        return (f"{len(self.shards)}, each <= {max(shard.texts for shard in self.shards)} samples and about "
+                f"{_count(max(shard.est_tokens for shard in self.shards))} target tokens ({_count(tokens)} in all, "
+                f"estimated at {self.tokens_per_char:.3f} tokens per character)")
 
     def _skipped_text(self) -> str:
         from .data import REPLACED_BYTES, SKIP_NOT_TEXT, SKIP_SHORT
@@ -318,6 +327,14 @@ def run_dir_name(config: RunConfig, plan: Plan, timestamp: str) -> str:
         f"{prefix}_model_{model}_num_samples_{plan.samples}_batch_size_{plan.batch_label()}"
         f"_layers_{_compact(plan.layers).replace(',', '_')}_{timestamp}"
     )
+
+
+def _count(n: int) -> str:
+    """1234 -> '1.2k', 1234567 -> '1.2M'."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
 
 
 def _compact(layers: list[int]) -> str:

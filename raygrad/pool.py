@@ -97,8 +97,13 @@ class RemoteWorker:
     the driver reports as the run's error (a failing constructor would look like
     a lost node and be retried)."""
 
+    # Threaded (max_concurrency=2): the next shard is read and tokenized while this one computes;
+    # computing is one shard at a time.
+
     def __init__(self, plan: Plan, seed: int):
         self.plan, self.seed, self.runner = plan, seed, None
+        self._loading = threading.Lock()  # one ShardRunner, however many calls arrive at once
+        self._computing = threading.Lock()
 
     def placed(self) -> tuple[str, str]:
         """-> (its node, its process): Ray's worker id names the process, a new one after each restart."""
@@ -111,13 +116,17 @@ class RemoteWorker:
         runner = self._runner()
         return {"device": str(runner.device), "load_seconds": runner.load_seconds, "sae_groups": runner.sae_groups}
 
-    def run(self, shard: int, texts: list[str], rows: list[int] | None = None) -> ShardResult:
-        return self._runner().run(shard, texts, rows)
+    def run(self, shard: int, source: dict, ref) -> ShardResult:
+        runner = self._runner()
+        prepared = runner.prepare(shard, source, ref)  # beside the shard computing now, if any
+        with self._computing:
+            return runner.compute(prepared)
 
     def _runner(self) -> ShardRunner:
-        if self.runner is None:  # also after Ray restarted this actor
-            self.runner = ShardRunner(self.plan, self.seed)
-        return self.runner
+        with self._loading:
+            if self.runner is None:  # also after Ray restarted this actor
+                self.runner = ShardRunner(self.plan, self.seed)
+            return self.runner
 
 
 class WorkerPool:
@@ -270,6 +279,7 @@ class WorkerPool:
         # re-runs a call, so no shard can come back twice.
         actor = ray.remote(RemoteWorker).options(
             num_gpus=self.gpus_per_worker, num_cpus=self.cpus_per_worker, max_restarts=2, max_task_retries=0,
+            max_concurrency=2,  # a shard read ahead while one computes (RemoteWorker)
         ).remote(self.plan, self.seed)
         return actor
 
@@ -288,14 +298,15 @@ class WorkerPool:
 
     # --- running shards
 
-    def map(self, work: list[tuple[int, list[str], list[int]]]) -> Iterator[ShardResult]:
+    def map(self, work: list[tuple]) -> Iterator[ShardResult]:
+        """`work`: (shard number, source, shards.Shard) each, references a worker reads; never texts."""
         if not work:
             return
         if self.workers == 0:
             runner = ShardRunner(self.plan, self.seed)
             self.worker_devices["in-process"] = str(runner.device)
             self._say_sae_passes("this process", runner.sae_groups)
-            for item in work:  # (shard, texts, rows)
+            for item in work:
                 yield runner.run(*item)
             return
         yield from self._elastic_map(deque(work))
@@ -595,9 +606,9 @@ def _restore_cluster_setting(environment_value: str | None, constant: bool) -> N
 
 
 def _shard_keeps_killing_line(item: tuple, losses: int, err: BaseException) -> str:
-    shard, texts = item[0], item[1]
-    longest = max((len(text) for text in texts), default=0)
-    return (f"shard {shard} ({len(texts)} texts, the longest {longest} characters) lost its worker {losses} times "
+    shard, ref = item[0], item[-1]
+    return (f"shard {shard} ({ref.texts} texts, {ref.rows_text()}, about {ref.est_tokens} target tokens) lost its "
+            f"worker {losses} times "
             f"(last: {first_line(err)}); a worker that dies on the same shard is likely out of host or GPU "
             "memory: use a smaller --batch-size or --tokens-per-batch, a shorter --max-length, or workers with "
             "more memory, then resume")

@@ -1,4 +1,5 @@
-"""ShardRunner: loads the model once, then turns shards of texts into Partials.
+"""ShardRunner: loads the model once, then turns shards into Partials: it reads
+each shard's rows itself (`prepare`: read, filter, check, tokenize), then computes.
 
 It knows nothing about Ray; engine.py wraps it in a Ray actor unchanged,
 and `--workers 0` calls it in-process. `ShardComputer` is the loop itself,
@@ -7,6 +8,7 @@ over a model that is already loaded (the GPU benchmark builds its own)."""
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from .memory import sae_layer_groups
 from .models import device_placement, execution_device, input_device, load_model_and_tokenizer, pick_device
 from .plan import Plan, sae_load_kwargs
 from .revisions import check_unchanged, model_commit, sae_commit
+from .shards import Shard, check_fingerprint, read_rows
 
 SAE_HEADROOM = 0.1  # of the GPU's memory kept free when deciding how many SAEs fit (allocator slack)
 
@@ -32,6 +35,16 @@ class ShardResult:
     seconds: float  # wall time of the shard on its worker
     worker_load_seconds: float  # how long this worker took to load its model
     batch_tokens: int = 0  # the token budget per batch at the end of the shard (0: fixed text counts)
+    read_seconds: float = 0.0  # reading, filtering and tokenizing its rows (overlaps the previous shard on Ray)
+
+
+@dataclass
+class PreparedShard:
+    """A shard read and tokenized, waiting for the model."""
+    shard: int
+    token_ids: list[list[int]]
+    rows: list[int]  # each text's dataset row
+    read_seconds: float
 
 
 def batch_sizer(plan: Plan, device: torch.device) -> BatchSizer:
@@ -60,11 +73,16 @@ class ShardComputer:
         self.groups = sae_groups or [list(range(len(modules)))]
         self.sae_devices = sae_devices
 
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+
     def compute(self, texts: list[str], rows: list[int] | None = None) -> Partial:
         """`rows`: each text's dataset row (default 0, 1, ...); with the layer and the run's seed it
         keys the Hessian's probes, so a text draws the same ones in any shard, batch or retry."""
-        token_ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
-        rows = list(range(len(texts))) if rows is None else list(rows)
+        return self.compute_tokens(self.tokenize(texts), rows)
+
+    def compute_tokens(self, token_ids: list[list[int]], rows: list[int] | None = None) -> Partial:
+        rows = list(range(len(token_ids))) if rows is None else list(rows)
         if len(self.groups) == 1:
             return self._compute_rows(token_ids, rows, self.groups[0]).to_partial()
         acc = DeviceAccumulator(len(self.modules), self.prefixes, self.device, self.layer_sums)
@@ -177,15 +195,31 @@ class ShardRunner:
         self.computer = ShardComputer(self.model, self.tokenizer, self.modules, plan.prefixes, aggregation,
                                       batch_sizer(plan, self.device), plan.max_length, self.device, self.saes,
                                       self.sae_groups, self.layer_devices, plan.layer_sums, plan.layers)
+        self._tokenizing = threading.Lock()  # a fast tokenizer refuses two threads at once ("Already borrowed")
         self.load_seconds = time.perf_counter() - started
 
-    def run(self, shard: int, texts: list[str], rows: list[int] | None = None) -> ShardResult:
-        """`rows`: the texts' dataset rows (they key the Hessian's probes; default 0, 1, ...)."""
+    def run(self, shard: int, source: dict, ref: Shard) -> ShardResult:
+        """Shard number `shard`: the rows `ref` of `source`, read here."""
+        return self.compute(self.prepare(shard, source, ref))
+
+    def prepare(self, shard: int, source: dict, ref: Shard) -> PreparedShard:
+        """Read, filter and tokenize the shard's rows; a dataset that no longer holds the rows the run
+        was planned on stops the run here, before anything of the shard is computed. Safe beside a
+        `compute` in another thread (the tokenizer is used by one thread at a time)."""
         started = time.perf_counter()
-        partial = self.computer.compute(texts, rows)
+        texts, rows, fingerprint = read_rows(source, ref)
+        check_fingerprint(shard, ref, fingerprint)
+        with self._tokenizing:
+            token_ids = self.computer.tokenize(texts)
+        return PreparedShard(shard, token_ids, rows, time.perf_counter() - started)
+
+    def compute(self, prepared: PreparedShard) -> ShardResult:
+        """Rows key the Hessian's probes, so a text draws the same ones in any shard or batch."""
+        started = time.perf_counter()
+        partial = self.computer.compute_tokens(prepared.token_ids, prepared.rows)
         sizer = self.computer.sizer
-        return ShardResult(shard, partial, time.perf_counter() - started, self.load_seconds,
-                           sizer.tokens if sizer.mode != "texts" else 0)
+        return ShardResult(prepared.shard, partial, time.perf_counter() - started, self.load_seconds,
+                           sizer.tokens if sizer.mode != "texts" else 0, prepared.read_seconds)
 
     def _sae_groups(self, plan: Plan, placement: dict | None) -> list[list[int]]:
         """The layers of each forward+backward: as asked, or as many SAEs as this worker's GPU

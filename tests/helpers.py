@@ -87,11 +87,11 @@ def killed_run(config: RunConfig, dies_at_call: int) -> Path:
 
     real_run, calls = ShardRunner.run, []
 
-    def dies(self, shard, texts, rows=None):
+    def dies(self, shard, *args):
         calls.append(shard)
         if len(calls) == dies_at_call:
             raise KeyboardInterrupt
-        return real_run(self, shard, texts, rows)
+        return real_run(self, shard, *args)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ShardRunner, "run", dies)

@@ -200,7 +200,7 @@ def test_a_dataset_changed_before_resume_is_refused(tiny_llama, tmp_path, capsys
     path.write_text("\n".join(edited) + "\n")
     before = tree_digest(run_dir)
     code, _, err = run_cli(["run", "--resume", str(run_dir), "--no-progress"], capsys, monkeypatch)
-    one_line(code, err, "the dataset changed since the run started (shard 2, texts 2-2, differs)")
+    one_line(code, err, "the dataset changed since the run was planned: shard 2, rows 2-2 differ")
     assert tree_digest(run_dir) == before
 
 

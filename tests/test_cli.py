@@ -70,7 +70,7 @@ def test_bad_option_value_in_a_subprocess_is_one_line(tmp_path):
     (["--gpus-per-worker", "-1"], "--gpus-per-worker -1: must be an integer >= 0"),
     (["--gpus-per-worker", "0", "--device", "cuda"], "--gpus-per-worker 0: workers would see no GPU"),
     (["--max-length", "1"], "--max-length 1: must be >= 2"),
-    (["--num-samples", "many"], "'many' is not a valid integer"),
+    (["--num-samples", "many"], "--num-samples many: must be an integer >= 1 or 'all'"),
     (["--device", "gpu"], "'gpu' is not one of 'auto', 'cuda', 'cpu'"),
     (["--workers", "-1"], "--workers -1: must be >= 0"),
 ])

@@ -43,11 +43,11 @@ def assert_same_counts_and_close_sums(got, expected):
 class SlowWorker(RemoteWorker):
     """A worker whose shards take a second: the other worker is up and busy when a node is removed."""
 
-    def run(self, shard, texts, rows=None):
+    def run(self, shard, *args):
         import time
 
         time.sleep(1.0)
-        return super().run(shard, texts, rows)
+        return super().run(shard, *args)
 
 
 class SlowLoadingWorker(RemoteWorker):
@@ -64,12 +64,12 @@ class SlowLoadingWorker(RemoteWorker):
 class DiesOnShardZero(RemoteWorker):
     """A worker whose process dies on shard 0 every time, as one out of host memory on a long text would."""
 
-    def run(self, shard, texts, rows=None):
+    def run(self, shard, *args):
         if shard == 0:
             import os
 
             os._exit(1)
-        return super().run(shard, texts, rows)
+        return super().run(shard, *args)
 
 
 def remembered_pools(monkeypatch) -> list:
@@ -169,10 +169,10 @@ def test_resume_refuses_an_option_that_changes_what_is_computed(tiny_llama, text
 
     real_run = ShardRunner.run
 
-    def dies_on_second_shard(self, shard, texts, rows=None):
+    def dies_on_second_shard(self, shard, *args):
         if shard == 1:
             raise KeyboardInterrupt
-        return real_run(self, shard, texts, rows)
+        return real_run(self, shard, *args)
 
     monkeypatch.setattr(ShardRunner, "run", dies_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
@@ -272,7 +272,8 @@ def test_a_shard_that_keeps_killing_its_worker_stops_the_run(tiny_llama, texts_f
     said = []
     config = build_config(tiny_llama, texts_file, tmp_path, workers=1, shard_size=1, num_samples=3)
     try:
-        with pytest.raises(RaygradError, match=r"^shard 0 \(1 texts, the longest \d+ characters\) lost its worker 3 "
+        with pytest.raises(RaygradError, match=r"^shard 0 \(1 texts, rows \d+-\d+, about \d+ target tokens\) lost its "
+                                               r"worker 3 "
                                                r"times \(last: .*\); a worker that dies on the same shard"):
             engine.run(config, echo=said.append, progress=False)
     finally:

@@ -28,11 +28,11 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_llama, texts_file, 
 
     real_run, calls = ShardRunner.run, []
 
-    def dies_on_fourth_shard(self, shard, texts, rows=None):
+    def dies_on_fourth_shard(self, shard, *args):
         calls.append(shard)
         if len(calls) == 4:
             raise KeyboardInterrupt  # as if the process were killed mid-run
-        return real_run(self, shard, texts, rows)
+        return real_run(self, shard, *args)
 
     monkeypatch.setattr(ShardRunner, "run", dies_on_fourth_shard)
     config = build_config(tiny_llama, texts_file, tmp_path / "killed", shard_size=1, checkpoint_seconds=0)
@@ -78,11 +78,11 @@ def test_resume_refuses_a_complete_run(tiny_llama, texts_file, tmp_path):
 def test_a_failing_shard_stops_the_run_and_keeps_finished_shards(tiny_llama, texts_file, tmp_path, monkeypatch):
     real_run, calls, said = ShardRunner.run, [], []
 
-    def fails_on_third_shard(self, shard, texts, rows=None):
+    def fails_on_third_shard(self, shard, *args):
         calls.append(shard)
         if len(calls) == 3:
             raise RuntimeError("CUDA out of memory")
-        return real_run(self, shard, texts, rows)
+        return real_run(self, shard, *args)
 
     monkeypatch.setattr(ShardRunner, "run", fails_on_third_shard)
     config = build_config(tiny_llama, texts_file, tmp_path, shard_size=2)
@@ -312,14 +312,19 @@ def test_a_request_this_machine_cannot_meet_stops_the_ray_it_started(tiny_llama,
 
 def test_the_pool_maps_twice_with_the_same_workers(tiny_llama, texts_file, tmp_path, ray_session):
     """Workers that came up for one map serve the next (a library caller may map in parts)."""
+    from transformers import AutoTokenizer
+
     from raygrad.plan import make_plan
     from raygrad.pool import WorkerPool
+    from raygrad.shards import plan_shards
+    from raygrad.sources import describe_source
 
     config = build_config(tiny_llama, texts_file, tmp_path, workers=1, worker_timeout=30)
-    texts = [line for line in texts_file.read_text().splitlines() if len(line) > 50][:2]
+    source = describe_source(str(texts_file))
+    shards = plan_shards(source, 2, AutoTokenizer.from_pretrained(tiny_llama), 24, shard_texts=1).shards
     with WorkerPool(config) as pool:
-        plan = make_plan(config, len(texts)).placed(config, pool.workers, pool.device)
+        plan = make_plan(config, 2).placed(config, pool.workers, pool.device)
         pool.start_workers(plan, config.seed)
-        first = [result.shard for result in pool.map([(0, texts[:1])])]
-        second = [result.shard for result in pool.map([(1, texts[1:])])]
+        first = [result.shard for result in pool.map([(0, source, shards[0])])]
+        second = [result.shard for result in pool.map([(1, source, shards[1])])]
     assert first == [0] and second == [1]

@@ -11,13 +11,14 @@ from test_pool_losses import World
 from raygrad import pool as pool_module
 from raygrad.config import RunConfig
 from raygrad.pool import WorkerPool
+from raygrad.shards import Shard
 
 
 def run_pool(world: World, shards: int, workers: int) -> tuple[WorkerPool, list]:
     pool = WorkerPool(RunConfig(workers=workers), echo=world.said.append)
     pool.workers = workers
     pool.start_workers(SimpleNamespace(sae_layers_per_pass=None, layers=[]), seed=0)
-    results = list(pool.map([(shard, [f"text {shard}"]) for shard in range(shards)]))
+    results = list(pool.map([(shard, None, Shard(shard, shard + 1, 1, 6, "")) for shard in range(shards)]))
     return pool, results
 
 

@@ -17,6 +17,7 @@ from raygrad import pool as pool_module
 from raygrad.config import RunConfig
 from raygrad.errors import RaygradError
 from raygrad.pool import RESTART_POLL_SECONDS, WorkerPool
+from raygrad.shards import Shard
 
 REPLY_SECONDS = 0.001  # a call to an actor that is not up fails this fast
 PLACED_SECONDS = 0.01
@@ -159,7 +160,7 @@ class World:
         pool.workers = workers
         pool.start_workers(SimpleNamespace(sae_layers_per_pass=None, layers=[]), seed=0)
         return [(result.shard, self.clock.now - result.ready_at)
-                for result in pool.map([(shard, [f"text {shard}"]) for shard in range(shards)])]
+                for result in pool.map([(shard, None, Shard(shard, shard + 1, 1, 6, "")) for shard in range(shards)])]
 
     def lost_lines(self, shard: int) -> list[str]:
         return [line for line in self.said if line.startswith(f"worker lost during shard {shard} ")]
@@ -220,7 +221,7 @@ def test_a_shard_that_kills_every_worker_still_stops_at_three_losses(monkeypatch
     """Ray says ActorUnavailableError for the first two deaths (restarts left), ActorDiedError for the
     third: each is a process that started the shard, so the third stops the run."""
     world = World(monkeypatch, [dict(name="only", max_restarts=2)], fates={0: ["kill"] * 9})
-    with pytest.raises(RaygradError, match=r"^shard 0 \(1 texts, the longest 6 characters\) lost its worker 3 times"):
+    with pytest.raises(RaygradError, match=r"^shard 0 \(1 texts, rows 0-0, about 6 target tokens\) lost its worker 3"):
         world.run_shards(2, workers=1)
     assert len(world.lost_lines(0)) == 2 and not world.killed
 

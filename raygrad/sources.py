@@ -1,0 +1,375 @@
+"""Dataset formats, read as rows: one streaming pass over all of them (for planning),
+or one row range (a shard, read by a worker).
+
+A source is plain data (a dict, saved in the plan): {"kind", "path", "text_column",
+"config", "split", "min_chars"}. A row is a record of the dataset as read, numbered
+from 0 before any filtering; its value is what the text column holds (any type:
+the filter in shards.py decides what is usable). Line formats (.txt, .jsonl, .csv)
+also give each row's byte span, so a shard records where its rows start and a
+worker seeks there.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .data import BUNDLED_CORPUS, DEFAULT_CONFIGS, LOCAL_FORMATS, REPLACED_BYTES, check_column, stdlib_paragraphs
+from .errors import RaygradError, first_line
+
+MISSING = object()  # a row without the text column (a JSON object without the key, a short CSV record)
+_PARQUET_BATCH = 8192  # rows per batch read from a parquet file or an Arrow dataset
+
+
+@dataclass(frozen=True)
+class Row:
+    row: int
+    value: object
+    byte_start: int | None = None  # the row's span in the file, for line formats
+    byte_stop: int | None = None
+
+
+@dataclass(frozen=True)
+class Format:
+    scan: Callable[[dict, Counter], Iterator[Row]]  # every row from the start, in order
+    read: Callable[[dict, object, Counter], Iterator[Row]]  # the rows of one shard (row and byte range)
+    size_hint: Callable[[dict], tuple[str, int] | None]  # ("rows" | "bytes", n) when known without reading
+
+
+FORMATS: dict[str, Format] = {}
+
+
+def register_format(kind: str, fmt: Format) -> None:
+    if kind in FORMATS:
+        raise ValueError(f"format {kind!r} is already registered")
+    FORMATS[kind] = fmt
+
+
+def describe_source(dataset: str, text_column: str = "text", config: str | None = None, split: str = "train",
+                    min_chars: int = 50) -> dict:
+    """The source a run reads, as plain data; a local file is checked here (exists, known type)."""
+    source = {"path": dataset, "text_column": text_column, "config": config, "split": split, "min_chars": min_chars}
+    if dataset == BUNDLED_CORPUS:
+        return {**source, "kind": "bundled"}
+    path = Path(dataset).expanduser()
+    if path.is_dir() or not _looks_local(dataset):
+        return {**source, "kind": "datasets", "config": config or DEFAULT_CONFIGS.get(dataset)}
+    if not path.is_file():
+        raise RaygradError(f"--dataset {path}: no such file")
+    kind = LOCAL_FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise RaygradError(f"--dataset {path}: unknown file type; use one of {', '.join(LOCAL_FORMATS)}")
+    return {**source, "kind": kind, "path": str(path)}
+
+
+def _looks_local(dataset: str) -> bool:
+    path = Path(dataset).expanduser()
+    return path.is_file() or path.suffix.lower() in LOCAL_FORMATS or dataset.startswith((".", "/", "~"))
+
+
+def scan(source: dict, counts: Counter) -> Iterator[Row]:
+    return FORMATS[source["kind"]].scan(source, counts)
+
+
+def read(source: dict, shard, counts: Counter) -> Iterator[Row]:
+    return FORMATS[source["kind"]].read(source, shard, counts)
+
+
+def size_hint(source: dict) -> tuple[str, int] | None:
+    return FORMATS[source["kind"]].size_hint(source)
+
+
+# --- line formats: .txt, .jsonl/.json, .csv
+
+def _open(source: dict):
+    try:
+        return open(source["path"], "rb")
+    except OSError as err:
+        raise RaygradError(f"--dataset {source['path']}: cannot be read ({err.strerror})") from None
+
+
+def _lines(handle, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """(offset, line with its newline) from byte `start` to `stop` (exclusive)."""
+    handle.seek(start)
+    offset = start
+    for raw in handle:
+        if stop is not None and offset >= stop:
+            return
+        yield offset, raw
+        offset += len(raw)
+
+
+def _decode(raw: bytes, counts: Counter) -> str:
+    """UTF-8; bytes that are not become U+FFFD (counted) rather than stopping the run on one bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        counts[REPLACED_BYTES] += 1
+        return raw.decode("utf-8", errors="replace")
+
+
+def _strip_newline(raw: bytes) -> bytes:
+    return raw[:-2] if raw.endswith(b"\r\n") else raw[:-1] if raw.endswith(b"\n") else raw
+
+
+def _text_rows(source: dict, counts: Counter, start: int = 0, stop: int | None = None,
+               row: int = 0) -> Iterator[Row]:
+    """One text per line, every line a row (blank ones are too short to use)."""
+    with _open(source) as handle:
+        for offset, raw in _lines(handle, start, stop):
+            yield Row(row, _decode(_strip_newline(raw), counts), offset, offset + len(raw))
+            row += 1
+
+
+def _json_rows(source: dict, counts: Counter, start: int = 0, stop: int | None = None,
+               row: int = 0) -> Iterator[Row]:
+    """One JSON object per line; blank lines are not rows (as `datasets` reads JSON Lines)."""
+    column = source["text_column"]
+    with _open(source) as handle:
+        for offset, raw in _lines(handle, start, stop):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except ValueError as err:
+                raise RaygradError(f"--dataset {source['path']}: the line at byte {offset} is not one JSON object "
+                                   f"({first_line(err)}); a .json/.jsonl file holds one object per line") from None
+            value = record.get(column, MISSING) if isinstance(record, dict) else MISSING
+            yield Row(row, value, offset, offset + len(raw))
+            row += 1
+
+
+def _scan_json(source: dict, counts: Counter) -> Iterator[Row]:
+    """Every row; a column that no row has is refused when the pass ends."""
+    found = False
+    for item in _json_rows(source, counts):
+        found = found or item.value is not MISSING
+        yield item
+    keys = None if found else _first_keys(source)
+    if keys:
+        check_column(source["path"], source["text_column"], keys)
+
+
+def _first_keys(source: dict) -> list[str] | None:
+    with _open(source) as handle:
+        for raw in handle:
+            if raw.strip():
+                try:
+                    record = json.loads(raw)
+                except ValueError:
+                    return None
+                return list(record) if isinstance(record, dict) else None
+    return None
+
+
+def _csv_records(handle, start: int, stop: int | None) -> Iterator[tuple[int, int, bytes]]:
+    """(start, stop, bytes) of each CSV record: a newline ends a record only where the
+    quotes in the record so far are balanced (a quoted field may hold newlines)."""
+    begin, parts, quotes = None, [], 0
+    for offset, raw in _lines(handle, start, stop):
+        if begin is None:
+            begin = offset
+        parts.append(raw)
+        quotes += raw.count(b'"')
+        if quotes % 2 == 0:
+            yield begin, offset + len(raw), b"".join(parts)
+            begin, parts, quotes = None, [], 0
+    if parts:  # an unclosed quote at the end of the file: csv reads the rest as one field
+        yield begin, begin + sum(map(len, parts)), b"".join(parts)
+
+
+def _parse_csv(raw: bytes, counts: Counter) -> list[str]:
+    return next(csv.reader(io.StringIO(_decode(raw, counts), newline="")), [])
+
+
+def _csv_column(source: dict) -> tuple[int, int]:
+    """-> (the text column's index in the header, the byte where the records start)."""
+    with _open(source) as handle:
+        for _, stop, raw in _csv_records(handle, 0, None):
+            header = _parse_csv(raw, Counter())
+            if not header:
+                continue
+            check_column(source["path"], source["text_column"], header)
+            return header.index(source["text_column"]), stop
+    raise RaygradError(f"--dataset {source['path']}: an empty CSV file (no header)")
+
+
+def _csv_value(fields: list[str], index: int):
+    """As pandas reads a cell: an empty one is null, a number is not text."""
+    if index >= len(fields) or fields[index] == "":
+        return MISSING
+    value = fields[index]
+    try:
+        float(value)
+    except ValueError:
+        return value
+    return None
+
+
+def _csv_rows(source: dict, counts: Counter, start: int | None = None, stop: int | None = None,
+              row: int = 0) -> Iterator[Row]:
+    """Records after the header; blank ones are not rows (as pandas reads CSV)."""
+    index, body = _csv_column(source)
+    with _open(source) as handle:
+        for begin, end, raw in _csv_records(handle, body if start is None else start, stop):
+            fields = _parse_csv(raw, counts)
+            if not fields or fields == [""]:
+                continue
+            yield Row(row, _csv_value(fields, index), begin, end)
+            row += 1
+
+
+def _byte_range_reader(rows_from):
+    def read_shard(source: dict, shard, counts: Counter) -> Iterator[Row]:
+        return rows_from(source, counts, shard.byte_start, shard.byte_stop, shard.row_start)
+    return read_shard
+
+
+def _file_bytes(source: dict) -> tuple[str, int]:
+    return "bytes", Path(source["path"]).stat().st_size
+
+
+register_format("text", Format(_text_rows, _byte_range_reader(_text_rows), _file_bytes))
+register_format("json", Format(_scan_json, _byte_range_reader(_json_rows), _file_bytes))
+register_format("csv", Format(_csv_rows, _byte_range_reader(_csv_rows), _file_bytes))
+
+
+# --- parquet: read by row groups, only the text column
+
+def _parquet(source: dict):
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(source["path"])
+    except Exception as err:  # not parquet, truncated: one line for the user
+        raise RaygradError(f"--dataset {source['path']}: cannot be read as parquet ({first_line(err)})") from None
+    check_column(source["path"], source["text_column"], parquet.schema_arrow.names)
+    return parquet
+
+
+def _parquet_scan(source: dict, counts: Counter) -> Iterator[Row]:
+    row = 0
+    for batch in _parquet(source).iter_batches(batch_size=_PARQUET_BATCH, columns=[source["text_column"]]):
+        for value in batch.column(0).to_pylist():
+            yield Row(row, value)
+            row += 1
+
+
+def _parquet_read(source: dict, shard, counts: Counter) -> Iterator[Row]:
+    """The row groups that overlap the shard's rows, then the rows themselves."""
+    parquet = _parquet(source)
+    groups, first, start = [], None, 0
+    for group in range(parquet.metadata.num_row_groups):
+        stop = start + parquet.metadata.row_group(group).num_rows
+        if start < shard.row_stop and stop > shard.row_start:
+            groups.append(group)
+            first = start if first is None else first
+        start = stop
+    row = first or 0
+    for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH, row_groups=groups,
+                                      columns=[source["text_column"]]):
+        for value in batch.column(0).to_pylist():
+            if shard.row_start <= row < shard.row_stop:
+                yield Row(row, value)
+            row += 1
+
+
+register_format("parquet", Format(_parquet_scan, _parquet_read,
+                                  lambda source: ("rows", _parquet(source).metadata.num_rows)))
+
+
+# --- the bundled corpus: regenerated, then sliced
+
+_corpus: list[str] = []
+_corpus_lock = threading.Lock()
+_corpus_source: Iterator[str] | None = None
+
+
+def _bundled_scan(source: dict, counts: Counter) -> Iterator[Row]:
+    return (Row(row, text) for row, text in enumerate(stdlib_paragraphs()))
+
+
+def _bundled_read(source: dict, shard, counts: Counter) -> Iterator[Row]:
+    """The corpus is generated once per process, as far as the shards read reach."""
+    global _corpus_source
+    with _corpus_lock:
+        if _corpus_source is None:
+            _corpus_source = stdlib_paragraphs()
+        while len(_corpus) < shard.row_stop:
+            text = next(_corpus_source, None)
+            if text is None:
+                break
+            _corpus.append(text)
+        texts = _corpus[shard.row_start:shard.row_stop]
+    return (Row(shard.row_start + i, text) for i, text in enumerate(texts))
+
+
+register_format("bundled", Format(_bundled_scan, _bundled_read, lambda source: None))
+
+
+# --- hub datasets and dataset directories: the `datasets` Arrow cache, memory-mapped
+
+_arrow_cache: dict = {}
+_arrow_lock = threading.Lock()
+
+
+def arrow_dataset(source: dict):
+    """The split as `datasets` keeps it on disk (downloaded once per node), with only the text
+    column; loaded once per process."""
+    key = (source["path"], source["config"], source["split"], source["text_column"], source.get("revision"))
+    with _arrow_lock:
+        if key not in _arrow_cache:
+            _arrow_cache[key] = _load_arrow(source)
+        return _arrow_cache[key]
+
+
+def _load_arrow(source: dict):
+    from .hub import hub_offline, why_offline
+
+    name = source["path"]
+    if not Path(name).expanduser().is_dir() and hub_offline():
+        raise RaygradError(f"--dataset {name}: not a local file and could not be loaded from the hub "
+                           f"({why_offline()}); for the offline demo use --dataset stdlib-docs")
+    import datasets
+
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # "Generating train split" bars say nothing here
+    try:
+        table = datasets.load_dataset(name, source["config"], split=source["split"], revision=source.get("revision"))
+    except Exception as err:  # no network, unknown name or config: one line for the user
+        raise RaygradError(
+            f"--dataset {name}: not a local file and could not be loaded from the hub ({first_line(err)}); "
+            "for the offline demo use --dataset stdlib-docs"
+        ) from None
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+    check_column(name, source["text_column"], table.column_names)
+    return table.select_columns([source["text_column"]])
+
+
+def arrow_fingerprint(source: dict) -> str | None:
+    """The `datasets` fingerprint of the split (changes when its files do)."""
+    return getattr(arrow_dataset(source), "_fingerprint", None)
+
+
+def _arrow_rows(source: dict, start: int, stop: int) -> Iterator[Row]:
+    table, column = arrow_dataset(source), source["text_column"]
+    for begin in range(start, stop, _PARQUET_BATCH):
+        values = table[begin:min(stop, begin + _PARQUET_BATCH)][column]
+        for offset, value in enumerate(values):
+            yield Row(begin + offset, value)
+
+
+register_format("datasets", Format(
+    lambda source, counts: _arrow_rows(source, 0, len(arrow_dataset(source))),
+    lambda source, shard, counts: _arrow_rows(source, shard.row_start, min(shard.row_stop,
+                                                                           len(arrow_dataset(source)))),
+    lambda source: ("rows", len(arrow_dataset(source))),
+))

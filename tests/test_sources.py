@@ -1,0 +1,185 @@
+"""Each format planned in one pass and read by shard: every usable text exactly once, in the
+order a whole read gives, with its dataset row (skipped, short, null rows, multi-line CSV records
+and undecodable bytes included)."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from raygrad.data import REPLACED_BYTES, SKIP_NOT_TEXT, SKIP_SHORT, load_texts, stdlib_paragraphs
+from raygrad.errors import RaygradError
+from raygrad.shards import plan_shards, read_rows, target_tokens
+from raygrad.sources import describe_source
+
+LONG = [f"Text number {i}: a sentence long enough to pass the length filter of fifty characters." for i in range(9)]
+MAX_LENGTH = 24
+
+
+class CharTokenizer:
+    """One token per 4 characters, plus BOS: the planner needs the tokenizer alone."""
+
+    def __call__(self, texts):
+        return {"input_ids": [[0] * (1 + len(text) // 4) for text in texts]}
+
+
+def rows_of(values):
+    """(row, text) of each usable value, as the filter decides (min_chars 50)."""
+    return [(row, value) for row, value in enumerate(values) if isinstance(value, str) and len(value.strip()) > 50]
+
+
+def write_txt(path):
+    lines = [LONG[0].encode(), b"", b"too short", LONG[1].encode(),
+             "Caf\u00e9 cr\u00e8me, na\u00efve r\u00e9sum\u00e9: a line written in Latin-1, long enough.".encode(
+                 "latin-1"),
+             LONG[2].encode() + b"\r", LONG[3].encode(), b"   ", LONG[4].encode(), LONG[5].encode()]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return [line.rstrip(b"\r").decode("utf-8", errors="replace") for line in lines]
+
+
+def write_jsonl(path):
+    records = [{"text": LONG[0]}, {"text": None}, {"text": LONG[1]}, {"other": "no text key"}, {"text": 12345},
+               [LONG[2]], {"text": "short"}, {"text": LONG[3]}, {"text": LONG[4]}, {"text": LONG[5] + "\n" + LONG[6]}]
+    lines = [json.dumps(record) for record in records]
+    lines.insert(3, "")  # a blank line is not a row
+    path.write_text("\n".join(lines) + "\n")
+    return [r.get("text") if isinstance(r, dict) else None for r in records]
+
+
+def write_csv(path):
+    import pandas as pd
+
+    values = [LONG[0], "short", LONG[1] + '\nwith a second line, "quoted", and a comma', None, LONG[2],
+              'He said "' + LONG[3] + '"\n\nthen two newlines', LONG[4], "12345", LONG[5]]
+    pd.DataFrame({"id": range(len(values)), "text": values}).to_csv(path, index=False)
+    return [None if v is None or v == "12345" else v for v in values]
+
+
+def write_parquet(path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    values = [LONG[0], None, "short", LONG[1], LONG[2], None, LONG[3], LONG[4], "x", LONG[5], LONG[6], LONG[7]]
+    pq.write_table(pa.table({"text": values}), path, row_group_size=3)
+    return values
+
+
+WRITERS = {".txt": write_txt, ".jsonl": write_jsonl, ".csv": write_csv, ".parquet": write_parquet}
+
+
+def read_all_shards(source, layout):
+    texts, rows = [], []
+    for shard in layout.shards:
+        got, got_rows, fingerprint = read_rows(source, shard)
+        assert fingerprint == shard.fingerprint and len(got) == shard.texts
+        texts += got
+        rows += got_rows
+    return texts, rows
+
+
+def assert_contiguous(layout, samples):
+    assert layout.shards[0].row_start == 0
+    for before, after in zip(layout.shards, layout.shards[1:]):
+        assert before.row_stop == after.row_start
+        if before.byte_stop is not None:
+            assert before.byte_stop == after.byte_start
+    assert sum(shard.texts for shard in layout.shards) == layout.samples == samples
+
+
+@pytest.mark.parametrize("suffix", list(WRITERS))
+@pytest.mark.parametrize("shard_texts", [1, 2, 3, None])
+def test_every_usable_text_once_in_order_with_its_row(suffix, shard_texts, tmp_path):
+    path = tmp_path / f"data{suffix}"
+    expected = rows_of(WRITERS[suffix](path))
+    source = describe_source(str(path))
+    layout = plan_shards(source, None, CharTokenizer(), MAX_LENGTH, shard_texts=shard_texts, token_budget=40)
+    assert_contiguous(layout, len(expected))
+    texts, rows = read_all_shards(source, layout)
+    whole_rows = []
+    assert texts == load_texts(str(path), None, rows=whole_rows) == [text for _, text in expected]
+    assert rows == whole_rows == [row for row, _ in expected]
+    if shard_texts:
+        assert all(shard.texts == shard_texts for shard in layout.shards[:-1])
+    else:  # a token budget: full shards, none over it unless one text is
+        assert all(shard.est_tokens <= 40 or shard.texts == 1 for shard in layout.shards)
+
+
+@pytest.mark.parametrize("suffix", list(WRITERS))
+def test_num_samples_takes_the_first_usable_texts(suffix, tmp_path):
+    path = tmp_path / f"data{suffix}"
+    expected = rows_of(WRITERS[suffix](path))[:3]
+    source = describe_source(str(path))
+    layout = plan_shards(source, 3, CharTokenizer(), MAX_LENGTH, shard_texts=2)
+    assert_contiguous(layout, 3)
+    assert layout.shards[-1].row_stop == expected[-1][0] + 1  # the pass stops at the third text
+    texts, rows = read_all_shards(source, layout)
+    assert list(zip(rows, texts)) == expected
+
+
+def test_skipped_rows_are_counted_as_a_whole_read_counts_them(tmp_path):
+    path = tmp_path / "data.txt"
+    write_txt(path)
+    whole = Counter()
+    load_texts(str(path), None, skipped=whole)
+    layout = plan_shards(describe_source(str(path)), None, CharTokenizer(), MAX_LENGTH, shard_texts=2)
+    assert layout.skipped == dict(whole) == {SKIP_SHORT: 3, REPLACED_BYTES: 1}
+    texts, _ = read_all_shards(describe_source(str(path)), layout)
+    assert "\ufffd" in texts[2]
+
+
+def test_jsonl_counts_nulls_missing_keys_and_other_types_as_not_text(tmp_path):
+    path = tmp_path / "data.jsonl"
+    write_jsonl(path)
+    layout = plan_shards(describe_source(str(path)), None, CharTokenizer(), MAX_LENGTH)
+    assert layout.skipped == {SKIP_NOT_TEXT: 4, SKIP_SHORT: 1}
+
+
+def test_token_estimates_and_the_minimum_shard_count(tmp_path):
+    path = tmp_path / "data.parquet"
+    expected = rows_of(write_parquet(path))
+    source = describe_source(str(path))
+    one = plan_shards(source, None, CharTokenizer(), MAX_LENGTH, token_budget=1 << 20)
+    ratio = one.tokens_per_char
+    assert len(one.shards) == 1
+    assert one.shards[0].est_tokens == sum(target_tokens(len(t), ratio, MAX_LENGTH) for _, t in expected)
+    spread = plan_shards(source, None, CharTokenizer(), MAX_LENGTH, token_budget=1 << 20, min_shards=4)
+    assert len(spread.shards) >= 4
+    assert read_all_shards(source, spread) == read_all_shards(source, one)
+
+
+def test_bundled_corpus_by_shard(tmp_path):
+    source = describe_source("stdlib-docs")
+    layout = plan_shards(source, 30, CharTokenizer(), MAX_LENGTH, shard_texts=7)
+    texts, rows = read_all_shards(source, layout)
+    whole_rows = []
+    assert texts == load_texts("stdlib-docs", 30, rows=whole_rows)
+    assert rows == whole_rows
+    corpus = [p for _, p in zip(range(rows[-1] + 1), stdlib_paragraphs())]
+    assert [corpus[row] for row in rows] == texts
+
+
+def test_dataset_directory_by_shard(tmp_path):
+    import pandas as pd
+
+    values = [LONG[0], None, "short", LONG[1], LONG[2], LONG[3]]
+    (tmp_path / "repo").mkdir()
+    pd.DataFrame({"text": values}).to_parquet(tmp_path / "repo" / "train.parquet")
+    source = describe_source(str(tmp_path / "repo"))
+    assert source["kind"] == "datasets"
+    layout = plan_shards(source, None, CharTokenizer(), MAX_LENGTH, shard_texts=2)
+    texts, rows = read_all_shards(source, layout)
+    assert list(zip(rows, texts)) == rows_of(values)
+
+
+def test_a_column_missing_from_every_json_row_is_one_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps({"body": text, "id": i}) for i, text in enumerate(LONG)))
+    with pytest.raises(RaygradError, match="--text-column text: not in dataset .*; its columns are body, id"):
+        plan_shards(describe_source(str(path)), None, CharTokenizer(), MAX_LENGTH)
+
+
+def test_a_json_array_file_is_one_line(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([{"text": text} for text in LONG], indent=1))
+    with pytest.raises(RaygradError, match="is not one JSON object .*one object per line"):
+        plan_shards(describe_source(str(path)), None, CharTokenizer(), MAX_LENGTH)
