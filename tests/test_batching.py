@@ -79,9 +79,9 @@ def test_out_of_memory_batch_is_retried_smaller_and_counted_once(tiny_llama, tex
     expected = computer(BatchSizer("texts", batch_size=1)).compute(texts)
     real, attempts = worker.accumulate_batch, []
 
-    def fails_above_100_tokens(model, modules, batch, acc, agg, saes):
+    def fails_above_100_tokens(model, modules, batch, acc, *args):
         attempts.append(batch.padded_tokens)
-        real(model, modules, batch, acc, agg, saes)  # sums were added to the staged accumulator ...
+        real(model, modules, batch, acc, *args)  # sums were added to the staged accumulator ...
         if batch.padded_tokens > 100:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")  # ... and must be dropped
 

@@ -177,4 +177,4 @@ def test_a_local_ray_run_prints_no_ray_notices(tiny_llama, texts_file, tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip() == "", done.stderr
     assert all(line.split()[0] in {"model", "site", "layers", "collect", "samples", "shards", "workers", "memory",
-                                   "output", "done", "results"} for line in done.stdout.splitlines()), done.stdout
+                                   "pinned", "output", "done", "results"} for line in done.stdout.splitlines()), done.stdout
