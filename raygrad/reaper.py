@@ -5,7 +5,7 @@ cannot: Ray's GCS and raylet notice and exit, but the agents the raylet started
 (ray::DashboardAgent, ray::RuntimeEnvAgent) are adopted by PID 1 and stay. This script, started
 by the driver in a session of its own (so a Ctrl-C in the terminal does not reach it), keeps a
 list of the driver's descendants that are Ray's, and when the driver is gone ends those still
-running. It imports nothing of raygrad (psutil comes with Ray).
+running. It imports nothing of raygrad; psutil is a dependency of its own (Ray vendors one only inside its package).
 
     python reaper.py DRIVER_PID
 """
