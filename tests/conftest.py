@@ -1,3 +1,4 @@
+import copy
 import logging
 import os
 import random
@@ -42,6 +43,26 @@ def texts_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "texts.txt"
     path.write_text("\n".join(SAMPLE_TEXTS) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def in_process_totals(tiny_llama, texts_file, tmp_path_factory):
+    """totals(**overrides) -> the totals Partial of helpers.run_tiny(tiny_llama, texts_file, ...,
+    workers=0, **overrides): the baseline many tests compare with, run once per set of overrides
+    in the session. Each call returns a copy, so a test may change what it gets."""
+    from helpers import run_tiny
+
+    done = {}
+
+    def totals(**overrides):
+        overrides.setdefault("workers", 0)
+        assert overrides["workers"] == 0, "an in-process baseline"
+        key = tuple(sorted(overrides.items()))
+        if key not in done:
+            done[key] = run_tiny(tiny_llama, texts_file, tmp_path_factory.mktemp("in-process"), **overrides)[1]
+        return copy.deepcopy(done[key])
+
+    return totals
 
 
 # --- one loopback Ray for the session

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import build_config, killed_run, run_cli, run_tiny, tiny_args, tree_digest
+from helpers import build_config, killed_run, run_cli, tiny_args, tree_digest
 from tiny import SAMPLE_TEXTS
 
 from raygrad import constants as names
@@ -107,8 +107,8 @@ def test_a_read_only_filesystem_is_one_line(tiny_llama, texts_file, tmp_path, ca
 
 
 def test_a_full_disk_while_checkpointing_stops_with_the_resume_command(tiny_llama, texts_file, tmp_path, capsys,
-                                                                       monkeypatch):
-    _, expected = run_tiny(tiny_llama, texts_file, tmp_path / "undisturbed", shard_size=1)
+                                                                       monkeypatch, in_process_totals):
+    expected = in_process_totals(shard_size=1)
     capsys.readouterr()  # the undisturbed run's own output (transformers' loading bar) is not the command's
     real_stage, calls = store_module._stage, []
 

@@ -1,10 +1,11 @@
 """The elastic worker pool on a multi-node Ray cluster on loopback: a 0-CPU head
 and three 1-CPU worker nodes with one logical GPU each (the workers compute on
-the CPU). Every cluster is shut down (its processes stopped) after its test."""
+the CPU). A test that removes or adds nodes has a cluster of its own, shut down
+(its processes stopped) after it; one that only runs on it leaves it to the next."""
 
 import numpy as np
 import pytest
-from helpers import build_config, load_script, run_tiny
+from helpers import assert_same_totals, build_config, killed_run, load_script, run_tiny
 
 from raygrad import constants as names
 from raygrad import engine
@@ -15,21 +16,62 @@ from raygrad.reducer import Reducer
 from raygrad.store import ResultStore
 
 
-@pytest.fixture
-def gpu_cluster(monkeypatch):
-    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every node on 127.0.0.1
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    import ray
-    from ray.cluster_utils import Cluster
+class GpuClusters:
+    """One loopback cluster at a time: started when a test asks and none is up, shut down after a
+    test that changes it (a start costs a head and three nodes: seconds each on a small machine)."""
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(3)]
-    cluster.wait_for_nodes()
-    try:
-        yield cluster, nodes
-    finally:
+    def __init__(self):
+        self.up = None  # (cluster, its worker nodes)
+
+    def get(self):
+        if self.up is None:
+            from ray.cluster_utils import Cluster
+
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every node on 127.0.0.1
+                patch.setenv("RAY_AUTH_MODE", "disabled")
+                cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+                nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(3)]
+                cluster.wait_for_nodes()
+            self.up = cluster, nodes
+        return self.up
+
+    def close(self):
+        import ray
+
         ray.shutdown()
-        cluster.shutdown()
+        if self.up is not None:
+            self.up[0].shutdown()
+            self.up = None
+
+
+@pytest.fixture(scope="module")
+def gpu_clusters():
+    clusters = GpuClusters()
+    try:
+        yield clusters
+    finally:
+        clusters.close()
+
+
+@pytest.fixture
+def gpu_cluster(gpu_clusters):
+    """(cluster, its three GPU nodes) for a test that removes or adds nodes: shut down after it."""
+    try:
+        yield gpu_clusters.get()
+    finally:
+        gpu_clusters.close()
+
+
+@pytest.fixture
+def unchanged_gpu_cluster(gpu_clusters):
+    """(cluster, its three GPU nodes) for a test that only runs on it: the next test may use it."""
+    import ray
+
+    yield gpu_clusters.get()
+    ray.shutdown()
+    cluster, nodes = gpu_clusters.up
+    assert cluster.worker_nodes == set(nodes), "a test that removes or adds nodes asks for gpu_cluster"
 
 
 def assert_same_counts_and_close_sums(got, expected):
@@ -83,9 +125,10 @@ def remembered_pools(monkeypatch) -> list:
     return pools
 
 
-def test_gpu_workers_across_nodes_equal_in_process(gpu_cluster, tiny_llama, texts_file, tmp_path):
-    cluster, _ = gpu_cluster
-    _, local = run_tiny(tiny_llama, texts_file, tmp_path / "local", workers=0, shard_size=1)
+def test_gpu_workers_across_nodes_equal_in_process(unchanged_gpu_cluster, tiny_llama, texts_file, tmp_path,
+                                                   in_process_totals):
+    cluster, _ = unchanged_gpu_cluster
+    local = in_process_totals(shard_size=1)
     run_dir, remote = run_tiny(tiny_llama, texts_file, tmp_path / "ray", workers=2, gpus_per_worker=1,
                                address=cluster.address, shard_size=1)
     assert_same_counts_and_close_sums(remote, local)
@@ -95,9 +138,9 @@ def test_gpu_workers_across_nodes_equal_in_process(gpu_cluster, tiny_llama, text
 
 
 def test_a_busy_worker_node_lost_mid_run_costs_nothing(gpu_cluster, tiny_llama, texts_file, tmp_path,
-                                                       monkeypatch):
+                                                       monkeypatch, in_process_totals):
     cluster, nodes = gpu_cluster
-    _, local = run_tiny(tiny_llama, texts_file, tmp_path / "local", workers=0, shard_size=1)
+    local = in_process_totals(shard_size=1)
     pools, removed, real_add = remembered_pools(monkeypatch), [], Reducer.add
 
     def add_then_lose_a_node(self, result):
@@ -131,9 +174,9 @@ def test_a_busy_worker_node_lost_mid_run_costs_nothing(gpu_cluster, tiny_llama, 
 
 
 def test_all_workers_lost_stops_then_resumes_on_a_new_node(gpu_cluster, tiny_llama, texts_file, tmp_path,
-                                                           monkeypatch):
+                                                           monkeypatch, in_process_totals):
     cluster, nodes = gpu_cluster
-    _, local = run_tiny(tiny_llama, texts_file, tmp_path / "local", workers=0, shard_size=1)
+    local = in_process_totals(shard_size=1)
     real_add, lost = Reducer.add, []
 
     def add_then_lose_every_node(self, result):
@@ -164,24 +207,10 @@ def test_all_workers_lost_stops_then_resumes_on_a_new_node(gpu_cluster, tiny_lla
     assert_same_counts_and_close_sums(resumed, local)
 
 
-def test_resume_refuses_an_option_that_changes_what_is_computed(tiny_llama, texts_file, tmp_path, monkeypatch):
-    from raygrad.worker import ShardRunner
-
-    real_run = ShardRunner.run
-
-    def dies_on_second_shard(self, shard, *args):
-        if shard == 1:
-            raise KeyboardInterrupt
-        return real_run(self, shard, *args)
-
-    monkeypatch.setattr(ShardRunner, "run", dies_on_second_shard)
-    with pytest.raises(KeyboardInterrupt):
-        engine.run(build_config(tiny_llama, texts_file, tmp_path, shard_size=2), echo=lambda _: None,
-                   progress=False)
-    (run_dir,) = tmp_path.iterdir()
+def test_resume_refuses_an_option_that_changes_what_is_computed(tiny_llama, texts_file, tmp_path):
+    run_dir = killed_run(build_config(tiny_llama, texts_file, tmp_path, shard_size=2), dies_at_call=2)  # on shard 1
     with pytest.raises(RaygradError, match="--layers would change what the run computes"):
         engine.resume(run_dir, echo=lambda _: None, progress=False, execution={"layers": "0"})
-    monkeypatch.setattr(ShardRunner, "run", real_run)
     engine.resume(run_dir, echo=lambda _: None, progress=False, execution={"workers": 0, "worker_timeout": 5})
     _, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
     assert done.all()
@@ -218,13 +247,14 @@ def test_a_model_dispatched_by_accelerate_with_offload_gives_the_same_sums(tiny_
 
 
 def test_workers_asked_for_scale_an_autoscaling_cluster_up_from_zero(tiny_llama, texts_file, tmp_path,
-                                                                       monkeypatch):
+                                                                       monkeypatch, in_process_totals):
     """Ray's fake_multinode autoscaler, GPU node type with min_workers 0: the pending worker actors
     make it start nodes, and the run equals an in-process one."""
     demo = load_script("scripts/cluster_demo.py", monkeypatch)
     for name, value in demo.LOOPBACK_ENV.items():
         monkeypatch.setenv(name, value)
-    _, local = run_tiny(tiny_llama, texts_file, tmp_path / "local", workers=0, shard_size=1)
+    monkeypatch.setenv("AUTOSCALER_UPDATE_INTERVAL_S", "1")  # the autoscaler looks every second (5 by default)
+    local = in_process_totals(shard_size=1)
     with demo.fake_autoscaling_cluster(tmp_path / "cluster") as address:
         assert demo.worker_nodes(address) == 0  # nothing runs until raygrad asks
         _, remote = run_tiny(tiny_llama, texts_file, tmp_path / "ray", workers=2, gpus_per_worker=1,
@@ -233,14 +263,14 @@ def test_workers_asked_for_scale_an_autoscaling_cluster_up_from_zero(tiny_llama,
     assert_same_counts_and_close_sums(remote, local)
 
 
-def test_a_worker_loading_longer_than_the_timeout_is_waited_for(tiny_llama, texts_file, tmp_path, monkeypatch):
+def test_a_worker_loading_longer_than_the_timeout_is_waited_for(tiny_llama, texts_file, tmp_path, monkeypatch,
+                                                               ray_session, in_process_totals):
     """--worker-timeout counts only while no worker is placed: not while one loads its model."""
     import sys
 
-    from helpers import assert_same_totals
     from ray import cloudpickle
 
-    _, local = run_tiny(tiny_llama, texts_file, tmp_path / "local", workers=0)
+    local = in_process_totals()
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
     monkeypatch.setattr(pool_module, "RemoteWorker", SlowLoadingWorker)
     monkeypatch.setattr(pool_module, "POLL_SECONDS", 1.0)  # the pool looks at the clock every second
@@ -251,7 +281,8 @@ def test_a_worker_loading_longer_than_the_timeout_is_waited_for(tiny_llama, text
     assert_same_totals(remote, local)
 
 
-def test_a_shard_that_keeps_killing_its_worker_stops_the_run(tiny_llama, texts_file, tmp_path, monkeypatch):
+def test_a_shard_that_keeps_killing_its_worker_stops_the_run(tiny_llama, texts_file, tmp_path, monkeypatch,
+                                                             ray_session):
     """Ray restarts a dead worker, and the pool queues its shard again; a shard that kills every worker
     would loop forever. After 3 losses the run stops with one line naming the shard, resumable."""
     import sys

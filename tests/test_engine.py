@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import assert_same_totals, build_config, run_tiny
+from helpers import assert_same_totals, build_config, killed_run, run_tiny
 
 from raygrad import constants as names
 from raygrad import engine
@@ -14,8 +14,9 @@ from raygrad.store import ResultStore
 from raygrad.worker import ShardRunner
 
 
-def test_ray_workers_give_the_same_arrays_as_in_process(tiny_llama, texts_file, tmp_path, ray_session):
-    _, local = run_tiny(tiny_llama, texts_file, tmp_path / "w0", workers=0, shard_size=2)
+def test_ray_workers_give_the_same_arrays_as_in_process(tiny_llama, texts_file, tmp_path, ray_session,
+                                                        in_process_totals):
+    local = in_process_totals(shard_size=2)
     _, one = run_tiny(tiny_llama, texts_file, tmp_path / "w1", workers=1, shard_size=2)
     _, two = run_tiny(tiny_llama, texts_file, tmp_path / "w2", workers=2, shard_size=2)
     assert_same_totals(local, one)
@@ -23,26 +24,13 @@ def test_ray_workers_give_the_same_arrays_as_in_process(tiny_llama, texts_file, 
     assert ray_session.is_initialized()  # a Ray the pool joined is left running
 
 
-def test_killed_run_resumes_to_the_uninterrupted_result(tiny_llama, texts_file, tmp_path, monkeypatch):
-    _, expected = run_tiny(tiny_llama, texts_file, tmp_path / "full", shard_size=1)
-
-    real_run, calls = ShardRunner.run, []
-
-    def dies_on_fourth_shard(self, shard, *args):
-        calls.append(shard)
-        if len(calls) == 4:
-            raise KeyboardInterrupt  # as if the process were killed mid-run
-        return real_run(self, shard, *args)
-
-    monkeypatch.setattr(ShardRunner, "run", dies_on_fourth_shard)
+def test_killed_run_resumes_to_the_uninterrupted_result(tiny_llama, texts_file, tmp_path, in_process_totals):
+    expected = in_process_totals(shard_size=1)
     config = build_config(tiny_llama, texts_file, tmp_path / "killed", shard_size=1, checkpoint_seconds=0)
-    with pytest.raises(KeyboardInterrupt):
-        engine.run(config, echo=lambda _: None, progress=False)
-    (run_dir,) = (tmp_path / "killed").iterdir()
+    run_dir = killed_run(config, dies_at_call=4)  # as if the process were killed mid-run
     _, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
     assert done.tolist() == [True, True, True, False, False, False]
 
-    monkeypatch.setattr(ShardRunner, "run", real_run)
     engine.resume(run_dir, echo=lambda _: None, progress=False)
     resumed, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
     assert done.all()
@@ -95,7 +83,8 @@ def test_a_failing_shard_stops_the_run_and_keeps_finished_shards(tiny_llama, tex
     assert said[-1].endswith(f"raygrad run --resume {run_dir}")
 
 
-def test_a_local_ray_ignores_a_stale_cluster_pointer(tiny_llama, texts_file, tmp_path, monkeypatch):
+def test_a_local_ray_ignores_a_stale_cluster_pointer(tiny_llama, texts_file, tmp_path, monkeypatch,
+                                                    in_process_totals):
     """`ray start` leaves `ray_current_cluster` in Ray's temp directory; a dead address there
     made a plain ray.init() hang. raygrad's local Ray never follows it. A private RAY_TMPDIR
     (short: Ray's socket paths must fit 107 bytes) keeps the test off the machine's own."""
@@ -119,8 +108,7 @@ def test_a_local_ray_ignores_a_stale_cluster_pointer(tiny_llama, texts_file, tmp
     import ray
 
     assert not ray.is_initialized()  # the local Ray the run started was shut down
-    _, local = run_tiny(tiny_llama, texts_file, tmp_path / "w0", workers=0, shard_size=2)
-    assert_same_totals(local, one)
+    assert_same_totals(in_process_totals(shard_size=2), one)
 
 
 LOOPBACK_RUN = """
@@ -184,10 +172,11 @@ def test_the_driver_forwards_hub_credentials_to_its_workers(tiny_llama, texts_fi
     assert not ray.is_initialized()
 
 
-def test_ctrl_c_inside_an_add_never_counts_a_shard_twice(tiny_llama, texts_file, tmp_path, monkeypatch):
+def test_ctrl_c_inside_an_add_never_counts_a_shard_twice(tiny_llama, texts_file, tmp_path, monkeypatch,
+                                                        in_process_totals):
     """Ctrl-C after some of a shard's arrays were added to the totals but before its done flag:
     the checkpoint written on the way out must not hold that half-added shard."""
-    _, expected = run_tiny(tiny_llama, texts_file, tmp_path / "full", shard_size=1)
+    expected = in_process_totals(shard_size=1)
     real_add, calls = Partial.add, []
 
     def interrupted_on_third_shard(self, other):
@@ -275,7 +264,6 @@ def test_a_run_on_relative_paths_resumes_from_another_directory(tiny_llama, text
     and a resumed run may start in another directory, where those words name other files or none."""
     import shutil
 
-    from helpers import killed_run
     from sae_factory import write_sae_lens_dir
 
     work = tmp_path / "work"

@@ -35,8 +35,8 @@ CHECKPOINT_TO_HIT = 3  # shards 0 and 1 are checkpointed; the signal lands in sh
 
 
 @pytest.fixture(scope="module")
-def undisturbed(tiny_llama, texts_file, tmp_path_factory):
-    return run_tiny(tiny_llama, texts_file, tmp_path_factory.mktemp("undisturbed"), shard_size=1)[1]
+def undisturbed(in_process_totals):
+    return in_process_totals(shard_size=1)
 
 
 @pytest.mark.parametrize("signal", ["SIGINT", "SIGKILL"])
@@ -95,9 +95,25 @@ def test_kill_at_each_checkpoint_step_then_resume_is_exact(tiny_llama, texts_fil
     assert resumed.loss_sum == undisturbed.loss_sum and resumed.loss_tokens == undisturbed.loss_tokens
 
 
+@pytest.fixture(scope="module")
+def many_texts(tiny_llama, tmp_path_factory):
+    """(dataset, run options, totals of an undisturbed in-process run): 48 texts, a shard each, so a
+    run is still going when its third checkpoint is seen."""
+    from tiny import SAMPLE_TEXTS
+
+    texts = [f"{text} (copy {i})" for i in range(8) for text in SAMPLE_TEXTS if len(text.strip()) > 50]
+    root = tmp_path_factory.mktemp("many")
+    dataset = root / "many.txt"
+    dataset.write_text("\n".join(texts) + "\n")
+    options = dict(shard_size=1, num_samples=len(texts), checkpoint_seconds=0)
+    _, expected = run_tiny(tiny_llama, dataset, root / "undisturbed", **options)
+    return dataset, options, expected
+
+
 @pytest.mark.parametrize("signal_name, workers", [("SIGKILL", 0), ("SIGTERM", 0), ("SIGTERM", 1)])
 def test_a_real_signal_to_the_console_script_then_resume_gives_the_undisturbed_sums(signal_name, workers,
-                                                                                    tiny_llama, tmp_path):
+                                                                                    tiny_llama, tmp_path,
+                                                                                    many_texts):
     """The real thing: `raygrad run` in its own process, signalled after some checkpoints; a resume
     here equals an undisturbed run here (another process: equal to float64 rounding). SIGTERM (a
     scheduler ending the job) stops like Ctrl-C: finished shards saved, the resume command said,
@@ -110,19 +126,15 @@ def test_a_real_signal_to_the_console_script_then_resume_gives_the_undisturbed_s
     from pathlib import Path
 
     from helpers import assert_same_totals
-    from tiny import SAMPLE_TEXTS
 
-    texts = [f"{text} (copy {i})" for i in range(8) for text in SAMPLE_TEXTS if len(text.strip()) > 50]
-    dataset = tmp_path / "many.txt"
-    dataset.write_text("\n".join(texts) + "\n")
-    options = dict(shard_size=1, num_samples=len(texts), checkpoint_seconds=0)
-    _, expected = run_tiny(tiny_llama, dataset, tmp_path / "undisturbed", **options)
+    dataset, options, expected = many_texts
 
     out_dir = tmp_path / "killed"
     script = str(Path(sys.executable).parent / "raygrad")
-    args = [script, "run", "--model", str(tiny_llama), "--dataset", str(dataset), "--num-samples", str(len(texts)),
-            "--batch-size", "3", "--max-length", "24", "--workers", str(workers), "--dtype", "float64",
-            "--shard-size", "1", "--checkpoint-seconds", "0", "--output-dir", str(out_dir), "--no-progress"]
+    args = [script, "run", "--model", str(tiny_llama), "--dataset", str(dataset), "--num-samples",
+            str(options["num_samples"]), "--batch-size", "3", "--max-length", "24", "--workers", str(workers),
+            "--dtype", "float64", "--shard-size", "1", "--checkpoint-seconds", "0", "--output-dir", str(out_dir),
+            "--no-progress"]
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline, done = time.monotonic() + 120, 0
