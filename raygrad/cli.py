@@ -60,8 +60,13 @@ def cli() -> None:
                    "options are read from the run; only those that change where it executes (--address, "
                    "--workers, --gpus-per-worker, --device, timeouts, --checkpoint-seconds) may be given anew.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the whole plan and exit: texts (counted), target tokens (estimated), shards, workers "
+                   "and the resources asked for, memory per worker, SAE bytes, partial traffic. Writes nothing, "
+                   "starts no Ray, loads no weights (it reads the model's config and tokenizer, and the dataset "
+                   "once). With --resume: what remains.")
 @click.pass_context
-def run(ctx, model_alias, resume, no_progress, **options) -> None:
+def run(ctx, model_alias, resume, no_progress, dry_run, **options) -> None:
     """Aggregate loss gradients over a dataset for every selected layer."""
     from click.core import ParameterSource
 
@@ -77,7 +82,13 @@ def run(ctx, model_alias, resume, no_progress, **options) -> None:
         given = {name: value for name, value in options.items()
                  if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE or
                  (name == "model" and model_alias)}
+        if dry_run:
+            engine.dry_run_resume(Path(resume), execution=given, echo=click.echo)
+            return
         run_dir = engine.resume(Path(resume), echo=click.echo, progress=not no_progress, execution=given)
+    elif dry_run:
+        engine.dry_run(RunConfig(**options), echo=click.echo)
+        return
     else:
         run_dir = engine.run(RunConfig(**options), echo=click.echo, progress=not no_progress)
     click.echo(f"results  {run_dir}")

@@ -47,8 +47,8 @@ def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: boo
     with contextlib.ExitStack() as locked, WorkerPool(config, echo=echo) as pool:
         plan = plan.placed(config, pool.workers, pool.device)
         pool.start_workers(plan, config.seed)  # Ray actors load their model while the shards are planned
-        plan = _plan_shards(plan, config, source, pool, echo)
-        _check_memory(plan, pool)
+        plan = _plan_shards(plan, config, source, pool.workers, pool.device, echo)
+        _check_memory(plan, pool.workers, pool.device)
         echo(plan.describe())
         run_dir = _new_run_dir(output_dir, run_dir_name(config, plan, datetime.now().strftime("%Y%m%d_%H%M%S")))
         locked.enter_context(run_lock(run_dir, "run", "--output-dir"))  # from now until the run ends or stops
@@ -74,12 +74,7 @@ def resume(run_dir: Path, echo: Callable[[str], None] = log.info, progress: bool
     if not store_path.exists():
         raise RaygradError(f"--resume {run_dir}: no {names.STORE_NAME} in this directory")
     execution = execution or {}
-    for name in execution:
-        if name not in EXECUTION_OPTIONS:
-            raise RaygradError(
-                f"--resume {run_dir}: --{name.replace('_', '-')} would change what the run computes; a resumed "
-                f"run keeps its own (only --{', --'.join(o.replace('_', '-') for o in EXECUTION_OPTIONS)} may change)"
-            )
+    _check_execution(run_dir, execution)
     # Locked before the store opens: opening it for writing replays a committed checkpoint.
     with run_lock(Path(run_dir), "run --resume", "--resume"):
         return _resume(run_dir, store_path, execution, echo, progress, started)
@@ -92,6 +87,119 @@ def _resume(run_dir: Path, store_path: Path, execution: dict, echo, progress: bo
     config = RunConfig.from_dict(store.attrs[names.ATTR_CONFIG])
     if store.attrs.get(names.ATTR_STATUS) == names.STATUS_COMPLETE:
         return _complete_exports(Path(run_dir), config, echo)
+    config, saved, workers = _resumed_config(run_dir, store, execution)
+    # The dataset is not read here: each worker checks its shard's rows against the plan's fingerprint.
+    # Shards and batching stay as saved (the store counts those shards); where they run may change.
+    with WorkerPool(config, workers, echo=echo) as pool:
+        plan = _resumed_plan(saved, config, pool.workers, pool.device)
+        pool.start_workers(plan, config.seed)
+        _, done = store.totals()
+        echo(plan.describe())
+        echo(f"resuming {run_dir}: {int(done.sum())} of {len(done)} shards already done")
+        _execute(plan, config, store, pool, progress, time.perf_counter() - started, echo)
+    return Path(run_dir)
+
+
+def dry_run(config: RunConfig, echo: Callable[[str], None] = log.info) -> None:
+    """`raygrad run --dry-run`: the whole plan, printed, as a run would make it. Writes nothing, starts
+    no Ray, loads no weights: it reads the model's config and tokenizer, and the dataset once (the
+    streaming pass that plans the shards)."""
+    config = dataclasses.replace(config, dataset=absolute_if_local(config.dataset))
+    _check_output_paths(config, create=False)
+    plan = make_plan(config, 0)
+    source = describe_source(config.dataset, config.text_column, config.dataset_config, config.dataset_split,
+                             config.min_chars)
+    pool = WorkerPool(config, echo=echo)
+    request = pool.dry()
+    plan = _plan_shards(plan.placed(config, pool.workers, pool.device), config, source, pool.workers, pool.device,
+                        echo)
+    _check_memory(plan, pool.workers, pool.device)
+    echo(plan.describe())
+    echo("\n".join(_dry_run_lines(plan, list(range(len(plan.shards))), request, config.dataset)))
+
+
+def dry_run_resume(run_dir: Path, execution: dict | None = None, echo: Callable[[str], None] = log.info) -> None:
+    """`raygrad run --dry-run --resume RUN`: what a resume would do and what remains. Reads the store's
+    last committed state; takes no lock, replays nothing, changes nothing."""
+    store_path = Path(run_dir) / names.STORE_NAME
+    if not store_path.exists():
+        raise RaygradError(f"--resume {run_dir}: no {names.STORE_NAME} in this directory")
+    execution = execution or {}
+    _check_execution(run_dir, execution)
+    store = ResultStore.open(store_path)
+    if names.ATTR_CONFIG not in store.attrs:
+        raise RaygradError(f"--resume {run_dir}: a comparison (raygrad compare), not a run; nothing to resume")
+    if store.attrs.get(names.ATTR_STATUS) == names.STATUS_COMPLETE:
+        from .export import check_exports
+
+        problems = check_exports(Path(run_dir))
+        echo(f"dry run  {run_dir} is complete; " + (f"its exports are not ({problems[0]}): --resume would write "
+                                                    "them again" if problems else
+                                                    "its exports are whole: --resume has nothing to do"))
+        return
+    config, saved, workers = _resumed_config(run_dir, store, execution)
+    pool = WorkerPool(config, workers, echo=echo)
+    request = pool.dry()
+    plan = _resumed_plan(saved, config, pool.workers, pool.device)
+    _, done = store.totals()
+    todo = [index for index, finished in enumerate(done) if not finished]
+    echo(plan.describe())
+    echo(f"resume   {run_dir}: {len(done) - len(todo)} of {len(done)} shards done, {len(todo)} left")
+    echo("\n".join(_dry_run_lines(plan, todo, request, None)))
+
+
+def _dry_run_lines(plan: Plan, todo: list[int], request: str, dataset: str | None) -> list[str]:
+    """What --dry-run adds to the plan's lines, for the shards `todo`: counted and estimated sizes,
+    the resources asked for, the SAEs each worker loads and the partials the driver will receive."""
+    shards = [plan.shards[index] for index in todo]
+    left = " left" if dataset is None else ""
+    texts = sum(shard.texts for shard in shards)
+    tokens = sum(shard.est_tokens for shard in shards)
+    partial, layers = plan.partial_bytes(), len(plan.layers)
+    per_shard = (f"{min(s.texts for s in shards):,}-{max(s.texts for s in shards):,} texts and "
+                 f"{min(s.est_tokens for s in shards):,}-{max(s.est_tokens for s in shards):,} estimated target "
+                 f"tokens each" if shards else "none")
+    widths = ", ".join(f"{prefix} {width:,}" for prefix, width in plan.prefixes.items())
+    lines = [
+        "dry run  nothing written, no Ray started, no weights loaded",
+        f"{'texts' + left:<8} {texts:,} (counted "
+        + (f"in one pass over {dataset}, rows 0-{plan.shards[-1].row_stop - 1})" if dataset else
+           "when the run was planned)"),
+        f"{'tokens' + left:<8} about {tokens:,} target tokens (estimated: {plan.tokens_per_char:.3f} tokens per "
+        f"character, from the tokenizer on the first texts; each text cut to {plan.max_length} tokens)",
+        f"{'shards' + left:<8} {len(shards)}: {per_shard}",
+        f"request  {request}",
+        "SAEs     " + (f"each worker loads {layers} x {_size(plan.sae_bytes_per_layer)} = {_size(plan.sae_bytes)} "
+                        f"({plan.sae_dtype}, encoder and decoder; those not in a pass wait in CPU memory)"
+                        if plan.sae_bytes else "none (--target mlp)"),
+        f"partials {len(shards)} (one per shard) x {_size(partial)} = {_size(partial * len(shards))} to the driver "
+        f"(float64: 3 sums x {layers} layers x ({widths}), and per-layer counts)",
+    ]
+    return lines
+
+
+def _size(n: int) -> str:
+    """Bytes, readably: 1536 -> '1.5 KiB'."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _check_execution(run_dir: Path, execution: dict) -> None:
+    """Refuse, with one line, a resume option that would change what the run computes."""
+    for name in execution:
+        if name not in EXECUTION_OPTIONS:
+            raise RaygradError(
+                f"--resume {run_dir}: --{name.replace('_', '-')} would change what the run computes; a resumed "
+                f"run keeps its own (only --{', --'.join(o.replace('_', '-') for o in EXECUTION_OPTIONS)} may change)"
+            )
+
+
+def _resumed_config(run_dir: Path, store: ResultStore, execution: dict) -> tuple[RunConfig, Plan, int | None]:
+    """An incomplete run's configuration with `execution` applied, its saved plan (pins checked), and
+    the workers to ask for (None: the pool's default)."""
+    config = RunConfig.from_dict(store.attrs[names.ATTR_CONFIG])
     if execution.get("workers") == 0:  # in this process now: the saved run's Ray options no longer apply
         execution = {"address": None, "gpus_per_worker": None, **execution}
     config = dataclasses.replace(config, **execution)
@@ -100,18 +208,13 @@ def _resume(run_dir: Path, store_path: Path, execution: dict, echo, progress: bo
     if saved.source is None:
         raise RaygradError(f"--resume {run_dir}: planned by an older raygrad, whose shards held texts rather than "
                            "rows of the dataset; start a new run")
-    # The dataset is not read here: each worker checks its shard's rows against the plan's fingerprint.
-    # Shards and batching stay as saved (the store counts those shards); where they run may change.
-    workers = execution.get("workers", None if "address" in execution else saved.workers)
-    with WorkerPool(config, workers, echo=echo) as pool:
-        plan = dataclasses.replace(saved, workers=pool.workers, device=pool.device, device_request=config.device,
-                                   sae_layers_per_pass=config.sae_layers_per_pass)
-        pool.start_workers(plan, config.seed)
-        _, done = store.totals()
-        echo(plan.describe())
-        echo(f"resuming {run_dir}: {int(done.sum())} of {len(done)} shards already done")
-        _execute(plan, config, store, pool, progress, time.perf_counter() - started, echo)
-    return Path(run_dir)
+    return config, saved, execution.get("workers", None if "address" in execution else saved.workers)
+
+
+def _resumed_plan(saved: Plan, config: RunConfig, workers: int, device: str) -> Plan:
+    """The saved plan, placed where the resume runs (its shards and batching stay)."""
+    return dataclasses.replace(saved, workers=workers, device=device, device_request=config.device,
+                               sae_layers_per_pass=config.sae_layers_per_pass)
 
 
 def _complete_exports(run_dir: Path, config: RunConfig, echo) -> Path:
@@ -126,8 +229,9 @@ def _complete_exports(run_dir: Path, config: RunConfig, echo) -> Path:
     return run_dir
 
 
-def _check_output_paths(config: RunConfig) -> None:
-    """Refuse, before anything loads, output paths that cannot be written or would overwrite results."""
+def _check_output_paths(config: RunConfig, create: bool = True) -> None:
+    """Refuse, before anything loads, output paths that cannot be written or would overwrite results.
+    `create`: make --output-dir and try a file there; else (a dry run) only look."""
     output_dir = Path(config.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise RaygradError(f"--output-dir {output_dir}: is a file, not a directory")
@@ -135,12 +239,13 @@ def _check_output_paths(config: RunConfig) -> None:
         raise RaygradError(
             f"--output-dir {output_dir}: already holds a run; choose another directory (results are never overwritten)"
         )
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output_dir):
-            pass
-    except OSError as err:
-        raise RaygradError(f"--output-dir {output_dir}: cannot write there ({_os_reason(err)})") from None
+    if create:
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=output_dir):
+                pass
+        except OSError as err:
+            raise RaygradError(f"--output-dir {output_dir}: cannot write there ({_os_reason(err)})") from None
     if config.save_consolidated:
         target = Path(config.consolidated_path)
         if target.exists():
@@ -171,11 +276,11 @@ def _os_reason(err: OSError) -> str:
     return err.strerror or str(err)
 
 
-def _check_memory(plan: Plan, pool: WorkerPool) -> None:
+def _check_memory(plan: Plan, workers: int, device: str) -> None:
     """Refuse, before anything is written, a plan whose estimate exceeds the one GPU this
     process will use; Ray workers check their own GPU (the driver cannot see it), and a
     split model is not refused."""
-    if pool.workers or not pool.device.startswith("cuda") or not plan.weight_bytes:
+    if workers or not device.startswith("cuda") or not plan.weight_bytes:
         return
     import torch
 
@@ -184,14 +289,14 @@ def _check_memory(plan: Plan, pool: WorkerPool) -> None:
         raise RaygradError(problem)
 
 
-def _plan_shards(plan: Plan, config: RunConfig, source: dict, pool: WorkerPool, echo) -> Plan:
+def _plan_shards(plan: Plan, config: RunConfig, source: dict, workers: int, device: str, echo) -> Plan:
     """The plan with its shards: one streaming pass over the dataset (shards.py), sized for this pool."""
     if source["kind"] == "datasets":  # every node reads the pinned commit; `datasets` fingerprints its cache
         source = {**source, "revision": dataset_commit(plan)}
         source["fingerprint"] = arrow_fingerprint(source)
     layout = plan_shards(source, config.sample_limit, _tokenizer(plan), config.max_length,
-                         shard_texts=config.shard_size, token_budget=config.shard_tokens(pool.device),
-                         min_shards=SHARDS_PER_WORKER * pool.workers)
+                         shard_texts=config.shard_size, token_budget=config.shard_tokens(device),
+                         min_shards=SHARDS_PER_WORKER * workers)
     if config.sample_limit and layout.samples < config.sample_limit:
         echo(f"warning: --num-samples {config.num_samples}: the dataset has only {layout.samples} texts "
              f"longer than {config.min_chars} characters; going on with {layout.samples}")

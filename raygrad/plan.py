@@ -156,6 +156,12 @@ class Plan:
         spliced = (names.SPLICED_LOSS_SUM,) if self.sae_mode != "clean" else ()
         return (names.SAE_SQ_ERROR_SUM, names.SAE_L0_SUM, *spliced)
 
+    def partial_bytes(self) -> int:
+        """One shard's partial as the driver receives it (reducer.partial_nbytes): float64 sums, each
+        (layers x width), per-layer scalar totals, and the per-layer token counts (int64)."""
+        per_layer = sum(len(names.sum_names(prefix)) * width for prefix, width in self.prefixes.items())
+        return 8 * len(self.layers) * (per_layer + len(self.layer_sums) + 1)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -153,16 +153,7 @@ class WorkerPool:
     # --- where shards run
 
     def __enter__(self) -> "WorkerPool":
-        config = self.config
-        if self.requested is None and not config.address and local_gpus() <= 1:
-            # One device here and no cluster named: Ray would add start-up and nothing else.
-            self.requested = 0
-            if config.gpus_per_worker:  # with --workers 0 given, RunConfig refuses it
-                self.echo(f"--gpus-per-worker {config.gpus_per_worker}: no effect on an in-process run (one "
-                          "device here and no --address); use --workers N to run Ray workers")
-        if self.requested == 0:
-            self.workers = 0
-            self.device = str(pick_device(config.device))
+        if self._in_process():
             return self
         import ray
 
@@ -176,6 +167,43 @@ class WorkerPool:
             self.__exit__(None, None, None)
             raise
         return self
+
+    def _in_process(self) -> bool:
+        """Whether shards run in this process (then `workers` and `device` are set)."""
+        config = self.config
+        if self.requested is None and not config.address and local_gpus() <= 1:
+            # One device here and no cluster named: Ray would add start-up and nothing else.
+            self.requested = 0
+            if config.gpus_per_worker:  # with --workers 0 given, RunConfig refuses it
+                self.echo(f"--gpus-per-worker {config.gpus_per_worker}: no effect on an in-process run (one "
+                          "device here and no --address); use --workers N to run Ray workers")
+        if self.requested == 0:
+            self.workers = 0
+            self.device = str(pick_device(config.device))
+        return self.requested == 0
+
+    def dry(self) -> str:
+        """What entering would resolve and ask for, without Ray (`raygrad run --dry-run`): a local Ray
+        from this machine's GPUs and CPUs; with --address, the request alone, since the cluster is not
+        contacted (its defaults are said, not resolved). -> the workers line."""
+        config = self.config
+        if self._in_process():
+            return f"in-process (no Ray) on {self.device}"
+        if not config.address:
+            gpus = local_gpus()
+            self._size({"GPU": gpus, "CPU": os.cpu_count() or 1}, gpus)
+            return f"a local Ray would be started, asking for {self.describe_request()}"
+        gpus = config.gpus_per_worker
+        if gpus is None and config.device != "auto":
+            gpus = int(config.device == "cuda")
+        self.gpus_per_worker = gpus if gpus is not None else 1  # as on a cluster with GPUs
+        self.workers = self.requested or 1
+        self.device = "cuda" if self.gpus_per_worker else "cpu"
+        count = f"{self.requested} x" if self.requested else "one per GPU of the cluster (1 if it has none), each"
+        gpu_text = f"GPU: {gpus}" if gpus is not None else "GPU: 1 if the cluster has GPUs, else 0"
+        return (f"--address {config.address} would be asked for {count} {{{gpu_text}, CPU: 1}} (the cluster is "
+                f"not contacted: shards here are planned for {self.workers} {self.device.upper()} "
+                f"worker{'s' * (self.workers > 1)})")
 
     def _start_or_join_ray(self, ray) -> None:
         """ray.init: join --address, else start a private local Ray."""

@@ -253,12 +253,19 @@ def _parquet(source: dict):
     return parquet
 
 
+def _parquet_values(parquet, groups, column: str) -> Iterator:
+    """The column's values in `groups`, one row group at a time: iter_batches over many groups reads
+    ahead and held a whole 213 MB file in Arrow's memory pool by the end of a pass; this holds one group."""
+    for group in groups:
+        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH, row_groups=[group], columns=[column]):
+            yield from batch.column(0).to_pylist()
+
+
 def _parquet_scan(source: dict, counts: Counter) -> Iterator[Row]:
-    row = 0
-    for batch in _parquet(source).iter_batches(batch_size=_PARQUET_BATCH, columns=[source["text_column"]]):
-        for value in batch.column(0).to_pylist():
-            yield Row(row, value)
-            row += 1
+    parquet = _parquet(source)
+    for row, value in enumerate(_parquet_values(parquet, range(parquet.metadata.num_row_groups),
+                                                source["text_column"])):
+        yield Row(row, value)
 
 
 def _parquet_read(source: dict, shard, counts: Counter) -> Iterator[Row]:
@@ -271,13 +278,9 @@ def _parquet_read(source: dict, shard, counts: Counter) -> Iterator[Row]:
             groups.append(group)
             first = start if first is None else first
         start = stop
-    row = first or 0
-    for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH, row_groups=groups,
-                                      columns=[source["text_column"]]):
-        for value in batch.column(0).to_pylist():
-            if shard.row_start <= row < shard.row_stop:
-                yield Row(row, value)
-            row += 1
+    for row, value in enumerate(_parquet_values(parquet, groups, source["text_column"]), start=first or 0):
+        if shard.row_start <= row < shard.row_stop:
+            yield Row(row, value)
 
 
 register_format("parquet", Format(_parquet_scan, _parquet_read,
