@@ -19,8 +19,9 @@ the worker: the model (tiny here, so the figure is about the driver; a real mode
 weights and activations, and on Ray they live in the worker processes, not the driver) and the
 rows of the shard being computed (one parquet row group at a time).
 
-The corpus: rows of 125 words drawn (Zipf-like, seeded) from a list of common English words, about
-1.2 tokens a word with a Llama-style tokenizer; row groups of 8,192 rows, as `datasets` writes them.
+The corpus: rows of 125 words drawn (Zipf-like, seeded) from a list of common English words, 126
+tokens a row by SmolLM2's tokenizer (the sizes are in its tokens; the tiny model's tokenizer cuts
+each row at 128); row groups of 8,192 rows.
 
     python benchmarks/head.py [--tokens 1e6 1e7 1e8] [--workdir DIR]
 """
