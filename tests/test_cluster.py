@@ -247,9 +247,10 @@ def test_a_model_dispatched_by_accelerate_with_offload_gives_the_same_sums(tiny_
 
 
 def test_workers_asked_for_scale_an_autoscaling_cluster_up_from_zero(tiny_llama, texts_file, tmp_path,
-                                                                       monkeypatch, in_process_totals):
+                                                                       monkeypatch, in_process_totals, gpu_clusters):
     """Ray's fake_multinode autoscaler, GPU node type with min_workers 0: the pending worker actors
     make it start nodes, and the run equals an in-process one."""
+    gpu_clusters.close()  # a cluster an earlier test left up would share the machine with this one
     demo = load_script("scripts/cluster_demo.py", monkeypatch)
     for name, value in demo.LOOPBACK_ENV.items():
         monkeypatch.setenv(name, value)
