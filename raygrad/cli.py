@@ -15,7 +15,7 @@ from typing import Literal
 import click
 
 from . import constants as names
-from .config import RunConfig, _choices, field_type
+from .config import EXECUTION, RunConfig, _choices, field_type, fields_of, planned_fields
 from .errors import RaygradError, Terminated, raise_terminated
 from .lock import run_lock
 
@@ -57,8 +57,10 @@ def cli() -> None:
 @click.option("--model_name", "model_alias", default=None, hidden=True, help="Original spelling of --model.")
 @click.option("--resume", type=click.Path(file_okay=False), default=None,
               help="Continue a killed run from its directory (or rewrite a complete run's missing exports). Its "
-                   "options are read from the run; only those that change where it executes (--address, "
-                   "--workers, --gpus-per-worker, --device, timeouts, --checkpoint-seconds) may be given anew.")
+                   "options are read from the run; only those that change where and how it executes may be given "
+                   f"anew: --{', --'.join(f.replace('_', '-') for f in fields_of(EXECUTION))} (--"
+                   f"{', --'.join(f.replace('_', '-') for f in planned_fields())} only notes that the saved shards "
+                   "stay).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("--dry-run", is_flag=True,
               help="Print the whole plan and exit: texts (counted), target tokens (estimated), shards, workers "

@@ -29,7 +29,8 @@ import zarr
 
 from . import __version__, stats
 from . import constants as names
-from .config import RunConfig
+from .config import MEASURED as MEASURED_PART
+from .config import RunConfig, fields_of
 from .errors import RaygradError
 from .files import replacing_directory
 from .store import ResultStore, dimension_name
@@ -38,21 +39,19 @@ from .top import format_rows, store_array_name, top_rows
 DEFAULT_EPSILON = 1e-10
 DEFAULT_BY = "welch_t_abs"
 TOP_TXT = "top_specific.txt"
-# What two runs must share to be compared: (option, value read from (config, plan)).
-MEASURED = (
-    ("model", lambda c, p: _model_identity(c, p)),
-    ("target", lambda c, p: c.target),
-    ("hook-site", lambda c, p: c.hook_site),
-    ("layers", lambda c, p: p["layers"]),
-    ("width", lambda c, p: p["width"]),
-    ("sae-release", lambda c, p: c.sae_release),
-    ("sae-id", lambda c, p: c.sae_id),
-    ("sae-path", lambda c, p: (p.get("sae_source") or {}).get("path") or c.sae_path),  # made absolute at the start
-    ("sae-mode", lambda c, p: c.sae_mode),
-    ("position-stride", lambda c, p: c.position_stride),
-    ("exclude-bos", lambda c, p: c.exclude_bos),
-    ("aggregate-by", lambda c, p: sorted(c.aggregate_by)),
-)
+# What two runs must share to be compared: the config's measured part less the sample (which texts, how
+# much of each, which probe draws: config.fields_of), each read from (config, plan). Most are the config's
+# own value; these are read otherwise, so that one thing named two ways is one.
+READ_MEASURED = {
+    "model": lambda c, p: _model_identity(c, p),
+    "layers": lambda c, p: p["layers"],  # resolved: '0-1' and '0,1' (or none, on a 2-layer model) are one
+    "sae_path": lambda c, p: (p.get("sae_source") or {}).get("path") or c.sae_path,  # made absolute at the start
+    "aggregate_by": lambda c, p: sorted(c.aggregate_by),
+    "sae_dtype": lambda c, p: c.sae_dtype if c.target == "sae" else None,  # no SAE, no effect
+}
+MEASURED = tuple((name.replace("_", "-"), READ_MEASURED.get(name, lambda c, p, name=name: getattr(c, name)))
+                 for name in fields_of(MEASURED_PART, sample=False))
+MEASURED += (("width", lambda c, p: p["width"]),)  # resolved from the model or SAEs: the same names may differ
 
 
 def default_output(run_a: Path, run_b: Path) -> Path:

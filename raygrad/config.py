@@ -1,4 +1,8 @@
-"""RunConfig: the user's request, validated. Resolved values live in Plan."""
+"""RunConfig: the user's request, validated. Resolved values live in Plan.
+
+Its fields fall in three frozen parts, each field naming its own in its metadata: what is measured
+(`measured()`: what the store's numbers are), how it executes (`execution()`: any of it may change on
+--resume) and what is exported (`export()`). Resume, compare and the CLI read the parts from those tags."""
 
 from __future__ import annotations
 
@@ -20,87 +24,118 @@ SHARDS_PER_WORKER = 4  # at least, for a run small for its workers: work spreads
 ALL = "all"  # --num-samples all: every usable text of the dataset
 
 
-def _opt(default, help: str, **extra):
-    return field(default=default, metadata={"help": help, **extra})
+# The three parts of a RunConfig (DESIGN.md section 2); each field names its own in its metadata.
+MEASURED = "measured"  # what the store's numbers are: a resume keeps it, `compare` checks it
+EXECUTION = "execution"  # where and how it runs: any of it may change on --resume
+EXPORT = "export"  # what is written from the store at the end (`raygrad export` derives other sets)
+PARTS = (MEASURED, EXECUTION, EXPORT)
+
+
+def _opt(default, help: str, part: str, **extra):
+    return field(default=default, metadata={"help": help, "part": part, **extra})
+
+
+def _measured(default, help: str, **extra):
+    return _opt(default, help, MEASURED, **extra)
+
+
+def _sample(default, help: str, **extra):
+    """Measured, and says which sample the statistics estimate over: which texts, how much of each, which
+    Hessian probe draws. Two runs over different samples of one measurement can be compared."""
+    return _opt(default, help, MEASURED, sample=True, **extra)
+
+
+def _execution(default, help: str, **extra):
+    return _opt(default, help, EXECUTION, **extra)
+
+
+def _planned(default, help: str, **extra):
+    """Execution, but fixed once the shards are planned: a resume keeps the saved shards, so it says so."""
+    return _opt(default, help, EXECUTION, planned=True, **extra)
+
+
+def _export(default, help: str, **extra):
+    return _opt(default, help, EXPORT, **extra)
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: str = _opt(DEFAULT_MODEL, "Hub id, local directory, or the bundled 'smollm2-135m'.")
-    target: Literal["mlp", "sae"] = _opt(
+    model: str = _measured(DEFAULT_MODEL, "Hub id, local directory, or the bundled 'smollm2-135m'.")
+    target: Literal["mlp", "sae"] = _measured(
         "mlp", "Target space: 'mlp' = the hook site's dimensions; 'sae' = the features of an SAE on that site.")
-    num_samples: Union[int, Literal["all"]] = _opt(
+    num_samples: Union[int, Literal["all"]] = _sample(
         500, "Number of texts to aggregate over: the first N usable texts of the dataset, or 'all'.")
-    batch_size: Optional[str] = _opt(
+    batch_size: Optional[str] = _execution(
         None, "Texts per forward/backward pass, or 'auto': texts sorted by length and packed to a token budget "
         "learned from the device's free memory. Default: auto on a GPU, 4 on a CPU.")
-    tokens_per_batch: Optional[int] = _opt(
+    tokens_per_batch: Optional[int] = _execution(
         None, "Pack texts sorted by length up to this many (padded) tokens per batch; overrides --batch-size.")
-    max_length: int = _opt(128, "Tokens per text after truncation (>= 2).")
-    layers: Optional[str] = _opt(None, "Layers: a range '0-23', a list '0,5,10' or both; default every layer.")
-    hook_site: Literal["mlp_out", "mlp", "resid_post", "attn_out"] = _opt(
+    max_length: int = _sample(128, "Tokens per text after truncation (>= 2).")
+    layers: Optional[str] = _measured(None, "Layers: a range '0-23', a list '0,5,10' or both; default every layer.")
+    hook_site: Literal["mlp_out", "mlp", "resid_post", "attn_out"] = _measured(
         "mlp_out", "mlp_out: MLP block's contribution to the residual stream; mlp: the MLP module's output; "
         "resid_post: decoder layer output; attn_out: attention block's contribution.")
-    exclude_bos: bool = _opt(False, "Leave the BOS position out of the aggregation (it stays in the loss).")
-    sae_release: Optional[str] = _opt(None, "sae-lens registry release (with --sae-id), for --target sae.")
-    sae_id: Optional[str] = _opt(None, "SAE id inside --sae-release; '{layer}' is replaced by each layer index.")
-    sae_path: Optional[str] = _opt(
+    exclude_bos: bool = _measured(False, "Leave the BOS position out of the aggregation (it stays in the loss).")
+    sae_release: Optional[str] = _measured(None, "sae-lens registry release (with --sae-id), for --target sae.")
+    sae_id: Optional[str] = _measured(None, "SAE id inside --sae-release; '{layer}' is replaced by each layer index.")
+    sae_path: Optional[str] = _measured(
         None, "Local SAE directory (sae-lens or dictionary_learning format); '{layer}' is replaced per layer.")
-    sae_mode: Literal["clean", "splice", "splice-all"] = _opt(
+    sae_mode: Literal["clean", "splice", "splice-all"] = _measured(
         "clean", "clean: unmodified model, SAE error held constant, one pass for all layers; "
         "splice: the reconstruction replaces the output at the aggregated positions only, one pass per layer "
         "(the original script); splice-all: replaced at every position.")
-    sae_layers_per_pass: Optional[int] = _opt(
+    sae_layers_per_pass: Optional[int] = _execution(
         None, "SAE layers per forward+backward. Default: every layer when their SAEs fit beside the model on the "
         "worker's GPU, else as many as fit (the others wait in CPU memory and come over for their pass).")
-    position_stride: int = _opt(1, "Aggregate every K-th position only (the original SAE script used 4).")
-    aggregate_by: tuple[str, ...] = _opt(
+    position_stride: int = _measured(1, "Aggregate every K-th position only (the original SAE script used 4).")
+    aggregate_by: tuple[str, ...] = _measured(
         ("gradients",), "What to aggregate (repeatable): gradients, values (activations), attribution (grad x value), "
         "hessian (Hutchinson estimate of the Hessian diagonal d2Loss/dz2).", multiple=True)
-    hessian_probes: int = _opt(
+    hessian_probes: int = _measured(
         1, "Rademacher probes per token for --aggregate-by hessian, one extra double backward per batch each; "
         "the per-token estimate is their mean, reproducible for a given --seed.")
-    device: Literal["auto", "cuda", "cpu"] = _opt("auto", "Device for each worker.")
-    dtype: Literal["float32", "bfloat16", "float16", "float64"] = _opt(
+    device: Literal["auto", "cuda", "cpu"] = _execution("auto", "Device for each worker.")
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = _measured(
         "float32", "Model weights and activations; sums are float64 whatever this is.")
-    sae_dtype: Literal["float32", "bfloat16", "float16"] = _opt(
+    sae_dtype: Literal["float32", "bfloat16", "float16"] = _measured(
         "float32", "SAE weights and the feature projection (float64 under a float64 model); sums stay float64.")
-    aggregation_mode: str = _opt(
+    aggregation_mode: str = _export(
         "mean_abs", "Statistics to export, comma-separated: mean_abs, mean, mean_sq (E[x^2]; for gradients the "
         "diagonal empirical Fisher), std, sem; 'both' = mean_abs,mean; 'all' = every one.")
-    power: float = _opt(1.0, "After aggregation, raise each value: sign(x)|x|^P (x^P for mean_abs and the others "
+    power: float = _export(1.0, "After aggregation, raise each value: sign(x)|x|^P (x^P for mean_abs and the others "
                              "that are >= 0); P > 0.")
-    normalize_mode: Optional[str] = _opt(
+    normalize_mode: Optional[str] = _export(
         None, "After --power, rescale each layer's vector: sum_abs x*D/sum|x|, sum x*D/sum x (a vector whose sum is 0 "
         "stays as it is), none, or all (every mode, '_norm_{mode}' in file names and keys). Default: none, or "
         "sum_abs with --normalize-gradients.")
-    normalize_gradients: bool = _opt(False, "Rescale each exported vector so sum(|v|) equals its length "
+    normalize_gradients: bool = _export(False, "Rescale each exported vector so sum(|v|) equals its length "
                                             "(= --normalize-mode sum_abs).")
-    save_outputs: bool = _opt(False, "Also write per-layer .npy files and plots.")
-    save_consolidated: Optional[str] = _opt(None, "Also write the consolidated .npz to this path.")
-    dataset: str = _opt("wikitext", "Hub dataset, a local .txt/.jsonl/.parquet/.csv file, or 'stdlib-docs'.")
-    dataset_config: Optional[str] = _opt(None, "Hub dataset configuration; default wikitext-2-raw-v1 for wikitext.")
-    dataset_split: str = _opt("train", "Hub dataset split.")
-    text_column: str = _opt("text", "Column (or JSON key) holding the text.")
-    min_chars: int = _opt(50, "Keep only texts longer than this many characters (stripped).")
-    output_dir: str = _opt("raygrad_results", "Parent directory; each run gets its own directory inside.")
-    workers: Optional[int] = _opt(None, "Ray worker actors; 0 = in-process without Ray; default one per GPU, else 1.")
-    address: Optional[str] = _opt(None, "Ray cluster address; default starts a local Ray on 127.0.0.1.")
-    gpus_per_worker: Optional[int] = _opt(
+    save_outputs: bool = _export(False, "Also write per-layer .npy files and plots.")
+    save_consolidated: Optional[str] = _export(None, "Also write the consolidated .npz to this path.")
+    dataset: str = _sample("wikitext", "Hub dataset, a local .txt/.jsonl/.parquet/.csv file, or 'stdlib-docs'.")
+    dataset_config: Optional[str] = _sample(None, "Hub dataset configuration; default wikitext-2-raw-v1 for wikitext.")
+    dataset_split: str = _sample("train", "Hub dataset split.")
+    text_column: str = _sample("text", "Column (or JSON key) holding the text.")
+    min_chars: int = _sample(50, "Keep only texts longer than this many characters (stripped).")
+    output_dir: str = _export("raygrad_results", "Parent directory; each run gets its own directory inside.")
+    workers: Optional[int] = _execution(
+        None, "Ray worker actors; 0 = in-process without Ray; default one per GPU, else 1.")
+    address: Optional[str] = _execution(None, "Ray cluster address; default starts a local Ray on 127.0.0.1.")
+    gpus_per_worker: Optional[int] = _execution(
         None, "GPUs each worker actor reserves; default 1 when the cluster has GPUs or --device cuda, else 0. "
         "On an autoscaling cluster give it: workers are then asked for whatever is up.")
-    allow_offload: bool = _opt(
+    allow_offload: bool = _execution(
         False, "Let accelerate put what does not fit on a worker's GPUs in CPU memory or on disk (slow).")
-    worker_timeout: float = _opt(900.0, "Seconds to wait with no worker placed on a node before stopping (a "
+    worker_timeout: float = _execution(900.0, "Seconds to wait with no worker placed on a node before stopping (a "
                                  "worker loading its model or computing counts as placed); the run stays resumable.")
-    connect_timeout: float = _opt(60.0, "Seconds to keep trying to reach the --address cluster before stopping.")
-    checkpoint_seconds: float = _opt(
+    connect_timeout: float = _execution(60.0, "Seconds to keep trying to reach the --address cluster before stopping.")
+    checkpoint_seconds: float = _execution(
         30.0, "Seconds between checkpoints (the last shard always checkpoints); a kill loses at most this much "
         "finished work, plus the shards in flight.")
-    shard_size: Optional[int] = _opt(
+    shard_size: Optional[int] = _planned(
         None, "Texts per shard (unit of work, retry and checkpoint); default a budget of estimated target tokens: "
         "about 1M on a GPU, 64k on a CPU, and at least 4 shards per Ray worker.")
-    seed: int = _opt(42, "Seed for torch, numpy and random.")
+    seed: int = _sample(42, "Seed for torch, numpy and random.")
 
     def __post_init__(self) -> None:
         self._normalize_batch_size()
@@ -266,6 +301,76 @@ class RunConfig:
     def from_dict(cls, data: dict) -> "RunConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    # --- the three parts
+
+    def measured(self) -> "Measured":
+        """What the store's numbers are: model, layers, site, target, SAEs, sample, statistics, dtypes."""
+        return self._part(Measured)
+
+    def execution(self) -> "Execution":
+        """Where and how it runs: cluster, workers, device, batching, timeouts, checkpoints, shards."""
+        return self._part(Execution)
+
+    def export(self) -> "Export":
+        """What is written from the store when the run completes."""
+        return self._part(Export)
+
+    def _part(self, part: type):
+        return part(**{f.name: getattr(self, f.name) for f in dataclasses.fields(part)})
+
+    @classmethod
+    def from_parts(cls, measured: "Measured", execution: "Execution", export: "Export") -> "RunConfig":
+        """The whole, validated (checks that span parts, such as --tokens-per-batch >= --max-length, run here)."""
+        return cls(**measured.to_dict(), **execution.to_dict(), **export.to_dict())
+
+
+def fields_of(part: str, sample: bool | None = None) -> tuple[str, ...]:
+    """RunConfig's fields in `part`, in declaration order; `sample` True/False: only those that do/do not
+    say which sample is measured (dataset selection, --max-length, --seed)."""
+    return tuple(f.name for f in dataclasses.fields(RunConfig) if f.metadata["part"] == part
+                 and (sample is None or f.metadata.get("sample", False) == sample))
+
+
+def part_of(name: str) -> str:
+    """'measured', 'execution' or 'export' for a RunConfig field."""
+    for f in dataclasses.fields(RunConfig):
+        if f.name == name:
+            return f.metadata["part"]
+    raise RaygradError(f"--{_dash(name)}: not an option of raygrad run")
+
+
+def planned_fields() -> tuple[str, ...]:
+    """Execution options that take effect only when the shards are planned (a resume keeps its shards)."""
+    return tuple(f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("planned"))
+
+
+def _part_class(part: str) -> type:
+    """A frozen dataclass of RunConfig's fields in `part` (same names, types, defaults and metadata). Plain
+    data: the checks, several of which span parts, are RunConfig's (from_parts)."""
+    hints = typing.get_type_hints(RunConfig)
+    fields = [(f.name, hints[f.name], field(default=f.default, metadata=f.metadata))
+              for f in dataclasses.fields(RunConfig) if f.metadata["part"] == part]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        # JSON gives lists: the one sequence field (aggregate_by) is a tuple
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known})
+
+    cls = dataclasses.make_dataclass(part.capitalize(), fields, frozen=True,
+                                     namespace={"to_dict": to_dict, "from_dict": from_dict,
+                                                "__doc__": f"The {part} part of a RunConfig."})
+    cls.__module__ = __name__  # pickles (Ray) by its name here
+    return cls
+
+
+Measured = _part_class(MEASURED)
+Execution = _part_class(EXECUTION)
+Export = _part_class(EXPORT)
 
 
 def parse_statistics(spec: str) -> tuple[str, ...]:

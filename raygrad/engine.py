@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import constants as names
-from .config import SHARDS_PER_WORKER, RunConfig
+from .config import EXECUTION, MEASURED, SHARDS_PER_WORKER, RunConfig, fields_of, part_of, planned_fields
 from .data import absolute_if_local
 from .errors import RaygradError
 from .lock import run_lock
@@ -28,9 +28,7 @@ from .store import ResultStore
 
 log = logging.getLogger(__name__)
 
-# Options that change where a resumed run executes, not what it computes.
-EXECUTION_OPTIONS = ("address", "workers", "gpus_per_worker", "device", "worker_timeout", "connect_timeout",
-                     "checkpoint_seconds", "sae_layers_per_pass")
+BATCHING_OPTIONS = ("batch_size", "tokens_per_batch")  # give one anew on a resume and the other is dropped
 
 
 def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: bool = True) -> Path:
@@ -66,9 +64,9 @@ def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: boo
 
 def resume(run_dir: Path, echo: Callable[[str], None] = log.info, progress: bool = True,
            execution: dict | None = None) -> Path:
-    """Continue a killed run from its last checkpoint. `execution` may change
-    where it runs (EXECUTION_OPTIONS), never what it computes. Holds the run's lock
-    throughout; one line when another command holds it."""
+    """Continue a killed run from its last checkpoint. `execution` may change any option
+    of the config's execution part (where and how it runs), never what it measures nor what it
+    exports. Holds the run's lock throughout; one line when another command holds it."""
     started = time.perf_counter()
     store_path = Path(run_dir) / names.STORE_NAME
     if not store_path.exists():
@@ -88,10 +86,11 @@ def _resume(run_dir: Path, store_path: Path, execution: dict, echo, progress: bo
     if store.attrs.get(names.ATTR_STATUS) == names.STATUS_COMPLETE:
         return _complete_exports(Path(run_dir), config, echo)
     config, saved, workers = _resumed_config(run_dir, store, execution)
+    _planned_notes(saved, execution, echo)
     # The dataset is not read here: each worker checks its shard's rows against the plan's fingerprint.
-    # Shards and batching stay as saved (the store counts those shards); where they run may change.
+    # Shards stay as saved (the store counts those shards); where and how they run may change.
     with WorkerPool(config, workers, echo=echo) as pool:
-        plan = _resumed_plan(saved, config, pool.workers, pool.device)
+        plan = _resumed_plan(saved, config, pool.workers, pool.device, execution)
         pool.start_workers(plan, config.seed)
         _, done = store.totals()
         echo(plan.describe())
@@ -138,9 +137,10 @@ def dry_run_resume(run_dir: Path, execution: dict | None = None, echo: Callable[
                                                     "its exports are whole: --resume has nothing to do"))
         return
     config, saved, workers = _resumed_config(run_dir, store, execution)
+    _planned_notes(saved, execution, echo)
     pool = WorkerPool(config, workers, echo=echo)
     request = pool.dry()
-    plan = _resumed_plan(saved, config, pool.workers, pool.device)
+    plan = _resumed_plan(saved, config, pool.workers, pool.device, execution)
     _, done = store.totals()
     todo = [index for index, finished in enumerate(done) if not finished]
     echo(plan.describe())
@@ -187,13 +187,34 @@ def _size(n: int) -> str:
 
 
 def _check_execution(run_dir: Path, execution: dict) -> None:
-    """Refuse, with one line, a resume option that would change what the run computes."""
+    """Refuse, with one line, a resume option outside the config's execution part: a measured one would
+    change what the run computes, an export one what it writes (raygrad export derives other sets)."""
+    allowed = fields_of(EXECUTION)
     for name in execution:
-        if name not in EXECUTION_OPTIONS:
+        part = part_of(name)
+        if part == MEASURED:
             raise RaygradError(
-                f"--resume {run_dir}: --{name.replace('_', '-')} would change what the run computes; a resumed "
-                f"run keeps its own (only --{', --'.join(o.replace('_', '-') for o in EXECUTION_OPTIONS)} may change)"
+                f"--resume {run_dir}: --{_dash(name)} would change what the run computes; a resumed "
+                f"run keeps its own (only --{', --'.join(_dash(o) for o in allowed)} may change)"
             )
+        if part != EXECUTION:
+            raise RaygradError(
+                f"--resume {run_dir}: --{_dash(name)} would change what the run exports; a resumed run writes the "
+                f"exports it was started with (derive others from the complete run with raygrad export {run_dir})"
+            )
+
+
+def _dash(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _planned_notes(saved: Plan, execution: dict, echo) -> None:
+    """One line for each option given that takes effect only when shards are planned: the resume keeps
+    the saved shards (the store counts them), so it goes on without it."""
+    for name in planned_fields():
+        if name in execution:
+            echo(f"note: --{_dash(name)} {execution[name]} applies when a run plans its shards; this run's "
+                 f"{len(saved.shards)} shards were planned when it started and stay as they are")
 
 
 def _resumed_config(run_dir: Path, store: ResultStore, execution: dict) -> tuple[RunConfig, Plan, int | None]:
@@ -202,7 +223,12 @@ def _resumed_config(run_dir: Path, store: ResultStore, execution: dict) -> tuple
     config = RunConfig.from_dict(store.attrs[names.ATTR_CONFIG])
     if execution.get("workers") == 0:  # in this process now: the saved run's Ray options no longer apply
         execution = {"address": None, "gpus_per_worker": None, **execution}
-    config = dataclasses.replace(config, **execution)
+    for given, other in (BATCHING_OPTIONS, BATCHING_OPTIONS[::-1]):
+        if given in execution:  # one batching given anew replaces the saved one (both given: refused)
+            execution = {other: None, **execution}
+    # What it measures and exports stays; the execution part is the saved one with `execution` applied.
+    config = RunConfig.from_parts(config.measured(), dataclasses.replace(config.execution(), **execution),
+                                  config.export())
     saved = Plan.from_dict(store.attrs[names.ATTR_PLAN])
     check_unchanged(saved, "resuming")  # the pinned model and SAEs, before the dataset is read
     if saved.source is None:
@@ -211,10 +237,14 @@ def _resumed_config(run_dir: Path, store: ResultStore, execution: dict) -> tuple
     return config, saved, execution.get("workers", None if "address" in execution else saved.workers)
 
 
-def _resumed_plan(saved: Plan, config: RunConfig, workers: int, device: str) -> Plan:
-    """The saved plan, placed where the resume runs (its shards and batching stay)."""
-    return dataclasses.replace(saved, workers=workers, device=device, device_request=config.device,
-                               sae_layers_per_pass=config.sae_layers_per_pass)
+def _resumed_plan(saved: Plan, config: RunConfig, workers: int, device: str, execution: dict) -> Plan:
+    """The saved plan, placed where the resume runs. Its shards stay; so does its batching unless a
+    batching option was given anew (resumed unchanged, a run's sums stay those of an undisturbed run)."""
+    plan = saved.placed(config, workers, device)
+    if any(name in execution for name in BATCHING_OPTIONS):
+        return plan
+    return dataclasses.replace(plan, batching=saved.batching, batch_size=saved.batch_size,
+                               tokens_per_batch=saved.tokens_per_batch)
 
 
 def _complete_exports(run_dir: Path, config: RunConfig, echo) -> Path:

@@ -377,6 +377,9 @@ def _digest(value: np.ndarray) -> str:
 
 
 def _inputs_digest(attrs: dict) -> str:
+    """The whole saved configuration and plan, recorded when the store is created and checked on every open
+    (a resume's too): it binds the store to what it measures (the configuration's measured part) and to the
+    pinned revisions it was computed on (the plan's model_revision, sae_revisions, dataset_revision)."""
     inputs = {key: attrs.get(key) for key in (names.ATTR_CONFIG, names.ATTR_PLAN)}
     return hashlib.blake2b(json.dumps(inputs, sort_keys=True).encode(), digest_size=16).hexdigest()
 

@@ -158,8 +158,9 @@ def test_resume_takes_execution_options_and_refuses_the_rest(tiny_llama, texts_f
     code, _, err = run_cli(["run", "--resume", str(run_dir), "--layers", "0"], capsys, monkeypatch)
     assert code == 2 and err.strip().splitlines() == [
         f"error: --resume {run_dir}: --layers would change what the run computes; a resumed run keeps its own "
-        "(only --address, --workers, --gpus-per-worker, --device, --worker-timeout, --connect-timeout, "
-        "--checkpoint-seconds, --sae-layers-per-pass may change)"]
+        "(only --batch-size, --tokens-per-batch, --sae-layers-per-pass, --device, --workers, --address, "
+        "--gpus-per-worker, --allow-offload, --worker-timeout, --connect-timeout, --checkpoint-seconds, "
+        "--shard-size may change)"]
     code, _, err = run_cli(["run", "--resume", str(run_dir), "--workers", "0", "--worker-timeout", "60"],
                            capsys, monkeypatch)
     assert code == 0, err
