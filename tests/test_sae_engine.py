@@ -380,9 +380,9 @@ def test_a_resume_may_change_the_sae_layers_per_pass(tiny_llama, texts_file, sae
 
     real_rows, passes = ShardComputer._compute_rows, []
 
-    def recording(self, token_ids, rows, seed):
-        passes.append(list(rows))
-        return real_rows(self, token_ids, rows, seed)
+    def recording(self, token_ids, text_rows, group):
+        passes.append(list(group))
+        return real_rows(self, token_ids, text_rows, group)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ShardComputer, "_compute_rows", recording)
