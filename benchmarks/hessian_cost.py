@@ -50,12 +50,12 @@ def best_times(runners: dict[str, ShardRunner], texts, args) -> dict[str, float]
     """Seconds per runner for the texts, after one warm-up batch each: the best of --repeats rounds,
     the runners taking turns in each round (so load from other processes hits them alike)."""
     for runner in runners.values():
-        runner.run(0, texts[: args.batch_size])
+        runner.computer.compute(texts[: args.batch_size])
     best = dict.fromkeys(runners, float("inf"))
     for _ in range(args.repeats):
         for name, runner in runners.items():
             started = time.perf_counter()
-            runner.run(0, texts)
+            runner.computer.compute(texts)
             best[name] = min(best[name], time.perf_counter() - started)
     return best
 
@@ -64,15 +64,15 @@ class UndrawnProbes:
     """A runner whose Hessian probes are all +1 rather than drawn (a wrong estimate, the same work)."""
 
     def __init__(self, runner: ShardRunner):
-        self.runner = runner
+        self.runner, self.computer = runner, self  # timed as runner.computer.compute(texts)
 
-    def run(self, shard, texts):
+    def compute(self, texts):
         def ones(batch, agg, k, layer, rows, width, device, dtype):
             return torch.ones(rows.stop - rows.start, width, device=device, dtype=dtype)
 
         drawn, grads._probe = grads._probe, ones
         try:
-            return self.runner.run(shard, texts)
+            return self.runner.computer.compute(texts)
         finally:
             grads._probe = drawn
 
@@ -91,15 +91,15 @@ def batch_peak_bytes(args, kinds: tuple[str, ...]) -> int:
     texts = long_texts(args.samples)
     one_batch = argparse.Namespace(**{**vars(args), "batch_size": args.samples})
     runner = runner_for(texts, one_batch, aggregate_by=kinds)
-    runner.run(0, texts[:1])
+    runner.computer.compute(texts[:1])
     if runner.device.type == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated(runner.device)
         torch.cuda.reset_peak_memory_stats(runner.device)
-        runner.run(0, texts)
+        runner.computer.compute(texts)
         return torch.cuda.max_memory_allocated(runner.device) - before
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    runner.run(0, texts)
+    runner.computer.compute(texts)
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024  # Linux: KiB
 
 

@@ -123,11 +123,11 @@ def main() -> None:
     print(f"{args.model}: {len(plan.layers)} layers, {len(texts)} samples, {tokens} target tokens, "
           f"{torch.get_num_threads()} threads")
 
-    runner.run(0, texts[: args.batch_size])  # warm-up: first-call allocations and kernel selection
+    runner.computer.compute(texts[: args.batch_size])  # warm-up: first-call allocations and kernel selection
     bare_loop(model, encoded[:1])
 
     started = time.perf_counter()
-    runner.run(0, texts)
+    runner.computer.compute(texts)
     raygrad_s = time.perf_counter() - started
     bare_s = bare_loop(model, encoded)
     print(f"raygrad one pass     {raygrad_s:8.1f} s  {tokens / raygrad_s:8.1f} tokens/s")

@@ -49,9 +49,9 @@ def timed_clean(model_name, texts, layers, sae_dir, args) -> tuple[float, ShardR
                        max_length=args.max_length, layers=layers, workers=0, device="cpu", target="sae",
                        sae_path=str(sae_dir / "sae_{layer}"), position_stride=args.stride)
     runner = ShardRunner(make_plan(config, len(texts), workers=0, device="cpu"))
-    runner.run(0, texts[: args.batch_size])  # warm-up
+    runner.computer.compute(texts[: args.batch_size])  # warm-up
     started = time.perf_counter()
-    runner.run(0, texts)
+    runner.computer.compute(texts)
     return time.perf_counter() - started, runner
 
 
