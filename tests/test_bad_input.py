@@ -110,11 +110,12 @@ def test_a_full_disk_while_checkpointing_stops_with_the_resume_command(tiny_llam
                                                                        monkeypatch, in_process_totals):
     expected = in_process_totals(shard_size=1)
     capsys.readouterr()  # the undisturbed run's own output (transformers' loading bar) is not the command's
-    real_stage, calls = store_module._stage, []
+    real_stage = store_module._stage
 
     def disk_fills_on_third_checkpoint(pending, arrays):
-        calls.append(1)
-        if len(calls) >= 3:
+        # By what a checkpoint holds, not by how many were written: the writer thread may merge
+        # checkpoints, but the last one (every shard done) always comes.
+        if arrays[names.SHARDS_DONE].sum() >= 3:
             (pending.with_suffix(".tmp.npz")).write_bytes(b"half")  # as a full disk leaves it
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_stage(pending, arrays)
