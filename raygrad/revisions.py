@@ -156,12 +156,7 @@ def model_commit(plan) -> str | None:
 
 def _model_problem(pin: dict, shown: str, going_on: str) -> str | None:
     if pin.get("kind") == "local":
-        if not Path(pin["path"]).is_dir():
-            return f"--model {shown}: no such directory any more ({pin['path']}); {going_on} needs the same model"
-        changed = _what_changed(pin["files"], directory_files(Path(pin["path"])))
-        if changed:
-            return (f"--model {shown}: its files changed since the run started ({changed}); {going_on} would mix "
-                    "two models: start a new run")
+        return _local_problem(pin, f"--model {shown}", f"({pin['path']})", "model", going_on)
     elif pin.get("kind") == "hub":
         return _snapshot_problem("--model", pin["repo"], pin["commit"])
     elif pin.get("kind") == "bundled":
@@ -258,15 +253,20 @@ def pinned_hub_downloads(repo_id: str | None, commit: str | None):
         loaders.hf_hub_download = real
 
 
+def _local_problem(pin: dict, shown: str, where: str, what: str, going_on: str) -> str | None:
+    """A local directory pinned by its files' digests: gone, or changed (naming what changed)."""
+    if not Path(pin["path"]).is_dir():
+        return f"{shown}: no such directory any more{' ' + where if where else ''}; {going_on} needs the same {what}"
+    changed = _what_changed(pin["files"], directory_files(Path(pin["path"])))
+    if changed:
+        return (f"{shown}: its files changed since the run started ({changed}); {going_on} would mix two "
+                f"{what}s: start a new run")
+    return None
+
+
 def _sae_problem(pin: dict, layer: int, going_on: str) -> str | None:
     if pin.get("kind") == "local":
-        shown = f"--sae-path (layer {layer}) {pin['path']}"
-        if not Path(pin["path"]).is_dir():
-            return f"{shown}: no such directory any more; {going_on} needs the same SAE"
-        changed = _what_changed(pin["files"], directory_files(Path(pin["path"])))
-        if changed:
-            return (f"{shown}: its files changed since the run started ({changed}); {going_on} would mix two "
-                    "SAEs: start a new run")
+        return _local_problem(pin, f"--sae-path (layer {layer}) {pin['path']}", "", "SAE", going_on)
     elif pin.get("kind") == "hub":
         return _snapshot_problem(f"--sae-release (layer {layer})", pin["repo"], pin["commit"])
     return None
