@@ -144,7 +144,7 @@ class RunConfig:
             value = getattr(self, name)
             low = 0 if name == "min_chars" else 1  # min_chars 0 keeps every non-empty text
             if not isinstance(value, int) or value < low:
-                raise RaygradError(f"--{_dash(name)} {value}: must be an integer >= {low}")
+                raise RaygradError(f"--{dashed(name)} {value}: must be an integer >= {low}")
         if self.hessian_probes != 1 and "hessian" not in self.aggregate_by:
             raise RaygradError(f"--hessian-probes {self.hessian_probes}: only --aggregate-by hessian draws probes; "
                                "add --aggregate-by hessian, or drop --hessian-probes")
@@ -181,7 +181,7 @@ class RunConfig:
             choices = _choices(f)
             if choices and getattr(self, f.name) not in choices:
                 raise RaygradError(
-                    f"--{_dash(f.name)} {getattr(self, f.name)!r}: choose one of {', '.join(choices)}"
+                    f"--{dashed(f.name)} {getattr(self, f.name)!r}: choose one of {', '.join(choices)}"
                 )
         if self.layers is not None:
             parse_layer_spec(self.layers)  # format only; range is checked against the model in the plan
@@ -207,7 +207,7 @@ class RunConfig:
     def _check_number(self, name: str, allowed: str, ok) -> None:
         value = getattr(self, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-            raise RaygradError(f"--{_dash(name)} {value}: must be {allowed}")
+            raise RaygradError(f"--{dashed(name)} {value}: must be {allowed}")
 
     def _normalize_num_samples(self) -> None:
         """'all' stays; '8' (from the command line) becomes 8; anything else is refused."""
@@ -242,7 +242,7 @@ class RunConfig:
         if self.target == "mlp":
             for name in ("sae_release", "sae_id", "sae_path", "sae_layers_per_pass"):
                 if getattr(self, name) is not None:
-                    raise RaygradError(f"--{_dash(name)} {getattr(self, name)}: only used with --target sae")
+                    raise RaygradError(f"--{dashed(name)} {getattr(self, name)}: only used with --target sae")
             if self.sae_mode != "clean":
                 raise RaygradError(f"--sae-mode {self.sae_mode}: only used with --target sae")
             return
@@ -337,7 +337,7 @@ def part_of(name: str) -> str:
     for f in dataclasses.fields(RunConfig):
         if f.name == name:
             return f.metadata["part"]
-    raise RaygradError(f"--{_dash(name)}: not an option of raygrad run")
+    raise RaygradError(f"--{dashed(name)}: not an option of raygrad run")
 
 
 def planned_fields() -> tuple[str, ...]:
@@ -386,7 +386,8 @@ def parse_statistics(spec: str) -> tuple[str, ...]:
     return tuple(chosen)
 
 
-def _dash(name: str) -> str:
+def dashed(name: str) -> str:
+    """A field's name as its command-line option is spelled: sae_path -> sae-path."""
     return name.replace("_", "-")
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import constants as names
-from .config import EXECUTION, MEASURED, SHARDS_PER_WORKER, RunConfig, fields_of, part_of, planned_fields
+from .config import EXECUTION, MEASURED, SHARDS_PER_WORKER, RunConfig, dashed, fields_of, part_of, planned_fields
 from .data import absolute_if_local
 from .errors import RaygradError
 from .lock import run_lock
@@ -40,8 +40,7 @@ def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: boo
     # Planning checks layers, sites, SAEs and the dataset's file before Ray starts or weights
     # load; the samples and shards follow from one pass over the dataset.
     plan = make_plan(config, 0)
-    source = describe_source(config.dataset, config.text_column, config.dataset_config, config.dataset_split,
-                             config.min_chars)
+    source = _source(config)
     with contextlib.ExitStack() as locked, WorkerPool(config, echo=echo) as pool:
         plan = plan.placed(config, pool.workers, pool.device)
         pool.start_workers(plan, config.seed)  # Ray actors load their model while the shards are planned
@@ -80,8 +79,7 @@ def resume(run_dir: Path, echo: Callable[[str], None] = log.info, progress: bool
 
 def _resume(run_dir: Path, store_path: Path, execution: dict, echo, progress: bool, started: float) -> Path:
     store = ResultStore.open(store_path, writable=True)
-    if names.ATTR_CONFIG not in store.attrs:
-        raise RaygradError(f"--resume {run_dir}: a comparison (raygrad compare), not a run; nothing to resume")
+    _refuse_comparison(run_dir, store)
     config = RunConfig.from_dict(store.attrs[names.ATTR_CONFIG])
     if store.attrs.get(names.ATTR_STATUS) == names.STATUS_COMPLETE:
         return _complete_exports(Path(run_dir), config, echo)
@@ -106,8 +104,7 @@ def dry_run(config: RunConfig, echo: Callable[[str], None] = log.info) -> None:
     config = dataclasses.replace(config, dataset=absolute_if_local(config.dataset))
     _check_output_paths(config, create=False)
     plan = make_plan(config, 0)
-    source = describe_source(config.dataset, config.text_column, config.dataset_config, config.dataset_split,
-                             config.min_chars)
+    source = _source(config)
     pool = WorkerPool(config, echo=echo)
     request = pool.dry()
     plan = _plan_shards(plan.placed(config, pool.workers, pool.device), config, source, pool.workers, pool.device,
@@ -126,8 +123,7 @@ def dry_run_resume(run_dir: Path, execution: dict | None = None, echo: Callable[
     execution = execution or {}
     _check_execution(run_dir, execution)
     store = ResultStore.open(store_path)
-    if names.ATTR_CONFIG not in store.attrs:
-        raise RaygradError(f"--resume {run_dir}: a comparison (raygrad compare), not a run; nothing to resume")
+    _refuse_comparison(run_dir, store)
     if store.attrs.get(names.ATTR_STATUS) == names.STATUS_COMPLETE:
         from .export import check_exports
 
@@ -146,6 +142,17 @@ def dry_run_resume(run_dir: Path, execution: dict | None = None, echo: Callable[
     echo(plan.describe())
     echo(f"resume   {run_dir}: {len(done) - len(todo)} of {len(done)} shards done, {len(todo)} left")
     echo("\n".join(_dry_run_lines(plan, todo, request, None)))
+
+
+def _source(config: RunConfig) -> dict:
+    """The dataset the configuration names, as the shard planner and the workers read it."""
+    return describe_source(config.dataset, config.text_column, config.dataset_config, config.dataset_split,
+                           config.min_chars)
+
+
+def _refuse_comparison(run_dir: Path, store: ResultStore) -> None:
+    if names.ATTR_CONFIG not in store.attrs:
+        raise RaygradError(f"--resume {run_dir}: a comparison (raygrad compare), not a run; nothing to resume")
 
 
 def _dry_run_lines(plan: Plan, todo: list[int], request: str, dataset: str | None) -> list[str]:
@@ -194,18 +201,14 @@ def _check_execution(run_dir: Path, execution: dict) -> None:
         part = part_of(name)
         if part == MEASURED:
             raise RaygradError(
-                f"--resume {run_dir}: --{_dash(name)} would change what the run computes; a resumed "
-                f"run keeps its own (only --{', --'.join(_dash(o) for o in allowed)} may change)"
+                f"--resume {run_dir}: --{dashed(name)} would change what the run computes; a resumed "
+                f"run keeps its own (only --{', --'.join(dashed(o) for o in allowed)} may change)"
             )
         if part != EXECUTION:
             raise RaygradError(
-                f"--resume {run_dir}: --{_dash(name)} would change what the run exports; a resumed run writes the "
+                f"--resume {run_dir}: --{dashed(name)} would change what the run exports; a resumed run writes the "
                 f"exports it was started with (derive others from the complete run with raygrad export {run_dir})"
             )
-
-
-def _dash(name: str) -> str:
-    return name.replace("_", "-")
 
 
 def _planned_notes(saved: Plan, execution: dict, echo) -> None:
@@ -213,7 +216,7 @@ def _planned_notes(saved: Plan, execution: dict, echo) -> None:
     the saved shards (the store counts them), so it goes on without it."""
     for name in planned_fields():
         if name in execution:
-            echo(f"note: --{_dash(name)} {execution[name]} applies when a run plans its shards; this run's "
+            echo(f"note: --{dashed(name)} {execution[name]} applies when a run plans its shards; this run's "
                  f"{len(saved.shards)} shards were planned when it started and stay as they are")
 
 
