@@ -138,7 +138,7 @@ def info(run_dir) -> None:
                                "store": "every array matches its recorded digest",
                                names.ATTR_COMPARE: attrs.get(names.ATTR_COMPARE)}))
         return
-    _, done = store.totals()
+    done = store.shards_done()
     quality = sae_quality(store.committed_group())
     complete = attrs.get(names.ATTR_STATUS) == names.STATUS_COMPLETE
     exports = (check_exports(Path(run_dir)) or "whole") if complete else "not written (the run is not complete)"

@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union, get_args
 
-from .constants import NORMALIZE_MODES, STATISTICS
+from .constants import EXAMPLE_KINDS, MAX_TOP_EXAMPLES, NORMALIZE_MODES, STATISTICS
 from .errors import RaygradError
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B"
@@ -94,6 +94,10 @@ class RunConfig:
     hessian_probes: int = _measured(
         1, "Rademacher probes per token for --aggregate-by hessian, one extra double backward per batch each; "
         "the per-token estimate is their mean, reproducible for a given --seed.")
+    top_examples: int = _measured(
+        0, "Keep, for every layer and dimension (every SAE feature), the K tokens with the largest |score| of "
+        "each collected kind among gradients, attribution and values: score, dataset row, token position "
+        "(read them with raygrad examples / raygrad report). 0 = off; at most 64.")
     device: Literal["auto", "cuda", "cpu"] = _execution("auto", "Device for each worker.")
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = _measured(
         "float32", "Model weights and activations; sums are float64 whatever this is.")
@@ -145,6 +149,12 @@ class RunConfig:
             low = 0 if name == "min_chars" else 1  # min_chars 0 keeps every non-empty text
             if not isinstance(value, int) or value < low:
                 raise RaygradError(f"--{dashed(name)} {value}: must be an integer >= {low}")
+        if not isinstance(self.top_examples, int) or not 0 <= self.top_examples <= MAX_TOP_EXAMPLES:
+            raise RaygradError(f"--top-examples {self.top_examples}: must be an integer from 1 to "
+                               f"{MAX_TOP_EXAMPLES} (0, the default, keeps none)")
+        if self.top_examples and not set(EXAMPLE_KINDS) & set(self.aggregate_by):
+            raise RaygradError(f"--top-examples {self.top_examples}: examples rank gradients, attribution or "
+                               f"values; --aggregate-by {','.join(self.aggregate_by)} collects none of them")
         if self.hessian_probes != 1 and "hessian" not in self.aggregate_by:
             raise RaygradError(f"--hessian-probes {self.hessian_probes}: only --aggregate-by hessian draws probes; "
                                "add --aggregate-by hessian, or drop --hessian-probes")

@@ -35,6 +35,10 @@ MEAN_ARRAYS = {  # prefix -> (signed mean, mean of |x|) as written at finalize
 LEGACY_MEAN_NAMES = {"mean": "grad_mean", "mean_abs": "grad_mean_abs", "site_mean": "site_grad_mean",
                      "site_mean_abs": "site_grad_mean_abs"}
 NORMALIZE_MODES = ("sum_abs", "sum", "none")
+# --top-examples (raygrad.examples): the kinds whose tokens are ranked, and the most examples kept
+EXAMPLE_KINDS = ("gradients", "attribution", "values")
+MAX_TOP_EXAMPLES = 64
+EXAMPLE_DIM = "k"  # the examples' dimension: (layer, dim|feature, k), best first
 SUM_ARRAYS = tuple(f"grad_{stat}" for stat in STATS)  # the gradient kind's sums
 GRAD_SUM, GRAD_ABS_SUM, _ = SUM_ARRAYS
 SHARDS_DONE = "shards_done"

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import constants as names
+from . import examples as topk
 from .config import EXECUTION, MEASURED, SHARDS_PER_WORKER, RunConfig, dashed, fields_of, part_of, planned_fields
 from .data import absolute_if_local
 from .errors import RaygradError
@@ -54,6 +55,7 @@ def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: boo
             store = ResultStore.create(
                 run_dir / names.STORE_NAME, plan.prefixes, len(plan.shards), plan.layers,
                 {names.ATTR_CONFIG: config.to_dict(), names.ATTR_PLAN: plan.to_dict()}, plan.layer_sums,
+                plan.top_examples, tuple(plan.example_prefixes), topk.score_dtype(plan.dtype),
             )
         except OSError as err:
             raise RaygradError(f"--output-dir {output_dir}: cannot create the store ({_os_reason(err)})") from None
@@ -90,7 +92,7 @@ def _resume(run_dir: Path, store_path: Path, execution: dict, echo, progress: bo
     with WorkerPool(config, workers, echo=echo) as pool:
         plan = _resumed_plan(saved, config, pool.workers, pool.device, execution)
         pool.start_workers(plan, config.seed)
-        _, done = store.totals()
+        done = store.shards_done()
         echo(plan.describe())
         echo(f"resuming {run_dir}: {int(done.sum())} of {len(done)} shards already done")
         _execute(plan, config, store, pool, progress, time.perf_counter() - started, echo)
@@ -137,7 +139,7 @@ def dry_run_resume(run_dir: Path, execution: dict | None = None, echo: Callable[
     pool = WorkerPool(config, workers, echo=echo)
     request = pool.dry()
     plan = _resumed_plan(saved, config, pool.workers, pool.device, execution)
-    _, done = store.totals()
+    done = store.shards_done()
     todo = [index for index, finished in enumerate(done) if not finished]
     echo(plan.describe())
     echo(f"resume   {run_dir}: {len(done) - len(todo)} of {len(done)} shards done, {len(todo)} left")

@@ -17,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from . import constants as names
+from . import examples as topk
 from .probes import rademacher, token_keys
 
 IGNORE_INDEX = -100  # label of positions that have no real target
@@ -40,12 +41,18 @@ class Partial:
             tokens=np.zeros(num_layers, dtype=np.int64),
         )
 
+    # --top-examples: per ranked prefix, topk.array_names(prefix) -> (L, width, K) tables (score, row,
+    # position), merged by the exact top-K rule (raygrad.examples), not added
+    examples: dict[str, np.ndarray] = field(default_factory=dict)
+
     def add(self, other: "Partial") -> None:
         for name, total in self.sums.items():
             total += other.sums[name]
         self.tokens += other.tokens
         self.loss_sum += other.loss_sum
         self.loss_tokens += other.loss_tokens
+        if self.examples:
+            self.examples.update(topk.merge_named(self.examples, other.examples))
 
 
 def array_widths(prefixes: dict[str, int]) -> dict[str, int]:
@@ -64,6 +71,8 @@ class DeviceAccumulator:
     prefixes: dict[str, int]  # statistic prefix -> width
     device: torch.device
     layer_sums: tuple[str, ...] = ()  # per-layer scalar totals (constants.LAYER_SUMS), (L,) each
+    top_k: int = 0  # --top-examples: the best K tokens per dimension of each ranked kind (raygrad.examples)
+    score_dtype: torch.dtype = torch.float32  # of those examples' scores (float64 in a float64 run)
     sums: dict[str, torch.Tensor] = field(init=False)
     tokens: np.ndarray = field(init=False)  # (L,) positions aggregated per layer
     loss_sum: torch.Tensor = field(init=False)  # nats, float64 on the device
@@ -78,16 +87,34 @@ class DeviceAccumulator:
             self.sums[name] = torch.zeros(self.num_layers, dtype=torch.float64, device=self.device)
         self.tokens = np.zeros(self.num_layers, dtype=np.int64)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        ranked = [prefix for prefix in topk.RANKED_PREFIXES if prefix in self.prefixes] if self.top_k else []
+        # prefix -> {score, row, position} (L, width, K), best first
+        self.examples = {prefix: topk.empty_tensors(self.num_layers, self.prefixes[prefix], self.top_k,
+                                                        self.score_dtype, self.device) for prefix in ranked}
+        # The batch being added: (prefix, layer row) -> its best rows so far, (score, index) (width, <=K)
+        # each, index into the batch's aggregated positions; resolved to (row, position) by `merge`.
+        self.pending: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.token_rows: torch.Tensor | None = None  # (N,) the batch's dataset row per aggregated position
+        self.token_positions: torch.Tensor | None = None  # (N,) and its token position
+        self.ranked = False  # whether the tables hold any batch yet
 
     def empty_like(self) -> "DeviceAccumulator":
-        return DeviceAccumulator(self.num_layers, self.prefixes, self.device, self.layer_sums)
+        return DeviceAccumulator(self.num_layers, self.prefixes, self.device, self.layer_sums, self.top_k,
+                                 self.score_dtype)
+
+    def begin_batch(self, batch: "Batch") -> None:
+        """The batch whose rows the next `add`s rank (only --top-examples reads them)."""
+        if self.examples:
+            self.token_rows = torch.from_numpy(batch.token_rows).to(self.device, non_blocking=True)
+            self.token_positions = torch.from_numpy(batch.token_positions).to(self.device, non_blocking=True)
 
     def add_scalar(self, name: str, row: int, value: torch.Tensor) -> None:
         """Add a 0-d tensor to one layer's scalar total (kept on the device)."""
         self.sums[name][row] += value.to(self.device, torch.float64, non_blocking=True)
 
-    def add(self, prefix: str, row: int, x: torch.Tensor) -> None:
-        """Add sum, sum of |x| and sum of x^2 over the rows of x (N, width).
+    def add(self, prefix: str, row: int, x: torch.Tensor, start: int = 0) -> None:
+        """Add sum, sum of |x| and sum of x^2 over the rows of x (N, width); with --top-examples, rank
+        them too (x's rows are the batch's aggregated positions from `start` on).
 
         Each reduction reads x once and accumulates in float32 or wider (a
         float16 square underflows below 6e-8 and overflows above 65504; on a
@@ -101,6 +128,18 @@ class DeviceAccumulator:
                                                                                          non_blocking=True)
         self.sums[sq_total][row] += torch.linalg.vector_norm(x, 2, dim=0, dtype=wide).square().to(
             self.device, non_blocking=True)
+        if prefix in self.examples:
+            self._rank(prefix, row, x, start)
+
+    def _rank(self, prefix: str, row: int, x: torch.Tensor, start: int) -> None:
+        """Keep, per dimension, the batch's best K rows seen so far (the merge across batches, which
+        needs the rows' dataset order, happens once per batch in `merge`)."""
+        index = topk.batch_top(x, self.top_k)  # (k', width) rows of x
+        score = x.gather(0, index).to(self.device, self.score_dtype, non_blocking=True).T
+        index = index.to(self.device, non_blocking=True).T + start
+        if (prefix, row) in self.pending:
+            score, index = topk.best_in_batch(*self.pending[prefix, row], score, index, self.top_k)
+        self.pending[prefix, row] = score, index
 
     def merge(self, other: "DeviceAccumulator") -> None:
         """Add a finished batch's sums (kept apart until the batch succeeded,
@@ -110,6 +149,23 @@ class DeviceAccumulator:
         self.tokens += other.tokens
         self.loss_sum += other.loss_sum
         self.loss_tokens += other.loss_tokens
+        if other.ranked:  # tables of its own (a staged batch has only its pending rows)
+            for prefix, tables in self.examples.items():
+                tables.update(topk.merge(tables, other.examples[prefix], self.top_k))
+        other.resolve(into=self)
+
+    def resolve(self, into: "DeviceAccumulator | None" = None) -> None:
+        """The pending batch's best rows, as (score, row, position), merged into the tables (of `into`)."""
+        into = self if into is None else into
+        for (prefix, row), (score, index) in self.pending.items():
+            candidates = {"score": score, "row": self.token_rows[index],
+                          "position": self.token_positions[index].int()}
+            tables = into.examples[prefix]
+            merged = topk.merge({name: value[row] for name, value in tables.items()}, candidates, self.top_k)
+            for name, value in merged.items():
+                tables[name][row] = value
+            into.ranked = True
+        self.pending.clear()
 
     def merge_rows(self, part: "DeviceAccumulator", rows: list[int], with_loss: bool) -> None:
         """Add the sums of a pass over some layers only (`part` row i is this row rows[i]);
@@ -121,13 +177,23 @@ class DeviceAccumulator:
         if with_loss:
             self.loss_sum += part.loss_sum
             self.loss_tokens += part.loss_tokens
+        part.resolve()
+        self.ranked = self.ranked or part.ranked
+        for prefix, tables in self.examples.items():
+            merged = topk.merge({name: value[index] for name, value in tables.items()}, part.examples[prefix],
+                                    self.top_k)
+            for name, value in merged.items():
+                tables[name][index] = value
 
     def to_partial(self) -> Partial:
+        self.resolve()
         return Partial(
             sums={name: total.cpu().numpy() for name, total in self.sums.items()},
             tokens=self.tokens.copy(),
             loss_sum=float(self.loss_sum),
             loss_tokens=self.loss_tokens,
+            examples={name: tables[table].cpu().numpy() for prefix, tables in self.examples.items()
+                      for name, table in zip(topk.array_names(prefix), topk.TABLES)},
         )
 
 
@@ -192,12 +258,16 @@ def make_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, agg: "Aggr
     mask = aggregated_positions(counted[:, :-1], input_ids, agg)
     flat = torch.zeros_like(counted)
     flat[:, :-1] = mask
-    selected = flat.flatten().nonzero().squeeze(1)
+    selected = flat.flatten().nonzero().squeeze(1).numpy()
     text_rows = np.arange(input_ids.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
     width = input_ids.shape[1]
-    return Batch(input_ids, attention_mask, labels, selected, int(counted.sum()),
-                 has_padding=bool((attention_mask == 0).any()), token_rows=text_rows[selected.numpy() // width],
-                 token_positions=selected.numpy() % width)
+    token_rows, token_positions = text_rows[selected // width], selected % width
+    # In (dataset row, position) order, whatever the order of the texts in the batch: --top-examples
+    # breaks ties between equal scores by that order (raygrad.examples); sums do not depend on it.
+    order = np.lexsort((token_positions, token_rows))
+    return Batch(input_ids, attention_mask, labels, torch.from_numpy(selected[order]), int(counted.sum()),
+                 has_padding=bool((attention_mask == 0).any()), token_rows=token_rows[order],
+                 token_positions=token_positions[order])
 
 
 @dataclass
@@ -340,14 +410,14 @@ def _rows(x: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).index_select(0, selected.to(x.device, non_blocking=True))
 
 
-def _add_kinds(acc: DeviceAccumulator, row: int, kinds: tuple[str, ...], value, grad) -> None:
-    """gradients: dLoss/dx; values: x; attribution: x * dLoss/dx (rows are positions).
-    The hessian kind is added by the Hutchinson step, not here."""
+def _add_kinds(acc: DeviceAccumulator, row: int, kinds: tuple[str, ...], value, grad, start: int = 0) -> None:
+    """gradients: dLoss/dx; values: x; attribution: x * dLoss/dx (rows are the batch's aggregated positions
+    from `start` on). The hessian kind is added by the Hutchinson step, not here."""
     for kind in kinds:
         if kind == "hessian":
             continue
         x = grad if kind == "gradients" else value if kind == "values" else value * grad
-        acc.add(names.KIND_PREFIX[kind], row, x)
+        acc.add(names.KIND_PREFIX[kind], row, x, start)
 
 
 # ---------------------------------------------------------------- Hutchinson (hessian kind)
@@ -444,6 +514,7 @@ def accumulate_batch(
     every layer of the run whichever of them this pass adds (SAE passes)."""
     acc.loss_tokens += batch.targets
     acc.tokens += batch.aggregated
+    acc.begin_batch(batch)
     layers = list(range(len(modules))) if layers is None else list(layers)
     if saes is not None and agg.sae_mode in ("splice", "splice-all"):
         _accumulate_spliced(model, modules, batch, acc, agg, saes, layers)
@@ -496,7 +567,7 @@ def _add_clean_features(acc, row, agg: Aggregation, sae, z: torch.Tensor, select
             _add_quality(acc, row, x, f, sae.decode(f))
         pull = _decoder_transpose(sae, weight, f)
         g_f = pull(g_chunk)
-        _add_kinds(acc, row, agg.kinds, f, g_f)
+        _add_kinds(acc, row, agg.kinds, f, g_f, part.start)
         if products is not None:
             estimate = None
             for r, hr in products:

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from . import constants as names
+from . import examples as topk
 from .config import RunConfig, parse_layer_spec
 from .memory import weight_sae_token_bytes
 from .models import BUNDLED_MODELS, family_of, load_model_config, resolve_hook_sites, resolve_model_path, text_config
@@ -41,6 +42,7 @@ class Plan:
     site_width: int = 0  # the hook site's width (the model's hidden size)
     aggregate_by: tuple[str, ...] = ("gradients",)
     hessian_probes: int = 1  # Rademacher probes per token for the hessian kind
+    top_examples: int = 0  # --top-examples K: best tokens kept per dimension of each ranked kind
     position_stride: int = 1
     sae_mode: str | None = None
     sae_source: dict | None = None  # {"release", "sae_id", "path"}; templates keep '{layer}'
@@ -156,11 +158,22 @@ class Plan:
         spliced = (names.SPLICED_LOSS_SUM,) if self.sae_mode != "clean" else ()
         return (names.SAE_SQ_ERROR_SUM, names.SAE_L0_SUM, *spliced)
 
+    @property
+    def example_prefixes(self) -> list[str]:
+        """The prefixes whose top tokens are kept (--top-examples), none when it is off."""
+        return topk.example_prefixes(self.aggregate_by) if self.top_examples else []
+
+    def example_bytes(self) -> int:
+        """One shard's --top-examples tables: per ranked kind, layers x width x K entries of a score
+        (float32; float64 in a float64 run), a row (int64) and a position (int32)."""
+        entry = topk.score_dtype(self.dtype).itemsize + 8 + 4
+        return len(self.example_prefixes) * len(self.layers) * self.width * self.top_examples * entry
+
     def partial_bytes(self) -> int:
         """One shard's partial as the driver receives it (reducer.partial_nbytes): float64 sums, each
-        (layers x width), per-layer scalar totals, and the per-layer token counts (int64)."""
+        (layers x width), per-layer scalar totals, the per-layer token counts (int64), and the examples."""
         per_layer = sum(len(names.sum_names(prefix)) * width for prefix, width in self.prefixes.items())
-        return 8 * len(self.layers) * (per_layer + len(self.layer_sums) + 1)
+        return 8 * len(self.layers) * (per_layer + len(self.layer_sums) + 1) + self.example_bytes()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -186,6 +199,9 @@ class Plan:
             + (f" ({self.hessian_probes} probe{'s' * (self.hessian_probes > 1)} per token)"
                if "hessian" in self.aggregate_by else "")
             + (f", every {self.position_stride}th position" if self.position_stride > 1 else ""),
+            *([f"examples top {self.top_examples} tokens per {'feature' if self.target == 'sae' else 'dimension'} "
+               f"by |{'|, |'.join(names.kind_of(p) for p in self.example_prefixes)}| "
+               f"({self.example_bytes() / 2**20:.1f} MiB per partial)"] if self.top_examples else []),
             f"samples  {self.samples} (requested {self.samples_requested}), "
             f"{self._batch_text()}, max {self.max_length} tokens",
             *([f"skipped  {self._skipped_text()}"] if self.skipped_texts else []),
@@ -259,6 +275,7 @@ def make_plan(config: RunConfig, num_texts: int, workers: int = 0, device: str =
         site_width=site_width,
         aggregate_by=config.aggregate_by,
         hessian_probes=config.hessian_probes,
+        top_examples=config.top_examples,
         position_stride=config.position_stride,
         sae_mode=config.sae_mode if config.target == "sae" else None,
         sae_source=sae_source(config) if config.target == "sae" else None,

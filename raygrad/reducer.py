@@ -67,10 +67,14 @@ class CheckpointWriter:
                 snapshot, self.spare = self.spare, None
         if snapshot is None:
             snapshot = _Snapshot(Partial({name: value.copy() for name, value in totals.sums.items()},
-                                         totals.tokens.copy()), done.copy())
+                                         totals.tokens.copy(),
+                                         examples={name: value.copy() for name, value in totals.examples.items()}),
+                                 done.copy())
         else:
             for name, value in totals.sums.items():
                 np.copyto(snapshot.totals.sums[name], value)
+            for name, value in totals.examples.items():
+                np.copyto(snapshot.totals.examples[name], value)
             np.copyto(snapshot.totals.tokens, totals.tokens)
             np.copyto(snapshot.done, done)
         snapshot.totals.loss_sum, snapshot.totals.loss_tokens = totals.loss_sum, totals.loss_tokens
@@ -248,4 +252,5 @@ class Reducer:
 
 def partial_nbytes(partial: Partial) -> int:
     """Bytes of a partial's arrays: what a worker sends the head for one shard."""
-    return sum(value.nbytes for value in partial.sums.values()) + partial.tokens.nbytes
+    return (sum(value.nbytes for value in partial.sums.values()) + partial.tokens.nbytes
+            + sum(value.nbytes for value in partial.examples.values()))

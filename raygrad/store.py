@@ -27,6 +27,7 @@ import zarr
 
 from . import __version__, stats
 from . import constants as names
+from . import examples as topk
 from .errors import RaygradError, first_line
 from .files import fsync_dir, replacing, sync_tree
 from .grads import Partial
@@ -61,9 +62,11 @@ class ResultStore:
 
     @classmethod
     def create(cls, path: Path, prefixes: dict[str, int], num_shards: int, layers: list[int],
-               attrs: dict, layer_sums: tuple[str, ...] = ()) -> "ResultStore":
+               attrs: dict, layer_sums: tuple[str, ...] = (), top_k: int = 0, ranked: tuple[str, ...] = (),
+               score_dtype: np.dtype = np.dtype(np.float32)) -> "ResultStore":
         """`prefixes`: statistic prefix -> width; each gets {prefix}_sum/_abs_sum/_sq_sum.
-        `layer_sums`: per-layer float64 scalar totals (constants.LAYER_SUMS), summed like the others."""
+        `layer_sums`: per-layer float64 scalar totals (constants.LAYER_SUMS), summed like the others.
+        `top_k` > 0: the prefixes `ranked` get their --top-examples tables (raygrad.examples), empty."""
         group = zarr.open_group(str(path), mode="w-")
         num_layers = len(layers)
         target = attrs.get(names.ATTR_PLAN, {}).get("target", "mlp")
@@ -73,6 +76,9 @@ class ResultStore:
                                            dtype="float64", fill_value=0.0,
                                            dimension_names=(names.LAYER_COORD, dimension_name(prefix, target)))
                 array.attrs.update(stats.array_attrs(prefix, stat))
+        for prefix in ranked if top_k else ():
+            _create_examples(group, prefix, num_layers, prefixes[prefix], top_k, score_dtype,
+                             dimension_name(prefix, target))
         for name in layer_sums:  # per-layer scalar totals (SAE quality)
             group.create_array(name, shape=(num_layers,), dtype="float64", fill_value=0.0,
                                dimension_names=(names.LAYER_COORD,))
@@ -141,8 +147,19 @@ class ResultStore:
             tokens=self.read(names.TOKENS),
             loss_sum=float(self.read(names.LOSS_SUM)),
             loss_tokens=int(self.read(names.LOSS_TOKENS)),
+            examples={name: self.read(name) for name in self.example_array_names()},
         )
         return partial, self.read(names.SHARDS_DONE)
+
+    def shards_done(self) -> np.ndarray:
+        return self.read(names.SHARDS_DONE)
+
+    def example_prefixes(self) -> list[str]:
+        """The prefixes whose --top-examples tables this store keeps (none: the run kept no examples)."""
+        return [prefix for prefix in topk.RANKED_PREFIXES if topk.array_names(prefix)[0] in self.group]
+
+    def example_array_names(self) -> list[str]:
+        return [name for prefix in self.example_prefixes() for name in topk.array_names(prefix)]
 
     def checkpoint(self, totals: Partial, shards_done: np.ndarray) -> None:
         pending = self.path / names.PENDING_CHECKPOINT
@@ -161,8 +178,8 @@ class ResultStore:
 
     def recorded_arrays(self) -> list[str]:
         """Every array a checkpoint vouches for (the derived statistics only once the run is complete)."""
-        return [*self.sum_array_names(), names.LAYERS, names.LAYER_COORD, names.TOKENS, names.SHARDS_DONE,
-                names.LOSS_SUM, names.LOSS_TOKENS]
+        return [*self.sum_array_names(), *self.example_array_names(), names.LAYERS, names.LAYER_COORD, names.TOKENS,
+                names.SHARDS_DONE, names.LOSS_SUM, names.LOSS_TOKENS]
 
     def finalize(self, timing: dict) -> None:
         """Write the derived statistics and mark the run complete (in that order: a kill
@@ -302,9 +319,29 @@ def _derived_names() -> set[str]:
     return {names.store_name(prefix, statistic) for prefix in names.MEAN_ARRAYS for statistic in names.STATISTICS}
 
 
+def _create_examples(group: zarr.Group, prefix: str, num_layers: int, width: int, k: int, score_dtype: np.dtype,
+                     dim: str) -> None:
+    """{prefix}_top_score / _top_row / _top_position, (layer, dim|feature, k), one chunk per layer, empty."""
+    tables = topk.empty(1, 1, 1, score_dtype)  # only their dtypes and fill values
+    kind = names.kind_of(prefix)
+    described = {"score": ("same units as the kind", f"the signed {kind} of each example, best |score| first"),
+                 "row": ("dataset row", "0-based row of the example's text in the dataset as read, before "
+                                        "filtering; -1: an empty slot"),
+                 "position": ("token position", "0-based index of the token in its tokenized text; -1: an "
+                                                "empty slot")}
+    for table, name in zip(topk.TABLES, topk.array_names(prefix)):
+        array = group.create_array(name, shape=(num_layers, width, k), chunks=(1, width, k),
+                                   dtype=tables[table].dtype, fill_value=tables[table].flat[0],
+                                   dimension_names=(names.LAYER_COORD, dim, names.EXAMPLE_DIM))
+        units, description = described[table]
+        array.attrs.update({"units": units, "description": description, "kind": kind,
+                            "order": "|score| descending, then row, then position ascending"})
+
+
 def _checkpoint_arrays(totals: Partial, shards_done: np.ndarray) -> dict[str, np.ndarray]:
     return {
         **totals.sums,
+        **totals.examples,
         names.TOKENS: totals.tokens,
         names.LOSS_SUM: np.float64(totals.loss_sum),
         names.LOSS_TOKENS: np.int64(totals.loss_tokens),

@@ -18,6 +18,7 @@ import torch
 
 from .batching import BatchSizer, MemoryProbe, collate
 from .errors import RaygradError
+from . import examples as topk
 from .grads import Aggregation, DeviceAccumulator, Partial, accumulate_batch, make_batch
 from .memory import sae_layer_groups
 from .models import device_placement, execution_device, input_device, load_model_and_tokenizer, pick_device
@@ -62,12 +63,14 @@ class ShardComputer:
     def __init__(self, model, tokenizer, modules, prefixes: dict[str, int], aggregation: Aggregation,
                  sizer: BatchSizer, max_length: int, device: torch.device, saes=None,
                  sae_groups: list[list[int]] | None = None, sae_devices: list[torch.device] | None = None,
-                 layer_sums: tuple[str, ...] = (), layers: list[int] | None = None):
+                 layer_sums: tuple[str, ...] = (), layers: list[int] | None = None, top_k: int = 0,
+                 score_dtype: torch.dtype = torch.float32):
         self.model, self.tokenizer, self.modules, self.saes = model, tokenizer, modules, saes
         # The model layer of each module: with a text's dataset row, it keys the Hessian's probes.
         self.layers = list(range(len(modules))) if layers is None else list(layers)
         self.prefixes, self.aggregation, self.sizer = prefixes, aggregation, sizer
         self.max_length, self.device, self.layer_sums = max_length, device, layer_sums
+        self.top_k, self.score_dtype = top_k, score_dtype  # --top-examples
         # Layers per forward+backward: all at once, unless their SAEs do not fit beside the
         # model; then each group's SAEs come to their devices for the group's pass over the shard.
         self.groups = sae_groups or [list(range(len(modules)))]
@@ -85,7 +88,7 @@ class ShardComputer:
         rows = list(range(len(token_ids))) if rows is None else list(rows)
         if len(self.groups) == 1:
             return self._compute_rows(token_ids, rows, self.groups[0]).to_partial()
-        acc = DeviceAccumulator(len(self.modules), self.prefixes, self.device, self.layer_sums)
+        acc = self._accumulator(len(self.modules))
         for index, group in enumerate(self.groups):
             self._move_saes(group, lambda row: self.sae_devices[row])
             try:
@@ -93,6 +96,10 @@ class ShardComputer:
             finally:
                 self._move_saes(group, lambda row: torch.device("cpu"))
         return acc.to_partial()
+
+    def _accumulator(self, num_layers: int) -> DeviceAccumulator:
+        return DeviceAccumulator(num_layers, self.prefixes, self.device, self.layer_sums, self.top_k,
+                                 self.score_dtype)
 
     def _move_saes(self, rows: list[int], device_of) -> None:
         for row in rows:
@@ -106,7 +113,7 @@ class ShardComputer:
         saes = [self.saes[row] for row in group] if self.saes is not None else None
         layers = [self.layers[row] for row in group]
         context = [(self.modules[row], self.layers[row]) for row in range(len(self.modules)) if row not in group]
-        acc = DeviceAccumulator(len(group), self.prefixes, self.device, self.layer_sums)
+        acc = self._accumulator(len(group))
         queue = deque(self.sizer.batches([len(ids) for ids in token_ids]))
         while queue:
             indices = queue.popleft()
@@ -194,7 +201,8 @@ class ShardRunner:
         self.seed = seed
         self.computer = ShardComputer(self.model, self.tokenizer, self.modules, plan.prefixes, aggregation,
                                       batch_sizer(plan, self.device), plan.max_length, self.device, self.saes,
-                                      self.sae_groups, self.layer_devices, plan.layer_sums, plan.layers)
+                                      self.sae_groups, self.layer_devices, plan.layer_sums, plan.layers,
+                                      plan.top_examples, getattr(torch, str(topk.score_dtype(plan.dtype))))
         self._tokenizing = threading.Lock()  # a fast tokenizer refuses two threads at once ("Already borrowed")
         self.load_seconds = time.perf_counter() - started
 

@@ -1,0 +1,157 @@
+"""Top-K examples per dimension: for every layer and every dimension of the target space, the K tokens
+with the largest |score| (a gradient, attribution or value), each as (signed score, dataset row, token
+position).
+
+The order is total, so the top-K of any union is exact and the same for any batching, sharding, worker
+count or resume: |score| descending, then row ascending, then position ascending. A score of exactly 0
+is not an example (a token that does not move a feature does not drive it; an SAE feature inactive on
+most tokens would otherwise fill its K slots with arbitrary zeros): a dimension with fewer than K
+nonzero scores keeps empty slots, row = position = -1, score 0.
+
+Tables are (layers, width, K) per kind, sorted best first along K. The same merge runs on a worker's
+device (batch after batch), on a worker's host (shard partials) and in the reducer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import constants as names
+from .constants import EXAMPLE_KINDS
+
+RANKED_PREFIXES = tuple(names.KIND_PREFIX[kind] for kind in EXAMPLE_KINDS)
+EMPTY = -1  # row and position of an empty slot
+POSITION_BITS = 21  # the merge orders ties by row * 2**21 + position: positions < 2,097,152 tokens
+TABLES = ("score", "row", "position")
+
+
+def example_prefixes(kinds) -> list[str]:
+    """The statistic prefixes ranked for `kinds` (the run's --aggregate-by), in a fixed order."""
+    return [names.KIND_PREFIX[kind] for kind in EXAMPLE_KINDS if kind in kinds]
+
+
+def array_names(prefix: str) -> tuple[str, str, str]:
+    """'grad' -> ('grad_top_score', 'grad_top_row', 'grad_top_position'): the store's arrays."""
+    return tuple(f"{prefix}_top_{table}" for table in TABLES)
+
+
+def score_dtype(model_dtype: str) -> np.dtype:
+    """Scores are kept in float32 (exact for bfloat16, float16 and float32 models); float64 in a float64 run."""
+    return np.dtype(np.float64 if model_dtype == "float64" else np.float32)
+
+
+def empty(num_layers: int, width: int, k: int, dtype: np.dtype) -> dict[str, np.ndarray]:
+    shape = (num_layers, width, k)
+    return {"score": np.zeros(shape, dtype), "row": np.full(shape, EMPTY, np.int64),
+            "position": np.full(shape, EMPTY, np.int32)}
+
+
+def empty_tensors(num_layers: int, width: int, k: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    shape = (num_layers, width, k)
+    return {"score": torch.zeros(shape, dtype=dtype, device=device),
+            "row": torch.full(shape, EMPTY, dtype=torch.int64, device=device),
+            "position": torch.full(shape, EMPTY, dtype=torch.int32, device=device)}
+
+
+def merge_named(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Two partials' example arrays (array_names(prefix) -> (L, width, K)) merged: a's layout and K."""
+    merged = {}
+    for prefix in {name.rsplit("_top_", 1)[0] for name in a}:
+        keys = array_names(prefix)
+        tables = merge_sorted(dict(zip(TABLES, (a[name] for name in keys))),
+                              dict(zip(TABLES, (b[name] for name in keys))))
+        merged.update(zip(keys, (tables[table] for table in TABLES)))
+    return merged
+
+
+def merge_sorted(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """merge() of two host tables that are each sorted best first (as every table is), k = a's K: only
+    the (layer, dimension) cells where b's best would enter a's K are merged. After S shards a new
+    shard enters a cell with a chance of about K / S, so the head's work per partial falls as a run goes."""
+    k = a["score"].shape[-1]
+    worst = {name: value[..., -1] for name, value in a.items()}
+    best = {name: value[..., 0] for name, value in b.items()}
+    enters = _precedes(best, worst)
+    out = {name: value.copy() for name, value in a.items()}
+    if enters.any():
+        cells = np.nonzero(enters)
+        merged = merge({name: value[cells] for name, value in a.items()},
+                       {name: value[cells] for name, value in b.items()}, k)
+        for name, value in merged.items():
+            out[name][cells] = value
+    return out
+
+
+def _precedes(x: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> np.ndarray:
+    """Elementwise: x is a real example that comes before y in the total order (an empty y comes last)."""
+    x_real = (x["row"] != EMPTY) & (x["score"] != 0)
+    y_real = (y["row"] != EMPTY) & (y["score"] != 0)
+    x_mag, y_mag = np.abs(x["score"].astype(np.float64)), np.abs(y["score"].astype(np.float64))
+    earlier = (x["row"] < y["row"]) | ((x["row"] == y["row"]) & (x["position"] < y["position"]))
+    return x_real & (~y_real | (x_mag > y_mag) | ((x_mag == y_mag) & earlier))
+
+
+def merge(a: dict, b: dict, k: int) -> dict:
+    """The exact top-k of the union of two sets of tables (torch tensors on one device, or NumPy arrays:
+    then NumPy arrays come back), each (..., n) along the last axis, in any order, empty slots anywhere."""
+    as_numpy = isinstance(a["score"], np.ndarray)
+    if as_numpy:
+        a = {name: torch.from_numpy(value) for name, value in a.items()}
+        b = {name: torch.from_numpy(value) for name, value in b.items()}
+    merged = top(**{name: torch.cat([a[name], b[name].to(a[name].device)], dim=-1) for name in TABLES}, k=k)
+    return {name: value.numpy() for name, value in merged.items()} if as_numpy else merged
+
+
+def top(score: torch.Tensor, row: torch.Tensor, position: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """The first k of (..., n) candidates by the total order; fewer than k real ones leave empty slots."""
+    real = (row != EMPTY) & (score != 0)
+    # Two stable sorts make a lexicographic one: by (row, position), then by |score| descending.
+    tie = torch.where(real, row * (1 << POSITION_BITS) + position.long(), torch.iinfo(torch.int64).max)
+    order = torch.sort(tie, dim=-1, stable=True).indices
+    magnitude = torch.where(real, score.abs().double(), -1.0).gather(-1, order)
+    order = order.gather(-1, torch.sort(magnitude, dim=-1, descending=True, stable=True).indices)
+    order = order[..., :k]
+    kept = real.gather(-1, order)
+    out = {"score": torch.where(kept, score.gather(-1, order), 0),
+           "row": torch.where(kept, row.gather(-1, order), EMPTY),
+           "position": torch.where(kept, position.gather(-1, order), EMPTY)}
+    if out["score"].shape[-1] < k:  # fewer candidates than slots
+        pad = k - out["score"].shape[-1]
+        out = {name: torch.nn.functional.pad(value, (0, pad), value=0 if name == "score" else EMPTY)
+               for name, value in out.items()}
+    return out
+
+
+def best_in_batch(score_a: torch.Tensor, index_a: torch.Tensor, score_b: torch.Tensor, index_b: torch.Tensor,
+                  k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Within one batch: the best k of two (width, n) candidate sets, each a score and the index of its
+    row among the batch's aggregated positions (which are in (row, position) order, so a lower index is
+    the earlier token). Same total order as `top`, zeros included (`top` drops them later)."""
+    score, index = torch.cat([score_a, score_b], dim=1), torch.cat([index_a, index_b], dim=1)
+    if score.dtype == torch.float64:
+        order = torch.sort(index, dim=1, stable=True).indices
+        order = order.gather(1, torch.sort(score.abs().gather(1, order), dim=1, descending=True,
+                                           stable=True).indices)[:, :k]
+    else:
+        keys = (score.float().abs().view(torch.int32).long() << 32) | (torch.iinfo(torch.int32).max - index)
+        order = torch.topk(keys, min(k, keys.shape[1]), dim=1, sorted=False).indices
+    return score.gather(1, order), index.gather(1, order)
+
+
+def batch_top(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(k', width) indices into the rows of x (n, width) of each column's k' = min(k, n) best rows by
+    |x|, ties to the earlier row: exact when x's rows are in (row, position) order, as a batch's
+    aggregated positions are (grads.make_batch).
+
+    Narrower than float64, each |x| is widened to float32 (exact) and its bits, which order like the
+    values, take the top 32 bits of an int64 key whose low 32 bits rank the row: the keys are distinct,
+    so torch.topk (which breaks ties in no stated order) is exact. float64 has no spare bits: a stable
+    sort (float64 runs are references, not the fast path)."""
+    n = x.shape[0]
+    if x.dtype == torch.float64:
+        return torch.sort(x.abs(), dim=0, descending=True, stable=True).indices[:k]
+    bits = x.float().abs().view(torch.int32).long()
+    earlier_first = (n - 1) - torch.arange(n, device=x.device, dtype=torch.int64)
+    keys = (bits << 32) | earlier_first[:, None]
+    return torch.topk(keys, min(k, n), dim=0, sorted=False).indices
