@@ -1,0 +1,181 @@
+"""--top-examples K: the K tokens of largest |score| per dimension, against a brute-force float64 reference
+(every token's score from tests/reference.py, sorted by |score| descending, then row, then position), and
+the same lists for any batching, sharding, worker count or resume."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import build_config, killed_run, run_tiny
+from reference import read_sae_lens_weights, reference_site_tokens, relu_sae_encode
+from sae_factory import write_sae_lens_dir
+from tiny import SAMPLE_TEXTS
+
+from raygrad import constants as names
+from raygrad import examples as topk
+from raygrad.engine import resume
+from raygrad.grads import DeviceAccumulator
+from raygrad.store import ResultStore
+
+LAYERS, WIDTH, D_SAE = 3, 32, 64
+KEPT_ROWS = [row for row, text in enumerate(SAMPLE_TEXTS) if len(text.strip()) > 50][:6]  # build_config's 6 texts
+
+
+def brute_force(scores: list[tuple[int, np.ndarray]], k: int) -> list[list[tuple[int, int, float]]]:
+    """scores: per text, (dataset row, (positions, width) score of every aggregated token) -> per dimension
+    the best k (row, position, score), zeros left out, by the rule spelled out directly."""
+    width = scores[0][1].shape[1]
+    best = []
+    for dim in range(width):
+        tokens = [(row, position, float(s[position, dim])) for row, s in scores for position in range(s.shape[0])
+                  if s[position, dim] != 0]
+        tokens.sort(key=lambda t: (-abs(t[2]), t[0], t[1]))
+        best.append(tokens[:k])
+    return best
+
+
+def site_scores(model_dir, layer: int, kind: str, sae_dir=None) -> list[tuple[int, np.ndarray]]:
+    """Every aggregated token's score at `layer` (the last position predicts nothing), float64."""
+    texts = [SAMPLE_TEXTS[row] for row in KEPT_ROWS]
+    out = []
+    for row, (_, z, g) in zip(KEPT_ROWS, reference_site_tokens(model_dir, texts, layer, 24)):
+        z, g = z[:-1], g[:-1]
+        if sae_dir is not None:  # clean mode: dLoss/df = W_dec dLoss/dz; f = the SAE's features
+            weights, cfg = read_sae_lens_weights(sae_dir)
+            z, g = relu_sae_encode(weights, cfg, z), g @ weights["W_dec"].T
+        out.append((row, (g if kind == "gradients" else z * g).numpy()))
+    return out
+
+
+def got_lists(totals, prefix: str, layer_row: int) -> list[list[tuple[int, int, float]]]:
+    score, row, position = (totals.examples[name][layer_row] for name in topk.array_names(prefix))
+    return [[(int(r), int(p), float(s)) for s, r, p in zip(score[dim], row[dim], position[dim]) if r != topk.EMPTY]
+            for dim in range(score.shape[0])]
+
+
+def assert_lists_equal(got, want):
+    assert len(got) == len(want)
+    for dim, (g, w) in enumerate(zip(got, want)):
+        assert [(r, p) for r, p, _ in g] == [(r, p) for r, p, _ in w], f"dimension {dim}"
+        np.testing.assert_allclose([s for *_, s in g], [s for *_, s in w], rtol=1e-9, atol=0, err_msg=f"dim {dim}")
+
+
+@pytest.fixture(scope="module")
+def sae_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("saes")
+    for layer in range(LAYERS):
+        write_sae_lens_dir(root / f"sae_{layer}", WIDTH, D_SAE, hook_name=f"blocks.{layer}.hook_mlp_out", seed=layer)
+    return root
+
+
+@pytest.mark.parametrize("k, batch_size", [(8, 4), (8, 1), (1, 4)])
+def test_neuron_examples_are_the_brute_force_top_k(tiny_llama, texts_file, tmp_path, k, batch_size):
+    _, totals = run_tiny(tiny_llama, texts_file, tmp_path, top_examples=k, batch_size=batch_size,
+                         aggregate_by=("gradients", "attribution"))
+    for layer in (0, 2):
+        for kind in ("gradients", "attribution"):
+            want = brute_force(site_scores(tiny_llama, layer, kind), k)
+            assert_lists_equal(got_lists(totals, names.KIND_PREFIX[kind], layer), want)
+
+
+@pytest.mark.parametrize("k, batch_size", [(8, 4), (1, 1)])
+def test_sae_examples_are_the_brute_force_top_k(tiny_llama, texts_file, tmp_path, sae_dirs, k, batch_size):
+    _, totals = run_tiny(tiny_llama, texts_file, tmp_path, target="sae", sae_path=str(sae_dirs / "sae_{layer}"),
+                         layers="0,2", top_examples=k, batch_size=batch_size, aggregate_by=("gradients", "attribution"))
+    for row, layer in enumerate((0, 2)):
+        for kind in ("gradients", "attribution"):
+            want = brute_force(site_scores(tiny_llama, layer, kind, sae_dirs / f"sae_{layer}"), k)
+            got = got_lists(totals, names.KIND_PREFIX[kind], row)
+            assert_lists_equal(got, want)
+            if kind == "attribution":  # inactive features score 0 and leave their slots empty
+                assert any(len(g) < k for g in got) or k == 1
+
+
+def test_packed_batches_shards_of_one_and_a_resume_give_the_same_examples(tiny_llama, texts_file, tmp_path,
+                                                                          in_process_totals):
+    want = in_process_totals(top_examples=8, aggregate_by=("gradients", "values"))
+    assert want.examples
+    _, packed = run_tiny(tiny_llama, texts_file, tmp_path / "packed", top_examples=8,
+                         aggregate_by=("gradients", "values"), tokens_per_batch=40, batch_size=None, shard_size=1)
+    run_dir = killed_run(build_config(tiny_llama, texts_file, tmp_path / "killed", top_examples=8, shard_size=2,
+                                      aggregate_by=("gradients", "values")), dies_at_call=2)
+    assert 0 < ResultStore.open(run_dir / names.STORE_NAME).shards_done().sum() < 3
+    resume(run_dir, echo=lambda _: None, progress=False, execution={"batch_size": "1"})
+    resumed, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
+    assert done.all()
+    for got in (packed, resumed):
+        assert set(got.examples) == set(want.examples)
+        for name, value in want.examples.items():
+            np.testing.assert_array_equal(got.examples[name], value, err_msg=name)
+
+
+def test_two_ray_workers_give_the_in_process_examples(tiny_llama, texts_file, tmp_path, in_process_totals,
+                                                      ray_session):
+    want = in_process_totals(top_examples=8, aggregate_by=("gradients", "values"))
+    _, got = run_tiny(tiny_llama, texts_file, tmp_path, top_examples=8, aggregate_by=("gradients", "values"),
+                      workers=2, shard_size=1)
+    for name, value in want.examples.items():
+        np.testing.assert_array_equal(got.examples[name], value, err_msg=name)
+
+
+# --- the merge rule itself, with ties and zeros that a model seldom produces
+
+
+def _tables_from(scores: np.ndarray, rows: np.ndarray, positions: np.ndarray, k: int, dtype, batches: int,
+                 chunks: int, seed: int):
+    """Scores (N, width) of tokens (rows, positions), offered in random batches, each in `chunks` calls."""
+    rng = np.random.default_rng(seed)
+    acc = DeviceAccumulator(1, {"grad": scores.shape[1]}, torch.device("cpu"), top_k=k, score_dtype=dtype)
+    for part in np.array_split(rng.permutation(len(rows)), batches):
+        part = part[np.lexsort((positions[part], rows[part]))]  # a batch's positions are in (row, position) order
+
+        class Batch:
+            token_rows, token_positions = rows[part], positions[part]
+
+        staged = acc.empty_like()
+        staged.begin_batch(Batch)
+        x = torch.tensor(scores[part], dtype=dtype)
+        for piece in np.array_split(np.arange(len(part)), chunks):
+            if len(piece):
+                staged.add("grad", 0, x[piece[0]:piece[-1] + 1], int(piece[0]))
+        acc.merge(staged)
+    return acc.to_partial()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_ties_and_zeros_follow_the_rule_for_any_batching(dtype, k):
+    rng = np.random.default_rng(k)
+    pairs = rng.choice(40 * 50, size=120, replace=False)  # distinct (row, position)
+    rows, positions = pairs // 50, pairs % 50
+    scores = rng.integers(-3, 4, size=(120, 9)).astype(np.float64)  # many equal |scores|, a seventh zeros
+    scores[:, 8] = 0  # a dimension no token moves: every slot empty
+    tokens = list(zip(rows, positions, scores))
+    want = []
+    for dim in range(9):
+        cands = sorted(((int(r), int(p), float(s[dim])) for r, p, s in tokens if s[dim] != 0),
+                       key=lambda t: (-abs(t[2]), t[0], t[1]))
+        want.append(cands[:k])
+    for batches, chunks, seed in [(1, 1, 0), (4, 3, 1), (120, 1, 2)]:
+        got = _tables_from(scores, rows, positions, k, dtype, batches, chunks, seed)
+        assert got_lists(got, "grad", 0) == want, (batches, chunks)
+        assert (got.examples["grad_top_row"][0, 8] == topk.EMPTY).all()
+
+
+def test_the_pruned_host_merge_equals_the_full_merge():
+    """merge_sorted skips the cells a partial cannot enter; it must give what merging every cell gives."""
+    rng = np.random.default_rng(0)
+
+    def random_tables(fill: float):
+        score = rng.integers(-5, 6, size=(2, 30, 50)).astype(np.float32)
+        row = rng.integers(0, 20, size=score.shape)
+        position = rng.integers(0, 10, size=score.shape).astype(np.int32)
+        row[rng.random(score.shape) > fill] = topk.EMPTY
+        full = topk.merge(topk.empty(2, 30, 6, np.float32), {"score": score, "row": row, "position": position}, 6)
+        return full
+
+    for fill in (1.0, 0.3, 0.05):
+        a, b = random_tables(fill), random_tables(fill)
+        want = topk.merge(a, b, 6)
+        got = topk.merge_sorted(a, b)
+        for name in topk.TABLES:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=f"{name} fill {fill}")
