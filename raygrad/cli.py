@@ -212,6 +212,26 @@ def top(run_dir, layer, k, by) -> None:
 
 
 @cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--layer", type=int, required=True, help="Model layer (one of the run's).")
+@click.option("--feature", type=int, required=True,
+              help="SAE feature, or the site dimension for --target mlp runs (0-based).")
+@click.option("--by", default="gradients", show_default=True,
+              type=click.Choice(list(names.EXAMPLE_KINDS)), help="Which kind's examples (the run must collect it).")
+@click.option("-k", "--k", type=int, default=None, help="Examples to show, best first (default: all the run kept).")
+@click.option("--context", type=int, default=8, show_default=True, help="Tokens of context before and after.")
+@click.option("--json", "as_json", is_flag=True, help="A JSON list, best first.")
+def examples(run_dir, layer, feature, by, k, context, as_json) -> None:
+    """The tokens where a feature's score (gradient, attribution or value) is largest in |score|, with the
+    token each predicts and the text around it, re-read from the dataset (needs a run with --top-examples)."""
+    from .contexts import RunExamples, format_examples
+
+    found = RunExamples(run_dir).examples(layer, feature, by, k, context)
+    click.echo(json.dumps([example.to_dict() for example in found], indent=1) if as_json
+               else format_examples(found, layer, feature, by))
+
+
+@cli.command()
 @click.argument("run_a", type=click.Path(exists=True, file_okay=False))
 @click.argument("run_b", type=click.Path(exists=True, file_okay=False))
 @click.option("--output-dir", default=None,

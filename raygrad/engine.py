@@ -341,15 +341,9 @@ def _plan_shards(plan: Plan, config: RunConfig, source: dict, workers: int, devi
 
 def _tokenizer(plan: Plan):
     """The model's tokenizer alone (no weights): the shards' token estimates."""
-    from transformers import AutoTokenizer
+    from .models import load_tokenizer
 
-    from .hub import load_error
-    from .models import _hub_options
-
-    try:
-        return AutoTokenizer.from_pretrained(plan.model_path, **_hub_options(plan.model_path, model_commit(plan)))
-    except OSError as err:
-        raise RaygradError(load_error("--model", plan.model, err)) from None
+    return load_tokenizer(plan.model, plan.model_path, model_commit(plan))
 
 
 def _execute(plan: Plan, config: RunConfig, store: ResultStore, pool: WorkerPool, progress: bool,

@@ -193,6 +193,16 @@ def device_placement(device: torch.device, allow_offload: bool = False) -> dict 
     return placement
 
 
+def load_tokenizer(name: str, path: str, revision: str | None = None):
+    """The tokenizer alone (no weights) of model `name` resolved to `path`, at commit `revision`."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, **_hub_options(path, revision))
+    except OSError as err:
+        raise RaygradError(load_error("--model", name, err)) from None
+
+
 def load_model_and_tokenizer(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
                              placement: dict | None = None, revision: str | None = None):
     """Frozen eval-mode model and a right-padding tokenizer: on `device`, or dispatched by
