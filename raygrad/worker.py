@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import examples as topk
 from .batching import BatchSizer, MemoryProbe, collate
 from .errors import RaygradError
-from . import examples as topk
 from .grads import Aggregation, DeviceAccumulator, Partial, accumulate_batch, make_batch
 from .memory import sae_layer_groups
 from .models import device_placement, execution_device, input_device, load_model_and_tokenizer, pick_device
