@@ -68,6 +68,7 @@ class Case:
     per_layer: bool = True
     kinds: tuple[str, ...] = ("gradients",)  # --aggregate-by (hessian: one Rademacher probe per batch)
     sae_layers_per_pass: int = 0  # SAE layers per forward+backward (0: all in one pass)
+    top_examples: int = 0  # --top-examples K (0: off)
 
 
 CASES = [
@@ -84,6 +85,9 @@ CASES = [
          kinds=("gradients", "hessian")),
     Case("gemma-2-2b-bf16-sae65k-2passes", "gemma-2-2b.json", "bfloat16", texts=64, sae_width=65536,
          per_layer=False, sae_layers_per_pass=13),
+    # --top-examples 16 on every feature of the 26 x 65k SAEs, against gemma-2-2b-bf16-sae65k (target <= 1.15x)
+    Case("gemma-2-2b-bf16-sae65k-top16", "gemma-2-2b.json", "bfloat16", texts=64, sae_width=65536,
+         per_layer=False, top_examples=16),
 ]
 DRY_CASES = [
     Case("tiny-llama-fp32", "tiny-llama.json", "float32", texts=8),
@@ -93,6 +97,8 @@ DRY_CASES = [
          kinds=("gradients", "hessian")),
     Case("tiny-llama-fp32-sae-2passes", "tiny-llama.json", "float32", texts=8, sae_width=256, sae_dtype="float32",
          per_layer=False, sae_layers_per_pass=1),
+    Case("tiny-llama-fp32-sae-top16", "tiny-llama.json", "float32", texts=8, sae_width=256, sae_dtype="float32",
+         per_layer=False, top_examples=16),
 ]
 
 
@@ -185,7 +191,7 @@ def run_case(case: Case, tokenizer, device: torch.device, max_length: int, gpu: 
     groups = sae_layer_groups(len(layers), 0, requested=case.sae_layers_per_pass) if case.sae_layers_per_pass else None
     layer_sums = (SAE_SQ_ERROR_SUM, SAE_L0_SUM) if saes else ()
     computer = ShardComputer(model, tokenizer, modules, prefixes, Aggregation(kinds=case.kinds), sizer, max_length,
-                             device, saes, groups, [device] * len(layers), layer_sums)
+                             device, saes, groups, [device] * len(layers), layer_sums, layers, case.top_examples)
     texts = long_texts(2 * case.texts, chars=6 * max_length)
     warm, timed = texts[:case.texts], texts[case.texts:]
     built = time.perf_counter() - started
@@ -397,6 +403,12 @@ def main(argv: list[str] | None = None) -> dict:
     print_table(rows)
     by_name = {r["case"]: r for r in rows if "error" not in r}
     for name, row in by_name.items():
+        if "-top" in name:  # --top-examples against the same run without
+            plain = by_name.get(name.rsplit("-top", 1)[0])
+            if plain:
+                print(f"{name}: {plain['raygrad_tok_s'] / row['raygrad_tok_s']:.2f}x the time of {plain['case']} "
+                      "(target <= 1.15x)")
+            continue
         plain = by_name.get(name.rsplit("-sae", 1)[0]) if "-sae" in name else None
         if plain:
             print(f"{name}: {plain['raygrad_tok_s'] / row['raygrad_tok_s']:.2f}x the time of {plain['case']} "

@@ -232,6 +232,18 @@ def timing_summary(timing: dict, metadata: dict) -> str:
         f"export (s):            {timing.get('export_seconds', 0):.2f}",
         f"resumed:               {timing.get('resumed', False)}",
     ]
+    if "partials_received" in timing:  # what the head received (raygrad 0.3 on)
+        lag = timing.get("checkpoint_lag_seconds", {})
+        lines += [
+            f"partials received:     {timing['partials_received']} ({timing.get('bytes_received', 0) / 2**20:.1f} MiB)",
+            f"head reducing (s):     {timing.get('reduce_seconds', 0):.2f}",
+            f"checkpoints:           {timing.get('checkpoints', 0)} ({timing.get('checkpoint_write_seconds', 0):.2f} s "
+            f"writing; a shard on disk {lag.get('mean', 0):.2f} s after it arrived on average, "
+            f"{lag.get('max', 0):.2f} s at most)",
+        ]
+    if "worker_idle_fraction" in timing:  # Ray workers only
+        lines.append(f"worker idle:           {timing['worker_idle_fraction']:.1%} of their time up "
+                     "(no shard computing or queued)")
     return "\n".join(lines) + "\n"
 
 

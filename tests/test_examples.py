@@ -79,8 +79,13 @@ def test_neuron_examples_are_the_brute_force_top_k(tiny_llama, texts_file, tmp_p
 
 @pytest.mark.parametrize("k, batch_size", [(8, 4), (1, 1)])
 def test_sae_examples_are_the_brute_force_top_k(tiny_llama, texts_file, tmp_path, sae_dirs, k, batch_size):
-    _, totals = run_tiny(tiny_llama, texts_file, tmp_path, target="sae", sae_path=str(sae_dirs / "sae_{layer}"),
-                         layers="0,2", top_examples=k, batch_size=batch_size, aggregate_by=("gradients", "attribution"))
+    run_dir, totals = run_tiny(tiny_llama, texts_file, tmp_path, target="sae", sae_path=str(sae_dirs / "sae_{layer}"),
+                               layers="0,2", top_examples=k, batch_size=batch_size,
+                               aggregate_by=("gradients", "attribution"))
+    xr = pytest.importorskip("xarray")  # the tables read lazily, by layer and feature, as the store holds them
+    ds = xr.open_zarr(run_dir / names.STORE_NAME)
+    assert ds.attr_top_row.dims == ("layer", "feature", "k") and ds.sizes["k"] == k
+    np.testing.assert_array_equal(ds.grad_top_position.sel(layer=2).values, totals.examples["grad_top_position"][1])
     for row, layer in enumerate((0, 2)):
         for kind in ("gradients", "attribution"):
             want = brute_force(site_scores(tiny_llama, layer, kind, sae_dirs / f"sae_{layer}"), k)

@@ -38,6 +38,12 @@ def test_every_export_exists_with_the_right_names_and_shapes(both_run):
     for name in (names.METADATA_JSON, names.TIMING_JSON, names.TIMING_TXT):
         assert (run_dir / name).stat().st_size > 0
     assert not list(run_dir.glob("layer_1_*"))
+    timing = json.loads((run_dir / names.TIMING_JSON).read_text())
+    summary = (run_dir / names.TIMING_TXT).read_text()  # what the head received, as the JSON says
+    assert timing["partials_received"] >= 1 and timing["bytes_received"] > 0
+    assert f"partials received:     {timing['partials_received']} ({timing['bytes_received'] / 2**20:.1f} MiB)" \
+        in summary
+    assert f"checkpoints:           {timing['checkpoints']} (" in summary
 
 
 def test_npz_loads_without_pickle_and_holds_the_means(both_run):

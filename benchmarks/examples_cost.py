@@ -1,0 +1,109 @@
+"""What --top-examples K costs, on a worker and on the head.
+
+Worker (the bundled demo model, one process, as ShardRunner computes a shard):
+  site             every layer's MLP output (576 dims), gradients, without and with --top-examples K
+  sae              random SAEs (--width features) on --sae-layers, gradients and attribution, without
+                   and with --top-examples K (each kind ranked: the costliest common case)
+Head (the reducer's merge of one shard's examples into the totals, raygrad.examples.merge_sorted):
+  per partial      seconds to merge a --layers x --features x K partial into totals that already hold
+                   S shards (the pruned merge touches only the cells the new shard enters: about K / S),
+                   and the partial's bytes
+Prints each time and its ratio to the run without examples.
+
+    python benchmarks/examples_cost.py [--samples 16] [--k 16] [--width 16384] [--head-layers 26 --features 65536]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hessian_cost import best_times, runner_for  # noqa: E402
+from one_pass_vs_per_layer import long_texts  # noqa: E402
+from sae_factory import write_sae_lens_dir  # noqa: E402
+
+from raygrad import examples as topk  # noqa: E402
+
+
+def worker_costs(args) -> None:
+    texts = long_texts(args.samples)
+    base = runner_for(texts, args)
+    tokens = sum(min(len(ids), args.max_length) - 1 for ids in base.tokenizer(texts)["input_ids"])
+    print(f"{args.model} on {args.device}: {len(texts)} samples, ~{tokens} target tokens, batch {args.batch_size}, "
+          f"{torch.get_num_threads()} threads, K = {args.k}")
+    seconds = best_times({"plain": base, "top": runner_for(texts, args, top_examples=args.k)}, texts, args)
+    print(f"site, {len(base.plan.layers)} layers x {base.plan.width}, gradients:")
+    print(f"  without examples     {seconds['plain']:8.2f} s")
+    print(f"  --top-examples {args.k:<4}  {seconds['top']:8.2f} s  {seconds['top'] / seconds['plain']:5.2f}x")
+    with tempfile.TemporaryDirectory() as tmp:
+        for layer in map(int, args.sae_layers.split(",")):
+            write_sae_lens_dir(Path(tmp) / f"sae_{layer}", base.plan.site_width, args.width,
+                               hook_name=f"blocks.{layer}.hook_mlp_out", seed=layer)
+        options = dict(target="sae", sae_path=str(Path(tmp) / "sae_{layer}"), layers=args.sae_layers,
+                       aggregate_by=("gradients", "attribution"))
+        seconds = best_times({"plain": runner_for(texts, args, **options),
+                              "top": runner_for(texts, args, top_examples=args.k, **options)}, texts, args)
+    print(f"sae, layers {args.sae_layers} x {args.width} features, gradients and attribution:")
+    print(f"  without examples     {seconds['plain']:8.2f} s")
+    print(f"  --top-examples {args.k:<4}  {seconds['top']:8.2f} s  {seconds['top'] / seconds['plain']:5.2f}x")
+
+
+def random_tables(rng, layers: int, features: int, k: int, shard: int, rows_per_shard: int) -> dict:
+    """A shard's tables, as a worker sends them: full (every token has a nonzero gradient), sorted, rows
+    within the shard's row range, |score| drawn from one distribution for every shard."""
+    score = np.sort(rng.standard_exponential((layers, features, k)).astype(np.float32), axis=-1)[..., ::-1]
+    row = rng.integers(shard * rows_per_shard, (shard + 1) * rows_per_shard, size=score.shape)
+    position = rng.integers(0, 128, size=score.shape).astype(np.int32)
+    return {"score": np.ascontiguousarray(score), "row": row, "position": position}
+
+
+def head_costs(args) -> None:
+    rng = np.random.default_rng(0)
+    tables = lambda shard: random_tables(rng, args.head_layers, args.features, args.k, shard, 1000)  # noqa: E731
+    totals = tables(0)
+    nbytes = sum(value.nbytes for value in totals.values())
+    print(f"head: one partial's examples {args.head_layers} x {args.features} x {args.k} = {nbytes / 2**20:.0f} MiB "
+          f"per ranked kind; the reducer's merge of one more shard into totals holding S shards:")
+    merged = 1
+    for target in (1, 4, 16, 64, 256):
+        while merged < target:  # bring the totals to `target` shards (untimed)
+            totals = topk.merge_sorted(totals, tables(merged))
+            merged += 1
+        partial = tables(merged)
+        started = time.perf_counter()
+        topk.merge_sorted(totals, partial)
+        print(f"  S = {target:4}  {time.perf_counter() - started:7.2f} s per partial")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--k", type=int, default=16)
+    parser.add_argument("--sae-layers", default="0,10,20,29")
+    parser.add_argument("--width", type=int, default=16384)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--head-layers", type=int, default=26)
+    parser.add_argument("--features", type=int, default=65536)
+    parser.add_argument("--only", choices=("worker", "head"), default=None)
+    args = parser.parse_args()
+    if args.only != "head":
+        worker_costs(args)
+    if args.only != "worker":
+        head_costs(args)
+
+
+if __name__ == "__main__":
+    main()
