@@ -50,7 +50,7 @@ READ_MEASURED = {
     "sae_dtype": lambda c, p: c.sae_dtype if c.target == "sae" else None,  # no SAE, no effect
 }
 MEASURED = tuple((name.replace("_", "-"), READ_MEASURED.get(name, lambda c, p, name=name: getattr(c, name)))
-                 for name in fields_of(MEASURED_PART, sample=False))
+                 for name in fields_of(MEASURED_PART, sample=False, statistics=True))
 MEASURED += (("width", lambda c, p: p["width"]),)  # resolved from the model or SAEs: the same names may differ
 
 

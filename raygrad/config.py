@@ -45,6 +45,12 @@ def _sample(default, help: str, **extra):
     return _opt(default, help, MEASURED, sample=True, **extra)
 
 
+def _kept(default, help: str, **extra):
+    """Measured (a resume keeps it: the store was made for it), but not part of the statistics: two runs that
+    differ in it have the same sums, so `compare` does not check it (--top-examples)."""
+    return _opt(default, help, MEASURED, statistics=False, **extra)
+
+
 def _execution(default, help: str, **extra):
     return _opt(default, help, EXECUTION, **extra)
 
@@ -94,7 +100,7 @@ class RunConfig:
     hessian_probes: int = _measured(
         1, "Rademacher probes per token for --aggregate-by hessian, one extra double backward per batch each; "
         "the per-token estimate is their mean, reproducible for a given --seed.")
-    top_examples: int = _measured(
+    top_examples: int = _kept(
         0, "Keep, for every layer and dimension (every SAE feature), the K tokens with the largest |score| of "
         "each collected kind among gradients, attribution and values: score, dataset row, token position "
         "(read them with raygrad examples / raygrad report). 0 = off; at most 64.")
@@ -335,11 +341,13 @@ class RunConfig:
         return cls(**measured.to_dict(), **execution.to_dict(), **export.to_dict())
 
 
-def fields_of(part: str, sample: bool | None = None) -> tuple[str, ...]:
+def fields_of(part: str, sample: bool | None = None, statistics: bool | None = None) -> tuple[str, ...]:
     """RunConfig's fields in `part`, in declaration order; `sample` True/False: only those that do/do not
-    say which sample is measured (dataset selection, --max-length, --seed)."""
+    say which sample is measured (dataset selection, --max-length, --seed); `statistics` True/False: only
+    those that do/do not change the statistics (not: --top-examples)."""
     return tuple(f.name for f in dataclasses.fields(RunConfig) if f.metadata["part"] == part
-                 and (sample is None or f.metadata.get("sample", False) == sample))
+                 and (sample is None or f.metadata.get("sample", False) == sample)
+                 and (statistics is None or f.metadata.get("statistics", True) == statistics))
 
 
 def part_of(name: str) -> str:

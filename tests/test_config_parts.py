@@ -31,6 +31,7 @@ from raygrad.store import ResultStore
 # over; compare checks the measured part less these.
 MEASURED_FIELDS = ["model", "target", "layers", "hook_site", "exclude_bos", "sae_release", "sae_id", "sae_path",
                    "sae_mode", "position_stride", "aggregate_by", "hessian_probes", "dtype", "sae_dtype"]
+KEPT_FIELDS = ["top_examples"]  # measured (a resume keeps them), but the sums do not depend on them
 SAMPLE_FIELDS = ["num_samples", "max_length", "dataset", "dataset_config", "dataset_split", "text_column",
                  "min_chars", "seed"]
 EXECUTION_FIELDS = ["batch_size", "tokens_per_batch", "sae_layers_per_pass", "device", "workers", "address",
@@ -63,7 +64,8 @@ def test_every_field_has_exactly_one_part():
 
 
 def test_each_field_is_in_the_part_that_matches_what_it_changes():
-    assert list(fields_of(MEASURED, sample=False)) == MEASURED_FIELDS
+    assert list(fields_of(MEASURED, sample=False, statistics=True)) == MEASURED_FIELDS
+    assert list(fields_of(MEASURED, statistics=False)) == KEPT_FIELDS
     assert list(fields_of(MEASURED, sample=True)) == SAMPLE_FIELDS
     assert list(fields_of(EXECUTION)) == EXECUTION_FIELDS
     assert list(fields_of(EXPORT)) == EXPORT_FIELDS
@@ -131,7 +133,7 @@ def test_compare_checks_the_measured_part_less_the_sample():
     compare._check_same_measurement(
         _side(), _side(num_samples=3, max_length=16, dataset="/other.txt", min_chars=0, text_column="t", seed=9,
                        batch_size=1, shard_size=2, device="cpu", aggregation_mode="all", power=2.0,
-                       sae_dtype="bfloat16"))  # no SAE: --sae-dtype has no effect
+                       sae_dtype="bfloat16", top_examples=8))  # no SAE: --sae-dtype has no effect
     compare._check_same_measurement(_side(), _side(layers="0-1"))  # one resolved layer list, two spellings
     for overrides, text in ((dict(dtype="bfloat16"), "--dtype float32 vs bfloat16"),
                             (dict(exclude_bos=True), "--exclude-bos False vs True"),
