@@ -232,6 +232,32 @@ def examples(run_dir, layer, feature, by, k, context, as_json) -> None:
 
 
 @cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--output", default=None,
+              help="The page, a .html file in an existing directory (default: RUN_DIR/report.html); an existing "
+                   "page is replaced.")
+@click.option("--by", default=None,
+              help="Statistic to rank features by: default mean_abs of --kind for a run (largest |value| first), "
+                   "welch_t_abs of --kind for a comparison (A: largest, B: smallest); or any `top --by` name.")
+@click.option("-k", "--k", type=int, default=10, show_default=True,
+              help="Features per layer (per side for a comparison).")
+@click.option("--examples", "num_examples", type=int, default=5, show_default=True,
+              help="Contexts per feature (at most the run's --top-examples K).")
+@click.option("--kind", default="gradients", show_default=True, type=click.Choice(list(names.EXAMPLE_KINDS)),
+              help="Whose statistics and examples (the run must collect it).")
+@click.option("--context", type=int, default=8, show_default=True, help="Tokens of context before and after.")
+def report(run_dir, output, by, k, num_examples, kind, context) -> None:
+    """One self-contained HTML page of a run (needs --top-examples) or a comparison: per layer a histogram,
+    the top features with their statistics and Neuronpedia links, and each one's top contexts."""
+    from .report import write_report
+
+    path, notes = write_report(Path(run_dir), output, by, k, num_examples, kind, context)
+    for note in notes:
+        click.echo(f"warning: {note}", err=True)
+    click.echo(f"report   {path}")
+
+
+@cli.command()
 @click.argument("run_a", type=click.Path(exists=True, file_okay=False))
 @click.argument("run_b", type=click.Path(exists=True, file_okay=False))
 @click.option("--output-dir", default=None,

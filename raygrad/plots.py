@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 DPI = 100
 
@@ -120,3 +121,30 @@ def _t_by_layer(path: Path, t: np.ndarray, layers: list[int], kind: str) -> Path
     ax.set(title=f"Welch's t of |{kind}|, A against B, over dimensions", xlabel="layer", ylabel="t")
     ax.legend()
     return _save(fig, path)
+
+
+def histogram_png(values: np.ndarray, title: str, xlabel: str, marked: np.ndarray = ()) -> bytes:
+    """One layer's values over its features as PNG bytes (the HTML report inlines them): log counts, and
+    the `marked` values (the features the page lists) as red ticks under the bars. One filled outline
+    rather than a bar per bin, and fixed margins: a page of many layers draws in a fraction of the time."""
+    import io
+
+    values = np.asarray(values, dtype=np.float64)
+    counts, edges = np.histogram(values[np.isfinite(values)], bins=80)
+    fig = Figure(figsize=(6, 2.2))
+    fig.subplots_adjust(left=0.1, right=0.98, bottom=0.22, top=0.88)
+    ax = fig.subplots()
+    ax.stairs(counts, edges, fill=True, baseline=0.5, color="#57606a")  # 0.5: below a count of 1 on log axes
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=0.5, top=max(counts.max(), 1) * 1.5)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda count, _: f"{count:g}"))  # 1, 10, 100, not 10^0
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    for value in np.asarray(marked, dtype=np.float64):
+        ax.axvline(value, ymax=0.07, color="#cf222e", linewidth=1)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8, labelpad=1)
+    ax.set_ylabel("features", fontsize=8)
+    ax.tick_params(labelsize=7)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})  # no matplotlib URL in the page
+    return buffer.getvalue()
