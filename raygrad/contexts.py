@@ -66,7 +66,7 @@ class RunExamples:
     def require_examples(self) -> None:
         if not self.kinds:
             raise RaygradError(f"{self.run_dir}: this run kept no examples; run it again with --top-examples K "
-                               f"(1 to {topk.MAX_TOP_EXAMPLES}, e.g. 16) to keep each dimension's top K tokens")
+                               f"(1 to {names.MAX_TOP_EXAMPLES}, e.g. 16) to keep each dimension's top K tokens")
 
     def layer_row(self, layer: int) -> int:
         if layer not in self.plan.layers:

@@ -232,7 +232,7 @@ def compare_page(compare_dir: Path, by: str, k: int, num_examples: int, kind: st
 
 
 def require_examples(run: RunExamples, label: str) -> None:
-    """RunExamples.require_examples's refusal, said here: that one names a constant examples.py lacks."""
+    """RunExamples.require_examples's refusal, naming the run by its argument (RUN_DIR, RUN_A, RUN_B)."""
     if not run.has_examples:
         raise RaygradError(f"{label} {run.run_dir}: this run kept no examples; run it again with --top-examples K "
                            f"(1 to {names.MAX_TOP_EXAMPLES}, e.g. 16) to keep each feature's top K tokens")

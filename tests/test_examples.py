@@ -2,10 +2,12 @@
 (every token's score from tests/reference.py, sorted by |score| descending, then row, then position), and
 the same lists for any batching, sharding, worker count or resume."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
-from helpers import build_config, killed_run, run_tiny
+from helpers import build_config, killed_run, run_cli, run_tiny
 from reference import read_sae_lens_weights, reference_site_tokens, relu_sae_encode
 from sae_factory import write_sae_lens_dir
 from tiny import SAMPLE_TEXTS
@@ -184,3 +186,65 @@ def test_the_pruned_host_merge_equals_the_full_merge():
         got = topk.merge_sorted(a, b)
         for name in topk.TABLES:
             np.testing.assert_array_equal(got[name], want[name], err_msg=f"{name} fill {fill}")
+
+
+# --- raygrad examples: the contexts, and one line for bad input
+
+
+@pytest.fixture(scope="module")
+def example_run(tiny_llama, tmp_path_factory):
+    """A run keeping 4 examples of gradients and attribution, on its own copy of the texts (a test edits it)."""
+    root = tmp_path_factory.mktemp("examples")
+    texts = root / "texts.txt"
+    texts.write_text("\n".join(SAMPLE_TEXTS) + "\n")
+    run_dir, totals = run_tiny(tiny_llama, texts, root / "out", top_examples=4, layers="0,2",
+                               aggregate_by=("gradients", "attribution"))
+    return run_dir, totals, texts
+
+
+def test_examples_json_gives_each_token_its_prediction_and_context(tiny_llama, example_run, capsys, monkeypatch):
+    from transformers import AutoTokenizer
+
+    run_dir, totals, _ = example_run
+    code, out, err = run_cli(["examples", str(run_dir), "--layer", "2", "--feature", "5", "--by", "attribution",
+                              "--context", "3", "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    found = json.loads(out)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    want = got_lists(totals, "attr", 1)[5]
+    assert [(e["row"], e["position"], e["score"]) for e in found] == [(r, p, s) for r, p, s in want]
+    for example in found:  # the text of its row, tokenized here
+        ids = tokenizer(SAMPLE_TEXTS[example["row"]], truncation=True, max_length=24)["input_ids"]
+        p = example["position"]
+        assert example["token"] == tokenizer.decode(ids[p:p + 1])
+        assert example["next_token"] == tokenizer.decode(ids[p + 1:p + 2])
+        assert example["context_before"] == tokenizer.decode(ids[max(0, p - 3):p])
+        assert example["context_after"] == tokenizer.decode(ids[p + 1:p + 4])
+    code, out, _ = run_cli(["examples", str(run_dir), "--layer", "2", "--feature", "5", "--by", "attribution",
+                            "--k", "2"], capsys, monkeypatch)
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 3 and lines[1].split()[:4] == ["1", f"{found[0]['score']:+.6g}", "row",
+                                                                       f"{found[0]['row']}:{found[0]['position']}"]
+
+
+def test_examples_bad_input_is_one_line(tiny_llama, texts_file, example_run, tmp_path, capsys, monkeypatch):
+    run_dir, _, texts = example_run
+    plain, _ = run_tiny(tiny_llama, texts_file, tmp_path, num_samples=2)
+    capsys.readouterr()  # the run's own output
+    base = ["examples", str(run_dir), "--layer", "0", "--feature", "1"]
+    cases = [
+        (["examples", str(plain), "--layer", "0", "--feature", "1"], "this run kept no examples; run it again with "
+                                                                      "--top-examples K"),
+        (base[:3] + ["1", "--feature", "1"], "--layer 1: the run has layers 0,2"),
+        (base[:5] + ["32"], "--feature 32: the run's layers have 32 dimensions (0-31)"),
+        (base + ["--by", "values"], "--by values: this run kept examples of gradients, attribution"),
+        (base + ["--k", "5"], "--k 5: must be from 1 to 4"),
+        (base + ["--context", "-1"], "--context -1: must be an integer >= 0"),
+    ]
+    for args, line in cases:
+        code, out, err = run_cli(args, capsys, monkeypatch)
+        assert code == 2 and err.startswith("error: ") and line in err and err.count("\n") == 1, (args, err)
+    texts.write_text(texts.read_text().replace("Layers near", "LAYERS near"))  # the dataset changed since the run
+    code, _, err = run_cli(base, capsys, monkeypatch)
+    assert code == 2 and "the dataset changed since the run: its rows 0-6 no longer hold the texts" in err
+    assert err.startswith("error: row ") and err.count("\n") == 1
