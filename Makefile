@@ -22,8 +22,9 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/raygrad run --model smollm2-135m --dataset stdlib-docs --num-samples 32 --save-outputs
 
+# Two pytest workers, one per core of the build machines (each Ray test starts its own cluster or actors).
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 lint: setup
 	$(PY) -m pip install --quiet ruff
