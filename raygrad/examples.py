@@ -144,14 +144,18 @@ def batch_top(x: torch.Tensor, k: int) -> torch.Tensor:
     |x|, ties to the earlier row: exact when x's rows are in (row, position) order, as a batch's
     aggregated positions are (grads.make_batch).
 
-    Narrower than float64, each |x| is widened to float32 (exact) and its bits, which order like the
-    values, take the top 32 bits of an int64 key whose low 32 bits rank the row: the keys are distinct,
-    so torch.topk (which breaks ties in no stated order) is exact. float64 has no spare bits: a stable
-    sort (float64 runs are references, not the fast path)."""
+    The bits of a non-negative float order like its value, so |x|'s bits in the high part of an integer
+    key and the row's rank (n - 1 - i) in the low part make every key distinct: torch.topk (which breaks
+    ties in no stated order) is then exact. A 16-bit x (bfloat16, float16: the GPU's SAE scores) takes an
+    int32 key while n <= 65,536, half the memory traffic of the int64 key a float32 x needs. float64 has
+    no spare bits: a stable sort (float64 runs are references, not the fast path)."""
     n = x.shape[0]
     if x.dtype == torch.float64:
         return torch.sort(x.abs(), dim=0, descending=True, stable=True).indices[:k]
-    bits = x.float().abs().view(torch.int32).long()
-    earlier_first = (n - 1) - torch.arange(n, device=x.device, dtype=torch.int64)
-    keys = (bits << 32) | earlier_first[:, None]
+    if x.dtype in (torch.bfloat16, torch.float16) and n <= 1 << 16:
+        bits, shift, key_dtype = x.abs().view(torch.int16).int(), 16, torch.int32
+    else:
+        bits, shift, key_dtype = x.float().abs().view(torch.int32).long(), 32, torch.int64
+    later_first = (n - 1) - torch.arange(n, device=x.device, dtype=key_dtype)
+    keys = (bits << shift) | later_first[:, None]
     return torch.topk(keys, min(k, n), dim=0, sorted=False).indices

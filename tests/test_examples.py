@@ -131,7 +131,8 @@ def _tables_from(scores: np.ndarray, rows: np.ndarray, positions: np.ndarray, k:
                  chunks: int, seed: int):
     """Scores (N, width) of tokens (rows, positions), offered in random batches, each in `chunks` calls."""
     rng = np.random.default_rng(seed)
-    acc = DeviceAccumulator(1, {"grad": scores.shape[1]}, torch.device("cpu"), top_k=k, score_dtype=dtype)
+    kept = torch.float64 if dtype == torch.float64 else torch.float32  # as a run keeps scores (examples.score_dtype)
+    acc = DeviceAccumulator(1, {"grad": scores.shape[1]}, torch.device("cpu"), top_k=k, score_dtype=kept)
     for part in np.array_split(rng.permutation(len(rows)), batches):
         part = part[np.lexsort((positions[part], rows[part]))]  # a batch's positions are in (row, position) order
 
@@ -148,13 +149,15 @@ def _tables_from(scores: np.ndarray, rows: np.ndarray, positions: np.ndarray, k:
     return acc.to_partial()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("k", [1, 3, 8])
 def test_ties_and_zeros_follow_the_rule_for_any_batching(dtype, k):
     rng = np.random.default_rng(k)
     pairs = rng.choice(40 * 50, size=120, replace=False)  # distinct (row, position)
     rows, positions = pairs // 50, pairs % 50
-    scores = rng.integers(-3, 4, size=(120, 9)).astype(np.float64)  # many equal |scores|, a seventh zeros
+    # Many equal |scores| (and a seventh zeros), each value exact in bfloat16 with all its mantissa bits in use
+    values = torch.tensor(rng.normal(size=3)).bfloat16().double().numpy()
+    scores = np.concatenate([-values, [0.0], values])[rng.integers(0, 7, size=(120, 9))]
     scores[:, 8] = 0  # a dimension no token moves: every slot empty
     tokens = list(zip(rows, positions, scores))
     want = []
