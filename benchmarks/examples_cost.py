@@ -74,7 +74,7 @@ def head_costs(args) -> None:
     print(f"head: one partial's examples {args.head_layers} x {args.features} x {args.k} = {nbytes / 2**20:.0f} MiB "
           f"per ranked kind; the reducer's merge of one more shard into totals holding S shards:")
     merged = 1
-    for target in (1, 4, 16, 64, 256):
+    for target in (1, 4, 16, 64):
         while merged < target:  # bring the totals to `target` shards (untimed)
             totals = topk.merge_sorted(totals, tables(merged))
             merged += 1

@@ -38,16 +38,17 @@ def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: boo
     config = dataclasses.replace(config, dataset=absolute_if_local(config.dataset))  # what --resume reads
     output_dir = Path(config.output_dir)
     _check_output_paths(config)
-    # Planning checks layers, sites, SAEs and the dataset's file before Ray starts or weights
-    # load; the samples and shards follow from one pass over the dataset.
-    plan = make_plan(config, 0)
+    # Resolving the model, sites, SAEs and pins checks them and the dataset's file before Ray starts or
+    # weights load; the plan is complete once the pool is sized (batching) and one pass over the dataset
+    # has planned the shards. Workers receive that plan, whole and once.
+    resolved = make_plan(config, 0)
     source = _source(config)
     with contextlib.ExitStack() as locked, WorkerPool(config, echo=echo) as pool:
-        plan = plan.placed(config, pool.workers, pool.device)
-        pool.start_workers(plan, config.seed)  # Ray actors load their model while the shards are planned
-        plan = _plan_shards(plan, config, source, pool.workers, pool.device, echo)
+        plan = _plan_shards(resolved.placed(config, pool.workers, pool.device), config, source, pool.workers,
+                            pool.device, echo)
         _check_memory(plan, pool.workers, pool.device)
         echo(plan.describe())
+        pool.start_workers(plan, config.seed)
         run_dir = _new_run_dir(output_dir, run_dir_name(config, plan, datetime.now().strftime("%Y%m%d_%H%M%S")))
         locked.enter_context(run_lock(run_dir, "run", "--output-dir"))  # from now until the run ends or stops
         echo(f"output   {run_dir}")

@@ -8,24 +8,32 @@ goes back to the queue for another, and a lost actor is asked for again.
 Results are keyed by shard, so a retried shard is never counted twice. With
 no worker placed on a node for `--worker-timeout` seconds (one loading its
 model counts as placed) the pool stops with one line naming what was asked
-for and what the cluster offers."""
+for and what the cluster offers. Starting, joining and stopping Ray, and the actor itself, are
+ray_runtime.py's; this module decides which shard runs where."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
-import threading
 import time
 from collections import Counter, deque
-from pathlib import Path
 from typing import Callable, Iterator
 
 from .config import RunConfig
 from .errors import RaygradError, first_line
 from .models import pick_device
 from .plan import Plan
+from .ray_runtime import (
+    RemoteWorker,
+    actor_name,
+    cluster_offer,
+    get,
+    largest_node_gpus,
+    local_gpus,
+    sigterm_handler_kept,
+    start_or_join,
+    stop,
+)
 from .worker import ShardResult, ShardRunner
 
 log = logging.getLogger(__name__)
@@ -35,7 +43,6 @@ STATUS_SECONDS = 30.0  # between "waiting for workers" lines
 RESTART_POLL_SECONDS = 1.0  # between questions to an actor Ray is restarting (the loop takes other results meanwhile)
 MAX_LOSSES_PER_SHARD = 3  # a shard whose worker dies this often is killing it (memory, say): stop, not loop
 PER_WORKER = 2  # shards in flight per worker: the one it computes and the next, queued behind it
-FORWARDED_ENV = ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "RAYGRAD_CACHE")  # driver -> worker actors
 
 
 class WorkerTimeout(RaygradError):
@@ -84,51 +91,6 @@ class WorkerClocks:
                 "worker_idle_fraction": sum(self.idle.values()) / up if up > 0 else 0.0}
 
 
-def local_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-class RemoteWorker:
-    """The Ray actor around a ShardRunner. The constructor only keeps the plan,
-    so `placed` answers as soon as the actor has a node; `ready` loads the model
-    (minutes for a large one being downloaded) and raises a load failure, which
-    the driver reports as the run's error (a failing constructor would look like
-    a lost node and be retried)."""
-
-    # Threaded (max_concurrency=2): the next shard is read and tokenized while this one computes;
-    # computing is one shard at a time.
-
-    def __init__(self, plan: Plan, seed: int):
-        self.plan, self.seed, self.runner = plan, seed, None
-        self._loading = threading.Lock()  # one ShardRunner, however many calls arrive at once
-        self._computing = threading.Lock()
-
-    def placed(self) -> tuple[str, str]:
-        """-> (its node, its process): Ray's worker id names the process, a new one after each restart."""
-        import ray
-
-        context = ray.get_runtime_context()
-        return context.get_node_id(), context.get_worker_id()
-
-    def ready(self) -> dict:
-        runner = self._runner()
-        return {"device": str(runner.device), "load_seconds": runner.load_seconds, "sae_groups": runner.sae_groups}
-
-    def run(self, shard: int, source: dict, ref) -> ShardResult:
-        runner = self._runner()
-        prepared = runner.prepare(shard, source, ref)  # beside the shard computing now, if any
-        with self._computing:
-            return runner.compute(prepared)
-
-    def _runner(self) -> ShardRunner:
-        with self._loading:
-            if self.runner is None:  # also after Ray restarted this actor
-                self.runner = ShardRunner(self.plan, self.seed)
-            return self.runner
-
-
 class WorkerPool:
     """A context manager: enter resolves where shards run (and starts or joins
     Ray), `start_workers` asks for the actors, `map` runs shards."""
@@ -138,7 +100,7 @@ class WorkerPool:
         self.requested = config.workers if workers is None else workers
         self.echo = echo
         self.started_ray = False
-        self._loopback_setting: tuple | None = None  # what _bind_to_loopback changed, put back on exit
+        self._loopback_setting: tuple | None = None  # what ray_runtime.bind_to_loopback changed, put back on exit
         self.gpus_per_worker = 0
         self.cpus_per_worker = 1
         self.actors: list = []
@@ -158,11 +120,11 @@ class WorkerPool:
         import ray
 
         if not ray.is_initialized():
-            with _sigterm_handler_kept():
-                self._start_or_join_ray(ray)
+            with sigterm_handler_kept():
+                self._loopback_setting = start_or_join(self.config, ray)
             self.started_ray = True
         try:
-            self._size(ray.cluster_resources(), _largest_node_gpus(ray.nodes()))
+            self._size(ray.cluster_resources(), largest_node_gpus(ray.nodes()))
         except BaseException:  # a request no node can meet: stop the Ray this started (no __exit__ follows)
             self.__exit__(None, None, None)
             raise
@@ -205,38 +167,6 @@ class WorkerPool:
                 f"not contacted: shards here are planned for {self.workers} {self.device.upper()} "
                 f"worker{'s' * (self.workers > 1)})")
 
-    def _start_or_join_ray(self, ray) -> None:
-        """ray.init: join --address, else start a private local Ray."""
-        config = self.config
-        # Workers read gated hub models with the driver's token.
-        env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
-        if config.address:
-            _wait_reachable(config.address, config.connect_timeout)
-            try:
-                ray.init(address=config.address, log_to_driver=False, logging_level=logging.ERROR,
-                         runtime_env={"py_modules": [str(Path(__file__).parent)], "env_vars": env_vars})
-            except (ConnectionError, RuntimeError, ValueError) as err:
-                raise RaygradError(f"--address {config.address}: cannot join that Ray cluster "
-                                   f"({first_line(err)})") from None
-        else:
-            # A local Ray bound to loopback only; workers import raygrad from
-            # wherever this driver does (a checkout works too).
-            python_path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
-                                                        os.environ.get("PYTHONPATH")]))
-            # address="local": never follow RAY_ADDRESS or a `ray_current_cluster` file left
-            # by another process (a stale one made runs hang); --address names a cluster.
-            # logging_level: Ray's start-up notices (token authentication, "Started a local Ray
-            # instance") say nothing a raygrad user can act on; warnings about the run still show.
-            self._loopback_setting = _bind_to_loopback()
-            try:
-                ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                         log_to_driver=False, logging_level=logging.ERROR,
-                         runtime_env={"env_vars": {"PYTHONPATH": python_path, **env_vars}})
-            except BaseException:
-                _restore_cluster_setting(*self._loopback_setting)
-                raise
-            _start_reaper()  # ends this Ray's processes if this process is SIGKILLed
-
     def _size(self, resources: dict, node_gpus: int) -> None:
         """Workers and their resources from the request; the cluster is consulted
         only for defaults and for what can never fit (an autoscaler adds nodes)."""
@@ -266,8 +196,8 @@ class WorkerPool:
     # --- the actors
 
     def start_workers(self, plan: Plan, seed: int) -> None:
-        """Ray actors are asked for now and load their model as soon as they are
-        placed (while the driver reads the dataset); in-process, the runner
+        """Ray actors are asked for now, each given the whole plan once (at construction: an actor Ray
+        restarts gets it again), and load their model as soon as they are placed; in-process, the runner
         loads on first use."""
         self.plan, self.seed, self.actors = plan, seed, []
         if self.workers == 0:
@@ -284,7 +214,7 @@ class WorkerPool:
         """Ask a new (or restarted) actor where it is and to load its model: the
         answers come in that order, since an actor runs its calls one at a time."""
         self._forget_calls(actor)  # one outstanding pair per actor; earlier ones answer the same
-        self.retry_at.pop(_name(actor), None)
+        self.retry_at.pop(actor_name(actor), None)
         self.placing[actor.placed.remote()] = actor
         self.starting[actor.ready.remote()] = actor
 
@@ -292,7 +222,7 @@ class WorkerPool:
         """An actor Ray is restarting (perhaps waiting for a node) answers every call at once, in vain: ask
         again in RESTART_POLL_SECONDS, taking other results meanwhile."""
         self._forget_calls(actor)
-        self.retry_at[_name(actor)] = (time.monotonic() + RESTART_POLL_SECONDS, actor)
+        self.retry_at[actor_name(actor)] = (time.monotonic() + RESTART_POLL_SECONDS, actor)
 
     def _forget_calls(self, actor) -> None:
         for refs in (self.placing, self.starting):
@@ -318,11 +248,7 @@ class WorkerPool:
             for actor in self.actors:
                 ray.kill(actor)
         if self.started_ray:
-            import ray
-
-            ray.shutdown()
-            if self._loopback_setting is not None:
-                _restore_cluster_setting(*self._loopback_setting)
+            stop(self._loopback_setting)
 
     # --- running shards
 
@@ -392,13 +318,13 @@ class WorkerPool:
 
         def settle(actor, process: str | None) -> None:
             """The actor answered from `process`, or (None) is gone for good."""
-            if _name(actor) in unreachable:
-                item, started_by, err = unreachable.pop(_name(actor))
+            if actor_name(actor) in unreachable:
+                item, started_by, err = unreachable.pop(actor_name(actor))
                 if process != started_by:
                     charge(item, err)
 
         def send(actor, item) -> None:
-            name = _name(actor)
+            name = actor_name(actor)
             ref = actor.run.remote(*item)
             running[ref] = (actor, item, process_of[name])
             in_flight.setdefault(name, deque()).append(ref)
@@ -407,7 +333,7 @@ class WorkerPool:
 
         def fill(actor) -> None:
             """Top an actor with a shard in flight up to PER_WORKER, while enough shards wait."""
-            name = _name(actor)
+            name = actor_name(actor)
             room.pop(name, None)
             if name in suspect:
                 return
@@ -418,7 +344,7 @@ class WorkerPool:
 
         def drop_calls(actor) -> list:
             """Forget an actor's calls in flight; -> their items, oldest first."""
-            name = _name(actor)
+            name = actor_name(actor)
             room.pop(name, None)
             self.busy.pop(name, None)
             clocks.lost(name, time.monotonic())
@@ -460,20 +386,20 @@ class WorkerPool:
                 if ref in placing:
                     actor = placing.pop(ref)
                     try:
-                        node, process = _get(ref)  # answered before its `ready`
+                        node, process = get(ref)  # answered before its `ready`
                     except ActorUnavailableError:  # restarting, perhaps waiting for a node: not placed, ask again
                         self._ask_later(actor)
                         continue
                     except RayActorError:  # gone for good: its `ready` call says so and it is replaced
                         settle(actor, None)
                         continue
-                    self.worker_nodes[_name(actor)] = node
+                    self.worker_nodes[actor_name(actor)] = node
                     settle(actor, process)
                     continue
                 if ref in waiting:
                     actor = waiting.pop(ref)
                     try:
-                        info = _get(ref)
+                        info = get(ref)
                     except ActorUnavailableError:  # restarting after a loss: Ray brings it back, ask again
                         self._ask_later(actor)
                         continue
@@ -481,26 +407,26 @@ class WorkerPool:
                         log.warning("a worker was lost while starting (%s); asking for another", first_line(err))
                         self._replace(actor)
                         continue
-                    self.worker_devices[_name(actor)] = info["device"]
+                    self.worker_devices[actor_name(actor)] = info["device"]
                     self._say_sae_passes(f"worker {len(self.worker_devices)}", info.get("sae_groups"))
                     idle.append(actor)
-                    clocks.ready(_name(actor), time.monotonic())
+                    clocks.ready(actor_name(actor), time.monotonic())
                     continue
                 if ref in asking:
                     actor, item = asking.pop(ref)
                     try:
-                        node, process = _get(ref)
+                        node, process = get(ref)
                     except ActorUnavailableError:  # died while idle and being restarted: the shard never started
                         queue.appendleft(item)
-                        clocks.lost(_name(actor), time.monotonic())
+                        clocks.lost(actor_name(actor), time.monotonic())
                         self._ask_later(actor)
                         continue
                     except RayActorError:  # died while idle, for good: its `ready` call says so and it is replaced
                         queue.appendleft(item)
-                        clocks.lost(_name(actor), time.monotonic())
+                        clocks.lost(actor_name(actor), time.monotonic())
                         self._watch_start(actor)
                         continue
-                    name = _name(actor)
+                    name = actor_name(actor)
                     self.worker_nodes[name] = node  # Ray may have restarted it elsewhere while idle
                     process_of[name] = process
                     suspect.discard(name)
@@ -508,12 +434,12 @@ class WorkerPool:
                     fill(actor)
                     continue
                 actor, item, process = running.pop(ref)
-                name = _name(actor)
+                name = actor_name(actor)
                 calls = in_flight[name]
                 head = calls[0] is ref
                 calls.remove(ref)
                 try:
-                    result = _get(ref)
+                    result = get(ref)
                 except RayActorError as err:
                     if not head:  # queued behind a shard still in flight: it never started
                         queue.appendleft(item)
@@ -554,83 +480,17 @@ class WorkerPool:
         if lost in self.actors:
             self.actors.remove(lost)
         self._forget_calls(lost)
-        self.retry_at.pop(_name(lost), None)
+        self.retry_at.pop(actor_name(lost), None)
         ray.kill(lost)
         self._add_actor()
 
-    def _cluster_offer(self) -> str:
-        import ray
-
-        total, free = ray.cluster_resources(), ray.available_resources()
-        return (f"GPU {free.get('GPU', 0):g} free of {total.get('GPU', 0):g}, "
-                f"CPU {free.get('CPU', 0):g} free of {total.get('CPU', 0):g}, {len(ray.nodes())} node(s)")
-
     def _status_line(self, up: int, loading: int) -> str:
         return (f"waiting  for workers: asked for {self.describe_request()}, {up} up, {loading} loading their "
-                f"model; cluster: {self._cluster_offer()}")
+                f"model; cluster: {cluster_offer()}")
 
     def _timeout_message(self) -> str:
         return (f"--worker-timeout {self.config.worker_timeout:g}: no worker was placed in that time; asked for "
-                f"{self.describe_request()}, the cluster offers {self._cluster_offer()}")
-
-
-_reaper = None  # one per driver process: it outlives every local Ray this process starts
-
-
-def _start_reaper() -> None:
-    global _reaper
-    if _reaper is None or _reaper.poll() is not None:
-        import subprocess
-        import sys
-
-        _reaper = subprocess.Popen([sys.executable, str(Path(__file__).with_name("reaper.py")), str(os.getpid())],
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                   start_new_session=True)
-
-
-def _name(actor) -> str:
-    return actor._actor_id.hex()
-
-
-def _get(ref):
-    """ray.get, with a worker's own one-line error (a model it cannot load, a GPU too small)
-    raised as that line rather than Ray's wrapper and the remote traceback."""
-    import ray
-    from ray.exceptions import RayTaskError
-
-    try:
-        return ray.get(ref)
-    except RayTaskError as err:
-        if isinstance(err.cause, RaygradError):
-            raise RaygradError(str(err.cause)) from None
-        raise
-
-
-def _bind_to_loopback() -> tuple[str | None, bool]:
-    """Keep a private local Ray on 127.0.0.1. On Linux Ray replaces a loopback
-    `_node_ip_address` with the machine's own address and listens on every
-    interface, unless its "cluster" switch is off (the switch macOS and Windows
-    default to). The Ray processes read it from the environment, this process
-    from a constant set when Ray was imported. -> what to put back."""
-    from ray._private import ray_constants
-
-    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
-    before = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[name] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    return before
-
-
-def _restore_cluster_setting(environment_value: str | None, constant: bool) -> None:
-    """Undo _bind_to_loopback, so a later --address run in this process joins its cluster as usual."""
-    from ray._private import ray_constants
-
-    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
-    if environment_value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = environment_value
-    ray_constants.ENABLE_RAY_CLUSTER = constant
+                f"{self.describe_request()}, the cluster offers {cluster_offer()}")
 
 
 def _shard_keeps_killing_line(item: tuple, losses: int, err: BaseException) -> str:
@@ -640,47 +500,3 @@ def _shard_keeps_killing_line(item: tuple, losses: int, err: BaseException) -> s
             f"(last: {first_line(err)}); a worker that dies on the same shard is likely out of host or GPU "
             "memory: use a smaller --batch-size or --tokens-per-batch, a shorter --max-length, or workers with "
             "more memory, then resume")
-
-
-@contextlib.contextmanager
-def _sigterm_handler_kept():
-    """ray.init replaces the SIGTERM handler with one that exits at once; keep a
-    handler of the caller's own, such as the CLI's, which stops like Ctrl-C
-    (finished shards saved, the resume command said). Without one, Ray's stays."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may set handlers, and Ray then sets none
-        return
-    handler = signal.getsignal(signal.SIGTERM)
-    try:
-        yield
-    finally:
-        if callable(handler):  # not SIG_DFL, SIG_IGN, or None (set outside Python)
-            signal.signal(signal.SIGTERM, handler)
-
-
-def _wait_reachable(address: str, timeout: float) -> None:
-    """Wait until something listens at `address` (host:port or ray://host:port), for at most
-    `timeout` seconds; ray.init itself would wait minutes on an address where nothing answers."""
-    import socket
-
-    if address == "auto":
-        return  # Ray resolves it from this node's own files, and fails fast when there is none
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise RaygradError(f"--address {address}: expected HOST:PORT, ray://HOST:PORT or auto")
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, int(port)), timeout=max(0.1, min(5.0, timeout))):
-                return
-        except OSError as err:
-            if time.monotonic() >= deadline:
-                raise RaygradError(
-                    f"--address {address}: nothing answered within --connect-timeout {timeout:g} s "
-                    f"({err.strerror or err}); is the cluster up (`ray status` on its head node)?"
-                ) from None
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-
-
-def _largest_node_gpus(nodes: list[dict]) -> int:
-    return max((int(node.get("Resources", {}).get("GPU", 0)) for node in nodes if node.get("Alive")), default=0)

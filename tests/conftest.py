@@ -74,7 +74,7 @@ _session_ray = {"up": False}  # whether the Ray initialized in this process is t
 def _start_session_ray():
     import ray
 
-    from raygrad.pool import FORWARDED_ENV, _start_reaper
+    from raygrad.ray_runtime import FORWARDED_ENV, start_reaper
 
     if ray.is_initialized():  # a Ray an earlier test left behind: not the one asked for
         ray.shutdown()
@@ -84,7 +84,7 @@ def _start_session_ray():
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=SESSION_RAY_CPUS,
              log_to_driver=False, logging_level=logging.ERROR,
              runtime_env={"env_vars": {"PYTHONPATH": python_path, **env_vars}})
-    _start_reaper()  # its processes end even if pytest is SIGKILLed
+    start_reaper()  # its processes end even if pytest is SIGKILLed
     _session_ray["up"] = True
 
 

@@ -172,11 +172,13 @@ def test_ties_and_zeros_follow_the_rule_for_any_batching(dtype, k):
 
 
 def test_the_pruned_host_merge_equals_the_full_merge():
-    """merge_sorted skips the cells a partial cannot enter; it must give what merging every cell gives."""
+    """merge_sorted skips the cells a partial cannot enter and sorts the others by |score| alone where no two
+    are equal; it must give what the exact merge of every cell gives."""
     rng = np.random.default_rng(0)
 
-    def random_tables(fill: float):
-        score = rng.integers(-5, 6, size=(2, 30, 50)).astype(np.float32)
+    def random_tables(fill: float, ties: bool):
+        shape = (2, 30, 50)
+        score = (rng.integers(-5, 6, size=shape) if ties else rng.normal(size=shape)).astype(np.float32)
         row = rng.integers(0, 20, size=score.shape)
         position = rng.integers(0, 10, size=score.shape).astype(np.int32)
         row[rng.random(score.shape) > fill] = topk.EMPTY
@@ -184,11 +186,13 @@ def test_the_pruned_host_merge_equals_the_full_merge():
         return full
 
     for fill in (1.0, 0.3, 0.05):
-        a, b = random_tables(fill), random_tables(fill)
-        want = topk.merge(a, b, 6)
-        got = topk.merge_sorted(a, b)
-        for name in topk.TABLES:
-            np.testing.assert_array_equal(got[name], want[name], err_msg=f"{name} fill {fill}")
+        for ties in (True, False):  # the exact path for equal |scores|, the sort by |score| alone otherwise
+            a, b = random_tables(fill, ties), random_tables(fill, ties)
+            want = topk.merge(a, b, 6)
+            got = topk.merge_sorted(a, b)
+            for name in topk.TABLES:
+                np.testing.assert_array_equal(got[name], want[name], err_msg=f"{name} fill {fill} ties {ties}")
+                assert got[name].dtype == want[name].dtype
 
 
 # --- raygrad examples: the contexts, and one line for bad input

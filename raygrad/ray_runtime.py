@@ -1,0 +1,218 @@
+"""The Ray runtime under the pool: a private local Ray bound to loopback, or a cluster joined by
+--address; the SIGTERM handler kept across ray.init; the reaper that ends a SIGKILLed driver's local
+Ray; the actor around a ShardRunner; what the cluster offers. No scheduling here (pool.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from .config import RunConfig
+from .errors import RaygradError, first_line
+from .plan import Plan
+from .worker import ShardResult, ShardRunner
+
+FORWARDED_ENV = ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "RAYGRAD_CACHE")  # driver -> worker actors
+
+
+def local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+class RemoteWorker:
+    """The Ray actor around a ShardRunner. The constructor only keeps the plan,
+    so `placed` answers as soon as the actor has a node; `ready` loads the model
+    (minutes for a large one being downloaded) and raises a load failure, which
+    the driver reports as the run's error (a failing constructor would look like
+    a lost node and be retried)."""
+
+    # Threaded (max_concurrency=2): the next shard is read and tokenized while this one computes;
+    # computing is one shard at a time.
+
+    def __init__(self, plan: Plan, seed: int):
+        self.plan, self.seed, self.runner = plan, seed, None
+        self._loading = threading.Lock()  # one ShardRunner, however many calls arrive at once
+        self._computing = threading.Lock()
+
+    def placed(self) -> tuple[str, str]:
+        """-> (its node, its process): Ray's worker id names the process, a new one after each restart."""
+        import ray
+
+        context = ray.get_runtime_context()
+        return context.get_node_id(), context.get_worker_id()
+
+    def ready(self) -> dict:
+        runner = self._runner()
+        return {"device": str(runner.device), "load_seconds": runner.load_seconds, "sae_groups": runner.sae_groups}
+
+    def run(self, shard: int, source: dict, ref) -> ShardResult:
+        runner = self._runner()
+        prepared = runner.prepare(shard, source, ref)  # beside the shard computing now, if any
+        with self._computing:
+            return runner.compute(prepared)
+
+    def _runner(self) -> ShardRunner:
+        with self._loading:
+            if self.runner is None:  # also after Ray restarted this actor
+                self.runner = ShardRunner(self.plan, self.seed)
+            return self.runner
+
+
+def start_or_join(config: RunConfig, ray) -> tuple | None:
+    """ray.init: join --address, else start a private local Ray bound to loopback. -> what
+    `bind_to_loopback` changed (for `stop`), None when a cluster was joined."""
+    # Workers read gated hub models with the driver's token.
+    env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+    if config.address:
+        wait_reachable(config.address, config.connect_timeout)
+        try:
+            ray.init(address=config.address, log_to_driver=False, logging_level=logging.ERROR,
+                     runtime_env={"py_modules": [str(Path(__file__).parent)], "env_vars": env_vars})
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise RaygradError(f"--address {config.address}: cannot join that Ray cluster "
+                               f"({first_line(err)})") from None
+        return None
+    # Workers import raygrad from wherever this driver does (a checkout works too).
+    python_path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+                                                os.environ.get("PYTHONPATH")]))
+    # address="local": never follow RAY_ADDRESS or a `ray_current_cluster` file left
+    # by another process (a stale one made runs hang); --address names a cluster.
+    # logging_level: Ray's start-up notices (token authentication, "Started a local Ray
+    # instance") say nothing a raygrad user can act on; warnings about the run still show.
+    loopback_setting = bind_to_loopback()
+    try:
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                 log_to_driver=False, logging_level=logging.ERROR,
+                 runtime_env={"env_vars": {"PYTHONPATH": python_path, **env_vars}})
+    except BaseException:
+        restore_cluster_setting(*loopback_setting)
+        raise
+    start_reaper()  # ends this Ray's processes if this process is SIGKILLed
+    return loopback_setting
+
+
+def stop(loopback_setting: tuple | None) -> None:
+    """Shut down the Ray this process started (and put back what bind_to_loopback changed)."""
+    import ray
+
+    ray.shutdown()
+    if loopback_setting is not None:
+        restore_cluster_setting(*loopback_setting)
+
+
+def cluster_offer() -> str:
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    return (f"GPU {free.get('GPU', 0):g} free of {total.get('GPU', 0):g}, "
+            f"CPU {free.get('CPU', 0):g} free of {total.get('CPU', 0):g}, {len(ray.nodes())} node(s)")
+
+
+_reaper = None  # one per driver process: it outlives every local Ray this process starts
+
+
+def start_reaper() -> None:
+    global _reaper
+    if _reaper is None or _reaper.poll() is not None:
+        import subprocess
+        import sys
+
+        _reaper = subprocess.Popen([sys.executable, str(Path(__file__).with_name("reaper.py")), str(os.getpid())],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True)
+
+
+def actor_name(actor) -> str:
+    return actor._actor_id.hex()
+
+
+def get(ref):
+    """ray.get, with a worker's own one-line error (a model it cannot load, a GPU too small)
+    raised as that line rather than Ray's wrapper and the remote traceback."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    try:
+        return ray.get(ref)
+    except RayTaskError as err:
+        if isinstance(err.cause, RaygradError):
+            raise RaygradError(str(err.cause)) from None
+        raise
+
+
+def bind_to_loopback() -> tuple[str | None, bool]:
+    """Keep a private local Ray on 127.0.0.1. On Linux Ray replaces a loopback
+    `_node_ip_address` with the machine's own address and listens on every
+    interface, unless its "cluster" switch is off (the switch macOS and Windows
+    default to). The Ray processes read it from the environment, this process
+    from a constant set when Ray was imported. -> what to put back."""
+    from ray._private import ray_constants
+
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    before = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[name] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    return before
+
+
+def restore_cluster_setting(environment_value: str | None, constant: bool) -> None:
+    """Undo bind_to_loopback, so a later --address run in this process joins its cluster as usual."""
+    from ray._private import ray_constants
+
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    if environment_value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = environment_value
+    ray_constants.ENABLE_RAY_CLUSTER = constant
+
+
+@contextlib.contextmanager
+def sigterm_handler_kept():
+    """ray.init replaces the SIGTERM handler with one that exits at once; keep a
+    handler of the caller's own, such as the CLI's, which stops like Ctrl-C
+    (finished shards saved, the resume command said). Without one, Ray's stays."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers, and Ray then sets none
+        return
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(handler):  # not SIG_DFL, SIG_IGN, or None (set outside Python)
+            signal.signal(signal.SIGTERM, handler)
+
+
+def wait_reachable(address: str, timeout: float) -> None:
+    """Wait until something listens at `address` (host:port or ray://host:port), for at most
+    `timeout` seconds; ray.init itself would wait minutes on an address where nothing answers."""
+    import socket
+
+    if address == "auto":
+        return  # Ray resolves it from this node's own files, and fails fast when there is none
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise RaygradError(f"--address {address}: expected HOST:PORT, ray://HOST:PORT or auto")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=max(0.1, min(5.0, timeout))):
+                return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise RaygradError(
+                    f"--address {address}: nothing answered within --connect-timeout {timeout:g} s "
+                    f"({err.strerror or err}); is the cluster up (`ray status` on its head node)?"
+                ) from None
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+def largest_node_gpus(nodes: list[dict]) -> int:
+    return max((int(node.get("Resources", {}).get("GPU", 0)) for node in nodes if node.get("Alive")), default=0)
