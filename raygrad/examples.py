@@ -73,6 +73,8 @@ def merge_sorted(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str
     worst = {name: value[..., -1] for name, value in a.items()}
     best = {name: value[..., 0] for name, value in b.items()}
     enters = _precedes(best, worst)
+    if enters.mean() > 0.5:  # most cells change (the first shards): merging all beats gathering them
+        return _merge_by_magnitude(a, b, k)
     out = {name: value.copy() for name, value in a.items()}
     if enters.any():
         cells = np.nonzero(enters)
@@ -84,23 +86,24 @@ def merge_sorted(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str
 
 
 def _merge_by_magnitude(a: dict[str, np.ndarray], b: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
-    """merge() of host tables (cells, K) each, faster: one unstable sort by |score| decides every cell whose
-    first k + 1 real candidates have distinct |score| (the rows then cannot change the order); the cells
-    with equal |scores| there go through the exact merge. Five times faster than merge() on the head."""
-    both = {name: np.concatenate([a[name], b[name]], axis=-1) for name in TABLES}
+    """merge() of host tables (cells, K) each, faster: one top-k by |score| decides every cell whose first
+    k + 1 real candidates have distinct |scores| (the rows then cannot change the order); the cells with
+    equal |scores| there go through the exact merge. In torch, whose CPU kernels use every core (three
+    times faster than merge() on 2 cores, nine times faster than the same steps in NumPy)."""
+    both = {name: torch.cat([torch.from_numpy(a[name]), torch.from_numpy(b[name])], dim=-1) for name in TABLES}
     real = (both["row"] != EMPTY) & (both["score"] != 0)
-    magnitude = np.where(real, np.abs(both["score"]), -1)
-    order = np.argsort(-magnitude, axis=-1)[..., :k + 1]
-    ranked = np.take_along_axis(magnitude, order, axis=-1)
-    tied = ((ranked[..., 1:] == ranked[..., :-1]) & (ranked[..., 1:] >= 0)).any(axis=-1)
+    magnitude = torch.where(real, both["score"].abs(), -1)
+    ranked, order = torch.topk(magnitude, k + 1, dim=-1)
+    tied = ((ranked[..., 1:] == ranked[..., :-1]) & (ranked[..., 1:] >= 0)).any(dim=-1)
     order, kept = order[..., :k], ranked[..., :k] >= 0
-    out = {name: np.where(kept, np.take_along_axis(value, order, axis=-1), 0 if name == "score" else EMPTY)
-           .astype(value.dtype) for name, value in both.items()}
+    out = {name: torch.where(kept, value.gather(-1, order), 0 if name == "score" else EMPTY).numpy()
+           for name, value in both.items()}
     if tied.any():
-        exact = merge({name: value[tied] for name, value in a.items()},
-                      {name: value[tied] for name, value in b.items()}, k)
+        cells = tied.numpy()
+        exact = merge({name: value[cells] for name, value in a.items()},
+                      {name: value[cells] for name, value in b.items()}, k)
         for name, value in exact.items():
-            out[name][tied] = value
+            out[name][cells] = value
     return out
 
 

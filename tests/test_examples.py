@@ -188,11 +188,13 @@ def test_the_pruned_host_merge_equals_the_full_merge():
     for fill in (1.0, 0.3, 0.05):
         for ties in (True, False):  # the exact path for equal |scores|, the sort by |score| alone otherwise
             a, b = random_tables(fill, ties), random_tables(fill, ties)
-            want = topk.merge(a, b, 6)
-            got = topk.merge_sorted(a, b)
-            for name in topk.TABLES:
-                np.testing.assert_array_equal(got[name], want[name], err_msg=f"{name} fill {fill} ties {ties}")
-                assert got[name].dtype == want[name].dtype
+            weak = {**b, "score": (b["score"] / 4).astype(np.float32)}  # enters few cells: those alone merged
+            for partial in (b, weak):
+                want = topk.merge(a, partial, 6)
+                got = topk.merge_sorted(a, partial)
+                for name in topk.TABLES:
+                    np.testing.assert_array_equal(got[name], want[name], err_msg=f"{name} fill {fill} ties {ties}")
+                    assert got[name].dtype == want[name].dtype
 
 
 # --- raygrad examples: the contexts, and one line for bad input
