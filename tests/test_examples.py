@@ -257,3 +257,19 @@ def test_examples_bad_input_is_one_line(tiny_llama, texts_file, example_run, tmp
     code, _, err = run_cli(base, capsys, monkeypatch)
     assert code == 2 and "the dataset changed since the run: its rows 0-6 no longer hold the texts" in err
     assert err.startswith("error: row ") and err.count("\n") == 1
+
+
+def test_sae_passes_and_the_hessian_leave_the_examples_unchanged(tiny_llama, texts_file, tmp_path, sae_dirs):
+    """SAE layers in passes of one (each pass's tables merged into the shard's rows) and a run that also takes
+    the Hessian's double backward keep the same examples as one plain pass."""
+    common = dict(target="sae", sae_path=str(sae_dirs / "sae_{layer}"), layers="0,2", top_examples=4)
+    _, one_pass = run_tiny(tiny_llama, texts_file, tmp_path / "one", **common)
+    _, passes = run_tiny(tiny_llama, texts_file, tmp_path / "passes", sae_layers_per_pass=1, **common)
+    _, hessian = run_tiny(tiny_llama, texts_file, tmp_path / "hessian", aggregate_by=("gradients", "hessian"),
+                          **common)
+    assert set(one_pass.examples) == {"grad_top_score", "grad_top_row", "grad_top_position"}
+    for got in (passes, hessian):  # the Hessian's forward runs PyTorch's math attention: scores to 1e-12
+        assert set(got.examples) == set(one_pass.examples)
+        for name in ("grad_top_row", "grad_top_position"):
+            np.testing.assert_array_equal(got.examples[name], one_pass.examples[name], err_msg=name)
+        np.testing.assert_allclose(got.examples["grad_top_score"], one_pass.examples["grad_top_score"], rtol=1e-12)
