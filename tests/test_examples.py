@@ -273,3 +273,17 @@ def test_sae_passes_and_the_hessian_leave_the_examples_unchanged(tiny_llama, tex
         for name in ("grad_top_row", "grad_top_position"):
             np.testing.assert_array_equal(got.examples[name], one_pass.examples[name], err_msg=name)
         np.testing.assert_allclose(got.examples["grad_top_score"], one_pass.examples["grad_top_score"], rtol=1e-12)
+
+
+@pytest.mark.parametrize("sae_mode", ["splice", "splice-all"])
+def test_splice_modes_rank_the_same_tokens_for_any_batch_size(tiny_llama, texts_file, tmp_path, sae_dirs, sae_mode):
+    common = dict(target="sae", sae_path=str(sae_dirs / "sae_{layer}"), layers="0,2", top_examples=4,
+                  sae_mode=sae_mode, aggregate_by=("gradients", "attribution"))
+    _, one = run_tiny(tiny_llama, texts_file, tmp_path / "one", batch_size=1, **common)
+    _, four = run_tiny(tiny_llama, texts_file, tmp_path / "four", batch_size=4, **common)
+    assert (one.examples["grad_top_row"] != topk.EMPTY).all()  # every feature has a gradient at every token
+    for name, value in one.examples.items():
+        if name.endswith("_score"):
+            np.testing.assert_allclose(four.examples[name], value, rtol=1e-9, err_msg=name)
+        else:
+            np.testing.assert_array_equal(four.examples[name], value, err_msg=name)
