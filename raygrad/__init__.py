@@ -16,4 +16,13 @@ def run(config: RunConfig | None = None, **options):
     return run_engine(config or RunConfig(**options), progress=False)
 
 
-__all__ = ["RunConfig", "Results", "load_results", "open_results", "run", "stats", "__version__"]
+def top_examples(run_dir, layer: int, feature: int, by: str = "gradients", k: int | None = None, context: int = 8):
+    """A run's top tokens for one feature (--top-examples), best first, each with its row, position, score,
+    token, the token it predicts and the text around it (re-read from the dataset and checked):
+    `raygrad.top_examples(run_dir, layer=3, feature=117)`. Raises RaygradError (one line) as the CLI says it."""
+    from .contexts import RunExamples
+
+    return RunExamples(run_dir).examples(layer, feature, by, k, context)
+
+
+__all__ = ["RunConfig", "Results", "load_results", "open_results", "run", "stats", "top_examples", "__version__"]

@@ -214,7 +214,8 @@ def example_run(tiny_llama, tmp_path_factory):
 def test_examples_json_gives_each_token_its_prediction_and_context(tiny_llama, example_run, capsys, monkeypatch):
     from transformers import AutoTokenizer
 
-    run_dir, totals, _ = example_run
+    run_dir, totals, texts = example_run
+    texts.write_text("\n".join(SAMPLE_TEXTS) + "\n")  # as the run read it (another test edits it)
     code, out, err = run_cli(["examples", str(run_dir), "--layer", "2", "--feature", "5", "--by", "attribution",
                               "--context", "3", "--json"], capsys, monkeypatch)
     assert code == 0, err
@@ -287,3 +288,14 @@ def test_splice_modes_rank_the_same_tokens_for_any_batch_size(tiny_llama, texts_
             np.testing.assert_allclose(four.examples[name], value, rtol=1e-9, err_msg=name)
         else:
             np.testing.assert_array_equal(four.examples[name], value, err_msg=name)
+
+
+def test_the_python_api_gives_what_the_command_prints(example_run, capsys, monkeypatch):
+    import raygrad
+
+    run_dir, _, texts = example_run
+    texts.write_text("\n".join(SAMPLE_TEXTS) + "\n")  # as the run read it (another test edits it)
+    found = raygrad.top_examples(run_dir, layer=0, feature=7, by="attribution", k=3, context=2)
+    code, out, _ = run_cli(["examples", str(run_dir), "--layer", "0", "--feature", "7", "--by", "attribution",
+                            "--k", "3", "--context", "2", "--json"], capsys, monkeypatch)
+    assert code == 0 and [example.to_dict() for example in found] == json.loads(out) and len(found) == 3
