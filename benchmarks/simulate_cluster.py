@@ -39,7 +39,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from raygrad import pool as pool_module
+from raygrad import scheduler
 from raygrad.config import RunConfig
 from raygrad.grads import Partial, array_widths
 from raygrad.pool import WorkerPool
@@ -138,10 +138,10 @@ def simulate(workers: int, kinds: str, per_worker: int, partials_per_second: flo
     shards = workers * shards_per_worker
     sim = SimRay(shard_seconds / scale, scale, partial)
     saved = {name: getattr(ray, name) for name in ("wait", "get", "kill")}
-    saved_new_actor, saved_per_worker = WorkerPool._new_actor, pool_module.PER_WORKER
+    saved_new_actor, saved_per_worker = WorkerPool._new_actor, scheduler.PER_WORKER
     ray.wait, ray.get, ray.kill = sim.wait, sim.get, lambda actor: None
     WorkerPool._new_actor = lambda pool: sim.new_actor()
-    pool_module.PER_WORKER = per_worker
+    scheduler.PER_WORKER = per_worker
     path = store_dir / f"w{workers}.zarr"
     try:
         store = ResultStore.create(path, KINDS[kinds], shards, list(range(LAYERS)), {})
@@ -160,7 +160,7 @@ def simulate(workers: int, kinds: str, per_worker: int, partials_per_second: flo
         head_cpu = time.thread_time() - cpu_started
     finally:
         ray.wait, ray.get, ray.kill = saved["wait"], saved["get"], saved["kill"]
-        WorkerPool._new_actor, pool_module.PER_WORKER = saved_new_actor, saved_per_worker
+        WorkerPool._new_actor, scheduler.PER_WORKER = saved_new_actor, saved_per_worker
         shutil.rmtree(path, ignore_errors=True)
     assert reducer.complete
     timing = reducer.timing(0.0, pool.clocks.record())
@@ -199,8 +199,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, nargs="+", default=[8, 64, 256])
     parser.add_argument("--kinds", choices=sorted(KINDS), default="gradients")
-    parser.add_argument("--per-worker", type=int, default=pool_module.PER_WORKER,
-                        help="shards in flight per worker (the pool's PER_WORKER)")
+    parser.add_argument("--per-worker", type=int, default=scheduler.PER_WORKER,
+                        help="shards in flight per worker (the scheduler's PER_WORKER)")
     parser.add_argument("--partials-per-second", type=float, default=8.0,
                         help="real partials a second the head is given (sets the time scale)")
     parser.add_argument("--shards-per-worker", type=int, default=4)

@@ -8,7 +8,7 @@ import pytest
 from helpers import assert_same_totals, build_config, killed_run, load_script, run_tiny
 
 from raygrad import constants as names
-from raygrad import engine
+from raygrad import engine, scheduler
 from raygrad import pool as pool_module
 from raygrad.errors import RaygradError
 from raygrad.pool import RemoteWorker, WorkerPool, WorkerTimeout
@@ -274,7 +274,7 @@ def test_a_worker_loading_longer_than_the_timeout_is_waited_for(tiny_llama, text
     local = in_process_totals()
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
     monkeypatch.setattr(pool_module, "RemoteWorker", SlowLoadingWorker)
-    monkeypatch.setattr(pool_module, "POLL_SECONDS", 1.0)  # the pool looks at the clock every second
+    monkeypatch.setattr(scheduler, "POLL_SECONDS", 1.0)  # the pool looks at the clock every second
     try:
         _, remote = run_tiny(tiny_llama, texts_file, tmp_path / "ray", workers=1, worker_timeout=10)
     finally:

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from test_pool_losses import World
 
-from raygrad import pool as pool_module
+from raygrad import scheduler
 from raygrad.config import RunConfig
 from raygrad.pool import WorkerPool
 from raygrad.shards import Shard
@@ -27,7 +27,7 @@ def test_a_worker_goes_from_shard_to_shard_without_waiting_for_the_driver(monkey
     """40 shards of 1 s on 2 workers. With two in flight the next shard is sent while one computes,
     so the workers never wait between shards until the last two; with one, each shard waits for the
     driver's `placed` question (0.01 s here) after the one before."""
-    monkeypatch.setattr(pool_module, "PER_WORKER", per_worker)
+    monkeypatch.setattr(scheduler, "PER_WORKER", per_worker)
     world = World(monkeypatch, [dict(name="a", load_seconds=0.2), dict(name="b", load_seconds=0.2)])
     pool, results = run_pool(world, 40, workers=2)
     assert sorted(result.shard for result in results) == list(range(40))

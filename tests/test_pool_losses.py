@@ -14,6 +14,7 @@ from helpers import run_cli, tiny_args, tree_digest
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 
 from raygrad import pool as pool_module
+from raygrad import scheduler
 from raygrad.config import RunConfig
 from raygrad.errors import RaygradError
 from raygrad.pool import RESTART_POLL_SECONDS, WorkerPool
@@ -128,6 +129,7 @@ class World:
         self.fates = {shard: list(fate) for shard, fate in (fates or {}).items()}
         self.run_seconds = dict(run_seconds or {})  # shard -> seconds (default 1)
         monkeypatch.setattr(pool_module, "time", self.clock)
+        monkeypatch.setattr(scheduler, "time", self.clock)
         monkeypatch.setattr(ray, "wait", self.wait)
         monkeypatch.setattr(ray, "get", self.get)
         monkeypatch.setattr(ray, "kill", self.killed.append)
