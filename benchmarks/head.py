@@ -105,24 +105,22 @@ def measure(model: str, corpus: str, output_dir: str) -> dict:
     Reducer.add = first_shard
     config = RunConfig(model=model, dataset=corpus, num_samples="all", max_length=128, workers=0,
                        output_dir=output_dir)
-    started = time.perf_counter()
-    try:
-        run(config, echo=lambda _: None, progress=False)
-    except KeyboardInterrupt:
-        pass
-    first = times.pop("first") - started
+    def seconds_to_first_shard(start) -> float:
+        started = time.perf_counter()
+        try:
+            start()
+        except KeyboardInterrupt:  # first_shard stops it
+            pass
+        return times.pop("first") - started
+
+    first = seconds_to_first_shard(lambda: run(config, echo=lambda _: None, progress=False))
     rows_in_run = rows_read[0]
     (run_dir,) = Path(output_dir).iterdir()
     from raygrad.store import ResultStore
 
     plan = ResultStore.open(run_dir / names.STORE_NAME).attrs[names.ATTR_PLAN]
     rows_read[0] = 0
-    started = time.perf_counter()
-    try:
-        resume(run_dir, echo=lambda _: None, progress=False)
-    except KeyboardInterrupt:
-        pass
-    resumed = times.pop("first") - started
+    resumed = seconds_to_first_shard(lambda: resume(run_dir, echo=lambda _: None, progress=False))
     return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "first_shard_seconds": first, "resume_first_shard_seconds": resumed,
             "rows": plan["shards"][-1]["row_stop"], "shards": len(plan["shards"]),

@@ -44,7 +44,7 @@ class RunExamples:
     """One run's example tables and the means to show them: opened once, read per (layer, feature)."""
 
     def __init__(self, run_dir: str | Path, option: str = "RUN_DIR"):
-        self.run_dir = Path(run_dir)
+        self.run_dir, self.option = Path(run_dir), option  # the argument naming it (RUN_DIR, RUN_A, RUN_B)
         store_path = self.run_dir / names.STORE_NAME
         if not store_path.is_dir():
             raise RaygradError(f"{option} {run_dir}: not a raygrad run directory (no {names.STORE_NAME})")
@@ -65,8 +65,9 @@ class RunExamples:
 
     def require_examples(self) -> None:
         if not self.kinds:
-            raise RaygradError(f"{self.run_dir}: this run kept no examples; run it again with --top-examples K "
-                               f"(1 to {names.MAX_TOP_EXAMPLES}, e.g. 16) to keep each dimension's top K tokens")
+            raise RaygradError(f"{self.option} {self.run_dir}: this run kept no examples; run it again with "
+                               f"--top-examples K (1 to {names.MAX_TOP_EXAMPLES}, e.g. 16) to keep each feature's "
+                               "top K tokens")
 
     def layer_row(self, layer: int) -> int:
         if layer not in self.plan.layers:
@@ -79,9 +80,9 @@ class RunExamples:
             raise RaygradError(f"--feature {feature}: the run's layers have {self.plan.width} {what} "
                                f"(0-{self.plan.width - 1})")
 
-    def check_kind(self, by: str) -> str:
+    def check_kind(self, by: str, option: str = "--by") -> str:
         if by not in self.kinds:
-            raise RaygradError(f"--by {by}: this run kept examples of {', '.join(self.kinds)}; for {by}, run "
+            raise RaygradError(f"{option} {by}: this run kept examples of {', '.join(self.kinds)}; for {by}, run it "
                                f"again with --aggregate-by {by} --top-examples K")
         return names.KIND_PREFIX[by]
 

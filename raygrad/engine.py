@@ -44,10 +44,7 @@ def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: boo
     resolved = make_plan(config, 0)
     source = _source(config)
     with contextlib.ExitStack() as locked, WorkerPool(config, echo=echo) as pool:
-        plan = _plan_shards(resolved.placed(config, pool.workers, pool.device), config, source, pool.workers,
-                            pool.device, echo)
-        _check_memory(plan, pool.workers, pool.device)
-        echo(plan.describe())
+        plan = _whole_plan(resolved, config, source, pool, echo)
         pool.start_workers(plan, config.seed)
         run_dir = _new_run_dir(output_dir, run_dir_name(config, plan, datetime.now().strftime("%Y%m%d_%H%M%S")))
         locked.enter_context(run_lock(run_dir, "run", "--output-dir"))  # from now until the run ends or stops
@@ -110,10 +107,7 @@ def dry_run(config: RunConfig, echo: Callable[[str], None] = log.info) -> None:
     source = _source(config)
     pool = WorkerPool(config, echo=echo)
     request = pool.dry()
-    plan = _plan_shards(plan.placed(config, pool.workers, pool.device), config, source, pool.workers, pool.device,
-                        echo)
-    _check_memory(plan, pool.workers, pool.device)
-    echo(plan.describe())
+    plan = _whole_plan(plan, config, source, pool, echo)
     echo("\n".join(_dry_run_lines(plan, list(range(len(plan.shards))), request, config.dataset)))
 
 
@@ -145,6 +139,16 @@ def dry_run_resume(run_dir: Path, execution: dict | None = None, echo: Callable[
     echo(plan.describe())
     echo(f"resume   {run_dir}: {len(done) - len(todo)} of {len(done)} shards done, {len(todo)} left")
     echo("\n".join(_dry_run_lines(plan, todo, request, None)))
+
+
+def _whole_plan(resolved: Plan, config: RunConfig, source: dict, pool: WorkerPool, echo) -> Plan:
+    """The resolved plan placed on the sized pool, with its shards (one pass over the dataset), checked
+    against this machine's GPU and printed: what a run starts its workers with and --dry-run shows."""
+    plan = _plan_shards(resolved.placed(config, pool.workers, pool.device), config, source, pool.workers,
+                        pool.device, echo)
+    _check_memory(plan, pool.workers, pool.device)
+    echo(plan.describe())
+    return plan
 
 
 def _source(config: RunConfig) -> dict:
@@ -183,7 +187,8 @@ def _dry_run_lines(plan: Plan, todo: list[int], request: str, dataset: str | Non
                         f"({plan.sae_dtype}, encoder and decoder; those not in a pass wait in CPU memory)"
                         if plan.sae_bytes else "none (--target mlp)"),
         f"partials {len(shards)} (one per shard) x {_size(partial)} = {_size(partial * len(shards))} to the driver "
-        f"(float64: 3 sums x {layers} layers x ({widths}), and per-layer counts)",
+        f"(float64: 3 sums x {layers} layers x ({widths}), and per-layer counts"
+        + (f"; --top-examples tables {_size(plan.example_bytes())}" if plan.top_examples else "") + ")",
     ]
     return lines
 

@@ -26,6 +26,7 @@ RANKED_PREFIXES = tuple(names.KIND_PREFIX[kind] for kind in EXAMPLE_KINDS)
 EMPTY = -1  # row and position of an empty slot
 POSITION_BITS = 21  # the merge orders ties by row * 2**21 + position: positions < 2,097,152 tokens
 TABLES = ("score", "row", "position")
+FILL = {"score": 0, "row": EMPTY, "position": EMPTY}  # an empty slot
 
 
 def example_prefixes(kinds) -> list[str]:
@@ -43,17 +44,18 @@ def score_dtype(model_dtype: str) -> np.dtype:
     return np.dtype(np.float64 if model_dtype == "float64" else np.float32)
 
 
+def table_dtypes(score: np.dtype) -> dict[str, np.dtype]:
+    return {"score": np.dtype(score), "row": np.dtype(np.int64), "position": np.dtype(np.int32)}
+
+
 def empty(num_layers: int, width: int, k: int, dtype: np.dtype) -> dict[str, np.ndarray]:
-    shape = (num_layers, width, k)
-    return {"score": np.zeros(shape, dtype), "row": np.full(shape, EMPTY, np.int64),
-            "position": np.full(shape, EMPTY, np.int32)}
+    return {name: np.full((num_layers, width, k), FILL[name], table_dtype)
+            for name, table_dtype in table_dtypes(dtype).items()}
 
 
 def empty_tensors(num_layers: int, width: int, k: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
-    shape = (num_layers, width, k)
-    return {"score": torch.zeros(shape, dtype=dtype, device=device),
-            "row": torch.full(shape, EMPTY, dtype=torch.int64, device=device),
-            "position": torch.full(shape, EMPTY, dtype=torch.int32, device=device)}
+    dtypes = {"score": dtype, "row": torch.int64, "position": torch.int32}
+    return {name: torch.full((num_layers, width, k), FILL[name], dtype=dtypes[name], device=device) for name in TABLES}
 
 
 def merge_named(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -98,8 +100,7 @@ def _merge_by_magnitude(a: dict[str, np.ndarray], b: dict[str, np.ndarray], k: i
     ranked, order = torch.topk(magnitude, k + 1, dim=-1)
     tied = ((ranked[..., 1:] == ranked[..., :-1]) & (ranked[..., 1:] >= 0)).any(dim=-1)
     order, kept = order[..., :k], ranked[..., :k] >= 0
-    out = {name: torch.where(kept, value.gather(-1, order), 0 if name == "score" else EMPTY).numpy()
-           for name, value in both.items()}
+    out = {name: torch.where(kept, value.gather(-1, order), FILL[name]).numpy() for name, value in both.items()}
     if tied.any():
         cells = tied.numpy()
         exact = merge({name: value[cells] for name, value in a.items()},
@@ -147,13 +148,11 @@ def top(score: torch.Tensor, row: torch.Tensor, position: torch.Tensor, k: int) 
     order = order.gather(-1, torch.sort(magnitude, dim=-1, descending=True, stable=True).indices)
     order = order[..., :k]
     kept = real.gather(-1, order)
-    out = {"score": torch.where(kept, score.gather(-1, order), 0),
-           "row": torch.where(kept, row.gather(-1, order), EMPTY),
-           "position": torch.where(kept, position.gather(-1, order), EMPTY)}
+    out = {name: torch.where(kept, value.gather(-1, order), FILL[name])
+           for name, value in (("score", score), ("row", row), ("position", position))}
     if out["score"].shape[-1] < k:  # fewer candidates than slots
         pad = k - out["score"].shape[-1]
-        out = {name: torch.nn.functional.pad(value, (0, pad), value=0 if name == "score" else EMPTY)
-               for name, value in out.items()}
+        out = {name: torch.nn.functional.pad(value, (0, pad), value=FILL[name]) for name, value in out.items()}
     return out
 
 
@@ -163,33 +162,41 @@ def best_in_batch(score_a: torch.Tensor, index_a: torch.Tensor, score_b: torch.T
     row among the batch's aggregated positions (which are in (row, position) order, so a lower index is
     the earlier token). Same total order as `top`, zeros included (`top` drops them later)."""
     score, index = torch.cat([score_a, score_b], dim=1), torch.cat([index_a, index_b], dim=1)
-    if score.dtype == torch.float64:
-        order = torch.sort(index, dim=1, stable=True).indices
-        order = order.gather(1, torch.sort(score.abs().gather(1, order), dim=1, descending=True,
-                                           stable=True).indices)[:, :k]
-    else:
-        keys = (score.float().abs().view(torch.int32).long() << 32) | (torch.iinfo(torch.int32).max - index)
-        order = torch.topk(keys, min(k, keys.shape[1]), dim=1, sorted=False).indices
+    order = _best(score, k, dim=1, ranks=index)
     return score.gather(1, order), index.gather(1, order)
 
 
 def batch_top(x: torch.Tensor, k: int) -> torch.Tensor:
     """(k', width) indices into the rows of x (n, width) of each column's k' = min(k, n) best rows by
     |x|, ties to the earlier row: exact when x's rows are in (row, position) order, as a batch's
-    aggregated positions are (grads.make_batch).
+    aggregated positions are (grads.make_batch)."""
+    return _best(x, k, dim=0)
 
-    The bits of a non-negative float order like its value, so |x|'s bits in the high part of an integer
-    key and the row's rank (n - 1 - i) in the low part make every key distinct: torch.topk (which breaks
-    ties in no stated order) is then exact. A 16-bit x (bfloat16, float16: the GPU's SAE scores) takes an
-    int32 key while n <= 65,536, half the memory traffic of the int64 key a float32 x needs. float64 has
-    no spare bits: a stable sort (float64 runs are references, not the fast path)."""
-    n = x.shape[0]
-    if x.dtype == torch.float64:
-        return torch.sort(x.abs(), dim=0, descending=True, stable=True).indices[:k]
-    if x.dtype in (torch.bfloat16, torch.float16) and n <= 1 << 16:
-        bits, shift, key_dtype = x.abs().view(torch.int16).int(), 16, torch.int32
+
+def _best(values: torch.Tensor, k: int, dim: int, ranks: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices along `dim` of the min(k, n) largest |values|, ties to the lower rank (`ranks`, like `values`;
+    None: the index along `dim`), in no particular order.
+
+    The bits of a non-negative float order like its value, so |value|'s bits in the high part of an integer
+    key and the rank, reversed, in the low part make every key distinct: torch.topk (which breaks ties in
+    no stated order) is then exact. A 16-bit x ranked by index (bfloat16, float16: the GPU's SAE scores)
+    takes an int32 key while n <= 65,536, half the memory traffic of the int64 key a float32 x needs.
+    float64 has no spare bits: stable sorts (float64 runs are references, not the fast path)."""
+    n = values.shape[dim]
+    k = min(k, n)
+    if values.dtype == torch.float64:  # by rank first (already so without ranks), then by |value|
+        order = None if ranks is None else torch.sort(ranks, dim=dim, stable=True).indices
+        magnitude = values.abs() if order is None else values.abs().gather(dim, order)
+        best = torch.sort(magnitude, dim=dim, descending=True, stable=True).indices.narrow(dim, 0, k)
+        return best if order is None else order.gather(dim, best)
+    if ranks is None and values.dtype in (torch.bfloat16, torch.float16) and n <= 1 << 16:
+        bits, shift, key_dtype = values.abs().view(torch.int16).int(), 16, torch.int32
     else:
-        bits, shift, key_dtype = x.float().abs().view(torch.int32).long(), 32, torch.int64
-    later_first = (n - 1) - torch.arange(n, device=x.device, dtype=key_dtype)
-    keys = bits.bitwise_left_shift_(shift).bitwise_or_(later_first[:, None])  # in place: one key array
-    return torch.topk(keys, min(k, n), dim=0, sorted=False).indices
+        bits, shift, key_dtype = values.float().abs().view(torch.int32).long(), 32, torch.int64
+    if ranks is None:
+        shape = [1] * values.dim()
+        shape[dim] = n
+        ranks = torch.arange(n, device=values.device, dtype=key_dtype).view(shape)
+    reversed_ranks = ((1 << shift) - 1) - ranks.to(key_dtype)  # the lowest rank, the largest key
+    keys = bits.bitwise_left_shift_(shift).bitwise_or_(reversed_ranks)  # in place: one key array
+    return torch.topk(keys, k, dim=dim, sorted=False).indices

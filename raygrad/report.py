@@ -140,8 +140,8 @@ def check_output(output: Path, protected: list[Path]) -> Path:
 
 def run_page(run_dir: Path, by: str, k: int, num_examples: int, kind: str, context: int) -> Page:
     run = RunExamples(run_dir)
-    require_examples(run, "RUN_DIR")
-    require_kind(run, kind, "RUN_DIR")
+    run.require_examples()
+    run.check_kind(kind, "--kind")
     prefix = names.KIND_PREFIX[kind]
     group = run.store.committed_group()
     if group.attrs.get(names.ATTR_STATUS) != names.STATUS_COMPLETE:
@@ -231,19 +231,6 @@ def compare_page(compare_dir: Path, by: str, k: int, num_examples: int, kind: st
     return page
 
 
-def require_examples(run: RunExamples, label: str) -> None:
-    """RunExamples.require_examples's refusal, naming the run by its argument (RUN_DIR, RUN_A, RUN_B)."""
-    if not run.has_examples:
-        raise RaygradError(f"{label} {run.run_dir}: this run kept no examples; run it again with --top-examples K "
-                           f"(1 to {names.MAX_TOP_EXAMPLES}, e.g. 16) to keep each feature's top K tokens")
-
-
-def require_kind(run: RunExamples, kind: str, label: str) -> None:
-    if kind not in run.kinds:
-        raise RaygradError(f"--kind {kind}: {label} {run.run_dir} kept examples of {', '.join(run.kinds)}; for "
-                           f"{kind}, run it again with --aggregate-by {kind} --top-examples K")
-
-
 def _statistic_name(by: str, prefix: str, statistics: tuple[str, ...]) -> str:
     """A bare statistic ('mean_abs', 'welch_t_abs') is the chosen kind's; any other spelling is top.py's."""
     return names.store_name(prefix, by) if by in statistics else by
@@ -268,8 +255,8 @@ def _open_side(side: str, path: Path, kind: str) -> RunExamples | str:
         return f"{label} {path} is gone"
     try:
         run = RunExamples(path, option=label)
-        require_examples(run, label)
-        require_kind(run, kind, label)
+        run.require_examples()
+        run.check_kind(kind, "--kind")
     except RaygradError as err:  # a page of statistics is still worth writing; the reason is shown
         return first_line(err)
     return run

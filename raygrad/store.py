@@ -322,16 +322,16 @@ def _derived_names() -> set[str]:
 def _create_examples(group: zarr.Group, prefix: str, num_layers: int, width: int, k: int, score_dtype: np.dtype,
                      dim: str) -> None:
     """{prefix}_top_score / _top_row / _top_position, (layer, dim|feature, k), one chunk per layer, empty."""
-    tables = topk.empty(1, 1, 1, score_dtype)  # only their dtypes and fill values
     kind = names.kind_of(prefix)
     described = {"score": ("same units as the kind", f"the signed {kind} of each example, best |score| first"),
                  "row": ("dataset row", "0-based row of the example's text in the dataset as read, before "
                                         "filtering; -1: an empty slot"),
                  "position": ("token position", "0-based index of the token in its tokenized text; -1: an "
                                                 "empty slot")}
+    dtypes = topk.table_dtypes(score_dtype)
     for table, name in zip(topk.TABLES, topk.array_names(prefix)):
         array = group.create_array(name, shape=(num_layers, width, k), chunks=(1, width, k),
-                                   dtype=tables[table].dtype, fill_value=tables[table].flat[0],
+                                   dtype=dtypes[table], fill_value=topk.FILL[table],
                                    dimension_names=(names.LAYER_COORD, dim, names.EXAMPLE_DIM))
         units, description = described[table]
         array.attrs.update({"units": units, "description": description, "kind": kind,
