@@ -7,6 +7,7 @@ Its fields fall in three frozen parts, each field naming its own in its metadata
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import typing
 from dataclasses import dataclass, field
@@ -411,7 +412,14 @@ def dashed(name: str) -> str:
 
 def field_type(name: str):
     """The resolved annotation of a RunConfig field (annotations are strings here)."""
-    return typing.get_type_hints(RunConfig)[name]
+    return _resolved_annotations()[name]
+
+
+@functools.cache
+def _resolved_annotations() -> dict:
+    """typing.get_type_hints(RunConfig), resolved once: it evaluates every annotation string (a
+    few ms), and each RunConfig checks each field's choices."""
+    return typing.get_type_hints(RunConfig)
 
 
 def _choices(f: dataclasses.Field) -> tuple[str, ...]:

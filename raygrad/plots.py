@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogFormatter, NullFormatter
 
 DPI = 100
 
@@ -32,23 +32,45 @@ def write_plots(plot_dir: Path, layers: list[int], values: dict[str, np.ndarray]
     return written
 
 
+# Margins in inches, the same in every figure: room for a title, tick labels of up to 8 characters
+# and an axis label. Fixed margins draw a figure once; tight_layout drew it twice (1.4x the time).
+MARGINS_INCHES = {"left": 0.85, "right": 0.25, "bottom": 0.6, "top": 0.4}
+PNG_COMPRESS_LEVEL = 1  # zlib level: 1.4x faster than the default 6 for plots of flat colour, files ~1.2x
+
+
+def _figure(width: float, height: float) -> Figure:
+    """An empty Figure of `width` x `height` inches with the fixed margins."""
+    m = MARGINS_INCHES
+    fig = Figure(figsize=(width, height))
+    fig.subplots_adjust(left=m["left"] / width, right=1 - m["right"] / width, bottom=m["bottom"] / height,
+                        top=1 - m["top"] / height)
+    return fig
+
+
+def _plain_log_labels(axis) -> None:
+    """Log-axis labels in plain text (1e-05, 2e-05; minor ones only where few decades show, as by
+    default): matplotlib's default 10^x labels go through its TeX-like parser, a third of a figure's time."""
+    axis.set_major_formatter(LogFormatter())
+    axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
 def _save(fig: Figure, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL})
     return path
 
 
 def _histogram(path: Path, v: np.ndarray, layer: int, mode: str) -> Path:
-    fig = Figure(figsize=(7, 4))
+    fig = _figure(7, 4)
     ax = fig.subplots()
     ax.hist(v, bins=100, histtype="stepfilled")  # one polygon, not 100 bars: a quarter less time per figure
     ax.set(title=f"layer {layer}: {mode} gradient per dimension", xlabel=mode, ylabel="dimensions")
     ax.set_yscale("log")
+    _plain_log_labels(ax.yaxis)
     return _save(fig, path)
 
 
 def _scatter(path: Path, v: np.ndarray, layer: int, mode: str) -> Path:
-    fig = Figure(figsize=(9, 4))
+    fig = _figure(9, 4)
     ax = fig.subplots()
     ax.scatter(np.arange(v.size), v, s=2)
     ax.set(title=f"layer {layer}: {mode} gradient by dimension", xlabel="dimension", ylabel=mode)
@@ -56,7 +78,7 @@ def _scatter(path: Path, v: np.ndarray, layer: int, mode: str) -> Path:
 
 
 def _heatmap(path: Path, array: np.ndarray, layers: list[int], mode: str) -> Path:
-    fig = Figure(figsize=(10, max(3, 0.25 * len(layers) + 1)))
+    fig = _figure(10, max(3, 0.25 * len(layers) + 1))
     ax = fig.subplots()
     image = ax.imshow(array, aspect="auto", interpolation="nearest", cmap="RdBu_r" if (array < 0).any() else "viridis")
     ax.set(title=f"{mode} gradient, all layers", xlabel="dimension", ylabel="layer")
@@ -66,18 +88,19 @@ def _heatmap(path: Path, array: np.ndarray, layers: list[int], mode: str) -> Pat
 
 
 def _summary(path: Path, array: np.ndarray, layers: list[int], mode: str) -> Path:
-    fig = Figure(figsize=(8, 4))
+    fig = _figure(8, 4)
     ax = fig.subplots()
     ax.plot(layers, np.abs(array).mean(axis=1), marker="o", label="mean over dimensions of |v|")
     ax.plot(layers, np.abs(array).max(axis=1), marker="x", label="max over dimensions of |v|")
     ax.set(title=f"{mode} gradient by layer", xlabel="layer", ylabel=f"|{mode}|")
     ax.set_yscale("log")
+    _plain_log_labels(ax.yaxis)
     ax.legend()
     return _save(fig, path)
 
 
 def _combined(path: Path, mean_abs: np.ndarray, mean: np.ndarray, title: str) -> Path:
-    fig = Figure(figsize=(6, 5))
+    fig = _figure(6, 5)
     ax = fig.subplots()
     ax.scatter(mean_abs, mean, s=2)
     ax.set(title=f"{title}: signed mean vs mean |gradient|", xlabel="mean_abs", ylabel="mean")
@@ -97,7 +120,7 @@ def write_compare_plots(plot_dir: Path, layers: list[int], mean_abs_a: np.ndarra
 
 
 def _a_vs_b(path: Path, a: np.ndarray, b: np.ndarray, title: str) -> Path:
-    fig = Figure(figsize=(5.5, 5))
+    fig = _figure(5.5, 5)
     ax = fig.subplots()
     positive = (a > 0) & (b > 0)
     ax.scatter(b[positive], a[positive], s=2)
@@ -106,13 +129,15 @@ def _a_vs_b(path: Path, a: np.ndarray, b: np.ndarray, title: str) -> Path:
         ax.plot([low, high], [low, high], color="grey", linewidth=0.8, label="A = B")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        _plain_log_labels(ax.xaxis)
+        _plain_log_labels(ax.yaxis)
         ax.legend()
     ax.set(title=title, xlabel="RUN_B", ylabel="RUN_A")
     return _save(fig, path)
 
 
 def _t_by_layer(path: Path, t: np.ndarray, layers: list[int], kind: str) -> Path:
-    fig = Figure(figsize=(8, 4))
+    fig = _figure(8, 4)
     ax = fig.subplots()
     ax.plot(layers, t.max(axis=1), marker="^", label="max (most specific to A)")
     ax.plot(layers, np.percentile(t, 50, axis=1), marker="o", label="median")

@@ -17,6 +17,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # import, so a test that set them later would talk to a head with another mode and hang.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# One compute thread per process (torch's, and its subprocesses' and Ray workers'): the suite runs in
+# parallel processes on a small machine, where a second thread per process only spins waiting for a core.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # torch was imported above, before the setting
 
 from tiny import SAMPLE_TEXTS, build_model_dir  # noqa: E402
 
