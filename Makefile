@@ -24,7 +24,7 @@ demo: setup
 
 # Two pytest workers, one per core of the build machines (each Ray test starts its own cluster or actors).
 test: setup
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 lint: setup
 	$(PY) -m pip install --quiet ruff

@@ -100,16 +100,22 @@ def _stop_session_ray():
         _session_ray["up"] = False
 
 
+def _session_ray_up():
+    """-> the `ray` module, the session's loopback Ray started if it is not up."""
+    import ray
+
+    if not (_session_ray["up"] and ray.is_initialized()):
+        _start_session_ray()
+    return ray
+
+
 @pytest.fixture
 def ray_session():
     """The `ray` module, initialized on a loopback Ray shared by the session (2 CPUs, no GPU): a
     WorkerPool joins it and leaves it running, so a `--workers N` run costs its actors, not a Ray
     start-up. For tests that compare Ray workers with an in-process run. It starts on first use;
     tests asking for it run last (pytest_collection_modifyitems), every other test finds no Ray."""
-    import ray
-
-    if not (_session_ray["up"] and ray.is_initialized()):
-        _start_session_ray()
+    ray = _session_ray_up()
     yield ray
     if not ray.is_initialized():  # the test shut it down: the next one starts it again
         _session_ray["up"] = False
@@ -129,6 +135,35 @@ def _session_ray_stopped_at_the_end():
     _stop_session_ray()
 
 
+# The options of the one run on two Ray workers that several modules compare with their in-process
+# references (helpers.run_tiny's, and these): the gradients and values of layers 0 and 2 with their
+# top-8 examples and a 2-probe Hessian estimate, 2 texts a batch, 2 a shard (3 shards for 2 workers).
+TWO_WORKERS = dict(layers="0,2", num_samples=6, max_length=12, batch_size=2, shard_size=2,
+                   aggregate_by=("gradients", "values", "hessian"), hessian_probes=2, top_examples=8)
+
+
+@pytest.fixture(scope="session")
+def two_ray_workers(tiny_llama, texts_file, tmp_path_factory):
+    """The totals of helpers.run_tiny(..., workers=2, **TWO_WORKERS) on the session Ray: two worker
+    actors cost seconds each on a small machine, so one run serves every test that compares Ray
+    workers with an in-process run of its own (sums, Hessian estimate, examples). Only for tests that
+    also ask for ray_session (they run last, on one pytest worker: pytest_collection_modifyitems)."""
+    from helpers import run_tiny
+
+    _session_ray_up()
+    return run_tiny(tiny_llama, texts_file, tmp_path_factory.mktemp("two-ray-workers"), workers=2,
+                    **TWO_WORKERS)[1]
+
+
 def pytest_collection_modifyitems(items):
-    """The session Ray's tests last (a stable sort keeps every other order), so it starts once."""
+    """The session Ray's tests last (a stable sort keeps every other order), so it starts once; and,
+    under pytest-xdist's --dist loadgroup (make test), all on one pytest worker, which then starts it
+    once and runs two_ray_workers once. The tests of one loopback cluster (test_cluster.py) likewise
+    share a worker, so a test that leaves the cluster as it was passes it on to the next."""
     items.sort(key=lambda item: "ray_session" in getattr(item, "fixturenames", ()))
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        if "ray_session" in fixtures:
+            item.add_marker(pytest.mark.xdist_group("session-ray"))
+        elif "gpu_clusters" in fixtures:
+            item.add_marker(pytest.mark.xdist_group("gpu-cluster"))

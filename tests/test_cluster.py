@@ -23,7 +23,10 @@ class GpuClusters:
     def __init__(self):
         self.up = None  # (cluster, its worker nodes)
 
-    def get(self):
+    def get(self, nodes: int = 3):
+        """(cluster, its worker nodes): the one up if it has `nodes` GPU nodes, else a new one."""
+        if self.up is not None and len(self.up[1]) != nodes:
+            self.close()
         if self.up is None:
             from ray.cluster_utils import Cluster
 
@@ -31,7 +34,7 @@ class GpuClusters:
                 patch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every node on 127.0.0.1
                 patch.setenv("RAY_AUTH_MODE", "disabled")
                 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-                nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(3)]
+                nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(nodes)]
                 cluster.wait_for_nodes()
             self.up = cluster, nodes
         return self.up
@@ -59,6 +62,15 @@ def gpu_cluster(gpu_clusters):
     """(cluster, its three GPU nodes) for a test that removes or adds nodes: shut down after it."""
     try:
         yield gpu_clusters.get()
+    finally:
+        gpu_clusters.close()
+
+
+@pytest.fixture
+def one_node_gpu_cluster(gpu_clusters):
+    """(cluster, [its one GPU node]) for a test that removes or adds nodes: shut down after it."""
+    try:
+        yield gpu_clusters.get(nodes=1)
     finally:
         gpu_clusters.close()
 
@@ -173,9 +185,10 @@ def test_a_busy_worker_node_lost_mid_run_costs_nothing(gpu_cluster, tiny_llama, 
     assert_same_counts_and_close_sums(remote, local)
 
 
-def test_all_workers_lost_stops_then_resumes_on_a_new_node(gpu_cluster, tiny_llama, texts_file, tmp_path,
+def test_all_workers_lost_stops_then_resumes_on_a_new_node(one_node_gpu_cluster, tiny_llama, texts_file, tmp_path,
                                                            monkeypatch, in_process_totals):
-    cluster, nodes = gpu_cluster
+    """Two workers on one GPU node: one is placed, one waits; the node goes, and neither can be."""
+    cluster, nodes = one_node_gpu_cluster
     local = in_process_totals(shard_size=1)
     real_add, lost = Reducer.add, []
 

@@ -14,13 +14,13 @@ from raygrad.store import ResultStore
 from raygrad.worker import ShardRunner
 
 
-def test_ray_workers_give_the_same_arrays_as_in_process(tiny_llama, texts_file, tmp_path, ray_session,
-                                                        in_process_totals):
-    local = in_process_totals(shard_size=2)
-    _, one = run_tiny(tiny_llama, texts_file, tmp_path / "w1", workers=1, shard_size=2)
-    _, two = run_tiny(tiny_llama, texts_file, tmp_path / "w2", workers=2, shard_size=2)
-    assert_same_totals(local, one)
-    assert_same_totals(local, two)
+def test_ray_workers_give_the_same_arrays_as_in_process(ray_session, two_ray_workers, in_process_totals):
+    """Every array of a run on two Ray workers, examples included. (One worker: test_local_ray.py.)"""
+    from conftest import TWO_WORKERS
+
+    local = in_process_totals(**TWO_WORKERS)
+    assert_same_totals(local, two_ray_workers)
+    assert set(two_ray_workers.examples) == set(local.examples) and local.examples
     assert ray_session.is_initialized()  # a Ray the pool joined is left running
 
 

@@ -115,13 +115,14 @@ def test_packed_batches_shards_of_one_and_a_resume_give_the_same_examples(tiny_l
             np.testing.assert_array_equal(got.examples[name], value, err_msg=name)
 
 
-def test_two_ray_workers_give_the_in_process_examples(tiny_llama, texts_file, tmp_path, in_process_totals,
-                                                      ray_session):
-    want = in_process_totals(top_examples=8, aggregate_by=("gradients", "values"))
-    _, got = run_tiny(tiny_llama, texts_file, tmp_path, top_examples=8, aggregate_by=("gradients", "values"),
-                      workers=2, shard_size=1)
+def test_two_ray_workers_give_the_in_process_examples(in_process_totals, ray_session, two_ray_workers):
+    from conftest import TWO_WORKERS
+
+    want = in_process_totals(**TWO_WORKERS)
+    assert set(want.examples) == {f"{kind}_top_{part}" for kind in ("grad", "value") for part in
+                                  ("score", "row", "position")}
     for name, value in want.examples.items():
-        np.testing.assert_array_equal(got.examples[name], value, err_msg=name)
+        np.testing.assert_array_equal(two_ray_workers.examples[name], value, err_msg=name)
 
 
 # --- the merge rule itself, with ties and zeros that a model seldom produces
