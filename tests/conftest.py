@@ -156,10 +156,11 @@ def two_ray_workers(tiny_llama, texts_file, tmp_path_factory):
 
 
 def pytest_collection_modifyitems(items):
-    """The session Ray's tests last (a stable sort keeps every other order), so it starts once; and,
-    under pytest-xdist's --dist loadgroup (make test), all on one pytest worker, which then starts it
-    once and runs two_ray_workers once. The tests of one loopback cluster (test_cluster.py) likewise
-    share a worker, so a test that leaves the cluster as it was passes it on to the next."""
+    """The session Ray's tests last (a stable sort keeps every other order), so it starts once. Under
+    pytest-xdist's --dist loadgroup (make test), tests that share what is costly to set up share a
+    pytest worker, which then sets it up once: the session Ray's tests (it and two_ray_workers), the
+    loopback clusters' (test_cluster.py: a test that leaves the cluster as it was passes it on), and
+    a module's tests that share a module-scoped fixture (a run made for several tests)."""
     items.sort(key=lambda item: "ray_session" in getattr(item, "fixturenames", ()))
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
@@ -167,3 +168,11 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.xdist_group("session-ray"))
         elif "gpu_clusters" in fixtures:
             item.add_marker(pytest.mark.xdist_group("gpu-cluster"))
+        elif _uses_a_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+def _uses_a_module_fixture(item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    return info is not None and any(definition.scope == "module" for definitions in info.name2fixturedefs.values()
+                                    for definition in definitions)
