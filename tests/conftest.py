@@ -155,7 +155,7 @@ def two_ray_workers(tiny_llama, texts_file, tmp_path_factory):
                     **TWO_WORKERS)[1]
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the xdist_group marks
+@pytest.hookimpl(wrapper=True)  # a wrapper: before pytest-xdist's hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(items):
     """The session Ray's tests last (a stable sort keeps every other order), so it starts once. Under
     pytest-xdist's --dist loadgroup (make test), tests that share what is costly to set up share a
@@ -171,6 +171,7 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.xdist_group("gpu-cluster"))
         elif _uses_a_module_fixture(item):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    return (yield)
 
 
 def _uses_a_module_fixture(item) -> bool:
