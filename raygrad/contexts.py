@@ -58,6 +58,7 @@ class RunExamples:
             if self.kinds else 0
         self._tokenizer = None
         self._texts: dict[int, tuple] = {}  # shard -> _read_shard's answer
+        self._row_starts = [shard.row_start for shard in self.plan.shards]  # ascending: bisected per example
 
     @property
     def has_examples(self) -> bool:
@@ -142,7 +143,7 @@ class RunExamples:
     def _text(self, row: int) -> tuple[str | None, str | None]:
         """(the text of a dataset row as the run computed it, None), or (None, why it cannot be shown)."""
         shards = self.plan.shards
-        index = bisect.bisect_right([shard.row_start for shard in shards], row) - 1
+        index = bisect.bisect_right(self._row_starts, row) - 1
         if index < 0 or row >= shards[index].row_stop:
             return None, "not in the run's shards"
         if index not in self._texts:

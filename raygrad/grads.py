@@ -160,12 +160,16 @@ class DeviceAccumulator:
         for (prefix, row), (score, index) in self.pending.items():
             candidates = {"score": score, "row": self.token_rows[index],
                           "position": self.token_positions[index].int()}
-            tables = into.examples[prefix]
-            merged = topk.merge({name: value[row] for name, value in tables.items()}, candidates, self.top_k)
-            for name, value in merged.items():
-                tables[name][row] = value
+            into._merge_at(prefix, row, candidates)
             into.ranked = True
         self.pending.clear()
+
+    def _merge_at(self, prefix: str, rows, candidates: dict[str, torch.Tensor]) -> None:
+        """Merge `candidates` into the `prefix` tables' layer rows `rows` (an int, or a tensor of them), in place."""
+        tables = self.examples[prefix]
+        merged = topk.merge({name: value[rows] for name, value in tables.items()}, candidates, self.top_k)
+        for name, value in merged.items():
+            tables[name][rows] = value
 
     def merge_rows(self, part: "DeviceAccumulator", rows: list[int], with_loss: bool) -> None:
         """Add the sums of a pass over some layers only (`part` row i is this row rows[i]);
@@ -179,11 +183,8 @@ class DeviceAccumulator:
             self.loss_tokens += part.loss_tokens
         part.resolve()
         self.ranked = self.ranked or part.ranked
-        for prefix, tables in self.examples.items():
-            merged = topk.merge({name: value[index] for name, value in tables.items()}, part.examples[prefix],
-                                    self.top_k)
-            for name, value in merged.items():
-                tables[name][index] = value
+        for prefix in self.examples:
+            self._merge_at(prefix, index, part.examples[prefix])
 
     def to_partial(self) -> Partial:
         self.resolve()

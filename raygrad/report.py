@@ -173,8 +173,7 @@ def run_page(run_dir: Path, by: str, k: int, num_examples: int, kind: str, conte
         chosen = ranked(values, k, "magnitude")
         features = [Feature(rank, int(index), {c.key: float(derived[c.key][index]) for c in columns},
                             _url(urls[row], index),
-                            {"run": run.examples(layer, int(index), kind, min(num_examples, run.k), context,
-                                                 strict=False)})
+                            {"run": _examples(run, layer, int(index), kind, num_examples, context)})
                     for rank, index in enumerate(chosen, start=1)]
         page.layers.append(Layer(layer, f"{int(tokens[row]):,} tokens, {values.size:,} features",
                                  histogram_png(values, f"layer {layer}: {name} over features", name, values[chosen]),
