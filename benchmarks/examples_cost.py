@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hessian_cost import best_times, runner_for  # noqa: E402
+from hessian_cost import add_runner_options, best_times, runner_for  # noqa: E402
 from one_pass_vs_per_layer import long_texts  # noqa: E402
 from sae_factory import write_sae_lens_dir  # noqa: E402
 
@@ -86,15 +86,8 @@ def head_costs(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=128)
+    add_runner_options(parser, samples=16)
     parser.add_argument("--k", type=int, default=16)
-    parser.add_argument("--sae-layers", default="0,10,20,29")
-    parser.add_argument("--width", type=int, default=16384)
-    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--head-layers", type=int, default=26)
     parser.add_argument("--features", type=int, default=65536)
     parser.add_argument("--only", choices=("worker", "head"), default=None)

@@ -46,6 +46,18 @@ def runner_for(texts, args, **options) -> ShardRunner:
     return ShardRunner(make_plan(config, len(texts), workers=0, device=args.device))
 
 
+def add_runner_options(parser: argparse.ArgumentParser, samples: int) -> None:
+    """The options runner_for and best_times read, and the SAE layers and width both benchmarks time."""
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--samples", type=int, default=samples)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--sae-layers", default="0,10,20,29")
+    parser.add_argument("--width", type=int, default=16384)
+    parser.add_argument("--repeats", type=int, default=2)
+
+
 def best_times(runners: dict[str, ShardRunner], texts, args) -> dict[str, float]:
     """Seconds per runner for the texts, after one warm-up batch each: the best of --repeats rounds,
     the runners taking turns in each round (so load from other processes hits them alike)."""
@@ -116,15 +128,8 @@ def memory_report(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=128)
+    add_runner_options(parser, samples=8)
     parser.add_argument("--probes", default="1,2", help="--hessian-probes values to time")
-    parser.add_argument("--sae-layers", default="0,10,20,29")
-    parser.add_argument("--width", type=int, default=16384)
-    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--memory", action="store_true", help="peak memory of one batch instead of time")
     args = parser.parse_args()
     if args.memory:
