@@ -273,7 +273,7 @@ def check_against_cpu(tokenizer, device: torch.device) -> dict:
     layers = list(range(model.config.num_hidden_layers))
     paths = [site.path for site in resolve_hook_sites(model, layers, "mlp_out")]
     saes = random_saes(model, len(layers), 512, torch.float64, cpu)
-    texts = corpus_paragraphs()[:case.texts]  # natural paragraphs: lengths differ, so batches pad
+    texts = corpus_paragraphs(case.texts)  # natural paragraphs: lengths differ, so batches pad
     prefixes = {"grad": 512, "site_grad": model.config.hidden_size}
     probe = MemoryProbe.cuda(device) if device.type == "cuda" else None
     runs = {"device": (device, BatchSizer("auto", probe=probe), DictionaryLearningSAE),

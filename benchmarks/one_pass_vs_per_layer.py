@@ -14,7 +14,6 @@ raygrad's tokens/s against the bare loop (target >= 0.9x).
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import time
 
@@ -26,10 +25,19 @@ from raygrad.grads import summed_loss
 from raygrad.plan import make_plan
 from raygrad.worker import ShardRunner
 
+_CORPUS: list[str] = []  # the bundled corpus's paragraphs read so far, in order
+_UNREAD = stdlib_paragraphs()  # the rest; read only as far as asked (all of it: seconds of parsing)
 
-@functools.lru_cache(maxsize=1)
-def corpus_paragraphs() -> list[str]:
-    return list(stdlib_paragraphs())  # parses the standard library once: seconds
+
+def _read_corpus(count: int | None) -> None:
+    """Read the bundled corpus until `count` paragraphs (None: all) are in _CORPUS, or it ends."""
+    _CORPUS.extend(itertools.islice(_UNREAD, None if count is None else max(0, count - len(_CORPUS))))
+
+
+def corpus_paragraphs(count: int | None = None) -> list[str]:
+    """The bundled corpus's first `count` paragraphs (None: all); each read once per process."""
+    _read_corpus(count)
+    return _CORPUS[:count]
 
 
 def long_texts(count: int, chars: int = 900) -> list[str]:
@@ -37,15 +45,18 @@ def long_texts(count: int, chars: int = 900) -> list[str]:
     `chars` characters (enough to fill max_length tokens); the corpus is reused
     from its start when a benchmark needs more (the compute does not depend on
     the words)."""
-    paragraphs = corpus_paragraphs()
-    texts, current = [], ""
-    for paragraph in itertools.cycle(paragraphs):
-        current = f"{current} {paragraph}".strip()
+    texts, current, index = [], "", 0
+    while len(texts) < count:
+        _read_corpus(index + 1)
+        if index >= len(_CORPUS):  # past the corpus's end: from its start again
+            index = 0
+            continue
+        current = f"{current} {_CORPUS[index]}".strip()
+        index += 1
         if len(current) >= chars:
             texts.append(current)
             current = ""
-            if len(texts) == count:
-                return texts
+    return texts
 
 
 def batches(tokenizer, texts, batch_size, max_length):

@@ -30,7 +30,9 @@ def _config_options(func):
         spellings = [dashed] if dashed == underscored else [dashed, underscored]
         help_text = f.metadata["help"]
         hint = field_type(f.name)
-        if hint is bool:
+        if hint is bool and f.default:  # on unless turned off: --plots/--no-plots
+            option = click.option(f"{dashed}/--no-{dashed[2:]}", f.name, default=True, help=help_text)
+        elif hint is bool:
             option = click.option(*spellings, f.name, is_flag=True, default=f.default, help=help_text)
         elif f.metadata.get("multiple"):
             option = click.option(*spellings, f.name, multiple=True, default=f.default, show_default=True,
@@ -100,6 +102,8 @@ def run(ctx, model_alias, resume, no_progress, dry_run, **options) -> None:
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--save-outputs/--no-save-outputs", default=None,
               help="Write per-layer .npy files and plots (default: as the run asked).")
+@click.option("--plots/--no-plots", default=None,
+              help="With the .npy files, draw the plots (default: as the run asked).")
 @click.option("--aggregation-mode", "--aggregation_mode", "aggregation_mode", default=None,
               help=_help("aggregation_mode") + " Given: a new export set.")
 @click.option("--power", type=float, default=None, help=_help("power") + " Given: a new export set.")
@@ -108,7 +112,7 @@ def run(ctx, model_alias, resume, no_progress, dry_run, **options) -> None:
 @click.option("--name", default=None,
               help=f"Name of the new export set in RUN_DIR/{names.EXPORT_SETS_DIR}/ (default: from its options, "
                    "e.g. mean_abs-std_power2_norm_sum_abs); an existing one is never overwritten.")
-def export(run_dir, save_outputs, aggregation_mode, power, normalize_mode, name) -> None:
+def export(run_dir, save_outputs, plots, aggregation_mode, power, normalize_mode, name) -> None:
     """Regenerate every export of RUN_DIR from its Zarr store, or derive a new export set."""
     from .export import write_export_set, write_exports
 
@@ -117,9 +121,10 @@ def export(run_dir, save_outputs, aggregation_mode, power, normalize_mode, name)
                                              ("normalize_mode", normalize_mode)) if value is not None}
     with run_lock(Path(run_dir), "export"):  # it writes into RUN_DIR: not while another command does
         if options or name is not None:
-            where, written = write_export_set(Path(run_dir), options, name, with_outputs=save_outputs)
+            where, written = write_export_set(Path(run_dir), options, name, with_outputs=save_outputs,
+                                              with_plots=plots)
         else:
-            where, written = run_dir, write_exports(Path(run_dir), with_outputs=save_outputs)
+            where, written = run_dir, write_exports(Path(run_dir), with_outputs=save_outputs, with_plots=plots)
     click.echo(f"wrote {len(written)} files in {where}")
 
 

@@ -122,6 +122,9 @@ class RunConfig:
     normalize_gradients: bool = _export(False, "Rescale each exported vector so sum(|v|) equals its length "
                                             "(= --normalize-mode sum_abs).")
     save_outputs: bool = _export(False, "Also write per-layer .npy files and plots.")
+    plots: bool = _export(True, "With --save-outputs, also draw the plots (per layer and statistic: histogram and "
+                          "scatter; per statistic: all-layer heatmap and summary), ~0.07 s each; --no-plots: the "
+                          ".npy files only.")
     save_consolidated: Optional[str] = _export(None, "Also write the consolidated .npz to this path.")
     dataset: str = _sample("wikitext", "Hub dataset, a local .txt/.jsonl/.parquet/.csv file, or 'stdlib-docs'.")
     dataset_config: Optional[str] = _sample(None, "Hub dataset configuration; default wikitext-2-raw-v1 for wikitext.")

@@ -42,14 +42,15 @@ def exported_arrays(store: ResultStore, config: RunConfig,
     return arrays
 
 
-def write_exports(run_dir: Path, with_outputs: bool | None = None, extra_npz: Path | None = None) -> list[Path]:
+def write_exports(run_dir: Path, with_outputs: bool | None = None, extra_npz: Path | None = None,
+                  with_plots: bool | None = None) -> list[Path]:
     """(Re)write every export of a complete run; returns the files written.
 
-    `with_outputs` overrides the run's --save-outputs (npy files and plots);
-    `extra_npz` is a second place for the consolidated file (--save-consolidated)."""
+    `with_outputs` overrides the run's --save-outputs (npy files and plots), `with_plots` its
+    --plots/--no-plots; `extra_npz` is a second place for the consolidated file (--save-consolidated)."""
     run_dir = Path(run_dir)
     store, config = open_complete_run(run_dir)
-    return _write(store, config, run_dir, with_outputs, extra_npz)
+    return _write(store, config, run_dir, with_outputs, extra_npz, with_plots=with_plots)
 
 
 def export_set_name(config: RunConfig) -> str:
@@ -57,8 +58,8 @@ def export_set_name(config: RunConfig) -> str:
     return f"{'-'.join(config.export_modes)}_power{config.power:g}_norm_{config.normalize_mode or config.normalization}"
 
 
-def write_export_set(run_dir: Path, options: dict, name: str | None = None,
-                     with_outputs: bool | None = None) -> tuple[Path, list[Path]]:
+def write_export_set(run_dir: Path, options: dict, name: str | None = None, with_outputs: bool | None = None,
+                     with_plots: bool | None = None) -> tuple[Path, list[Path]]:
     """A new export set RUN_DIR/exports/NAME derived from the store with `options` (aggregation_mode,
     power, normalize_mode) replacing the run's; never overwrites one: an existing NAME is refused.
     Written in a hidden directory renamed into place once whole."""
@@ -74,7 +75,7 @@ def write_export_set(run_dir: Path, options: dict, name: str | None = None,
     if target.exists():
         raise RaygradError(f"--name {name}: {target} exists; export sets are never overwritten (give another --name)")
     with replacing_directory(target) as staging:
-        written = _write(store, config, staging, with_outputs, None, export_set=name)
+        written = _write(store, config, staging, with_outputs, None, export_set=name, with_plots=with_plots)
     return target, [target / path.relative_to(staging) for path in written]
 
 
@@ -93,9 +94,13 @@ def open_complete_run(run_dir: Path, label: str = "") -> tuple[ResultStore, RunC
 
 
 def _write(store: ResultStore, config: RunConfig, out_dir: Path, with_outputs: bool | None,
-           extra_npz: Path | None, export_set: str | None = None) -> list[Path]:
+           extra_npz: Path | None, export_set: str | None = None, with_plots: bool | None = None) -> list[Path]:
     started = time.perf_counter()
     save_outputs = config.save_outputs if with_outputs is None else with_outputs
+    if with_plots and not save_outputs:
+        raise RaygradError("--plots: plots are drawn beside the per-layer .npy files; add --save-outputs "
+                           "(this run was made without it)")
+    plots = save_outputs and (config.plots if with_plots is None else with_plots)
     layers = [int(layer) for layer in store.group[names.LAYERS][:]]
     arrays = exported_arrays(store, config)
     values = {names.export_key(*key): array for key, array in arrays.items()}
@@ -121,7 +126,7 @@ def _write(store: ResultStore, config: RunConfig, out_dir: Path, with_outputs: b
             np.savez(handle, **consolidated)
         written.append(path)
 
-    if save_outputs:
+    if plots:
         from .plots import write_plots
 
         written.extend(write_plots(out_dir / names.PLOTS_DIR, layers, values))

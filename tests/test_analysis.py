@@ -30,9 +30,11 @@ D_SAE = 64
 @pytest.fixture(scope="module")
 def runs(tiny_llama, texts_file, tmp_path_factory):
     """A (6 texts of up to 24 tokens) and B (3 texts of up to 16): the same measurement, different
-    token counts; gradients and values; every statistic exported."""
+    token counts; gradients and values; every statistic exported, as .npy files too (not plotted: 63
+    figures a run, which test_exports and the export set below check)."""
     root = tmp_path_factory.mktemp("runs")
-    common = dict(layers="0,2", aggregate_by=("gradients", "values"), aggregation_mode="all", save_outputs=True)
+    common = dict(layers="0,2", aggregate_by=("gradients", "values"), aggregation_mode="all", save_outputs=True,
+                  plots=False)
     run_a, totals_a = run_tiny(tiny_llama, texts_file, root / "a", **common)
     run_b, totals_b = run_tiny(tiny_llama, texts_file, root / "b", num_samples=3, max_length=16, **common)
     return root, (run_a, totals_a), (run_b, totals_b)
@@ -129,7 +131,7 @@ def test_export_set_with_power_and_every_normalize_mode(runs, capsys, monkeypatc
     _, (run_dir, totals), _ = runs
     before = digest(run_dir, skip=names.EXPORT_SETS_DIR)
     code, out, err = run_cli(["export", run_dir, "--aggregation-mode", "mean,mean_abs", "--power", "2",
-                              "--normalize-mode", "all", "--save-outputs"], capsys, monkeypatch)
+                              "--normalize-mode", "all", "--save-outputs", "--plots"], capsys, monkeypatch)
     assert code == 0, err
     export_set = run_dir / names.EXPORT_SETS_DIR / "mean-mean_abs_power2_norm_all"
     assert f"in {export_set}" in out

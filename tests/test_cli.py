@@ -21,7 +21,7 @@ def test_console_script_runs_and_exports(tiny_llama, texts_file, tmp_path):
     script = str(Path(sys.executable).parent / "raygrad")
     args = [script, "run", "--model_name", str(tiny_llama), "--dataset", str(texts_file), "--num_samples", "3",
             "--batch_size", "2", "--max_length", "16", "--workers", "0", "--output_dir", str(tmp_path),
-            "--aggregation_mode", "both", "--save_outputs", "--no-progress"]
+            "--aggregation_mode", "both", "--save_outputs", "--no-plots", "--no-progress"]
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "family llama" in done.stdout and "layers   0-2 (3 of 3), width 32" in done.stdout

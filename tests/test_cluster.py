@@ -116,7 +116,12 @@ class SlowLoadingWorker(RemoteWorker):
 
 
 class DiesOnShardZero(RemoteWorker):
-    """A worker whose process dies on shard 0 every time, as one out of host memory on a long text would."""
+    """A worker whose process dies on shard 0 every time, as one out of host memory on a long text would.
+    It says it is ready without loading the model (its shards never compute: what is checked is how
+    the pool counts its deaths), so each of its three processes costs a Ray worker, not a model load."""
+
+    def ready(self):
+        return {"device": "cpu", "load_seconds": 0.0, "sae_groups": None}
 
     def run(self, shard, *args):
         if shard == 0:

@@ -37,7 +37,7 @@ SAMPLE_FIELDS = ["num_samples", "max_length", "dataset", "dataset_config", "data
 EXECUTION_FIELDS = ["batch_size", "tokens_per_batch", "sae_layers_per_pass", "device", "workers", "address",
                     "gpus_per_worker", "allow_offload", "worker_timeout", "connect_timeout", "checkpoint_seconds",
                     "shard_size"]
-EXPORT_FIELDS = ["aggregation_mode", "power", "normalize_mode", "normalize_gradients", "save_outputs",
+EXPORT_FIELDS = ["aggregation_mode", "power", "normalize_mode", "normalize_gradients", "save_outputs", "plots",
                  "save_consolidated", "output_dir"]
 
 CONFIGS = {
@@ -46,7 +46,7 @@ CONFIGS = {
                 sae_dtype="bfloat16", layers="0-3,7"),
     "hessian": dict(aggregate_by=("gradients", "hessian"), hessian_probes=3, seed=7, num_samples="all",
                     tokens_per_batch=512, shard_size=16, workers=2, address="10.0.0.1:6379", gpus_per_worker=2),
-    "exports": dict(aggregation_mode="all", power=2.0, normalize_mode="all", save_outputs=True,
+    "exports": dict(aggregation_mode="all", power=2.0, normalize_mode="all", save_outputs=True, plots=False,
                     save_consolidated="/tmp/out.npz", output_dir="runs", dataset="/data/texts.jsonl",
                     text_column="body", min_chars=0, exclude_bos=True, position_stride=4, batch_size="auto"),
 }

@@ -84,6 +84,43 @@ def test_export_command_reproduces_every_file(both_run):
     assert json.loads((run_dir / names.METADATA_JSON).read_text())["layers"] == [0, 2]
 
 
+def test_no_plots_writes_the_npy_files_only_and_export_can_draw_them_later(tiny_llama, texts_file, tmp_path,
+                                                                          capsys, monkeypatch):
+    from helpers import run_cli, tiny_args, tree_digest
+
+    code, _, err = run_cli(tiny_args(tiny_llama, texts_file, tmp_path, "--save-outputs", "--no-plots",
+                                     "--aggregation-mode", "both"), capsys, monkeypatch)
+    assert code == 0, err
+    (run_dir,) = tmp_path.iterdir()
+    assert {p.name for p in run_dir.glob("*.npy")} == {f"layer_{layer}_{mode}_gradients.npy"
+                                                       for layer in (0, 1, 2) for mode in ("mean_abs", "mean")}
+    assert not (run_dir / "plots").exists()
+    metadata = json.loads((run_dir / names.METADATA_JSON).read_text())
+    assert metadata["configuration"]["plots"] is False
+    assert not [name for name in metadata[names.EXPORT_FILES_KEY] if name.startswith("plots")]
+
+    code, out, err = run_cli(["export", str(run_dir), "--plots"], capsys, monkeypatch)
+    assert code == 0, err
+    drawn = {p.name for p in (run_dir / "plots").iterdir()}
+    assert {"layer_0_mean_abs_histogram.png", "layer_2_mean_scatter.png", "all_layers_combined.png"} <= drawn
+    assert len(drawn) == 2 * (3 * 2 + 2) + 3 + 1  # per mode: 3 layers x (histogram, scatter), heatmap, summary
+    listed = json.loads((run_dir / names.METADATA_JSON).read_text())[names.EXPORT_FILES_KEY]
+    assert {f"plots/{name}" for name in drawn} <= set(listed)  # `info` checks them as any other export
+
+    plain_dir, _ = run_tiny(tiny_llama, texts_file, tmp_path / "plain")
+    before = tree_digest(plain_dir)
+    code, _, err = run_cli(["export", str(plain_dir), "--plots"], capsys, monkeypatch)
+    assert code == 2 and err.strip().splitlines() == [
+        "error: --plots: plots are drawn beside the per-layer .npy files; add --save-outputs (this run was made "
+        "without it)"]
+    assert tree_digest(plain_dir) == before
+
+    code, _, err = run_cli(["export", str(run_dir), "--aggregation-mode", "mean_sq", "--no-plots"], capsys,
+                           monkeypatch)
+    assert code == 0, err
+    (export_set,) = (run_dir / names.EXPORT_SETS_DIR).iterdir()
+    assert (export_set / "layer_1_mean_sq_gradients.npy").exists() and not (export_set / "plots").exists()
+
 def test_load_results_accepts_npz_directory_and_store(both_run):
     run_dir, totals = both_run
     expected = totals.sums[names.GRAD_ABS_SUM][0] / totals.tokens[0]
@@ -98,7 +135,8 @@ def test_load_results_accepts_npz_directory_and_store(both_run):
 
 
 def test_normalization_makes_sum_of_abs_equal_dimension(tiny_llama, texts_file, tmp_path):
-    run_dir, totals = run_tiny(tiny_llama, texts_file, tmp_path, normalize_gradients=True, save_outputs=True)
+    run_dir, totals = run_tiny(tiny_llama, texts_file, tmp_path, normalize_gradients=True, save_outputs=True,
+                               plots=False)
     for layer in range(3):
         v = np.load(run_dir / f"layer_{layer}_mean_abs_gradients.npy")
         assert np.abs(v).sum() == pytest.approx(32, rel=1e-5)

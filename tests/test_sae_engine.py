@@ -102,7 +102,8 @@ def test_exact_sae_gives_the_same_result_in_clean_and_splice_modes(tiny_llama, t
 
 def test_sae_exports_are_named_by_kind_and_mode(tiny_llama, texts_file, sae_dirs, tmp_path):
     run_dir, totals = sae_run(tiny_llama, texts_file, tmp_path, sae_dirs, aggregate_by=("gradients", "attribution"),
-                              aggregation_mode="both", save_outputs=True)
+                              aggregation_mode="both", save_outputs=True,
+                              plots=False)  # plots: test_exports
     assert run_dir.name.startswith("sae_features_model_")
     for kind in ("gradients", "attribution"):
         for mode in ("mean_abs", "mean"):
