@@ -74,10 +74,12 @@ def run(ctx, model_alias, resume, no_progress, dry_run, **options) -> None:
     """Aggregate loss gradients over a dataset for every selected layer."""
     from click.core import ParameterSource
 
-    from . import engine
-
     if model_alias:
         options["model"] = model_alias
+    # A bad option is one line before the engine's imports (torch, transformers: seconds) load.
+    config = None if resume else RunConfig(**options)
+    from . import engine
+
     if no_progress:  # transformers' "Loading weights" bar too
         from transformers.utils import logging as transformers_logging
 
@@ -91,10 +93,10 @@ def run(ctx, model_alias, resume, no_progress, dry_run, **options) -> None:
             return
         run_dir = engine.resume(Path(resume), echo=click.echo, progress=not no_progress, execution=given)
     elif dry_run:
-        engine.dry_run(RunConfig(**options), echo=click.echo)
+        engine.dry_run(config, echo=click.echo)
         return
     else:
-        run_dir = engine.run(RunConfig(**options), echo=click.echo, progress=not no_progress)
+        run_dir = engine.run(config, echo=click.echo, progress=not no_progress)
     click.echo(f"results  {run_dir}")
 
 

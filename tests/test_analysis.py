@@ -131,7 +131,7 @@ def test_export_set_with_power_and_every_normalize_mode(runs, capsys, monkeypatc
     _, (run_dir, totals), _ = runs
     before = digest(run_dir, skip=names.EXPORT_SETS_DIR)
     code, out, err = run_cli(["export", run_dir, "--aggregation-mode", "mean,mean_abs", "--power", "2",
-                              "--normalize-mode", "all", "--save-outputs", "--plots"], capsys, monkeypatch)
+                              "--normalize-mode", "all", "--save-outputs"], capsys, monkeypatch)
     assert code == 0, err
     export_set = run_dir / names.EXPORT_SETS_DIR / "mean-mean_abs_power2_norm_all"
     assert f"in {export_set}" in out
@@ -158,7 +158,11 @@ def test_export_set_with_power_and_every_normalize_mode(runs, capsys, monkeypatc
                             np.load(export_set / f"layer_{layer}_{statistic}_{kind}_norm_{mode}.npy"), npz[key])
                         keys.discard(key)
     assert keys == set()  # nothing but those 2 layers x 2 kinds x 2 statistics x 3 modes
-    assert (export_set / "plots" / "layer_0_mean_abs_norm_sum_histogram.png").exists()
+    assert not (export_set / "plots").exists()  # as the run asked (runs: no plots)
+    code, _, err = run_cli(["export", run_dir, "--aggregation-mode", "mean_abs", "--power", "2", "--normalize-mode",
+                            "all", "--save-outputs", "--plots", "--name", "plotted"], capsys, monkeypatch)
+    assert code == 0, err  # the plots of an export set are named as its files are
+    assert (run_dir / names.EXPORT_SETS_DIR / "plotted" / "plots" / "layer_0_mean_abs_norm_sum_histogram.png").exists()
     loaded = raygrad.load_results(export_set)
     assert "mean_abs_values_norm_sum" in loaded.arrays and loaded["metadata"]["power"] == 2
 

@@ -1,5 +1,5 @@
 """The elastic worker pool on a multi-node Ray cluster on loopback: a 0-CPU head
-and three 1-CPU worker nodes with one logical GPU each (the workers compute on
+and two 1-CPU worker nodes with one logical GPU each (the workers compute on
 the CPU). A test that only runs on it leaves it to the next; one that removes
 nodes leaves what is left to a test that takes any cluster; one that adds nodes
 shuts it down (its processes stopped) after it."""
@@ -19,12 +19,12 @@ from raygrad.store import ResultStore
 
 class GpuClusters:
     """One loopback cluster at a time: started when a test asks and none is up, shut down after a
-    test that changes it (a start costs a head and three nodes: seconds each on a small machine)."""
+    test that changes it (a start costs a head and two nodes: seconds each on a small machine)."""
 
     def __init__(self):
         self.up = None  # (cluster, its worker nodes)
 
-    def get(self, nodes: int | None = 3):
+    def get(self, nodes: int | None = 2):
         """(cluster, its worker nodes): the one up if it has `nodes` GPU nodes (None: any number), else a
         new one (of one node for None)."""
         if self.up is not None and nodes is not None and len(self.up[1]) != nodes:
@@ -62,7 +62,7 @@ def gpu_clusters():
 
 @pytest.fixture
 def shrinking_gpu_cluster(gpu_clusters):
-    """(cluster, its three GPU nodes) for a test that removes nodes: the next test that takes any
+    """(cluster, its two GPU nodes) for a test that removes nodes: the next test that takes any
     cluster gets the nodes left."""
     import ray
 
@@ -89,7 +89,7 @@ def any_gpu_cluster(gpu_clusters):
 
 @pytest.fixture
 def unchanged_gpu_cluster(gpu_clusters):
-    """(cluster, its three GPU nodes) for a test that only runs on it: the next test may use it."""
+    """(cluster, its two GPU nodes) for a test that only runs on it: the next test may use it."""
     import ray
 
     yield gpu_clusters.get()

@@ -111,8 +111,9 @@ def test_a_local_ray_run_prints_no_ray_notices(local_ray_run):
     could act on; a run with a local Ray prints only raygrad's own lines."""
     done, _, _, _, _ = local_ray_run
     assert done.stderr.strip() == "", done.stderr
-    ours = {"model", "site", "layers", "collect", "samples", "shards", "workers", "memory", "pinned", "output", "done",
-            "results", "waiting", "skipped", "sae", "features"}  # raygrad's own first words ("waiting": a worker slow to start)
+    # raygrad's own first words ("waiting": a worker slow to start)
+    ours = {"model", "site", "layers", "sae", "features", "collect", "samples", "skipped", "shards", "workers",
+            "memory", "pinned", "output", "waiting", "done", "results"}
     assert all(line.split()[0] in ours for line in done.stdout.splitlines()), done.stdout
 
 
