@@ -4,6 +4,7 @@ import os
 import random
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -78,18 +79,25 @@ _session_ray = {"up": False}  # whether the Ray initialized in this process is t
 def _start_session_ray():
     import ray
 
-    from raygrad.ray_runtime import FORWARDED_ENV, start_reaper
+    from raygrad.ray_runtime import start_reaper
 
     if ray.is_initialized():  # a Ray an earlier test left behind: not the one asked for
         ray.shutdown()
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=SESSION_RAY_CPUS,
+             log_to_driver=False, logging_level=logging.ERROR, runtime_env=_workers_runtime_env())
+    start_reaper()  # its processes end even if pytest is SIGKILLed
+    _session_ray["up"] = True
+
+
+def _workers_runtime_env() -> dict:
+    """What a Ray this process initializes gives its workers, as raygrad's own ray.init does: this
+    checkout on their path, the hub settings forwarded."""
+    from raygrad.ray_runtime import FORWARDED_ENV
+
     repo = str(Path(__file__).resolve().parent.parent)
     env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
     python_path = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=SESSION_RAY_CPUS,
-             log_to_driver=False, logging_level=logging.ERROR,
-             runtime_env={"env_vars": {"PYTHONPATH": python_path, **env_vars}})
-    start_reaper()  # its processes end even if pytest is SIGKILLed
-    _session_ray["up"] = True
+    return {"env_vars": {"PYTHONPATH": python_path, **env_vars}}
 
 
 def _stop_session_ray():
@@ -142,25 +150,88 @@ TWO_WORKERS = dict(layers="0,2", num_samples=6, max_length=12, batch_size=2, sha
                    aggregate_by=("gradients", "values", "hessian"), hessian_probes=2, top_examples=8)
 
 
+# --- a loopback Ray cluster with GPU nodes (test_cluster.py, and the one run on two Ray workers)
+
+
+class GpuClusters:
+    """One loopback cluster at a time, a 0-CPU head and 1-CPU nodes with one logical GPU each:
+    started when a test asks and none is up, shut down after a test that changes it (a start costs a
+    head and two nodes: seconds each on a small machine)."""
+
+    def __init__(self):
+        self.up = None  # (cluster, its worker nodes)
+
+    def get(self, nodes: int | None = 2):
+        """(cluster, its worker nodes): the one up if it has `nodes` GPU nodes (None: any number), else a
+        new one (of one node for None)."""
+        if self.up is not None and nodes is not None and len(self.up[1]) != nodes:
+            self.close()
+        if self.up is None:
+            nodes = 1 if nodes is None else nodes
+            from ray.cluster_utils import Cluster
+
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every node on 127.0.0.1
+                patch.setenv("RAY_AUTH_MODE", "disabled")
+                cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+                nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(nodes)]
+                cluster.wait_for_nodes()
+            self.up = cluster, nodes
+        return self.up
+
+    def close(self):
+        import ray
+
+        ray.shutdown()
+        if self.up is not None:
+            self.up[0].shutdown()
+            self.up = None
+
+
 @pytest.fixture(scope="session")
-def two_ray_workers(tiny_llama, texts_file, tmp_path_factory):
-    """The totals of helpers.run_tiny(..., workers=2, **TWO_WORKERS) on the session Ray: two worker
-    actors cost seconds each on a small machine, so one run serves every test that compares Ray
-    workers with an in-process run of its own (sums, Hessian estimate, examples). Only for tests that
-    also ask for ray_session (they run last, on one pytest worker: pytest_collection_modifyitems)."""
+def gpu_clusters():
+    clusters = GpuClusters()
+    try:
+        yield clusters
+    finally:
+        clusters.close()
+
+
+class TwoWorkersRun(NamedTuple):
+    run_dir: Path
+    totals: object  # raygrad.grads.Partial
+    ray_left_running: bool  # after the run: the pool used the Ray this process had initialized, and left it
+
+
+@pytest.fixture(scope="session")
+def two_ray_workers(tiny_llama, texts_file, tmp_path_factory, gpu_clusters) -> TwoWorkersRun:
+    """helpers.run_tiny(..., workers=2, **TWO_WORKERS) on the loopback cluster's two GPU nodes, a
+    worker on each, from a process already connected to the cluster (as a library caller's may be):
+    two worker actors cost seconds each on a small machine, so one run serves every test that
+    compares Ray workers with an in-process run of its own (sums, Hessian estimate, examples) and
+    test_cluster's workers across nodes. Its tests share a pytest worker with test_cluster's
+    (pytest_collection_modifyitems), which finds the cluster up. (--address: test_cluster's others.)"""
+    import ray
     from helpers import run_tiny
 
-    _session_ray_up()
-    return run_tiny(tiny_llama, texts_file, tmp_path_factory.mktemp("two-ray-workers"), workers=2,
-                    **TWO_WORKERS)[1]
+    _stop_session_ray()  # set up before the autouse fixture that would stop it (a session fixture)
+    cluster, _ = gpu_clusters.get()
+    ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.ERROR,
+             runtime_env=_workers_runtime_env())
+    try:
+        run_dir, totals = run_tiny(tiny_llama, texts_file, tmp_path_factory.mktemp("two-ray-workers"), workers=2,
+                                   gpus_per_worker=1, **TWO_WORKERS)
+        return TwoWorkersRun(run_dir, totals, ray.is_initialized())
+    finally:
+        ray.shutdown()
 
 
 @pytest.hookimpl(wrapper=True)  # a wrapper: before pytest-xdist's hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(items):
     """The session Ray's tests last (a stable sort keeps every other order), so it starts once. Under
     pytest-xdist's --dist loadgroup (make test), tests that share what is costly to set up share a
-    pytest worker, which then sets it up once: the session Ray's tests (it and two_ray_workers), the
-    loopback clusters' (test_cluster.py: a test that leaves the cluster as it was passes it on), and
+    pytest worker, which then sets it up once: the session Ray's tests, the loopback clusters' (a
+    test that leaves the cluster as it was passes it on; two_ray_workers' tests among them), and
     a module's tests that share a module-scoped fixture (a run made for several tests)."""
     items.sort(key=lambda item: "ray_session" in getattr(item, "fixturenames", ()))
     for item in items:

@@ -17,49 +17,6 @@ from raygrad.reducer import Reducer
 from raygrad.store import ResultStore
 
 
-class GpuClusters:
-    """One loopback cluster at a time: started when a test asks and none is up, shut down after a
-    test that changes it (a start costs a head and two nodes: seconds each on a small machine)."""
-
-    def __init__(self):
-        self.up = None  # (cluster, its worker nodes)
-
-    def get(self, nodes: int | None = 2):
-        """(cluster, its worker nodes): the one up if it has `nodes` GPU nodes (None: any number), else a
-        new one (of one node for None)."""
-        if self.up is not None and nodes is not None and len(self.up[1]) != nodes:
-            self.close()
-        if self.up is None:
-            nodes = 1 if nodes is None else nodes
-            from ray.cluster_utils import Cluster
-
-            with pytest.MonkeyPatch.context() as patch:
-                patch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every node on 127.0.0.1
-                patch.setenv("RAY_AUTH_MODE", "disabled")
-                cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-                nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(nodes)]
-                cluster.wait_for_nodes()
-            self.up = cluster, nodes
-        return self.up
-
-    def close(self):
-        import ray
-
-        ray.shutdown()
-        if self.up is not None:
-            self.up[0].shutdown()
-            self.up = None
-
-
-@pytest.fixture(scope="module")
-def gpu_clusters():
-    clusters = GpuClusters()
-    try:
-        yield clusters
-    finally:
-        clusters.close()
-
-
 @pytest.fixture
 def shrinking_gpu_cluster(gpu_clusters):
     """(cluster, its two GPU nodes) for a test that removes nodes: the next test that takes any
@@ -85,18 +42,6 @@ def any_gpu_cluster(gpu_clusters):
         yield gpu_clusters.get(nodes=None)
     finally:
         gpu_clusters.close()
-
-
-@pytest.fixture
-def unchanged_gpu_cluster(gpu_clusters):
-    """(cluster, its two GPU nodes) for a test that only runs on it: the next test may use it."""
-    import ray
-
-    yield gpu_clusters.get()
-    ray.shutdown()
-    cluster, nodes = gpu_clusters.up
-    assert cluster.worker_nodes == set(nodes), \
-        "a test that removes or adds nodes asks for shrinking_gpu_cluster or any_gpu_cluster"
 
 
 def assert_same_counts_and_close_sums(got, expected):
@@ -155,16 +100,18 @@ def remembered_pools(monkeypatch) -> list:
     return pools
 
 
-def test_gpu_workers_across_nodes_equal_in_process(unchanged_gpu_cluster, tiny_llama, texts_file, tmp_path,
-                                                   in_process_totals):
-    cluster, _ = unchanged_gpu_cluster
-    local = in_process_totals(shard_size=1)
-    run_dir, remote = run_tiny(tiny_llama, texts_file, tmp_path / "ray", workers=2, gpus_per_worker=1,
-                               address=cluster.address, shard_size=1)
-    assert_same_counts_and_close_sums(remote, local)
-    store = ResultStore.open(run_dir / names.STORE_NAME)
+def test_gpu_workers_across_nodes_equal_in_process(two_ray_workers, in_process_totals):
+    """Two workers, one on each GPU node (conftest.two_ray_workers): every array equals an in-process
+    run's, examples included. (One worker on a private local Ray: test_local_ray.py.)"""
+    from conftest import TWO_WORKERS
+
+    local = in_process_totals(**TWO_WORKERS)
+    assert_same_totals(local, two_ray_workers.totals)
+    assert set(two_ray_workers.totals.examples) == set(local.examples) and local.examples
+    store = ResultStore.open(two_ray_workers.run_dir / names.STORE_NAME)
     assert store.attrs["plan"]["workers"] == 2
     assert store.attrs["timing"]["worker_devices"] == ["cpu"]  # a logical GPU: each worker resolved the CPU
+    assert two_ray_workers.ray_left_running  # a Ray the caller had initialized is left to it
 
 
 def test_a_busy_worker_node_lost_mid_run_costs_nothing(shrinking_gpu_cluster, tiny_llama, texts_file, tmp_path,

@@ -13,15 +13,8 @@ from raygrad.grads import Partial, array_widths
 from raygrad.store import ResultStore
 from raygrad.worker import ShardRunner
 
-
-def test_ray_workers_give_the_same_arrays_as_in_process(ray_session, two_ray_workers, in_process_totals):
-    """Every array of a run on two Ray workers, examples included. (One worker: test_local_ray.py.)"""
-    from conftest import TWO_WORKERS
-
-    local = in_process_totals(**TWO_WORKERS)
-    assert_same_totals(local, two_ray_workers)
-    assert set(two_ray_workers.examples) == set(local.examples) and local.examples
-    assert ray_session.is_initialized()  # a Ray the pool joined is left running
+# Two Ray workers give every array of an in-process run, examples included: test_cluster's
+# test_gpu_workers_across_nodes_equal_in_process (conftest.two_ray_workers); one: test_local_ray.py.
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tiny_llama, texts_file, tmp_path, in_process_totals):

@@ -115,14 +115,14 @@ def test_packed_batches_shards_of_one_and_a_resume_give_the_same_examples(tiny_l
             np.testing.assert_array_equal(got.examples[name], value, err_msg=name)
 
 
-def test_two_ray_workers_give_the_in_process_examples(in_process_totals, ray_session, two_ray_workers):
+def test_two_ray_workers_give_the_in_process_examples(in_process_totals, two_ray_workers):
     from conftest import TWO_WORKERS
 
     want = in_process_totals(**TWO_WORKERS)
     assert set(want.examples) == {f"{kind}_top_{part}" for kind in ("grad", "value") for part in
                                   ("score", "row", "position")}
     for name, value in want.examples.items():
-        np.testing.assert_array_equal(two_ray_workers.examples[name], value, err_msg=name)
+        np.testing.assert_array_equal(two_ray_workers.totals.examples[name], value, err_msg=name)
 
 
 # --- the merge rule itself, with ties and zeros that a model seldom produces

@@ -55,13 +55,13 @@ def test_the_estimate_of_a_killed_and_resumed_run_is_the_uninterrupted_one(one_t
     assert_same_estimate(got, one_text_per_batch)
 
 
-def test_the_estimate_of_two_ray_workers_is_the_in_process_one(one_text_per_batch, ray_session, two_ray_workers):
+def test_the_estimate_of_two_ray_workers_is_the_in_process_one(one_text_per_batch, two_ray_workers):
     from conftest import TWO_WORKERS
 
     assert {key: TWO_WORKERS[key] for key in INVARIANT if key != "aggregate_by"} == {
         key: value for key, value in INVARIANT.items() if key != "aggregate_by"}  # the same estimate asked for
     assert set(INVARIANT["aggregate_by"]) <= set(TWO_WORKERS["aggregate_by"])
-    assert_same_estimate(two_ray_workers, one_text_per_batch)
+    assert_same_estimate(two_ray_workers.totals, one_text_per_batch)
 
 
 def test_the_estimate_depends_on_the_seed_and_the_texts_row(one_text_per_batch, tiny_llama, texts_file, tmp_path):
