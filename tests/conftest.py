@@ -70,77 +70,20 @@ def in_process_totals(tiny_llama, texts_file, tmp_path_factory):
     return totals
 
 
-# --- one loopback Ray for the session
-
-SESSION_RAY_CPUS = 2  # a --workers 2 run gets one CPU per worker, as on the 2-core build machine
-_session_ray = {"up": False}  # whether the Ray initialized in this process is the session's
-
-
-def _start_session_ray():
+def connect_to(address: str):
+    """-> the `ray` module, this process connected to the Ray cluster at `address` as a library
+    caller's may be (a run in this process then uses it, and leaves it connected): this checkout on
+    its workers' path, the hub settings forwarded, as raygrad's own ray.init gives them."""
     import ray
 
-    from raygrad.ray_runtime import start_reaper
-
-    if ray.is_initialized():  # a Ray an earlier test left behind: not the one asked for
-        ray.shutdown()
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=SESSION_RAY_CPUS,
-             log_to_driver=False, logging_level=logging.ERROR, runtime_env=_workers_runtime_env())
-    start_reaper()  # its processes end even if pytest is SIGKILLed
-    _session_ray["up"] = True
-
-
-def _workers_runtime_env() -> dict:
-    """What a Ray this process initializes gives its workers, as raygrad's own ray.init does: this
-    checkout on their path, the hub settings forwarded."""
     from raygrad.ray_runtime import FORWARDED_ENV
 
     repo = str(Path(__file__).resolve().parent.parent)
     env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
     python_path = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
-    return {"env_vars": {"PYTHONPATH": python_path, **env_vars}}
-
-
-def _stop_session_ray():
-    if _session_ray["up"]:
-        import ray
-
-        ray.shutdown()
-        _session_ray["up"] = False
-
-
-def _session_ray_up():
-    """-> the `ray` module, the session's loopback Ray started if it is not up."""
-    import ray
-
-    if not (_session_ray["up"] and ray.is_initialized()):
-        _start_session_ray()
+    ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR,
+             runtime_env={"env_vars": {"PYTHONPATH": python_path, **env_vars}})
     return ray
-
-
-@pytest.fixture
-def ray_session():
-    """The `ray` module, initialized on a loopback Ray shared by the session (2 CPUs, no GPU): a
-    WorkerPool joins it and leaves it running, so a `--workers N` run costs its actors, not a Ray
-    start-up. For tests that compare Ray workers with an in-process run. It starts on first use;
-    tests asking for it run last (pytest_collection_modifyitems), every other test finds no Ray."""
-    ray = _session_ray_up()
-    yield ray
-    if not ray.is_initialized():  # the test shut it down: the next one starts it again
-        _session_ray["up"] = False
-
-
-@pytest.fixture(autouse=True)
-def _no_session_ray_unless_asked(request):
-    """A test that does not ask for ray_session finds no Ray initialized, as if it ran alone: a
-    private local Ray, a Cluster, --address and the "Ray is shut down" checks all need that."""
-    if "ray_session" not in request.fixturenames:
-        _stop_session_ray()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _session_ray_stopped_at_the_end():
-    yield
-    _stop_session_ray()
 
 
 # The options of the one run on two Ray workers that several modules compare with their in-process
@@ -214,10 +157,8 @@ def two_ray_workers(tiny_llama, texts_file, tmp_path_factory, gpu_clusters) -> T
     import ray
     from helpers import run_tiny
 
-    _stop_session_ray()  # set up before the autouse fixture that would stop it (a session fixture)
     cluster, _ = gpu_clusters.get()
-    ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.ERROR,
-             runtime_env=_workers_runtime_env())
+    connect_to(cluster.address)
     try:
         run_dir, totals = run_tiny(tiny_llama, texts_file, tmp_path_factory.mktemp("two-ray-workers"), workers=2,
                                    gpus_per_worker=1, **TWO_WORKERS)
@@ -228,17 +169,13 @@ def two_ray_workers(tiny_llama, texts_file, tmp_path_factory, gpu_clusters) -> T
 
 @pytest.hookimpl(wrapper=True)  # a wrapper: before pytest-xdist's hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(items):
-    """The session Ray's tests last (a stable sort keeps every other order), so it starts once. Under
-    pytest-xdist's --dist loadgroup (make test), tests that share what is costly to set up share a
-    pytest worker, which then sets it up once: the session Ray's tests, the loopback clusters' (a
-    test that leaves the cluster as it was passes it on; two_ray_workers' tests among them), and
-    a module's tests that share a module-scoped fixture (a run made for several tests)."""
-    items.sort(key=lambda item: "ray_session" in getattr(item, "fixturenames", ()))
+    """Under pytest-xdist's --dist loadgroup (make test), tests that share what is costly to set up
+    share a pytest worker, which then sets it up once: the loopback cluster's (a test that leaves the
+    cluster as it was passes it on; two_ray_workers' tests among them), and a module's tests that
+    share a module-scoped fixture (a run made for several tests)."""
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
-        if "ray_session" in fixtures:
-            item.add_marker(pytest.mark.xdist_group("session-ray"))
-        elif "gpu_clusters" in fixtures:
+        if "gpu_clusters" in fixtures:
             item.add_marker(pytest.mark.xdist_group("gpu-cluster"))
         elif _uses_a_module_fixture(item):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))

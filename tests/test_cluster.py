@@ -1,8 +1,9 @@
 """The elastic worker pool on a multi-node Ray cluster on loopback: a 0-CPU head
 and two 1-CPU worker nodes with one logical GPU each (the workers compute on
-the CPU). A test that only runs on it leaves it to the next; one that removes
-nodes leaves what is left to a test that takes any cluster; one that adds nodes
-shuts it down (its processes stopped) after it."""
+the CPU; conftest.GpuClusters). A test that only runs on it leaves it to the
+next (the pool's own checks: slow loading, a shard that kills its worker, two
+maps); one that removes nodes leaves what is left to a test that takes any
+cluster; one that adds nodes shuts it down (its processes stopped) after it."""
 
 import numpy as np
 import pytest
@@ -15,6 +16,21 @@ from raygrad.errors import RaygradError
 from raygrad.pool import RemoteWorker, WorkerPool, WorkerTimeout
 from raygrad.reducer import Reducer
 from raygrad.store import ResultStore
+
+
+@pytest.fixture
+def cluster_ray(gpu_clusters):
+    """The `ray` module, this process connected to the loopback cluster (two GPU nodes) as a library
+    caller's may be, for a test that runs on the cluster without changing it: the next test finds it up."""
+    from conftest import connect_to
+
+    cluster, nodes = gpu_clusters.get()
+    ray = connect_to(cluster.address)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+    assert cluster.worker_nodes == set(nodes), "a test that removes or adds nodes asks for shrinking_gpu_cluster"
 
 
 @pytest.fixture
@@ -112,6 +128,77 @@ def test_gpu_workers_across_nodes_equal_in_process(two_ray_workers, in_process_t
     assert store.attrs["plan"]["workers"] == 2
     assert store.attrs["timing"]["worker_devices"] == ["cpu"]  # a logical GPU: each worker resolved the CPU
     assert two_ray_workers.ray_left_running  # a Ray the caller had initialized is left to it
+
+
+def test_a_worker_loading_longer_than_the_timeout_is_waited_for(tiny_llama, texts_file, tmp_path, monkeypatch,
+                                                               cluster_ray, in_process_totals):
+    """--worker-timeout counts only while no worker is placed: not while one loads its model."""
+    import sys
+
+    from ray import cloudpickle
+
+    local = in_process_totals()
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    monkeypatch.setattr(pool_module, "RemoteWorker", SlowLoadingWorker)
+    monkeypatch.setattr(scheduler, "POLL_SECONDS", 1.0)  # the pool looks at the clock every second
+    try:
+        _, remote = run_tiny(tiny_llama, texts_file, tmp_path / "ray", workers=1, worker_timeout=10)
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert_same_totals(remote, local)
+
+
+def test_a_shard_that_keeps_killing_its_worker_stops_the_run(tiny_llama, texts_file, tmp_path, monkeypatch,
+                                                             cluster_ray):
+    """Ray restarts a dead worker, and the pool queues its shard again; a shard that kills every worker
+    would loop forever. After 3 losses the run stops with one line naming the shard, resumable."""
+    import sys
+
+    from ray import cloudpickle
+
+    replaced = []
+
+    def replace_once_at_most(self, lost):  # without the limit the pool replaces dead workers forever
+        replaced.append(lost)
+        assert len(replaced) < 2, "the pool kept replacing workers that die on the same shard"
+        real_replace(self, lost)
+
+    real_replace = WorkerPool._replace
+    monkeypatch.setattr(WorkerPool, "_replace", replace_once_at_most)
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    monkeypatch.setattr(pool_module, "RemoteWorker", DiesOnShardZero)
+    said = []
+    config = build_config(tiny_llama, texts_file, tmp_path, workers=1, shard_size=1, num_samples=3)
+    try:
+        with pytest.raises(RaygradError, match=r"^shard 0 \(1 texts, rows \d+-\d+, about \d+ target tokens\) lost its "
+                                               r"worker 3 "
+                                               r"times \(last: .*\); a worker that dies on the same shard"):
+            engine.run(config, echo=said.append, progress=False)
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    (run_dir,) = tmp_path.iterdir()
+    assert said[-1].endswith(f"continue with: raygrad run --resume {run_dir}")
+    assert sum(line.startswith("worker lost during shard 0") for line in said) == 2
+
+
+def test_the_pool_maps_twice_with_the_same_workers(tiny_llama, texts_file, tmp_path, cluster_ray):
+    """Workers that came up for one map serve the next (a library caller may map in parts)."""
+    from transformers import AutoTokenizer
+
+    from raygrad.plan import make_plan
+    from raygrad.pool import WorkerPool
+    from raygrad.shards import plan_shards
+    from raygrad.sources import describe_source
+
+    config = build_config(tiny_llama, texts_file, tmp_path, workers=1, worker_timeout=30)
+    source = describe_source(str(texts_file))
+    shards = plan_shards(source, 2, AutoTokenizer.from_pretrained(tiny_llama), 24, shard_texts=1).shards
+    with WorkerPool(config) as pool:
+        plan = make_plan(config, 2).placed(config, pool.workers, pool.device)
+        pool.start_workers(plan, config.seed)
+        first = [result.shard for result in pool.map([(0, source, shards[0])])]
+        second = [result.shard for result in pool.map([(1, source, shards[1])])]
+    assert first == [0] and second == [1]
 
 
 def test_a_busy_worker_node_lost_mid_run_costs_nothing(shrinking_gpu_cluster, tiny_llama, texts_file, tmp_path,
@@ -241,54 +328,3 @@ def test_workers_asked_for_scale_an_autoscaling_cluster_up_from_zero(tiny_llama,
                              address=address, shard_size=1, worker_timeout=240)
         assert demo.worker_nodes(address) == 1
     assert_same_counts_and_close_sums(remote, local)
-
-
-def test_a_worker_loading_longer_than_the_timeout_is_waited_for(tiny_llama, texts_file, tmp_path, monkeypatch,
-                                                               ray_session, in_process_totals):
-    """--worker-timeout counts only while no worker is placed: not while one loads its model."""
-    import sys
-
-    from ray import cloudpickle
-
-    local = in_process_totals()
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
-    monkeypatch.setattr(pool_module, "RemoteWorker", SlowLoadingWorker)
-    monkeypatch.setattr(scheduler, "POLL_SECONDS", 1.0)  # the pool looks at the clock every second
-    try:
-        _, remote = run_tiny(tiny_llama, texts_file, tmp_path / "ray", workers=1, worker_timeout=10)
-    finally:
-        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-    assert_same_totals(remote, local)
-
-
-def test_a_shard_that_keeps_killing_its_worker_stops_the_run(tiny_llama, texts_file, tmp_path, monkeypatch,
-                                                             ray_session):
-    """Ray restarts a dead worker, and the pool queues its shard again; a shard that kills every worker
-    would loop forever. After 3 losses the run stops with one line naming the shard, resumable."""
-    import sys
-
-    from ray import cloudpickle
-
-    replaced = []
-
-    def replace_once_at_most(self, lost):  # without the limit the pool replaces dead workers forever
-        replaced.append(lost)
-        assert len(replaced) < 2, "the pool kept replacing workers that die on the same shard"
-        real_replace(self, lost)
-
-    real_replace = WorkerPool._replace
-    monkeypatch.setattr(WorkerPool, "_replace", replace_once_at_most)
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
-    monkeypatch.setattr(pool_module, "RemoteWorker", DiesOnShardZero)
-    said = []
-    config = build_config(tiny_llama, texts_file, tmp_path, workers=1, shard_size=1, num_samples=3)
-    try:
-        with pytest.raises(RaygradError, match=r"^shard 0 \(1 texts, rows \d+-\d+, about \d+ target tokens\) lost its "
-                                               r"worker 3 "
-                                               r"times \(last: .*\); a worker that dies on the same shard"):
-            engine.run(config, echo=said.append, progress=False)
-    finally:
-        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-    (run_dir,) = tmp_path.iterdir()
-    assert said[-1].endswith(f"continue with: raygrad run --resume {run_dir}")
-    assert sum(line.startswith("worker lost during shard 0") for line in said) == 2

@@ -143,7 +143,7 @@ def test_a_sigkilled_driver_leaves_no_ray_process(tiny_llama, tmp_path):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and driver.poll() is None:
             ray_processes = ray_descendants()
-            if "ray::RemoteWorker.run" in ray_processes.values():  # mid-shard
+            if any(name.startswith("ray::RemoteWorker") for name in ray_processes.values()):  # its worker is up
                 break
             time.sleep(0.2)
         time.sleep(2)  # the reaper looks every second
@@ -200,23 +200,3 @@ def test_a_request_this_machine_cannot_meet_stops_the_ray_it_started(tiny_llama,
             pass
     assert not ray.is_initialized()  # the error left no Ray running in this process
     assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0"  # as conftest set it: put back
-
-
-def test_the_pool_maps_twice_with_the_same_workers(tiny_llama, texts_file, tmp_path, ray_session):
-    """Workers that came up for one map serve the next (a library caller may map in parts)."""
-    from transformers import AutoTokenizer
-
-    from raygrad.plan import make_plan
-    from raygrad.pool import WorkerPool
-    from raygrad.shards import plan_shards
-    from raygrad.sources import describe_source
-
-    config = build_config(tiny_llama, texts_file, tmp_path, workers=1, worker_timeout=30)
-    source = describe_source(str(texts_file))
-    shards = plan_shards(source, 2, AutoTokenizer.from_pretrained(tiny_llama), 24, shard_texts=1).shards
-    with WorkerPool(config) as pool:
-        plan = make_plan(config, 2).placed(config, pool.workers, pool.device)
-        pool.start_workers(plan, config.seed)
-        first = [result.shard for result in pool.map([(0, source, shards[0])])]
-        second = [result.shard for result in pool.map([(1, source, shards[1])])]
-    assert first == [0] and second == [1]
