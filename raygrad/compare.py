@@ -154,8 +154,8 @@ COMPARE_TEXT = {
 
 def _write(out: Path, a, b, run_a: Path, run_b: Path, epsilon: float, k: int, ranking: tuple[str, str]) -> str:
     (store_a, config_a, plan_a), (store_b, _, _) = a, b
-    layers = [int(x) for x in store_a.group[names.LAYERS][:]]
-    tokens_a, tokens_b = store_a.group[names.TOKENS][:], store_b.group[names.TOKENS][:]
+    layers = [int(x) for x in store_a.array(names.LAYERS)[:]]
+    tokens_a, tokens_b = store_a.array(names.TOKENS)[:], store_b.array(names.TOKENS)[:]
     group = zarr.open_group(str(out / names.STORE_NAME), mode="w-")
     for name, values, units in ((names.LAYERS, layers, "layer index"), (names.LAYER_COORD, layers, "layer index"),
                                 (names.TOKENS_A, tokens_a, "positions"), (names.TOKENS_B, tokens_b, "positions")):
@@ -164,7 +164,7 @@ def _write(out: Path, a, b, run_a: Path, run_b: Path, epsilon: float, k: int, ra
         array.attrs.update({"units": units, "description": f"{name} of each layer row"})
     consolidated = {}
     for prefix in store_a.prefixes():
-        sums_a, sums_b = ([s.group[n][:] for n in names.sum_names(prefix)] for s in (store_a, store_b))
+        sums_a, sums_b = ([s.array(n)[:] for n in names.sum_names(prefix)] for s in (store_a, store_b))
         dims = (names.LAYER_COORD, dimension_name(prefix, plan_a.get("target", "mlp")))
         for statistic, values in compared(sums_a, tokens_a[:, None], sums_b, tokens_b[:, None], epsilon).items():
             name = names.store_name(prefix, statistic)

@@ -96,7 +96,7 @@ class RunExamples:
         prefix = self.check_kind(by)
         if k is not None and not 1 <= k <= self.k:
             raise RaygradError(f"--k {k}: must be from 1 to {self.k}, the examples the run kept per feature")
-        score, row, position = (np.asarray(self.store.group[name][row_index, feature, :k])
+        score, row, position = (np.asarray(self.store.array(name)[row_index, feature, :k])
                                 for name in topk.array_names(prefix))
         return [(float(s), int(r), int(p)) for s, r, p in zip(score, row, position) if r != topk.EMPTY]
 

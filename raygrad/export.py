@@ -30,10 +30,10 @@ def exported_arrays(store: ResultStore, config: RunConfig,
     """(kind, statistic, normalize mode or None) -> (L, D) float32, derived from the float64 sums for
     every kind the run aggregated and each statistic (default: those the run exports), then --power,
     then --normalize-mode (README "Names": None keeps the original's names, a mode adds `_norm_{mode}`)."""
-    count = store.group[names.TOKENS][:][:, None]
+    count = store.array(names.TOKENS)[:][:, None]
     arrays = {}
     for kind in config.aggregate_by:
-        sums = [store.group[name][:] for name in names.sum_names(names.KIND_PREFIX[kind])]
+        sums = [store.array(name)[:] for name in names.sum_names(names.KIND_PREFIX[kind])]
         for statistic in modes or config.export_modes:
             powered = stats.transform(stats.derive(statistic, *sums, count), config.power)
             for norm in config.normalize_modes:
@@ -101,7 +101,7 @@ def _write(store: ResultStore, config: RunConfig, out_dir: Path, with_outputs: b
         raise RaygradError("--plots: plots are drawn beside the per-layer .npy files; add --save-outputs "
                            "(this run was made without it)")
     plots = save_outputs and (config.plots if with_plots is None else with_plots)
-    layers = [int(layer) for layer in store.group[names.LAYERS][:]]
+    layers = [int(layer) for layer in store.array(names.LAYERS)[:]]
     arrays = exported_arrays(store, config)
     values = {names.export_key(*key): array for key, array in arrays.items()}
 
@@ -176,8 +176,8 @@ def file_digest(path: Path) -> str:
 def build_metadata(store: ResultStore, config: RunConfig, layers: list[int], values: dict[str, np.ndarray]) -> dict:
     attrs = store.attrs
     plan = attrs[names.ATTR_PLAN]
-    tokens = store.group[names.TOKENS][:]
-    loss_tokens = int(store.group[names.LOSS_TOKENS][()])
+    tokens = store.array(names.TOKENS)[:]
+    loss_tokens = int(store.array(names.LOSS_TOKENS)[()])
     per_layer = {}
     for row, layer in enumerate(layers):
         entry = {"tokens": int(tokens[row])}
@@ -208,7 +208,7 @@ def build_metadata(store: ResultStore, config: RunConfig, layers: list[int], val
         "num_samples_requested": plan["samples_requested"],
         "num_samples": plan["samples"],
         "target_tokens": loss_tokens,
-        "mean_loss_nats_per_token": float(store.group[names.LOSS_SUM][()]) / max(loss_tokens, 1),
+        "mean_loss_nats_per_token": float(store.array(names.LOSS_SUM)[()]) / max(loss_tokens, 1),
         "layer_statistics": per_layer,
         "sae_quality": sae_quality(store.group),  # per layer FVU, mean L0, spliced loss (quality.py); None for mlp
         "loading_instructions": {

@@ -75,7 +75,7 @@ def load_results(path: str | Path) -> Results:
     if store_path is None:
         raise RaygradError(f"{path}: expected a consolidated .npz, a run directory or a {names.STORE_NAME} store")
     store, config = open_complete_run(store_path.parent)
-    layers = [int(layer) for layer in store.group[names.LAYERS][:]]
+    layers = [int(layer) for layer in store.array(names.LAYERS)[:]]
     arrays = {names.export_key(*key): array
               for key, array in exported_arrays(store, config, names.STATISTICS).items()}
     return Results(layers, arrays, build_metadata(store, config, layers, arrays))

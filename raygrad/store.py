@@ -57,6 +57,22 @@ class ResultStore:
         # run being checkpointed, or killed mid-apply): it overrides what the arrays hold.
         self.committed = committed or {}
         self.verified_state: dict | None = None  # the state file as `verify` last read it
+        # Each `name in group` and `group[name]` is a round trip through Zarr's event loop (most of
+        # a small run's store time): the member names are listed once, each array opened once.
+        self._member_names: set[str] | None = None
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def has(self, name: str) -> bool:
+        """Whether the store holds an array `name`."""
+        if self._member_names is None:
+            self._member_names = set(self.group.array_keys())
+        return name in self._member_names
+
+    def array(self, name: str) -> zarr.Array:
+        """The Zarr array `name` (its data read from the store at each access)."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
 
     # --- creating and opening
 
@@ -137,7 +153,7 @@ class ResultStore:
         """One array as last committed."""
         if name in self.committed:
             return self.committed[name]
-        return self.group[name][...]
+        return self.array(name)[...]
 
     # --- totals and checkpoints
 
@@ -156,7 +172,7 @@ class ResultStore:
 
     def example_prefixes(self) -> list[str]:
         """The prefixes whose --top-examples tables this store keeps (none: the run kept no examples)."""
-        return [prefix for prefix in topk.RANKED_PREFIXES if topk.array_names(prefix)[0] in self.group]
+        return [prefix for prefix in topk.RANKED_PREFIXES if self.has(topk.array_names(prefix)[0])]
 
     def example_array_names(self) -> list[str]:
         return [name for prefix in self.example_prefixes() for name in topk.array_names(prefix)]
@@ -169,12 +185,12 @@ class ResultStore:
 
     def prefixes(self) -> list[str]:
         """The statistic prefixes this store keeps (grad, value, attr, site_grad)."""
-        return [prefix for prefix in names.MEAN_ARRAYS if f"{prefix}_sum" in self.group]
+        return [prefix for prefix in names.MEAN_ARRAYS if self.has(f"{prefix}_sum")]
 
     def sum_array_names(self) -> list[str]:
         """Every running total added shard by shard: the prefixes' sums and the per-layer scalars."""
         return ([name for prefix in self.prefixes() for name in names.sum_names(prefix)]
-                + [name for name in names.LAYER_SUMS if name in self.group])
+                + [name for name in names.LAYER_SUMS if self.has(name)])
 
     def recorded_arrays(self) -> list[str]:
         """Every array a checkpoint vouches for (the derived statistics only once the run is complete)."""
@@ -195,16 +211,18 @@ class ResultStore:
         count = totals.tokens[:, None]  # a layer with no tokens has statistics 0, not NaN
         written = {}
         for prefix in self.prefixes():
-            source = self.group[names.sum_names(prefix)[0]]
+            source = self.array(names.sum_names(prefix)[0])
             for statistic in names.STATISTICS:
                 name = names.store_name(prefix, statistic)
                 values = stats.derive(statistic, *(totals.sums[n] for n in names.sum_names(prefix)), count)
                 values = values.astype(np.float32)
-                if name not in self.group:
-                    self.group.create_array(name, shape=values.shape, chunks=source.chunks, dtype="float32",
-                                            dimension_names=source.metadata.dimension_names)
-                self.group[name][:] = values
-                self.group[name].attrs.update(stats.array_attrs(prefix, statistic))
+                if not self.has(name):
+                    self._arrays[name] = self.group.create_array(
+                        name, shape=values.shape, chunks=source.chunks, dtype="float32",
+                        dimension_names=source.metadata.dimension_names)
+                    self._member_names.add(name)
+                self.array(name)[:] = values
+                self.array(name).attrs.update(stats.array_attrs(prefix, statistic))
                 written[name] = values
         sync_tree(self.path, only=tuple(written))
         return written
@@ -228,7 +246,7 @@ class ResultStore:
         if _read_state(self.path) is not None:
             raise RaygradError(f"--trust-unrecorded: {self.path} has a {names.CHECKPOINT_STATE}; its digests "
                                "are checked, not replaced")
-        self._record({name: self.group[name][...] for name in self.recorded_arrays()})
+        self._record({name: self.array(name)[...] for name in self.recorded_arrays()})
 
     def committed_group(self) -> zarr.Group:
         """The Zarr group as last committed: the group itself, or (while a committed
