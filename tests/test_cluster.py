@@ -79,13 +79,15 @@ class SlowWorker(RemoteWorker):
 
 
 class SlowLoadingWorker(RemoteWorker):
-    """Loads for 14 s, longer than --worker-timeout 10, as a large model being downloaded does on a
-    cluster. (The timeout leaves a slow machine 10 s to start the actor's process: being placed.)"""
+    """Loads for 12 s, longer than --worker-timeout 10, as a large model being downloaded does on a
+    cluster: a timeout counted from the pool's start or the placement would end the run while it
+    loads (the pool looks every second). The timeout leaves a slow machine 10 s to start the actor's
+    process: being placed."""
 
     def ready(self):
         import time
 
-        time.sleep(14.0)
+        time.sleep(12.0)
         return super().ready()
 
 
