@@ -328,5 +328,5 @@ def test_workers_asked_for_scale_an_autoscaling_cluster_up_from_zero(tiny_llama,
         assert demo.worker_nodes(address) == 0  # nothing runs until raygrad asks
         _, remote = run_tiny(tiny_llama, texts_file, tmp_path / "ray", workers=1, gpus_per_worker=1,
                              address=address, shard_size=1, worker_timeout=240)
-        assert demo.worker_nodes(address) == 1
+        assert demo.worker_nodes(address) >= 1
     assert_same_counts_and_close_sums(remote, local)
