@@ -50,7 +50,7 @@ def write_exports(run_dir: Path, with_outputs: bool | None = None, extra_npz: Pa
     --plots/--no-plots; `extra_npz` is a second place for the consolidated file (--save-consolidated)."""
     run_dir = Path(run_dir)
     store, config = open_complete_run(run_dir)
-    return _write(store, config, run_dir, with_outputs, extra_npz, with_plots=with_plots)
+    return _write(store, config, run_dir, *_outputs_and_plots(config, with_outputs, with_plots), extra_npz)
 
 
 def export_set_name(config: RunConfig) -> str:
@@ -74,8 +74,9 @@ def write_export_set(run_dir: Path, options: dict, name: str | None = None, with
     target = run_dir / names.EXPORT_SETS_DIR / name
     if target.exists():
         raise RaygradError(f"--name {name}: {target} exists; export sets are never overwritten (give another --name)")
+    outputs = _outputs_and_plots(config, with_outputs, with_plots)
     with replacing_directory(target) as staging:
-        written = _write(store, config, staging, with_outputs, None, export_set=name, with_plots=with_plots)
+        written = _write(store, config, staging, *outputs, None, export_set=name)
     return target, [target / path.relative_to(staging) for path in written]
 
 
@@ -93,14 +94,19 @@ def open_complete_run(run_dir: Path, label: str = "") -> tuple[ResultStore, RunC
     return store, RunConfig.from_dict(attrs[names.ATTR_CONFIG])
 
 
-def _write(store: ResultStore, config: RunConfig, out_dir: Path, with_outputs: bool | None,
-           extra_npz: Path | None, export_set: str | None = None, with_plots: bool | None = None) -> list[Path]:
-    started = time.perf_counter()
+def _outputs_and_plots(config: RunConfig, with_outputs: bool | None, with_plots: bool | None) -> tuple[bool, bool]:
+    """(write the per-layer .npy files, draw the plots): the run's choices unless overridden; --plots
+    without the .npy files is one line, before anything is written."""
     save_outputs = config.save_outputs if with_outputs is None else with_outputs
     if with_plots and not save_outputs:
         raise RaygradError("--plots: plots are drawn beside the per-layer .npy files; add --save-outputs "
                            "(this run was made without it)")
-    plots = save_outputs and (config.plots if with_plots is None else with_plots)
+    return save_outputs, save_outputs and (config.plots if with_plots is None else with_plots)
+
+
+def _write(store: ResultStore, config: RunConfig, out_dir: Path, save_outputs: bool, plots: bool,
+           extra_npz: Path | None, export_set: str | None = None) -> list[Path]:
+    started = time.perf_counter()
     layers = [int(layer) for layer in store.array(names.LAYERS)[:]]
     arrays = exported_arrays(store, config)
     values = {names.export_key(*key): array for key, array in arrays.items()}

@@ -109,11 +109,12 @@ def test_no_plots_writes_the_npy_files_only_and_export_can_draw_them_later(tiny_
 
     plain_dir, _ = run_tiny(tiny_llama, texts_file, tmp_path / "plain")
     before = tree_digest(plain_dir)
-    code, _, err = run_cli(["export", str(plain_dir), "--plots"], capsys, monkeypatch)
-    assert code == 2 and err.strip().splitlines() == [
-        "error: --plots: plots are drawn beside the per-layer .npy files; add --save-outputs (this run was made "
-        "without it)"]
-    assert tree_digest(plain_dir) == before
+    for extra in ([], ["--power", "2"]):  # the run's exports again, or a new export set
+        code, _, err = run_cli(["export", str(plain_dir), "--plots", *extra], capsys, monkeypatch)
+        assert code == 2 and err.strip().splitlines() == [
+            "error: --plots: plots are drawn beside the per-layer .npy files; add --save-outputs (this run was "
+            "made without it)"]
+        assert tree_digest(plain_dir) == before and not (plain_dir / names.EXPORT_SETS_DIR).exists()
 
     code, _, err = run_cli(["export", str(run_dir), "--aggregation-mode", "mean_sq", "--no-plots"], capsys,
                            monkeypatch)
