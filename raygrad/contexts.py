@@ -54,7 +54,7 @@ class RunExamples:
             raise RaygradError(f"{option} {run_dir}: a comparison, not a run; its runs hold the examples")
         self.plan = Plan.from_dict(attrs[names.ATTR_PLAN])
         self.kinds = [names.kind_of(prefix) for prefix in self.store.example_prefixes()]
-        self.k = self.store.group[topk.array_names(self.store.example_prefixes()[0])[0]].shape[-1] \
+        self.k = self.store.array(topk.array_names(self.store.example_prefixes()[0])[0]).shape[-1] \
             if self.kinds else 0
         self._tokenizer = None
         self._texts: dict[int, tuple] = {}  # shard -> _read_shard's answer

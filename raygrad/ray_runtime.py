@@ -65,23 +65,31 @@ class RemoteWorker:
             return self.runner
 
 
+def forwarded_env() -> dict[str, str]:
+    """The driver's settings its workers get: they read gated hub models with the driver's token."""
+    return {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+
+
+def local_runtime_env() -> dict:
+    """The runtime_env of a Ray on this machine: workers import raygrad from wherever this driver
+    does (a checkout works too), with the forwarded settings."""
+    python_path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+                                                os.environ.get("PYTHONPATH")]))
+    return {"env_vars": {"PYTHONPATH": python_path, **forwarded_env()}}
+
+
 def start_or_join(config: RunConfig, ray) -> tuple | None:
     """ray.init: join --address, else start a private local Ray bound to loopback. -> what
     `bind_to_loopback` changed (for `stop`), None when a cluster was joined."""
-    # Workers read gated hub models with the driver's token.
-    env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
     if config.address:
         wait_reachable(config.address, config.connect_timeout)
         try:
             ray.init(address=config.address, log_to_driver=False, logging_level=logging.ERROR,
-                     runtime_env={"py_modules": [str(Path(__file__).parent)], "env_vars": env_vars})
+                     runtime_env={"py_modules": [str(Path(__file__).parent)], "env_vars": forwarded_env()})
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise RaygradError(f"--address {config.address}: cannot join that Ray cluster "
                                f"({first_line(err)})") from None
         return None
-    # Workers import raygrad from wherever this driver does (a checkout works too).
-    python_path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
-                                                os.environ.get("PYTHONPATH")]))
     # address="local": never follow RAY_ADDRESS or a `ray_current_cluster` file left
     # by another process (a stale one made runs hang); --address names a cluster.
     # logging_level: Ray's start-up notices (token authentication, "Started a local Ray
@@ -89,8 +97,7 @@ def start_or_join(config: RunConfig, ray) -> tuple | None:
     loopback_setting = bind_to_loopback()
     try:
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                 log_to_driver=False, logging_level=logging.ERROR,
-                 runtime_env={"env_vars": {"PYTHONPATH": python_path, **env_vars}})
+                 log_to_driver=False, logging_level=logging.ERROR, runtime_env=local_runtime_env())
     except BaseException:
         restore_cluster_setting(*loopback_setting)
         raise

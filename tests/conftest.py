@@ -71,18 +71,14 @@ def in_process_totals(tiny_llama, texts_file, tmp_path_factory):
 
 
 def connect_to(address: str):
-    """-> the `ray` module, this process connected to the Ray cluster at `address` as a library
-    caller's may be (a run in this process then uses it, and leaves it connected): this checkout on
-    its workers' path, the hub settings forwarded, as raygrad's own ray.init gives them."""
+    """-> the `ray` module, this process connected to the loopback Ray cluster at `address` as a
+    library caller's may be (a run in this process then uses it, and leaves it connected), its
+    workers given what raygrad's own local Ray gives them."""
     import ray
 
-    from raygrad.ray_runtime import FORWARDED_ENV
+    from raygrad.ray_runtime import local_runtime_env
 
-    repo = str(Path(__file__).resolve().parent.parent)
-    env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
-    python_path = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
-    ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR,
-             runtime_env={"env_vars": {"PYTHONPATH": python_path, **env_vars}})
+    ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR, runtime_env=local_runtime_env())
     return ray
 
 
