@@ -99,3 +99,35 @@ def killed_run(config: RunConfig, dies_at_call: int) -> Path:
             engine_run(config, echo=lambda _: None, progress=False)
     (run_dir,) = Path(config.output_dir).iterdir()
     return run_dir
+
+
+def write_many_texts(path: Path) -> Path:
+    """48 texts (the longer sample texts, eight copies each): with a shard a text, a run is still going
+    when its third checkpoint is seen (the tests that signal a real `raygrad run`)."""
+    from tiny import SAMPLE_TEXTS
+
+    texts = [f"{text} (copy {i})" for i in range(8) for text in SAMPLE_TEXTS if len(text.strip()) > 50]
+    path.write_text("\n".join(texts) + "\n")
+    return path
+
+
+def signal_after_checkpoints(process, out_dir: Path, signal_number: int, shards: int = 3,
+                             timeout: float = 120) -> tuple[str, str]:
+    """Send `signal_number` to a `raygrad run` process once its run in `out_dir` has checkpointed
+    `shards` shards (or it ended, or `timeout` s passed) -> its (stdout, stderr) once it has ended."""
+    import time
+
+    deadline, done = time.monotonic() + timeout, 0
+    try:
+        while done < shards and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.02)
+            stores = list(Path(out_dir).glob(f"*/{names.STORE_NAME}"))
+            if stores and (stores[0] / names.CHECKPOINT_STATE).exists():
+                try:
+                    done = int(ResultStore.open(stores[0]).totals()[1].sum())
+                except Exception:  # read while the writer is mid-checkpoint: look again
+                    continue
+        process.send_signal(signal_number)
+    finally:
+        out, err = process.communicate(timeout=timeout)
+    return out, err

@@ -107,6 +107,20 @@ class DiesOnShardZero(RemoteWorker):
         return super().run(shard, *args)
 
 
+class AnswersWithoutComputing(RemoteWorker):
+    """A worker that says it is ready without loading the model and answers each shard with an empty
+    result: what is checked is which shards the pool hands out and gets back, and to which actors,
+    not what a shard computes (each actor then costs a Ray worker, not a model load)."""
+
+    def ready(self):
+        return {"device": "cpu", "load_seconds": 0.0, "sae_groups": None}
+
+    def run(self, shard, *args):
+        from raygrad.worker import ShardResult
+
+        return ShardResult(shard=shard, partial=None, seconds=0.0, worker_load_seconds=0.0)
+
+
 def remembered_pools(monkeypatch) -> list:
     pools, real_enter = [], WorkerPool.__enter__
 
@@ -183,23 +197,33 @@ def test_a_shard_that_keeps_killing_its_worker_stops_the_run(tiny_llama, texts_f
     assert sum(line.startswith("worker lost during shard 0") for line in said) == 2
 
 
-def test_the_pool_maps_twice_with_the_same_workers(tiny_llama, texts_file, tmp_path, cluster_ray):
+def test_the_pool_maps_twice_with_the_same_workers(tiny_llama, texts_file, tmp_path, monkeypatch, cluster_ray):
     """Workers that came up for one map serve the next (a library caller may map in parts)."""
+    import sys
+
+    from ray import cloudpickle
     from transformers import AutoTokenizer
 
     from raygrad.plan import make_plan
-    from raygrad.pool import WorkerPool
+    from raygrad.pool import actor_name
     from raygrad.shards import plan_shards
     from raygrad.sources import describe_source
 
     config = build_config(tiny_llama, texts_file, tmp_path, workers=1, worker_timeout=30)
     source = describe_source(str(texts_file))
     shards = plan_shards(source, 2, AutoTokenizer.from_pretrained(tiny_llama), 24, shard_texts=1).shards
-    with WorkerPool(config) as pool:
-        plan = make_plan(config, 2).placed(config, pool.workers, pool.device)
-        pool.start_workers(plan, config.seed)
-        first = [result.shard for result in pool.map([(0, source, shards[0])])]
-        second = [result.shard for result in pool.map([(1, source, shards[1])])]
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    monkeypatch.setattr(pool_module, "RemoteWorker", AnswersWithoutComputing)
+    try:
+        with WorkerPool(config) as pool:
+            plan = make_plan(config, 2).placed(config, pool.workers, pool.device)
+            pool.start_workers(plan, config.seed)
+            first = [result.shard for result in pool.map([(0, source, shards[0])])]
+            actors = [actor_name(actor) for actor in pool.actors]
+            second = [result.shard for result in pool.map([(1, source, shards[1])])]
+            assert [actor_name(actor) for actor in pool.actors] == actors and len(actors) == 1
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert first == [0] and second == [1]
 
 

@@ -1,6 +1,5 @@
 """Sharding over Ray workers, checkpoints and resume."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,64 +102,6 @@ def test_ctrl_c_inside_an_add_never_counts_a_shard_twice(tiny_llama, texts_file,
     resumed, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
     assert done.all()
     assert_same_totals(resumed, expected)
-
-
-def test_a_sigkilled_driver_leaves_no_ray_process(tiny_llama, tmp_path):
-    """ray.shutdown() cannot run in a SIGKILLed driver; Ray's GCS and raylet exit by themselves, but
-    its agents were left to PID 1 until raygrad's reaper (raygrad/reaper.py) ended them."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import psutil
-    from tiny import SAMPLE_TEXTS
-
-    dataset = tmp_path / "many.txt"
-    dataset.write_text("\n".join(f"{text} ({i})" for i in range(20) for text in SAMPLE_TEXTS if len(text) > 50))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # a cluster of its own
-    script = str(Path(sys.executable).parent / "raygrad")
-    driver = subprocess.Popen([script, "run", "--model", str(tiny_llama), "--dataset", str(dataset), "--num-samples",
-                               "100", "--batch-size", "2", "--max-length", "16", "--workers", "1", "--shard-size",
-                               "1", "--checkpoint-seconds", "0", "--output-dir", str(tmp_path / "out"),
-                               "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={**env, "HF_HUB_OFFLINE": "1"})
-    ray_processes: dict[psutil.Process, str] = {}  # process -> its name, read while it was alive
-
-    def ray_descendants() -> dict[psutil.Process, str]:
-        found = {}
-        for process in psutil.Process(driver.pid).children(recursive=True):
-            try:  # a process may end between the listing and the reading (Ray's short-lived helpers do)
-                name, command = process.name(), " ".join(process.cmdline())
-            except psutil.NoSuchProcess:
-                continue
-            if name.startswith("ray::") or "/ray/" in command:
-                found[process] = name
-        return found
-
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and driver.poll() is None:
-            ray_processes = ray_descendants()
-            if any(name.startswith("ray::RemoteWorker") for name in ray_processes.values()):  # its worker is up
-                break
-            time.sleep(0.2)
-        time.sleep(2)  # the reaper looks every second
-        assert driver.poll() is None, "the run ended before it could be killed"
-        driver.send_signal(signal.SIGKILL)
-    finally:
-        driver.wait(timeout=60)
-    assert set(ray_processes.values()) >= {"ray::DashboardAgent", "ray::RuntimeEnvAgent"}
-    _, alive = psutil.wait_procs(list(ray_processes), timeout=30)
-    left = []
-    for process in alive:
-        try:
-            if process.status() != psutil.STATUS_ZOMBIE:
-                left.append((process.pid, ray_processes[process]))
-        except psutil.NoSuchProcess:  # ended after wait_procs looked
-            pass
-    assert not left
 
 
 def test_a_run_on_relative_paths_resumes_from_another_directory(tiny_llama, texts_file, tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import threading
 
 import numpy as np
 import pytest
-from helpers import build_config, run_tiny
+from helpers import build_config, run_tiny, signal_after_checkpoints, write_many_texts
 
 from raygrad import constants as names
 from raygrad import engine
@@ -102,72 +102,104 @@ def test_kill_at_each_checkpoint_step_then_resume_is_exact(tiny_llama, texts_fil
 
 @pytest.fixture(scope="module")
 def many_texts(tiny_llama, tmp_path_factory):
-    """(dataset, run options, totals of an undisturbed in-process run): 48 texts, a shard each, so a
-    run is still going when its third checkpoint is seen."""
-    from tiny import SAMPLE_TEXTS
-
-    texts = [f"{text} (copy {i})" for i in range(8) for text in SAMPLE_TEXTS if len(text.strip()) > 50]
+    """(dataset, totals of an undisturbed in-process run): 48 texts, a shard each (console_run)."""
     root = tmp_path_factory.mktemp("many")
-    dataset = root / "many.txt"
-    dataset.write_text("\n".join(texts) + "\n")
-    options = dict(shard_size=1, num_samples=len(texts), checkpoint_seconds=0)
+    dataset = write_many_texts(root / "many.txt")
     # Checkpointed at the end only: the sums do not depend on when a run checkpoints.
-    _, expected = run_tiny(tiny_llama, dataset, root / "undisturbed", **{**options, "checkpoint_seconds": 3600})
-    return dataset, options, expected
+    _, expected = run_tiny(tiny_llama, dataset, root / "undisturbed", shard_size=1, num_samples=48,
+                           checkpoint_seconds=3600)
+    return dataset, expected
 
 
-@pytest.mark.parametrize("signal_name, workers", [("SIGKILL", 0), ("SIGTERM", 0), ("SIGTERM", 1)])
-def test_a_real_signal_to_the_console_script_then_resume_gives_the_undisturbed_sums(signal_name, workers,
-                                                                                    tiny_llama, tmp_path,
-                                                                                    many_texts):
-    """The real thing: `raygrad run` in its own process, signalled after some checkpoints; a resume
-    here equals an undisturbed run here (another process: equal to float64 rounding). SIGTERM (a
-    scheduler ending the job) stops like Ctrl-C: finished shards saved, the resume command said,
-    exit 143, also with Ray (whose ray.init would put its own handler in, one that exits at once)."""
-    import os
-    import signal
+def console_run(tiny_llama, dataset, out_dir, workers: int, **popen):
+    """A `raygrad run` of the 48 texts, a shard each, in its own process (the console script)."""
     import subprocess
     import sys
-    import time
     from pathlib import Path
 
+    script = str(Path(sys.executable).parent / "raygrad")
+    return subprocess.Popen([script, "run", "--model", str(tiny_llama), "--dataset", str(dataset), "--num-samples",
+                             "48", "--batch-size", "3", "--max-length", "24", "--workers", str(workers), "--dtype",
+                             "float64", "--shard-size", "1", "--checkpoint-seconds", "0", "--output-dir", str(out_dir),
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def resume_here_equals_undisturbed(run_dir, expected):
+    """A run stopped after at least 3 of its shards, resumed in this process, equals an undisturbed run
+    here (another process: equal to float64 rounding)."""
     from helpers import assert_same_totals
 
-    dataset, options, expected = many_texts
-
-    out_dir = tmp_path / "killed"
-    script = str(Path(sys.executable).parent / "raygrad")
-    args = [script, "run", "--model", str(tiny_llama), "--dataset", str(dataset), "--num-samples",
-            str(options["num_samples"]), "--batch-size", "3", "--max-length", "24", "--workers", str(workers),
-            "--dtype", "float64", "--shard-size", "1", "--checkpoint-seconds", "0", "--output-dir", str(out_dir),
-            "--no-progress"]
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline, done = time.monotonic() + 120, 0
-    try:
-        while done < 3 and time.monotonic() < deadline and process.poll() is None:
-            time.sleep(0.02)
-            stores = list(out_dir.glob(f"*/{names.STORE_NAME}"))
-            if stores and (stores[0] / names.CHECKPOINT_STATE).exists():
-                try:
-                    done = int(ResultStore.open(stores[0]).totals()[1].sum())
-                except Exception:  # read while the writer is mid-checkpoint: look again
-                    continue
-        process.send_signal(getattr(signal, signal_name))
-    finally:
-        out, err = process.communicate(timeout=120)
-    (run_dir,) = out_dir.iterdir()
-    if signal_name == "SIGKILL":
-        assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    else:
-        assert process.returncode == 128 + signal.SIGTERM, (process.returncode, err[-2000:])
-        assert err.strip().splitlines()[-1] == "terminated (SIGTERM)" and "Traceback" not in err, err[-2000:]
-        assert f"(Terminated: SIGTERM); continue with: raygrad run --resume {run_dir}" in out, out
-    _, done_flags = ResultStore.open(run_dir / names.STORE_NAME).totals()
-    assert 3 <= done_flags.sum() < len(done_flags)
-    # In-process, whatever the killed run used (a Ray run resumed on Ray is test_cluster's), and
-    # checkpointed at the end only.
+    _, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
+    assert 3 <= done.sum() < len(done)
+    # In this process, whatever the stopped run used, and checkpointed at the end only, as `expected`.
     engine.resume(run_dir, echo=lambda _: None, progress=False, execution={"workers": 0, "checkpoint_seconds": 3600})
-    resumed, done_flags = ResultStore.open(run_dir / names.STORE_NAME).totals()
-    assert done_flags.all()
+    resumed, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
+    assert done.all()
     assert_same_totals(resumed, expected, rtol=1e-12)
+
+
+def test_sigterm_to_the_console_script_then_resume_gives_the_undisturbed_sums(tiny_llama, tmp_path, many_texts):
+    """SIGTERM (a scheduler ending the job) stops like Ctrl-C: finished shards saved, the resume
+    command said, exit 143. (To a run on a local Ray, whose ray.init would put its own handler in,
+    one that exits at once: test_local_ray.)"""
+    import signal
+
+    dataset, expected = many_texts
+    process = console_run(tiny_llama, dataset, tmp_path / "stopped", workers=0)
+    out, err = signal_after_checkpoints(process, tmp_path / "stopped", signal.SIGTERM)
+    (run_dir,) = (tmp_path / "stopped").iterdir()
+    assert process.returncode == 128 + signal.SIGTERM, (process.returncode, err[-2000:])
+    assert err.strip().splitlines()[-1] == "terminated (SIGTERM)" and "Traceback" not in err, err[-2000:]
+    assert f"(Terminated: SIGTERM); continue with: raygrad run --resume {run_dir}" in out, out
+    resume_here_equals_undisturbed(run_dir, expected)
+
+
+def test_a_sigkilled_ray_run_leaves_no_ray_process_then_resumes_to_the_undisturbed_sums(tiny_llama, tmp_path,
+                                                                                       many_texts):
+    """SIGKILL to a run on its private local Ray, mid-run: ray.shutdown() cannot run in a SIGKILLed
+    driver; Ray's GCS and raylet exit by themselves, but its agents were left to PID 1 until
+    raygrad's reaper (raygrad/reaper.py) ended them. The checkpoints it wrote are whole."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    dataset, expected = many_texts
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # a cluster of its own
+    driver = console_run(tiny_llama, dataset, tmp_path / "killed", workers=1, env=env)
+    ray_processes: dict[psutil.Process, str] = {}  # process -> its name, read while it was alive
+
+    def ray_descendants() -> dict[psutil.Process, str]:
+        found = {}
+        for process in psutil.Process(driver.pid).children(recursive=True):
+            try:  # a process may end between the listing and the reading (Ray's short-lived helpers do)
+                name, command = process.name(), " ".join(process.cmdline())
+            except psutil.NoSuchProcess:
+                continue
+            if name.startswith("ray::") or "/ray/" in command:
+                found[process] = name
+        return found
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and driver.poll() is None:
+        ray_processes = ray_descendants()
+        if any(name.startswith("ray::RemoteWorker") for name in ray_processes.values()):  # its worker is up
+            break
+        time.sleep(0.2)
+    # The worker loads the model before its first shard: the reaper (it looks every second) has seen
+    # every Ray process by the third checkpoint.
+    signal_after_checkpoints(driver, tmp_path / "killed", signal.SIGKILL)
+    assert driver.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert set(ray_processes.values()) >= {"ray::DashboardAgent", "ray::RuntimeEnvAgent"}
+    _, alive = psutil.wait_procs(list(ray_processes), timeout=30)
+    left = []
+    for process in alive:
+        try:
+            if process.status() != psutil.STATUS_ZOMBIE:
+                left.append((process.pid, ray_processes[process]))
+        except psutil.NoSuchProcess:  # ended after wait_procs looked
+            pass
+    assert not left
+    (run_dir,) = (tmp_path / "killed").iterdir()
+    resume_here_equals_undisturbed(run_dir, expected)

@@ -1,29 +1,36 @@
 """The private local Ray a `--workers N` run starts on this machine, seen from outside: one real
 `raygrad run --workers 1` in its own process (a Ray start and a worker cost seconds on a small
-machine), looked at while its pool is up and after it ends. Each test reads one part of it. It
-measures SAE features, so its sums are also the check that a worker actor loads and applies SAEs
-as this process does (two Ray workers' MLP sums: test_engine)."""
+machine), looked at while its pool is up, stopped by SIGTERM after three checkpoints (a scheduler
+ending the job: ray.init would put its own handler in, one that exits at once), and looked at
+after it ends. Each test reads one part of it. The run measures SAE features, and the rest of it
+is resumed in this process, so its sums are also the check that a worker actor loads and applies
+SAEs as this process does (two Ray workers' MLP sums: test_cluster). Its SAEs are
+dictionary_learning directories: a worker loads every format through the same registry, and this
+one needs no sae-lens import (sae-lens directories: test_saes, test_sae_engine)."""
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
-from helpers import assert_same_totals
-from sae_factory import write_sae_lens_dir
+from helpers import assert_same_totals, run_tiny, signal_after_checkpoints, write_many_texts
+from sae_factory import write_dictionary_learning_dir
 
 from raygrad import constants as names
+from raygrad import engine
 from raygrad.store import ResultStore
 
 HF_TOKEN = "hf_test_token_123"
 SAE_LAYERS = (0, 2)
 
 # `raygrad run` as its console script runs it (raygrad.cli:main), with the pool's exit looked through:
-# by then its actor has run a shard.
+# by then its actor has run shards, and the SIGTERM is being handled.
 LOCAL_RAY_RUN = """
 import json, os, sys
 os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # as in a user's shell (the tests' conftest sets it)
@@ -58,20 +65,36 @@ finally:
 """
 
 
+class LocalRayRun(NamedTuple):
+    returncode: int
+    out: str
+    err: str
+    seen: dict  # what the run saw at its pool's exit (LOCAL_RAY_RUN)
+    run_dir: Path
+    saved: list  # the shards done when it ended, one flag each
+    followed: str  # the address a plain ray.init() would have followed
+    expected: object  # the totals Partial of the same run undisturbed in this process
+
+
 @pytest.fixture(scope="module")
-def local_ray_run(tiny_llama, texts_file, tmp_path_factory):
-    """-> (finished process, what it saw, its run directory, the address a plain ray.init() would
-    have followed, its SAE options). Run as a user would: Ray's default token authentication, HF_TOKEN set, and a
-    stale `ray_current_cluster` pointer (which `ray start` leaves in Ray's temp directory; a dead
-    address there made a plain ray.init() hang) in a private RAY_TMPDIR (short: Ray's socket paths
-    must fit 107 bytes), which keeps the test off the machine's own."""
+def local_ray_run(tiny_llama, tmp_path_factory) -> LocalRayRun:
+    """Run as a user would: Ray's default token authentication, HF_TOKEN set, and a stale
+    `ray_current_cluster` pointer (which `ray start` leaves in Ray's temp directory; a dead address
+    there made a plain ray.init() hang) in a private RAY_TMPDIR (short: Ray's socket paths must fit
+    107 bytes), which keeps the test off the machine's own. 48 texts, a shard each: the run is still
+    going when its third checkpoint is seen."""
     from ray._common.utils import get_default_ray_temp_dir
     from ray._private.services import canonicalize_bootstrap_address
 
     root = tmp_path_factory.mktemp("local-ray")
+    dataset = write_many_texts(root / "many.txt")
     for layer in SAE_LAYERS:
-        write_sae_lens_dir(root / "saes" / f"sae_{layer}", 32, 64, hook_name=f"blocks.{layer}.hook_mlp_out", seed=layer)
+        write_dictionary_learning_dir(root / "saes" / f"sae_{layer}", 32, 64, submodule_name=f"mlp_out_layer_{layer}",
+                                      seed=layer)
     sae = dict(target="sae", sae_path=str(root / "saes" / "sae_{layer}"), layers=",".join(map(str, SAE_LAYERS)))
+    options = dict(num_samples=48, shard_size=1, **sae)
+    # Checkpointed at the end only: the sums do not depend on when a run checkpoints.
+    _, expected = run_tiny(tiny_llama, dataset, root / "undisturbed", checkpoint_seconds=3600, **options)
     private = Path(tempfile.mkdtemp(prefix="rg", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # Ray's default: token auth on
     env.update(RAY_TMPDIR=str(private), HF_TOKEN=HF_TOKEN, HF_HUB_OFFLINE="1")
@@ -82,54 +105,71 @@ def local_ray_run(tiny_llama, texts_file, tmp_path_factory):
         pointer.parent.mkdir(parents=True)
         pointer.write_text("127.0.0.1:1")  # nothing listens there
         followed = canonicalize_bootstrap_address(None)
-    # The options of helpers.build_config, so the sums equal in_process_totals(shard_size=2, **sae).
-    args = ["run", "--model", str(tiny_llama), "--dataset", str(texts_file), "--num-samples", "6",
-            "--batch-size", "3", "--max-length", "24", "--dtype", "float64", "--shard-size", "2",
-            "--target", "sae", "--sae-path", sae["sae_path"], "--layers", sae["layers"],
+    # The options of helpers.build_config with `options`, so the sums equal `expected`.
+    args = ["run", "--model", str(tiny_llama), "--dataset", str(dataset), "--num-samples", "48",
+            "--batch-size", "3", "--max-length", "24", "--dtype", "float64", "--shard-size", "1",
+            "--target", "sae", "--sae-path", sae["sae_path"], "--layers", sae["layers"], "--checkpoint-seconds", "0",
             "--workers", "1", "--output-dir", str(root / "out"), "--no-progress"]
     try:
-        done = subprocess.run([sys.executable, "-c", LOCAL_RAY_RUN, str(root / "seen.json"), *args],
-                              capture_output=True, text=True, env=env, timeout=300)
+        process = subprocess.Popen([sys.executable, "-c", LOCAL_RAY_RUN, str(root / "seen.json"), *args],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        out, err = signal_after_checkpoints(process, root / "out", signal.SIGTERM)
     finally:
         shutil.rmtree(private, ignore_errors=True)
-    assert done.returncode == 0, done.stderr[-2000:]
     (run_dir,) = (root / "out").iterdir()
-    return done, json.loads((root / "seen.json").read_text()), run_dir, followed, sae
+    _, saved = ResultStore.open(run_dir / names.STORE_NAME).totals()
+    return LocalRayRun(process.returncode, out, err, json.loads((root / "seen.json").read_text()), run_dir,
+                       saved.tolist(), followed, expected)
 
 
 def test_a_local_ray_listens_on_loopback_only(local_ray_run):
     """Ray on Linux swaps 127.0.0.1 for the machine's address and listens on every
     interface unless told otherwise; a private run must be reachable from this machine only."""
-    _, seen, _, _, _ = local_ray_run
+    seen = local_ray_run.seen
     assert seen["nodes"] == ["127.0.0.1"]
     assert seen["listening"] and set(seen["listening"]) <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
     assert seen["setting after"] is None  # put back: a later --address run joins its cluster as usual
 
 
+def test_sigterm_stops_a_local_ray_run_like_ctrl_c(local_ray_run):
+    """raygrad's SIGTERM handler outlives ray.init: finished shards saved, the resume command said,
+    exit 143, one line on stderr."""
+    run = local_ray_run
+    assert run.returncode == 128 + signal.SIGTERM, (run.returncode, run.err[-2000:])
+    assert f"(Terminated: SIGTERM); continue with: raygrad run --resume {run.run_dir}" in run.out, run.out
+    assert 3 <= sum(run.saved) < len(run.saved)
+
+
 def test_a_local_ray_run_prints_no_ray_notices(local_ray_run):
     """Ray's start-up lines (token authentication, "Started a local Ray instance") said nothing a user
     could act on; a run with a local Ray prints only raygrad's own lines."""
-    done, _, _, _, _ = local_ray_run
-    assert done.stderr.strip() == "", done.stderr
+    run = local_ray_run
+    assert run.err.strip() == "terminated (SIGTERM)", run.err  # raygrad's own last word, and nothing else
     # raygrad's own first words ("waiting": a worker slow to start)
     ours = {"model", "site", "layers", "sae", "features", "collect", "samples", "skipped", "shards", "workers",
-            "memory", "pinned", "output", "waiting", "done", "results"}
-    assert all(line.split()[0] in ours for line in done.stdout.splitlines()), done.stdout
+            "memory", "pinned", "output", "waiting", "stopped"}
+    assert all(line.split()[0] in ours for line in run.out.splitlines()), run.out
 
 
-def test_a_local_ray_ignores_a_stale_cluster_pointer(local_ray_run, in_process_totals):
-    _, seen, run_dir, followed, sae = local_ray_run
-    assert followed == "127.0.0.1:1"  # where a plain ray.init() would have gone
-    assert not seen["ray initialized after"]  # the local Ray the run started was shut down
-    totals, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
+def test_a_local_ray_ignores_a_stale_cluster_pointer(local_ray_run):
+    run = local_ray_run
+    assert run.followed == "127.0.0.1:1"  # where a plain ray.init() would have gone
+    assert not run.seen["ray initialized after"]  # the local Ray the run started was shut down
+
+
+def test_a_sigtermed_local_ray_run_resumed_here_equals_one_undisturbed_here(local_ray_run):
+    """The shards the worker actor finished and those this process finishes add up to the sums of
+    a run in this process: the SAE features' and the site's (MLP output) beside them."""
+    run = local_ray_run
+    engine.resume(run.run_dir, echo=lambda _: None, progress=False,
+                  execution={"workers": 0, "checkpoint_seconds": 3600})  # at the end only, as `expected`
+    totals, done = ResultStore.open(run.run_dir / names.STORE_NAME).totals()
     assert done.all()
-    local = in_process_totals(shard_size=2, **sae)
-    assert_same_totals(local, totals)  # the SAE features' sums and the site's (MLP output) beside them
-    assert set(totals.sums) == set(local.sums) >= {"grad_sum", "site_grad_sum"}
+    assert_same_totals(run.expected, totals, rtol=1e-12)
+    assert set(totals.sums) == set(run.expected.sums) >= {"grad_sum", "site_grad_sum"}
     assert totals.sums["grad_sum"].shape == (len(SAE_LAYERS), 64)
 
 
 def test_the_driver_forwards_hub_credentials_to_its_workers(local_ray_run):
     """Workers read gated hub models with the driver's HF_TOKEN (and honour its HF_HUB_OFFLINE)."""
-    _, seen, _, _, _ = local_ray_run
-    assert seen["worker env"] == [HF_TOKEN, "1"]
+    assert local_ray_run.seen["worker env"] == [HF_TOKEN, "1"]
