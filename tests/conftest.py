@@ -8,7 +8,6 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
@@ -20,14 +19,17 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # One compute thread per process (torch's, and its subprocesses' and Ray workers'): the suite runs in
 # parallel processes on a small machine, where a second thread per process only spins waiting for a core.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # torch was imported above, before the setting
-
-from tiny import SAMPLE_TEXTS, build_model_dir  # noqa: E402
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # torch reads it when imported
+if "torch" in sys.modules:  # imported before this file (by a plugin): too late for the setting
+    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+# Nothing here imports torch or transformers at import time: pytest-xdist's controller process loads
+# this file before it starts its workers, and would spend seconds of a core importing them for nothing.
 
 
 @pytest.fixture(autouse=True)
 def seeded():
+    import torch
+
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
@@ -35,16 +37,22 @@ def seeded():
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
+    from tiny import build_model_dir
+
     return build_model_dir(tmp_path_factory.mktemp("tiny-llama"), "llama")
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory) -> Path:
+    from tiny import build_model_dir
+
     return build_model_dir(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", seed=1)
 
 
 @pytest.fixture(scope="session")
 def texts_file(tmp_path_factory) -> Path:
+    from tiny import SAMPLE_TEXTS
+
     path = tmp_path_factory.mktemp("data") / "texts.txt"
     path.write_text("\n".join(SAMPLE_TEXTS) + "\n")
     return path
