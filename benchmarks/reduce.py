@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from raygrad.grads import Partial, array_widths
+from raygrad.partial import ShardResult
 from raygrad.reducer import CHECKPOINT_SECONDS, Reducer
 from raygrad.store import ResultStore
-from raygrad.worker import ShardResult
 
 
 def main() -> None:

@@ -42,10 +42,10 @@ import numpy as np
 from raygrad import scheduler
 from raygrad.config import RunConfig
 from raygrad.grads import Partial, array_widths
+from raygrad.partial import ShardResult
 from raygrad.pool import WorkerPool
 from raygrad.reducer import CHECKPOINT_SECONDS, Reducer
 from raygrad.store import ResultStore
-from raygrad.worker import ShardResult
 
 LAYERS, FEATURES = 26, 65536
 TOKENS_PER_SECOND = 14_700  # one H200, Gemma-2-2B with 26 x 65,536 SAEs (README)

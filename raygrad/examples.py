@@ -15,12 +15,15 @@ device (batch after batch), on a worker's host (shard partials) and in the reduc
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from . import constants as names
 from .constants import EXAMPLE_KINDS
+
+if TYPE_CHECKING:  # torch is imported where it is used: reading results (store, the read commands) needs none
+    import torch
 
 RANKED_PREFIXES = tuple(names.KIND_PREFIX[kind] for kind in EXAMPLE_KINDS)
 EMPTY = -1  # row and position of an empty slot
@@ -54,6 +57,8 @@ def empty(num_layers: int, width: int, k: int, dtype: np.dtype) -> dict[str, np.
 
 
 def empty_tensors(num_layers: int, width: int, k: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    import torch
+
     dtypes = {"score": dtype, "row": torch.int64, "position": torch.int32}
     return {name: torch.full((num_layers, width, k), FILL[name], dtype=dtypes[name], device=device) for name in TABLES}
 
@@ -94,6 +99,8 @@ def _merge_by_magnitude(a: dict[str, np.ndarray], b: dict[str, np.ndarray], k: i
     k + 1 real candidates have distinct |scores| (the rows then cannot change the order); the cells with
     equal |scores| there go through the exact merge. In torch, whose CPU kernels use every core (three
     times faster than merge() on 2 cores, nine times faster than the same steps in NumPy)."""
+    import torch
+
     both = {name: torch.cat([_tensor(a[name]), _tensor(b[name])], dim=-1) for name in TABLES}
     real = (both["row"] != EMPTY) & (both["score"] != 0)
     magnitude = torch.where(real, both["score"].abs(), -1)
@@ -113,6 +120,8 @@ def _merge_by_magnitude(a: dict[str, np.ndarray], b: dict[str, np.ndarray], k: i
 def _tensor(array: np.ndarray) -> torch.Tensor:
     """A tensor sharing the array's memory, which is only read here: a partial from Ray's object store
     is read-only, and torch warns about that although nothing writes to it."""
+    import torch
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(array)
@@ -130,6 +139,8 @@ def _precedes(x: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> np.ndarray:
 def merge(a: dict, b: dict, k: int) -> dict:
     """The exact top-k of the union of two sets of tables (torch tensors on one device, or NumPy arrays:
     then NumPy arrays come back), each (..., n) along the last axis, in any order, empty slots anywhere."""
+    import torch
+
     as_numpy = isinstance(a["score"], np.ndarray)
     if as_numpy:
         a = {name: _tensor(value) for name, value in a.items()}
@@ -140,6 +151,8 @@ def merge(a: dict, b: dict, k: int) -> dict:
 
 def top(score: torch.Tensor, row: torch.Tensor, position: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
     """The first k of (..., n) candidates by the total order; fewer than k real ones leave empty slots."""
+    import torch
+
     real = (row != EMPTY) & (score != 0)
     # Two stable sorts make a lexicographic one: by (row, position), then by |score| descending.
     tie = torch.where(real, row * (1 << POSITION_BITS) + position.long(), torch.iinfo(torch.int64).max)
@@ -161,6 +174,8 @@ def best_in_batch(score_a: torch.Tensor, index_a: torch.Tensor, score_b: torch.T
     """Within one batch: the best k of two (width, n) candidate sets, each a score and the index of its
     row among the batch's aggregated positions (which are in (row, position) order, so a lower index is
     the earlier token). Same total order as `top`, zeros included (`top` drops them later)."""
+    import torch
+
     score, index = torch.cat([score_a, score_b], dim=1), torch.cat([index_a, index_b], dim=1)
     order = _best(score, k, dim=1, ranks=index)
     return score.gather(1, order), index.gather(1, order)
@@ -170,6 +185,7 @@ def batch_top(x: torch.Tensor, k: int) -> torch.Tensor:
     """(k', width) indices into the rows of x (n, width) of each column's k' = min(k, n) best rows by
     |x|, ties to the earlier row: exact when x's rows are in (row, position) order, as a batch's
     aggregated positions are (grads.make_batch)."""
+
     return _best(x, k, dim=0)
 
 
@@ -182,6 +198,8 @@ def _best(values: torch.Tensor, k: int, dim: int, ranks: torch.Tensor | None = N
     no stated order) is then exact. A 16-bit x ranked by index (bfloat16, float16: the GPU's SAE scores)
     takes an int32 key while n <= 65,536, half the memory traffic of the int64 key a float32 x needs.
     float64 has no spare bits: stable sorts (float64 runs are references, not the fast path)."""
+    import torch
+
     n = values.shape[dim]
     k = min(k, n)
     if values.dtype == torch.float64:  # by rank first (already so without ranks), then by |value|

@@ -11,12 +11,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .errors import RaygradError
 from .hub import hub_cache_dir, hub_offline, load_error, local_path_problem
+
+if TYPE_CHECKING:  # torch is imported where it is used: planning and reading results need none
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +165,8 @@ def _hub_options(path: str, revision: str | None = None) -> dict:
 
 
 def pick_device(device: str) -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -180,6 +184,8 @@ def device_placement(device: torch.device, allow_offload: bool = False) -> dict 
     (device_map "auto", the model's own no-split modules, max_memory leaving room for
     activations); None when the model simply goes to `device`. CPU or disk offload only
     with `allow_offload`: it is slow."""
+    import torch
+
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     if gpus <= 1 and not allow_offload:
         return None
@@ -203,13 +209,15 @@ def load_tokenizer(name: str, path: str, revision: str | None = None):
         raise RaygradError(load_error("--model", name, err)) from None
 
 
-def load_model_and_tokenizer(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
+def load_model_and_tokenizer(name: str, device: torch.device, dtype: torch.dtype | None = None,
                              placement: dict | None = None, revision: str | None = None):
     """Frozen eval-mode model and a right-padding tokenizer: on `device`, or dispatched by
     accelerate as `placement` (from_pretrained's device_map options) says; a hub model's and
-    tokenizer's files at commit `revision` (the run's pin) when given."""
+    tokenizer's files at commit `revision` (the run's pin) when given. `dtype` None: float32."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype = torch.float32 if dtype is None else dtype
     path = resolve_model_path(name)
     hub_options = _hub_options(path, revision)
     try:
@@ -240,6 +248,8 @@ def execution_device(model: nn.Module, module_path: str, default: torch.device) 
     """Where a module of a dispatched model computes: its entry in accelerate's device map (GPU
     index or device), or `default` for modules offloaded to CPU memory or disk, which accelerate
     runs on the main device."""
+    import torch
+
     device_map = getattr(model, "hf_device_map", None) or {}
     owner = max((key for key in device_map if module_path == key or module_path.startswith(key + ".")
                  or key == ""), key=len, default=None)
@@ -259,6 +269,8 @@ class HookSite:
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder-layer list: the ModuleList whose length is num_hidden_layers."""
+    from torch import nn
+
     expected = text_config(model.config).num_hidden_layers
     for path, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == expected:

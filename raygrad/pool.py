@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 from .config import RunConfig
 from .errors import RaygradError
 from .models import pick_device
+from .partial import ShardResult
 from .plan import Plan
 from .ray_runtime import (
     RemoteWorker,
@@ -34,7 +35,7 @@ from .ray_runtime import (
     stop,
 )
 from .scheduler import ElasticMap, WorkerClocks, WorkerTimeout  # noqa: F401 (WorkerTimeout: raised by a map)
-from .worker import ShardResult, ShardRunner
+from .worker import ShardRunner
 
 log = logging.getLogger(__name__)
 

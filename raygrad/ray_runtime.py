@@ -11,11 +11,15 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import RunConfig
 from .errors import RaygradError, first_line
 from .plan import Plan
-from .worker import ShardResult, ShardRunner
+
+if TYPE_CHECKING:
+    from .partial import ShardResult
+    from .worker import ShardRunner
 
 FORWARDED_ENV = ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "RAYGRAD_CACHE")  # driver -> worker actors
 
@@ -61,6 +65,8 @@ class RemoteWorker:
     def _runner(self) -> ShardRunner:
         with self._loading:
             if self.runner is None:  # also after Ray restarted this actor
+                from .worker import ShardRunner  # torch and the model load in the actor, not at its import
+
                 self.runner = ShardRunner(self.plan, self.seed)
             return self.runner
 

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .grads import Partial
+from .partial import Partial, ShardResult
 from .store import ResultStore
-from .worker import ShardResult
 
 CHECKPOINT_SECONDS = 30.0  # between checkpoints; the last shard always checkpoints
 

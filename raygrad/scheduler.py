@@ -33,8 +33,8 @@ from collections import Counter, deque
 from typing import TYPE_CHECKING, Iterator
 
 from .errors import RaygradError, first_line
+from .partial import ShardResult
 from .ray_runtime import actor_name, get
-from .worker import ShardResult
 
 if TYPE_CHECKING:
     from .pool import WorkerPool

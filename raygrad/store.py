@@ -30,7 +30,7 @@ from . import constants as names
 from . import examples as topk
 from .errors import RaygradError, first_line
 from .files import fsync_dir, replacing, sync_tree
-from .grads import Partial
+from .partial import Partial
 
 # Zarr warns, when it lists a group, about files it does not know; these are raygrad's own
 # (the redo log and the digests beside the arrays), so that note is noise to a user.

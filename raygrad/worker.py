@@ -19,24 +19,15 @@ import torch
 from . import examples as topk
 from .batching import BatchSizer, MemoryProbe, collate
 from .errors import RaygradError
-from .grads import Aggregation, DeviceAccumulator, Partial, accumulate_batch, make_batch
+from .grads import Aggregation, DeviceAccumulator, accumulate_batch, make_batch
 from .memory import sae_layer_groups
 from .models import device_placement, execution_device, input_device, load_model_and_tokenizer, pick_device
+from .partial import Partial, ShardResult
 from .plan import Plan, sae_load_kwargs
 from .revisions import check_unchanged, model_commit, sae_commit
 from .shards import Shard, check_fingerprint, read_rows
 
 SAE_HEADROOM = 0.1  # of the GPU's memory kept free when deciding how many SAEs fit (allocator slack)
-
-
-@dataclass
-class ShardResult:
-    shard: int
-    partial: Partial
-    seconds: float  # wall time of the shard on its worker
-    worker_load_seconds: float  # how long this worker took to load its model
-    batch_tokens: int = 0  # the token budget per batch at the end of the shard (0: fixed text counts)
-    read_seconds: float = 0.0  # reading, filtering and tokenizing its rows (overlaps the previous shard on Ray)
 
 
 @dataclass

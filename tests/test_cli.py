@@ -48,6 +48,22 @@ def test_info_prints_status_plan_and_timing(tiny_llama, texts_file, tmp_path, ca
         "target_tokens"]
 
 
+def test_reading_a_run_imports_no_torch(tiny_llama, texts_file, tmp_path, capsys, monkeypatch):
+    """`raygrad info` and `export` read results in numpy (raygrad.partial): importing torch would cost
+    each of them seconds. The Ray actor's shell (ray_runtime) and the reducer import none either:
+    torch comes with the model, in the actor's first load."""
+    run_cli(tiny_args(tiny_llama, texts_file, tmp_path / "runs"), capsys, monkeypatch)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    probe = ("import sys\nfrom raygrad import cli, ray_runtime, reducer\n"
+             "for command in (['info', sys.argv[1]], ['export', sys.argv[1]]):\n"
+             "    sys.argv = ['raygrad', *command]\n"
+             "    try:\n        cli.main()\n    except SystemExit as exited:\n        assert not exited.code, command\n"
+             "print(sorted(name for name in ('torch', 'transformers') if name in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", probe, str(run_dir)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-2000:]
+
+
 def test_bad_option_value_in_a_subprocess_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "cli.py"), "run", "--max-length", "1"],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)

@@ -116,7 +116,7 @@ class AnswersWithoutComputing(RemoteWorker):
         return {"device": "cpu", "load_seconds": 0.0, "sae_groups": None}
 
     def run(self, shard, *args):
-        from raygrad.worker import ShardResult
+        from raygrad.partial import ShardResult
 
         return ShardResult(shard=shard, partial=None, seconds=0.0, worker_load_seconds=0.0)
 

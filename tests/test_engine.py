@@ -8,7 +8,7 @@ from helpers import assert_same_totals, build_config, killed_run, run_tiny
 from raygrad import constants as names
 from raygrad import engine
 from raygrad.errors import RaygradError
-from raygrad.grads import Partial, array_widths
+from raygrad.partial import Partial, array_widths
 from raygrad.store import ResultStore
 from raygrad.worker import ShardRunner
 

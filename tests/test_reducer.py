@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 
 from raygrad import constants as names
-from raygrad.grads import Partial
+from raygrad.partial import Partial, ShardResult
 from raygrad.reducer import Reducer
 from raygrad.store import ResultStore
-from raygrad.worker import ShardResult
 
 LAYERS, WIDTH, SHARDS = 2, 64, 8
 
