@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raygrad.grads import Partial, array_widths
-from raygrad.partial import ShardResult
+from raygrad.partial import Partial, ShardResult, array_widths
 from raygrad.reducer import CHECKPOINT_SECONDS, Reducer
 from raygrad.store import ResultStore
 

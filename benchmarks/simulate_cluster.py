@@ -41,8 +41,7 @@ import numpy as np
 
 from raygrad import scheduler
 from raygrad.config import RunConfig
-from raygrad.grads import Partial, array_widths
-from raygrad.partial import ShardResult
+from raygrad.partial import Partial, ShardResult, array_widths
 from raygrad.pool import WorkerPool
 from raygrad.reducer import CHECKPOINT_SECONDS, Reducer
 from raygrad.store import ResultStore

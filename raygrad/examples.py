@@ -185,7 +185,6 @@ def batch_top(x: torch.Tensor, k: int) -> torch.Tensor:
     """(k', width) indices into the rows of x (n, width) of each column's k' = min(k, n) best rows by
     |x|, ties to the earlier row: exact when x's rows are in (row, position) order, as a batch's
     aggregated positions are (grads.make_batch)."""
-
     return _best(x, k, dim=0)
 
 

@@ -146,7 +146,7 @@ def gpu_clusters():
 
 class TwoWorkersRun(NamedTuple):
     run_dir: Path
-    totals: object  # raygrad.grads.Partial
+    totals: object  # raygrad.partial.Partial
     ray_left_running: bool  # after the run: the pool used the Ray this process had initialized, and left it
 
 

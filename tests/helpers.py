@@ -111,6 +111,14 @@ def write_many_texts(path: Path) -> Path:
     return path
 
 
+def many_texts_run_args(model_dir, dataset: Path, out_dir: Path, workers: int, *extra: str) -> list[str]:
+    """`raygrad run`'s arguments for write_many_texts' 48 texts, a shard each, a checkpoint after each
+    shard, in float64: a run to signal, whose sums equal run_tiny(..., num_samples=48, shard_size=1)'s."""
+    return ["run", "--model", str(model_dir), "--dataset", str(dataset), "--num-samples", "48", "--batch-size", "3",
+            "--max-length", "24", "--dtype", "float64", "--shard-size", "1", "--checkpoint-seconds", "0",
+            "--workers", str(workers), "--output-dir", str(out_dir), "--no-progress", *extra]
+
+
 def signal_after_checkpoints(process, out_dir: Path, signal_number: int, shards: int = 3,
                              timeout: float = 120) -> tuple[str, str]:
     """Send `signal_number` to a `raygrad run` process once its run in `out_dir` has checkpointed

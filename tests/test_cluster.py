@@ -91,13 +91,18 @@ class SlowLoadingWorker(RemoteWorker):
         return super().ready()
 
 
-class DiesOnShardZero(RemoteWorker):
-    """A worker whose process dies on shard 0 every time, as one out of host memory on a long text would.
-    It says it is ready without loading the model (its shards never compute: what is checked is how
-    the pool counts its deaths), so each of its three processes costs a Ray worker, not a model load."""
+class ReadyWithoutLoading(RemoteWorker):
+    """A worker that says it is ready without loading the model: where what is checked is the pool,
+    each actor then costs a Ray worker, not a model load."""
 
     def ready(self):
         return {"device": "cpu", "load_seconds": 0.0, "sae_groups": None}
+
+
+class DiesOnShardZero(ReadyWithoutLoading):
+    """A worker whose process dies on shard 0 every time, as one out of host memory on a long text would.
+    What is checked is how the pool counts its deaths, so each of its three processes is ready without
+    loading the model."""
 
     def run(self, shard, *args):
         if shard == 0:
@@ -107,13 +112,9 @@ class DiesOnShardZero(RemoteWorker):
         return super().run(shard, *args)
 
 
-class AnswersWithoutComputing(RemoteWorker):
-    """A worker that says it is ready without loading the model and answers each shard with an empty
-    result: what is checked is which shards the pool hands out and gets back, and to which actors,
-    not what a shard computes (each actor then costs a Ray worker, not a model load)."""
-
-    def ready(self):
-        return {"device": "cpu", "load_seconds": 0.0, "sae_groups": None}
+class AnswersWithoutComputing(ReadyWithoutLoading):
+    """A worker that answers each shard with an empty result: what is checked is which shards the pool
+    hands out and gets back, and to which actors, not what a shard computes."""
 
     def run(self, shard, *args):
         from raygrad.partial import ShardResult

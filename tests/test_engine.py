@@ -1,6 +1,5 @@
 """Sharding over Ray workers, checkpoints and resume."""
 
-
 import numpy as np
 import pytest
 from helpers import assert_same_totals, build_config, killed_run, run_tiny

@@ -7,7 +7,7 @@ import threading
 
 import numpy as np
 import pytest
-from helpers import build_config, run_tiny, signal_after_checkpoints, write_many_texts
+from helpers import build_config, many_texts_run_args, run_tiny, signal_after_checkpoints, write_many_texts
 
 from raygrad import constants as names
 from raygrad import engine
@@ -118,10 +118,8 @@ def console_run(tiny_llama, dataset, out_dir, workers: int, **popen):
     from pathlib import Path
 
     script = str(Path(sys.executable).parent / "raygrad")
-    return subprocess.Popen([script, "run", "--model", str(tiny_llama), "--dataset", str(dataset), "--num-samples",
-                             "48", "--batch-size", "3", "--max-length", "24", "--workers", str(workers), "--dtype",
-                             "float64", "--shard-size", "1", "--checkpoint-seconds", "0", "--output-dir", str(out_dir),
-                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen([script, *many_texts_run_args(tiny_llama, dataset, out_dir, workers)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
 def resume_here_equals_undisturbed(run_dir, expected):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from helpers import assert_same_totals, run_tiny, signal_after_checkpoints, write_many_texts
+from helpers import assert_same_totals, many_texts_run_args, run_tiny, signal_after_checkpoints, write_many_texts
 from sae_factory import write_dictionary_learning_dir
 
 from raygrad import constants as names
@@ -92,9 +92,9 @@ def local_ray_run(tiny_llama, tmp_path_factory) -> LocalRayRun:
         write_dictionary_learning_dir(root / "saes" / f"sae_{layer}", 32, 64, submodule_name=f"mlp_out_layer_{layer}",
                                       seed=layer)
     sae = dict(target="sae", sae_path=str(root / "saes" / "sae_{layer}"), layers=",".join(map(str, SAE_LAYERS)))
-    options = dict(num_samples=48, shard_size=1, **sae)
     # Checkpointed at the end only: the sums do not depend on when a run checkpoints.
-    _, expected = run_tiny(tiny_llama, dataset, root / "undisturbed", checkpoint_seconds=3600, **options)
+    _, expected = run_tiny(tiny_llama, dataset, root / "undisturbed", num_samples=48, shard_size=1,
+                           checkpoint_seconds=3600, **sae)
     private = Path(tempfile.mkdtemp(prefix="rg", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # Ray's default: token auth on
     env.update(RAY_TMPDIR=str(private), HF_TOKEN=HF_TOKEN, HF_HUB_OFFLINE="1")
@@ -105,11 +105,8 @@ def local_ray_run(tiny_llama, tmp_path_factory) -> LocalRayRun:
         pointer.parent.mkdir(parents=True)
         pointer.write_text("127.0.0.1:1")  # nothing listens there
         followed = canonicalize_bootstrap_address(None)
-    # The options of helpers.build_config with `options`, so the sums equal `expected`.
-    args = ["run", "--model", str(tiny_llama), "--dataset", str(dataset), "--num-samples", "48",
-            "--batch-size", "3", "--max-length", "24", "--dtype", "float64", "--shard-size", "1",
-            "--target", "sae", "--sae-path", sae["sae_path"], "--layers", sae["layers"], "--checkpoint-seconds", "0",
-            "--workers", "1", "--output-dir", str(root / "out"), "--no-progress"]
+    args = many_texts_run_args(tiny_llama, dataset, root / "out", 1, "--target", "sae", "--sae-path", sae["sae_path"],
+                               "--layers", sae["layers"])
     try:
         process = subprocess.Popen([sys.executable, "-c", LOCAL_RAY_RUN, str(root / "seen.json"), *args],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
