@@ -63,7 +63,7 @@ def cli() -> None:
                    f"anew: --{', --'.join(f.replace('_', '-') for f in fields_of(EXECUTION))} (--"
                    f"{', --'.join(f.replace('_', '-') for f in planned_fields())} only notes that the saved shards "
                    "stay).")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bars (the run's and the weights' loading).")
 @click.option("--dry-run", is_flag=True,
               help="Print the whole plan and exit: texts (counted), target tokens (estimated), shards, workers "
                    "and the resources asked for, memory per worker, SAE bytes, partial traffic. Writes nothing, "
@@ -80,10 +80,6 @@ def run(ctx, model_alias, resume, no_progress, dry_run, **options) -> None:
     config = None if resume else RunConfig(**options)
     from . import engine
 
-    if no_progress:  # transformers' "Loading weights" bar too
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
     if resume:
         given = {name: value for name, value in options.items()
                  if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE or

@@ -19,6 +19,7 @@ from .config import EXECUTION, MEASURED, SHARDS_PER_WORKER, RunConfig, dashed, f
 from .data import absolute_if_local
 from .errors import RaygradError
 from .lock import run_lock
+from .models import loading_bars
 from .plan import Plan, make_plan, run_dir_name
 from .pool import WorkerPool
 from .reducer import Reducer
@@ -43,7 +44,7 @@ def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: boo
     # has planned the shards. Workers receive that plan, whole and once.
     resolved = make_plan(config, 0)
     source = _source(config)
-    with contextlib.ExitStack() as locked, WorkerPool(config, echo=echo) as pool:
+    with contextlib.ExitStack() as locked, loading_bars(progress), WorkerPool(config, echo=echo) as pool:
         plan = _whole_plan(resolved, config, source, pool, echo)
         pool.start_workers(plan, config.seed)
         run_dir = _new_run_dir(output_dir, run_dir_name(config, plan, datetime.now().strftime("%Y%m%d_%H%M%S")))
@@ -87,7 +88,7 @@ def _resume(run_dir: Path, store_path: Path, execution: dict, echo, progress: bo
     _planned_notes(saved, execution, echo)
     # The dataset is not read here: each worker checks its shard's rows against the plan's fingerprint.
     # Shards stay as saved (the store counts those shards); where and how they run may change.
-    with WorkerPool(config, workers, echo=echo) as pool:
+    with loading_bars(progress), WorkerPool(config, workers, echo=echo) as pool:
         plan = _resumed_plan(saved, config, pool.workers, pool.device, execution)
         pool.start_workers(plan, config.seed)
         done = store.shards_done()

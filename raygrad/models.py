@@ -6,6 +6,7 @@ local paths and fine-tunes have arbitrary names.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -207,6 +208,24 @@ def load_tokenizer(name: str, path: str, revision: str | None = None):
         return AutoTokenizer.from_pretrained(path, **_hub_options(path, revision))
     except OSError as err:
         raise RaygradError(load_error("--model", name, err)) from None
+
+
+@contextlib.contextmanager
+def loading_bars(shown: bool):
+    """transformers' "Loading weights" bar on or off in this process for the block (an in-process
+    worker loads here; Ray workers' output never reaches the driver), as it was after."""
+    if shown:
+        yield
+        return
+    from transformers.utils import logging as transformers_logging
+
+    was_shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_shown:
+            transformers_logging.enable_progress_bar()
 
 
 def load_model_and_tokenizer(name: str, device: torch.device, dtype: torch.dtype | None = None,

@@ -140,3 +140,24 @@ def test_a_request_this_machine_cannot_meet_stops_the_ray_it_started(tiny_llama,
             pass
     assert not ray.is_initialized()  # the error left no Ray running in this process
     assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0"  # as conftest set it: put back
+
+
+def test_progress_off_hides_every_bar_and_leaves_the_process_as_it_was(tiny_llama, texts_file, tmp_path, capsys):
+    """progress=False (the CLI's --no-progress, raygrad.run) hides transformers' "Loading weights" bar
+    of an in-process worker too, and puts transformers' own setting back after; progress=True shows both."""
+    from transformers.utils import logging as transformers_logging
+
+    was_shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.enable_progress_bar()  # as in a fresh process
+    try:
+        capsys.readouterr()
+        engine.run(build_config(tiny_llama, texts_file, tmp_path / "quiet"), echo=lambda _: None, progress=False)
+        assert capsys.readouterr().err == ""
+        assert transformers_logging.is_progress_bar_enabled()
+
+        engine.run(build_config(tiny_llama, texts_file, tmp_path / "shown"), echo=lambda _: None, progress=True)
+        err = capsys.readouterr().err
+        assert "Loading weights" in err and "shard" in err  # transformers' bar and the run's
+    finally:
+        if not was_shown:
+            transformers_logging.disable_progress_bar()
