@@ -30,10 +30,12 @@ def exported_arrays(store: ResultStore, config: RunConfig,
     """(kind, statistic, normalize mode or None) -> (L, D) float32, derived from the float64 sums for
     every kind the run aggregated and each statistic (default: those the run exports), then --power,
     then --normalize-mode (README "Names": None keeps the original's names, a mode adds `_norm_{mode}`)."""
-    count = store.array(names.TOKENS)[:][:, None]
+    sum_names = {kind: names.sum_names(names.KIND_PREFIX[kind]) for kind in config.aggregate_by}
+    stored = store.read_many([names.TOKENS, *(name for kind in sum_names for name in sum_names[kind])])
+    count = stored[names.TOKENS][:, None]
     arrays = {}
     for kind in config.aggregate_by:
-        sums = [store.array(name)[:] for name in names.sum_names(names.KIND_PREFIX[kind])]
+        sums = [stored[name] for name in sum_names[kind]]
         for statistic in modes or config.export_modes:
             powered = stats.transform(stats.derive(statistic, *sums, count), config.power)
             for norm in config.normalize_modes:
@@ -182,8 +184,8 @@ def file_digest(path: Path) -> str:
 def build_metadata(store: ResultStore, config: RunConfig, layers: list[int], values: dict[str, np.ndarray]) -> dict:
     attrs = store.attrs
     plan = attrs[names.ATTR_PLAN]
-    tokens = store.array(names.TOKENS)[:]
-    loss_tokens = int(store.array(names.LOSS_TOKENS)[()])
+    stored = store.read_many([names.TOKENS, names.LOSS_TOKENS, names.LOSS_SUM])
+    tokens, loss_tokens = stored[names.TOKENS], int(stored[names.LOSS_TOKENS])
     per_layer = {}
     for row, layer in enumerate(layers):
         entry = {"tokens": int(tokens[row])}
@@ -214,7 +216,7 @@ def build_metadata(store: ResultStore, config: RunConfig, layers: list[int], val
         "num_samples_requested": plan["samples_requested"],
         "num_samples": plan["samples"],
         "target_tokens": loss_tokens,
-        "mean_loss_nats_per_token": float(store.array(names.LOSS_SUM)[()]) / max(loss_tokens, 1),
+        "mean_loss_nats_per_token": float(stored[names.LOSS_SUM]) / max(loss_tokens, 1),
         "layer_statistics": per_layer,
         "sae_quality": sae_quality(store.group),  # per layer FVU, mean L0, spliced loss (quality.py); None for mlp
         "loading_instructions": {

@@ -31,6 +31,7 @@ from . import examples as topk
 from .errors import RaygradError, first_line
 from .files import fsync_dir, replacing, sync_tree
 from .partial import Partial
+from .zarr_batch import create_arrays, open_arrays, read_arrays, write_arrays
 
 # Zarr warns, when it lists a group, about files it does not know; these are raygrad's own
 # (the redo log and the digests beside the arrays), so that note is noise to a user.
@@ -58,21 +59,27 @@ class ResultStore:
         self.committed = committed or {}
         self.verified_state: dict | None = None  # the state file as `verify` last read it
         # Each `name in group` and `group[name]` is a round trip through Zarr's event loop (most of
-        # a small run's store time): the member names are listed once, each array opened once.
-        self._member_names: set[str] | None = None
-        self._arrays: dict[str, zarr.Array] = {}
+        # a small run's store time): the arrays are listed and opened once, together (zarr_batch).
+        self._arrays: dict[str, zarr.Array] | None = None
+
+    def _members(self) -> dict[str, zarr.Array]:
+        if self._arrays is None:
+            try:
+                self._arrays = open_arrays(self.group)
+            except Exception:  # one array's metadata is damaged: `array` opens each by name, and that one fails
+                self._arrays = {name: None for name in self.group.array_keys()}
+        return self._arrays
 
     def has(self, name: str) -> bool:
         """Whether the store holds an array `name`."""
-        if self._member_names is None:
-            self._member_names = set(self.group.array_keys())
-        return name in self._member_names
+        return name in self._members()
 
     def array(self, name: str) -> zarr.Array:
         """The Zarr array `name` (its data read from the store at each access)."""
-        if name not in self._arrays:
-            self._arrays[name] = self.group[name]
-        return self._arrays[name]
+        members = self._members()
+        if members.get(name) is None:
+            members[name] = self.group[name]  # KeyError: not in the store
+        return members[name]
 
     # --- creating and opening
 
@@ -86,33 +93,35 @@ class ResultStore:
         group = zarr.open_group(str(path), mode="w-")
         num_layers = len(layers)
         target = attrs.get(names.ATTR_PLAN, {}).get("target", "mlp")
+        per_layer = {"dimension_names": (names.LAYER_COORD,)}
+        specs = {}  # name -> Group.create_array options
         for prefix, width in prefixes.items():
             for name, stat in zip(names.sum_names(prefix), names.STATS):
-                array = group.create_array(name, shape=(num_layers, width), chunks=_chunks(num_layers, width),
-                                           dtype="float64", fill_value=0.0,
-                                           dimension_names=(names.LAYER_COORD, dimension_name(prefix, target)))
-                array.attrs.update(stats.array_attrs(prefix, stat))
+                specs[name] = {"shape": (num_layers, width), "chunks": _chunks(num_layers, width), "dtype": "float64",
+                               "fill_value": 0.0, "attributes": stats.array_attrs(prefix, stat),
+                               "dimension_names": (names.LAYER_COORD, dimension_name(prefix, target))}
         for prefix in ranked if top_k else ():
-            _create_examples(group, prefix, num_layers, prefixes[prefix], top_k, score_dtype,
-                             dimension_name(prefix, target))
+            specs.update(_example_specs(prefix, num_layers, prefixes[prefix], top_k, score_dtype,
+                                        dimension_name(prefix, target)))
         for name in layer_sums:  # per-layer scalar totals (SAE quality)
-            group.create_array(name, shape=(num_layers,), dtype="float64", fill_value=0.0,
-                               dimension_names=(names.LAYER_COORD,))
+            specs[name] = {"shape": (num_layers,), "dtype": "float64", "fill_value": 0.0, **per_layer}
         for name in (names.LAYERS, names.LAYER_COORD):  # `layer`: the coordinate xarray reads
-            group.create_array(name, shape=(num_layers,), dtype="int32", dimension_names=(names.LAYER_COORD,))
-            group[name][:] = np.asarray(layers, dtype=np.int32)
-            group[name].attrs.update({"units": "layer index", "description": "model layer of each row"})
-        group.create_array(names.TOKENS, shape=(num_layers,), dtype="int64", fill_value=0,
-                           dimension_names=(names.LAYER_COORD,))
-        group[names.TOKENS].attrs.update({"units": "positions", "description": "positions aggregated per layer (n)"})
-        group.create_array(names.SHARDS_DONE, shape=(num_shards,), dtype="bool", fill_value=False,
-                           dimension_names=("shard",))
-        group.create_array(names.LOSS_SUM, shape=(), dtype="float64", fill_value=0.0)
-        group.create_array(names.LOSS_TOKENS, shape=(), dtype="int64", fill_value=0)
+            specs[name] = {"data": np.asarray(layers, dtype=np.int32), **per_layer,
+                           "attributes": {"units": "layer index", "description": "model layer of each row"}}
+        specs[names.TOKENS] = {"shape": (num_layers,), "dtype": "int64", "fill_value": 0, **per_layer, "attributes": {
+            "units": "positions", "description": "positions aggregated per layer (n)"}}
+        specs[names.SHARDS_DONE] = {"shape": (num_shards,), "dtype": "bool", "fill_value": False,
+                                    "dimension_names": ("shard",)}
+        specs[names.LOSS_SUM] = {"shape": (), "dtype": "float64", "fill_value": 0.0}
+        specs[names.LOSS_TOKENS] = {"shape": (), "dtype": "int64", "fill_value": 0}
         group.attrs.update({names.ATTR_VERSION: __version__, names.ATTR_STATUS: names.STATUS_RUNNING, **attrs})
         store = cls(path, group)
+        store._arrays = create_arrays(group, specs)
         sync_tree(store.path)
-        store._record({name: group[name][...] for name in store.recorded_arrays()})
+        # What each array holds now: its data, or its fill value everywhere (no chunk is written yet).
+        initial = {name: spec["data"] if "data" in spec else np.full(spec["shape"], spec["fill_value"], spec["dtype"])
+                   for name, spec in specs.items()}
+        store._record({name: initial[name] for name in store.recorded_arrays()})
         return store
 
     @classmethod
@@ -155,17 +164,24 @@ class ResultStore:
             return self.committed[name]
         return self.array(name)[...]
 
+    def read_many(self, wanted: list[str]) -> dict[str, np.ndarray]:
+        """These arrays as last committed, read together (one round trip)."""
+        stored = read_arrays({name: self.array(name) for name in wanted if name not in self.committed})
+        return {name: self.committed[name] if name in self.committed else stored[name] for name in wanted}
+
     # --- totals and checkpoints
 
     def totals(self) -> tuple[Partial, np.ndarray]:
+        sums, examples = self.sum_array_names(), self.example_array_names()
+        values = self.read_many([*sums, *examples, names.TOKENS, names.LOSS_SUM, names.LOSS_TOKENS, names.SHARDS_DONE])
         partial = Partial(
-            sums={name: self.read(name) for name in self.sum_array_names()},
-            tokens=self.read(names.TOKENS),
-            loss_sum=float(self.read(names.LOSS_SUM)),
-            loss_tokens=int(self.read(names.LOSS_TOKENS)),
-            examples={name: self.read(name) for name in self.example_array_names()},
+            sums={name: values[name] for name in sums},
+            tokens=values[names.TOKENS],
+            loss_sum=float(values[names.LOSS_SUM]),
+            loss_tokens=int(values[names.LOSS_TOKENS]),
+            examples={name: values[name] for name in examples},
         )
-        return partial, self.read(names.SHARDS_DONE)
+        return partial, values[names.SHARDS_DONE]
 
     def shards_done(self) -> np.ndarray:
         return self.read(names.SHARDS_DONE)
@@ -181,7 +197,7 @@ class ResultStore:
         pending = self.path / names.PENDING_CHECKPOINT
         _stage(pending, _checkpoint_arrays(totals, shards_done))
         _commit(pending)
-        _apply_pending(self.group, pending)
+        _apply_pending(self, pending)
 
     def prefixes(self) -> list[str]:
         """The statistic prefixes this store keeps (grad, value, attr, site_grad)."""
@@ -209,21 +225,21 @@ class ResultStore:
         exports derive theirs from the sums in float64) from the sums; returns them by name."""
         totals, _ = self.totals()
         count = totals.tokens[:, None]  # a layer with no tokens has statistics 0, not NaN
-        written = {}
+        written, attributes, new = {}, {}, {}
         for prefix in self.prefixes():
             source = self.array(names.sum_names(prefix)[0])
             for statistic in names.STATISTICS:
                 name = names.store_name(prefix, statistic)
                 values = stats.derive(statistic, *(totals.sums[n] for n in names.sum_names(prefix)), count)
-                values = values.astype(np.float32)
+                written[name] = values.astype(np.float32)
+                attributes[name] = stats.array_attrs(prefix, statistic)
                 if not self.has(name):
-                    self._arrays[name] = self.group.create_array(
-                        name, shape=values.shape, chunks=source.chunks, dtype="float32",
-                        dimension_names=source.metadata.dimension_names)
-                    self._member_names.add(name)
-                self.array(name)[:] = values
-                self.array(name).attrs.update(stats.array_attrs(prefix, statistic))
-                written[name] = values
+                    new[name] = {"shape": values.shape, "chunks": source.chunks, "dtype": "float32",
+                                 "dimension_names": source.metadata.dimension_names, "attributes": attributes[name]}
+        self._members().update(create_arrays(self.group, new))
+        for name in written.keys() - new.keys():  # a repair, or a finalize again after a kill: as new ones have them
+            self.array(name).attrs.update(attributes[name])
+        write_arrays({name: (self.array(name), values) for name, values in written.items()})
         sync_tree(self.path, only=tuple(written))
         return written
 
@@ -293,13 +309,18 @@ class ResultStore:
         is_run = names.ATTR_CONFIG in self.attrs  # a compare store has no derived statistics of its own
         if is_run and complete and means and not mean_names & set(state["arrays"]):
             raise DamagedStore(f"{where}: marked complete, but its statistics were never recorded; re-run it")
-        for name, recorded in state["arrays"].items():
-            if name in self.committed or (name in mean_names and not (complete and means)):
-                # The committed redo file is checked by np.load (zip CRC) as it reads; means
-                # count only once the run is complete (a kill mid-finalize leaves stale ones).
-                continue
+        # The committed redo file is checked by np.load (zip CRC) as it reads; means
+        # count only once the run is complete (a kill mid-finalize leaves stale ones).
+        checked = [name for name in state["arrays"]
+                   if name not in self.committed and (name not in mean_names or (complete and means))]
+        try:
+            values = self.read_many(checked)
+        except Exception:  # read one by one below: the array that cannot be read names itself
+            values = {}
+        for name in checked:
+            recorded = state["arrays"][name]
             try:
-                actual = _digest(self.read(name))
+                actual = _digest(values[name] if name in values else self.read(name))
                 # Readers may go around the consolidated copy in the root (zarr.open_array, xarray
                 # with consolidated=False): each array's own metadata must parse too.
                 json.loads((where / name / "zarr.json").read_text())
@@ -337,9 +358,9 @@ def _derived_names() -> set[str]:
     return {names.store_name(prefix, statistic) for prefix in names.MEAN_ARRAYS for statistic in names.STATISTICS}
 
 
-def _create_examples(group: zarr.Group, prefix: str, num_layers: int, width: int, k: int, score_dtype: np.dtype,
-                     dim: str) -> None:
-    """{prefix}_top_score / _top_row / _top_position, (layer, dim|feature, k), one chunk per layer, empty."""
+def _example_specs(prefix: str, num_layers: int, width: int, k: int, score_dtype: np.dtype, dim: str) -> dict:
+    """{prefix}_top_score / _top_row / _top_position, (layer, dim|feature, k), one chunk per layer, empty:
+    name -> Group.create_array options."""
     kind = names.kind_of(prefix)
     described = {"score": ("same units as the kind", f"the signed {kind} of each example, best |score| first"),
                  "row": ("dataset row", "0-based row of the example's text in the dataset as read, before "
@@ -347,13 +368,14 @@ def _create_examples(group: zarr.Group, prefix: str, num_layers: int, width: int
                  "position": ("token position", "0-based index of the token in its tokenized text; -1: an "
                                                 "empty slot")}
     dtypes = topk.table_dtypes(score_dtype)
+    specs = {}
     for table, name in zip(topk.TABLES, topk.array_names(prefix)):
-        array = group.create_array(name, shape=(num_layers, width, k), chunks=(1, width, k),
-                                   dtype=dtypes[table], fill_value=topk.FILL[table],
-                                   dimension_names=(names.LAYER_COORD, dim, names.EXAMPLE_DIM))
         units, description = described[table]
-        array.attrs.update({"units": units, "description": description, "kind": kind,
-                            "order": "|score| descending, then row, then position ascending"})
+        specs[name] = {"shape": (num_layers, width, k), "chunks": (1, width, k), "dtype": dtypes[table],
+                       "fill_value": topk.FILL[table], "dimension_names": (names.LAYER_COORD, dim, names.EXAMPLE_DIM),
+                       "attributes": {"units": units, "description": description, "kind": kind,
+                                      "order": "|score| descending, then row, then position ascending"}}
+    return specs
 
 
 def _checkpoint_arrays(totals: Partial, shards_done: np.ndarray) -> dict[str, np.ndarray]:
@@ -382,16 +404,15 @@ def _commit(pending: Path) -> None:
     fsync_dir(pending.parent)
 
 
-def _apply_pending(group: zarr.Group, pending: Path) -> None:
+def _apply_pending(store: ResultStore, pending: Path) -> None:
     """Copy a committed checkpoint into the arrays, flush them, record their digests,
     then drop the redo file (in that order: a kill anywhere replays it)."""
     with np.load(pending, allow_pickle=False) as data:
         arrays = {name: data[name] for name in data.files}
-    for name, value in arrays.items():
-        _write_array(group, name, value)
-    path = pending.parent
-    sync_tree(path, only=tuple(arrays))
-    ResultStore(path, group)._record(arrays)
+    for name, value in arrays.items():  # one at a time: a kill between two leaves some written (fault tests)
+        _write_array(store, name, value)
+    sync_tree(store.path, only=tuple(arrays))
+    store._record(arrays)
     _drop_redo(pending)
 
 
@@ -400,8 +421,8 @@ def _drop_redo(pending: Path) -> None:
     fsync_dir(pending.parent)
 
 
-def _write_array(group: zarr.Group, name: str, value: np.ndarray) -> None:
-    group[name][...] = value
+def _write_array(store: ResultStore, name: str, value: np.ndarray) -> None:
+    store.array(name)[...] = value
 
 
 def _replay_pending(path: Path) -> None:
@@ -409,7 +430,7 @@ def _replay_pending(path: Path) -> None:
     for leftover in path.glob("*.tmp.npz"):
         leftover.unlink()  # an uncommitted write: the arrays still hold the last checkpoint
     if pending.exists():
-        _apply_pending(zarr.open_group(str(path), mode="r+"), pending)
+        _apply_pending(ResultStore(path, zarr.open_group(str(path), mode="r+")), pending)
 
 
 def _pending_arrays(path: Path) -> dict[str, np.ndarray]:

@@ -157,11 +157,11 @@ def test_readers_see_a_committed_checkpoint_that_was_not_yet_applied(pristine, t
     done[3] = True
     real_write, written = store_module._write_array, []
 
-    def killed_after_one_array(group, name, value):
+    def killed_after_one_array(store, name, value):
         if written:
             raise Killed
         written.append(name)
-        real_write(group, name, value)
+        real_write(store, name, value)
 
     monkeypatch.setattr(store_module, "_write_array", killed_after_one_array)
     with pytest.raises(Killed):

@@ -29,6 +29,36 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_llama, texts_file, 
     assert (run_dir / names.CONSOLIDATED_NPZ).exists()
 
 
+def test_a_new_store_records_what_zarr_reads_back_and_reads_many_arrays_as_it_reads_one(tmp_path):
+    """create() makes its arrays together and records their digests from what it wrote (fill values, the
+    layer rows) without reading them back: the digests are those of each array as Zarr reads it alone.
+    read_many (one round trip) gives what reading each array alone gives: values, dtypes, 0-d shapes."""
+    import json
+
+    import zarr
+
+    from raygrad import store as store_module
+    from raygrad.examples import RANKED_PREFIXES
+
+    path = tmp_path / "s.zarr"
+    ResultStore.create(path, {"grad": 3, "value": 5}, 4, [0, 2], {}, layer_sums=names.LAYER_SUMS, top_k=2,
+                       ranked=RANKED_PREFIXES[:1], score_dtype=np.dtype(np.float32))
+    group = zarr.open_group(str(path), mode="r")
+    alone = {name: np.asarray(group[name][...]) for name in group.array_keys()}
+    recorded = json.loads((path / names.CHECKPOINT_STATE).read_text())["arrays"]
+    assert set(recorded) == set(alone) and len(alone) == 3 + 3 + 3 + len(names.LAYER_SUMS) + 2 + 4
+    for name, digest in recorded.items():
+        assert digest == store_module._digest(alone[name]), name
+    np.testing.assert_array_equal(alone[names.LAYERS], [0, 2])
+    assert group[names.TOKENS].attrs["units"] == "positions"
+    assert group["grad_sum"].metadata.dimension_names == (names.LAYER_COORD, "dim")
+
+    together = ResultStore.open(path).read_many(sorted(alone))  # open verifies every digest first
+    for name, value in alone.items():
+        assert together[name].dtype == value.dtype and together[name].shape == value.shape, name
+        np.testing.assert_array_equal(together[name], value)
+
+
 def test_committed_checkpoint_is_replayed_after_a_crash(tmp_path):
     store = ResultStore.create(tmp_path / "s.zarr", {"grad": 3}, 2, [0, 1], {})
     totals = Partial.zeros(2, array_widths({"grad": 3}))
