@@ -20,11 +20,22 @@ def test_bundled_model_resolves_to_a_llama_with_30_layers():
     assert (config.model_type, config.num_hidden_layers, config.hidden_size) == ("llama", 30, 576)
 
 
-def test_demo_run_loss_is_that_of_a_language_model(tmp_path):
-    config = RunConfig(model="smollm2-135m", dataset="stdlib-docs", num_samples=6, batch_size=3, max_length=64,
-                       layers="0,15,29", workers=0, output_dir=str(tmp_path))
+def demo_totals(output_dir, dtype: str):
+    """Totals of an in-process run of the bundled model on 8 stdlib-docs texts, every layer."""
+    config = RunConfig(model="smollm2-135m", dataset="stdlib-docs", num_samples=8, batch_size=4, max_length=64,
+                       workers=0, dtype=dtype, output_dir=str(output_dir))
     run_dir = run(config, echo=lambda _: None, progress=False)
-    totals, _ = ResultStore.open(run_dir / names.STORE_NAME).totals()
+    return ResultStore.open(run_dir / names.STORE_NAME).totals()[0]
+
+
+@pytest.fixture(scope="module")
+def float32_totals(tmp_path_factory):
+    """One float32 run for the loss check and the bfloat16 comparison (a demo-model run costs seconds)."""
+    return demo_totals(tmp_path_factory.mktemp("float32"), "float32")
+
+
+def test_demo_run_loss_is_that_of_a_language_model(float32_totals):
+    totals = float32_totals
     mean_loss = totals.loss_sum / totals.loss_tokens
     assert 1.0 < mean_loss < 6.0  # nats per token; a random 49k-vocab model would give ~10.8
     assert totals.loss_tokens > 100
@@ -81,17 +92,12 @@ def test_finite_differences_match_per_token_gradients():
     assert len(points) == 12
 
 
-def test_bfloat16_agrees_with_float32(tmp_path):
+def test_bfloat16_agrees_with_float32(float32_totals, tmp_path):
     """Per-layer Pearson correlation of mean_abs between bf16 and fp32 runs."""
     import numpy as np
 
-    means = {}
-    for dtype in ("float32", "bfloat16"):
-        config = RunConfig(model="smollm2-135m", dataset="stdlib-docs", num_samples=8, batch_size=4,
-                           max_length=64, workers=0, dtype=dtype, output_dir=str(tmp_path / dtype))
-        run_dir = run(config, echo=lambda _: None, progress=False)
-        totals, _ = ResultStore.open(run_dir / names.STORE_NAME).totals()
-        means[dtype] = totals.sums[names.GRAD_ABS_SUM] / totals.tokens[:, None]
+    means = {dtype: totals.sums[names.GRAD_ABS_SUM] / totals.tokens[:, None]
+             for dtype, totals in (("float32", float32_totals), ("bfloat16", demo_totals(tmp_path, "bfloat16")))}
     correlations = [np.corrcoef(a, b)[0, 1] for a, b in zip(means["float32"], means["bfloat16"])]
     print(f"bf16 vs fp32 mean_abs Pearson r: min {min(correlations):.4f}, median {np.median(correlations):.4f}")
     assert len(correlations) == 30 and min(correlations) >= 0.99
