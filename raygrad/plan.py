@@ -5,6 +5,7 @@ needs to load its model and hook the right modules."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -333,12 +334,25 @@ def sae_load_kwargs(source: dict) -> dict:
 
 
 def _skeleton(model_config):
-    """The model's module tree on the meta device: paths without weights."""
+    """The model's module tree on the meta device: paths without weights, and without initializing
+    them (meta tensors still run torch's init functions: 1.3 s in a fresh process for Llama-3-8B)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights():
+    with init_empty_weights(), _no_weight_init():
         return AutoModelForCausalLM.from_config(model_config)
+
+
+def _no_weight_init():
+    """transformers' own switch for skipping weight initialization (from_pretrained uses it), where it is."""
+    try:
+        from transformers.initialization import no_init_weights  # transformers 5
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights  # transformers 4
+        except ImportError:
+            return contextlib.nullcontext()
+    return no_init_weights()
 
 
 def run_dir_name(config: RunConfig, plan: Plan, timestamp: str) -> str:
