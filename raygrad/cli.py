@@ -142,7 +142,7 @@ def info(run_dir) -> None:
                                names.ATTR_COMPARE: attrs.get(names.ATTR_COMPARE)}))
         return
     done = store.shards_done()
-    quality = sae_quality(store.committed_group())
+    quality = sae_quality(store)
     complete = attrs.get(names.ATTR_STATUS) == names.STATUS_COMPLETE
     exports = (check_exports(Path(run_dir)) or "whole") if complete else "not written (the run is not complete)"
     click.echo(_readable_json({

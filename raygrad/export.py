@@ -218,7 +218,7 @@ def build_metadata(store: ResultStore, config: RunConfig, layers: list[int], val
         "target_tokens": loss_tokens,
         "mean_loss_nats_per_token": float(stored[names.LOSS_SUM]) / max(loss_tokens, 1),
         "layer_statistics": per_layer,
-        "sae_quality": sae_quality(store.group),  # per layer FVU, mean L0, spliced loss (quality.py); None for mlp
+        "sae_quality": sae_quality(store),  # per layer FVU, mean L0, spliced loss (quality.py); None for mlp
         "loading_instructions": {
             "npy": "np.load('layer_{layer}_{mode}_gradients.npy') -> (dimension,) float32",
             "npz": "d = np.load('consolidated_results.npz'); d['layer_{layer}_{mode}']; "

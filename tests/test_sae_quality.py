@@ -40,7 +40,7 @@ def sae_run(model_dir, texts_file, out, sae_dirs, **overrides):
     options = dict(target="sae", sae_path=str(sae_dirs / "sae_{layer}"), num_samples=4, max_length=LENGTH)
     options.update(overrides)
     run_dir, totals = run_tiny(model_dir, texts_file, out, **options)
-    return run_dir, totals, sae_quality(ResultStore.open(run_dir / names.STORE_NAME).group)
+    return run_dir, totals, sae_quality(ResultStore.open(run_dir / names.STORE_NAME))
 
 
 def numpy_quality(model_dir, sae_dir, layer, stride):
