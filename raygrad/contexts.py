@@ -17,7 +17,7 @@ import numpy as np
 from . import constants as names
 from . import examples as topk
 from .errors import RaygradError, first_line
-from .plan import Plan
+from .plan import Plan, layer_span
 from .shards import read_rows
 from .store import ResultStore
 
@@ -72,7 +72,7 @@ class RunExamples:
 
     def layer_row(self, layer: int) -> int:
         if layer not in self.plan.layers:
-            raise RaygradError(f"--layer {layer}: the run has layers {_span(self.plan.layers)}")
+            raise RaygradError(f"--layer {layer}: the run has layers {layer_span(self.plan.layers)}")
         return self.plan.layers.index(layer)
 
     def check_feature(self, feature: int) -> None:
@@ -185,8 +185,3 @@ def format_examples(found: list[Example], layer: int, feature: int, by: str) -> 
 def _visible(text: str) -> str:
     """Newlines and tabs as escapes, so an example stays on one line."""
     return text.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
-
-
-def _span(layers: list[int]) -> str:
-    return f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else \
-        ",".join(map(str, layers))

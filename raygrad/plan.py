@@ -189,7 +189,7 @@ class Plan:
         return cls(**data)
 
     def describe(self) -> str:
-        layer_text = f"{_compact(self.layers)} ({len(self.layers)} of {self.num_model_layers})"
+        layer_text = f"{layer_span(self.layers)} ({len(self.layers)} of {self.num_model_layers})"
         return "\n".join([
             f"model    {self.model} (family {self.family}, {self.dtype}"
             + (", BOS position excluded)" if self.exclude_bos else ")"),
@@ -362,7 +362,7 @@ def run_dir_name(config: RunConfig, plan: Plan, timestamp: str) -> str:
     prefix = names.SAE_RUN_PREFIX if plan.target == "sae" else names.MLP_RUN_PREFIX
     return (
         f"{prefix}_model_{model}_num_samples_{plan.samples}_batch_size_{plan.batch_label()}"
-        f"_layers_{_compact(plan.layers).replace(',', '_')}_{timestamp}"
+        f"_layers_{layer_span(plan.layers).replace(',', '_')}_{timestamp}"
     )
 
 
@@ -374,11 +374,11 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def _compact(layers: list[int]) -> str:
-    """[0, 1, 2, 3, 10] -> '0-3,10'."""
+def layer_span(layers: list[int], separator: str = ",") -> str:
+    """[0, 1, 2, 3, 10] -> '0-3,10': runs of consecutive layers as ranges."""
     parts, start = [], layers[0]
     for prev, cur in zip(layers, layers[1:] + [None]):
         if cur != prev + 1:
             parts.append(f"{start}-{prev}" if prev != start else f"{start}")
             start = cur
-    return ",".join(parts)
+    return separator.join(parts)

@@ -20,7 +20,7 @@ from . import constants as names
 from .contexts import DEFAULT_CONTEXT, Example, RunExamples
 from .errors import RaygradError, first_line
 from .files import replacing
-from .plan import Plan
+from .plan import Plan, layer_span
 from .plots import histogram_png
 from .store import ResultStore
 from .top import NEURONPEDIA_URL, neuronpedia_ids, ranked, row_reader
@@ -303,9 +303,7 @@ def _versions(group) -> str:
 
 
 def _target(plan: Plan) -> str:
-    contiguous = plan.layers == list(range(plan.layers[0], plan.layers[-1] + 1)) and len(plan.layers) > 2
-    layers = f"layers {plan.layers[0]}-{plan.layers[-1]}" if contiguous else \
-        f"layers {', '.join(map(str, plan.layers))}"
+    layers = f"layers {layer_span(plan.layers, ', ')}"
     if plan.target == "sae":
         source = plan.sae_source or {}
         sae = source.get("release") and f"{source['release']} {source.get('sae_id', '')}" or source.get("path")

@@ -151,3 +151,12 @@ def test_dry_run_resume_of_a_complete_run(tiny_llama, texts_file, tmp_path, caps
     code, out, err = run_cli(["run", "--dry-run", "--resume", str(run_dir)], capsys, monkeypatch)
     assert code == 0 and "is complete; its exports are whole: --resume has nothing to do" in out, err
     assert tree_digest(run_dir) == before
+
+
+def test_layer_lists_print_runs_of_consecutive_layers_as_ranges():
+    """The plan's layer line, the run directory's name, the report's target and the examples' errors."""
+    from raygrad.plan import layer_span
+
+    assert layer_span([0, 1, 2, 3, 10]) == "0-3,10"
+    assert layer_span([0, 2]) == "0,2" and layer_span([7]) == "7" and layer_span([4, 5]) == "4-5"
+    assert layer_span([0, 1, 5, 6, 7, 9], ", ") == "0-1, 5-7, 9"
