@@ -152,8 +152,8 @@ class RunConfig:
     seed: int = _sample(42, "Seed for torch, numpy and random.")
 
     def __post_init__(self) -> None:
-        self._normalize_batch_size()
-        self._normalize_num_samples()
+        self._normalize_count("batch_size", "auto", unset_allowed=True)
+        self._normalize_count("num_samples", ALL)
         for name in ("min_chars", "position_stride", "hessian_probes"):
             value = getattr(self, name)
             low = 0 if name == "min_chars" else 1  # min_chars 0 keeps every non-empty text
@@ -229,33 +229,25 @@ class RunConfig:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
             raise RaygradError(f"--{dashed(name)} {value}: must be {allowed}")
 
-    def _normalize_num_samples(self) -> None:
-        """'all' stays; '8' (from the command line) becomes 8; anything else is refused."""
-        value = self.num_samples
-        if isinstance(value, str) and value.strip().lower() == ALL:
-            object.__setattr__(self, "num_samples", ALL)
+    def _normalize_count(self, name: str, word: str, unset_allowed: bool = False) -> None:
+        """A field that takes an integer >= 1 or `word` ('all', 'auto'): '8' (from the command line) becomes 8,
+        ' All ' becomes 'all'; None stays where `unset_allowed`; anything else is refused."""
+        value = getattr(self, name)
+        if value is None and unset_allowed:
+            return
+        if isinstance(value, str) and value.strip().lower() == word:
+            object.__setattr__(self, name, word)
             return
         if isinstance(value, str) and value.strip().isdigit():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise RaygradError(f"--num-samples {self.num_samples}: must be an integer >= 1 or 'all'")
-        object.__setattr__(self, "num_samples", value)
+            raise RaygradError(f"--{dashed(name)} {getattr(self, name)}: must be an integer >= 1 or '{word}'")
+        object.__setattr__(self, name, value)
 
     @property
     def sample_limit(self) -> int | None:
         """--num-samples as a count; None for all."""
         return None if self.num_samples == ALL else self.num_samples
-
-    def _normalize_batch_size(self) -> None:
-        """'auto' stays; '8' (from the command line) becomes 8; anything else is refused."""
-        value = self.batch_size
-        if value is None or value == "auto":
-            return
-        if isinstance(value, str) and value.strip().isdigit():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise RaygradError(f"--batch-size {self.batch_size}: must be an integer >= 1 or 'auto'")
-        object.__setattr__(self, "batch_size", value)
 
     def _check_sae_source(self) -> None:
         has_release = self.sae_release is not None or self.sae_id is not None
