@@ -130,7 +130,12 @@ def plan_shards(source: dict, num_samples: int | None, tokenizer, max_length: in
     stream = usable_rows(source, sources.scan(source, counts), counts)
     head, sample, ended = [], [], True
     for item, text in stream:
-        head.append((item, text))
+        if text is None and len(head) > 1 and head[-1][1] is None:
+            # Of a run of skipped rows the cutter needs only the last (and of the source, its first row):
+            # a source that skips millions of rows before its RATIO_SAMPLE_TEXTS-th text holds none of them.
+            head[-1] = (item, None)
+        else:
+            head.append((item, text))
         if text is not None:
             sample.append(text)
             if len(sample) in (RATIO_SAMPLE_TEXTS, num_samples):

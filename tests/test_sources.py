@@ -183,3 +183,28 @@ def test_a_json_array_file_is_one_line(tmp_path):
     path.write_text(json.dumps([{"text": text} for text in LONG], indent=1))
     with pytest.raises(RaygradError, match="is not one JSON object .*one object per line"):
         plan_shards(describe_source(str(path)), None, CharTokenizer(), MAX_LENGTH)
+
+
+def test_skipped_rows_before_the_sample_are_not_held(tmp_path):
+    """The planner holds its first RATIO_SAMPLE_TEXTS usable texts (the tokens-per-character sample), not the
+    skipped rows among them: 100,000 short rows around three usable ones plan in little memory, into the
+    shards and counts a whole read gives."""
+    import tracemalloc
+
+    path = tmp_path / "data.txt"
+    short = b"too short\n" * 50_000
+    path.write_bytes(b"\n".join([LONG[0].encode(), short + LONG[1].encode(), short + LONG[2].encode(), b"x\n"]))
+    source = describe_source(str(path))
+    tracemalloc.start()
+    try:
+        layout = plan_shards(source, None, CharTokenizer(), MAX_LENGTH, shard_texts=1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak  # bytes; holding the skipped rows took 32 MB
+    assert [(shard.row_start, shard.row_stop) for shard in layout.shards] == \
+        [(0, 50_001), (50_001, 100_002), (100_002, 100_004)]
+    texts, rows = read_all_shards(source, layout)
+    whole = Counter()
+    assert texts == load_texts(str(path), None, skipped=whole) == LONG[:3] and rows == [0, 50_001, 100_002]
+    assert layout.skipped == dict(whole) == {SKIP_SHORT: 100_001}
