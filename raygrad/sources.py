@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 import threading
 from collections import Counter
 from dataclasses import dataclass
@@ -116,36 +115,16 @@ def _decode(raw: bytes, counts: Counter) -> str:
 
 
 def _strip_newline(raw: bytes) -> bytes:
-    return raw[:-2] if raw.endswith(b"\r\n") else raw[:-1] if raw.endswith((b"\n", b"\r")) else raw
-
-
-_AFTER_BARE_CR = re.compile(rb"(?<=\r)(?!\n)")  # the end of a line that a lone \r ends
-
-
-def _split_bare_cr(offset: int, raw: bytes) -> Iterator[tuple[int, bytes]]:
-    """(offset, line with its ending) of the lines in `raw`, one line as `_lines` reads it (to \n), where a
-    lone \r also ends a line (old Mac files; Python's universal newlines and `datasets` end one there too)."""
-    cr = raw.find(b"\r")
-    if cr < 0 or cr == len(raw) - 1 or (cr == len(raw) - 2 and raw.endswith(b"\n")):  # no \r but the line's end
-        yield offset, raw
-        return
-    for piece in _AFTER_BARE_CR.split(raw):
-        if piece:
-            yield offset, piece
-            offset += len(piece)
+    return raw[:-2] if raw.endswith(b"\r\n") else raw[:-1] if raw.endswith(b"\n") else raw
 
 
 def _text_rows(source: dict, counts: Counter, start: int = 0, stop: int | None = None,
                row: int = 0) -> Iterator[Row]:
-    """One text per line, every line a row (blank ones are too short to use). A line ends at \n, \r\n or
-    a lone \r."""
+    """One text per line, every line a row (blank ones are too short to use)."""
     with _open(source) as handle:
-        for line_offset, line in _lines(handle, start, stop):
-            for offset, raw in _split_bare_cr(line_offset, line):
-                if stop is not None and offset >= stop:  # a shard may end inside a \n-line
-                    return
-                yield Row(row, _decode(_strip_newline(raw), counts), offset, offset + len(raw))
-                row += 1
+        for offset, raw in _lines(handle, start, stop):
+            yield Row(row, _decode(_strip_newline(raw), counts), offset, offset + len(raw))
+            row += 1
 
 
 def _json_rows(source: dict, counts: Counter, start: int = 0, stop: int | None = None,
