@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import threading
 from collections import Counter
 from dataclasses import dataclass
@@ -118,13 +119,37 @@ def _strip_newline(raw: bytes) -> bytes:
     return raw[:-2] if raw.endswith(b"\r\n") else raw[:-1] if raw.endswith(b"\n") else raw
 
 
+SNIFF_BYTES = 1 << 16  # the start of a .txt file that says whether a lone \r ends its lines
+_LONE_CR = re.compile(rb"\r[^\n]")
+_AFTER_LONE_CR = re.compile(rb"(?<=\r)(?!\n)")
+
+
+def _lone_cr_ends_lines(handle) -> bool:
+    """Whether the file's first SNIFF_BYTES hold a lone \r (an old Mac file's line end): then \r ends a
+    line too, as Python's universal newlines and `datasets` read it; else only \n does, and a stray \r
+    stays in its text. Decided from the file alone, so a plan and every later read of a shard agree."""
+    handle.seek(0)
+    return _LONE_CR.search(handle.read(SNIFF_BYTES)) is not None
+
+
 def _text_rows(source: dict, counts: Counter, start: int = 0, stop: int | None = None,
                row: int = 0) -> Iterator[Row]:
     """One text per line, every line a row (blank ones are too short to use)."""
     with _open(source) as handle:
-        for offset, raw in _lines(handle, start, stop):
-            yield Row(row, _decode(_strip_newline(raw), counts), offset, offset + len(raw))
-            row += 1
+        if not _lone_cr_ends_lines(handle):
+            for offset, raw in _lines(handle, start, stop):
+                yield Row(row, _decode(_strip_newline(raw), counts), offset, offset + len(raw))
+                row += 1
+            return
+        for offset, line in _lines(handle, start, stop):
+            for raw in _AFTER_LONE_CR.split(line):
+                if stop is not None and offset >= stop:  # a shard may end inside a \n-line
+                    return
+                if raw:
+                    text = raw[:-1] if raw.endswith(b"\r") else _strip_newline(raw)
+                    yield Row(row, _decode(text, counts), offset, offset + len(raw))
+                    row += 1
+                    offset += len(raw)
 
 
 def _json_rows(source: dict, counts: Counter, start: int = 0, stop: int | None = None,

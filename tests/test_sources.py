@@ -208,3 +208,31 @@ def test_skipped_rows_before_the_sample_are_not_held(tmp_path):
     whole = Counter()
     assert texts == load_texts(str(path), None, skipped=whole) == LONG[:3] and rows == [0, 50_001, 100_002]
     assert layout.skipped == dict(whole) == {SKIP_SHORT: 100_001}
+
+
+@pytest.mark.parametrize("shard_texts", [1, 2, None])
+def test_an_old_mac_file_ends_its_lines_at_a_lone_carriage_return(shard_texts, tmp_path):
+    """A lone \\r in a .txt file's start makes \\r a line end (mixed with \\n and \\r\\n here, shards that end
+    inside a \\n-line included): the rows are those Python's universal newlines read (the reference)."""
+    path = tmp_path / "data.txt"
+    path.write_bytes(b"\r".join(text.encode() for text in LONG[:3]) + b"\r\n" + b"short\r" + LONG[3].encode() + b"\n"
+                     + LONG[4].encode() + b"\r\r" + LONG[5].encode() + b"\r" + LONG[6].encode())  # no final newline
+    with open(path, encoding="utf-8", newline=None) as handle:  # \r, \n and \r\n each end a line
+        reference = rows_of([line.rstrip("\n") for line in handle])
+    assert [row for row, _ in reference] == [0, 1, 2, 4, 5, 7, 8]
+    source = describe_source(str(path))
+    layout = plan_shards(source, None, CharTokenizer(), MAX_LENGTH, shard_texts=shard_texts, token_budget=40)
+    assert_contiguous(layout, len(reference))
+    texts, rows = read_all_shards(source, layout)
+    assert list(zip(rows, texts)) == reference and texts == load_texts(str(path), None)
+
+
+def test_a_stray_carriage_return_past_the_files_start_stays_in_its_text(tmp_path):
+    """Only a lone \\r in the first SNIFF_BYTES makes \\r a line end: in a \\n file, one further on is text."""
+    from raygrad.sources import SNIFF_BYTES
+
+    filler = [LONG[0]] * (SNIFF_BYTES // len(LONG[0]) + 1)
+    path = tmp_path / "data.txt"
+    path.write_text("\n".join([*filler, LONG[1] + "\r" + LONG[2], LONG[3]]) + "\n", newline="")
+    texts = load_texts(str(path), None)
+    assert texts[len(filler):] == [LONG[1] + "\r" + LONG[2], LONG[3]]
