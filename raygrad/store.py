@@ -247,8 +247,11 @@ class ResultStore:
 
     def _record(self, arrays: dict[str, np.ndarray]) -> None:
         """Add these arrays' digests (and the inputs') to the state file, atomically."""
+        self._record_digests({name: _digest(value) for name, value in arrays.items()})
+
+    def _record_digests(self, digests: dict[str, str]) -> None:
         state = _read_state(self.path) or {"arrays": {}}
-        state["arrays"].update({name: _digest(value) for name, value in arrays.items()})
+        state["arrays"].update(digests)
         state["inputs"] = _inputs_digest(self.attrs)
         _write_state(self.path, state)
 
@@ -406,13 +409,18 @@ def _commit(pending: Path) -> None:
 
 def _apply_pending(store: ResultStore, pending: Path) -> None:
     """Copy a committed checkpoint into the arrays, flush them, record their digests,
-    then drop the redo file (in that order: a kill anywhere replays it)."""
+    then drop the redo file (in that order: a kill anywhere replays it). The redo file is read one
+    array at a time, each dropped once written and digested: the head holds one array of it beside
+    the totals, not a whole extra copy of them (with --top-examples tables, hundreds of MB)."""
+    digests = {}
     with np.load(pending, allow_pickle=False) as data:
-        arrays = {name: data[name] for name in data.files}
-    for name, value in arrays.items():  # one at a time: a kill between two leaves some written (fault tests)
-        _write_array(store, name, value)
-    sync_tree(store.path, only=tuple(arrays))
-    store._record(arrays)
+        for name in data.files:  # one at a time: a kill between two leaves some written (fault tests)
+            value = data[name]
+            _write_array(store, name, value)
+            digests[name] = _digest(value)
+            del value
+    sync_tree(store.path, only=tuple(digests))
+    store._record_digests(digests)
     _drop_redo(pending)
 
 

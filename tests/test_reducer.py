@@ -103,3 +103,37 @@ def test_a_checkpoint_that_fails_in_the_writer_stops_the_next_add_and_keep_finis
     reducer.close()
     _, done = ResultStore.open(store.path).totals()
     assert done.tolist() == [True, True] + [False] * (SHARDS - 2)
+
+
+def test_a_checkpoint_is_applied_without_a_whole_extra_copy_of_the_totals(tmp_path):
+    """The redo file is copied into the arrays one array at a time: while applying it the head holds
+    one of its arrays at a time (and Zarr's chunk buffers), not all of them beside the totals."""
+    import tracemalloc
+
+    from raygrad.store import _apply_pending, _checkpoint_arrays, _commit, _stage
+
+    width = 65536  # one 4-layer float64 array: 2 MiB; 9 of them in the redo file
+    store = ResultStore.create(tmp_path / names.STORE_NAME, {"grad": width, "value": width, "attr": width}, 3,
+                               list(range(4)), {})
+    totals, done = store.totals()
+    rng = np.random.default_rng(0)
+    for value in totals.sums.values():
+        value[...] = rng.standard_normal(value.shape)
+    done[1] = True
+    arrays = _checkpoint_arrays(totals, done)
+    redo_bytes = sum(np.asarray(value).nbytes for value in arrays.values())
+    largest = max(np.asarray(value).nbytes for value in arrays.values())
+    pending = store.path / names.PENDING_CHECKPOINT
+    _stage(pending, arrays)
+    _commit(pending)
+    tracemalloc.start()
+    try:
+        _apply_pending(store, pending)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * largest < redo_bytes / 2, (peak, largest, redo_bytes)  # measured: 6.1 MiB of 18 (22 before)
+    read, read_done = ResultStore.open(store.path).totals()  # verified against the digests just recorded
+    for name, value in totals.sums.items():
+        np.testing.assert_array_equal(read.sums[name], value, err_msg=name)
+    np.testing.assert_array_equal(read_done, done)
