@@ -17,7 +17,7 @@ from . import constants as names
 from . import examples as topk
 from .config import EXECUTION, MEASURED, SHARDS_PER_WORKER, RunConfig, dashed, fields_of, part_of, planned_fields
 from .data import absolute_if_local
-from .errors import RaygradError
+from .errors import RaygradError, first_line
 from .lock import run_lock
 from .models import loading_bars
 from .plan import Plan, make_plan, run_dir_name
@@ -365,8 +365,11 @@ def _execute(plan: Plan, config: RunConfig, store: ResultStore, pool: WorkerPool
     except BaseException as err:  # a failed shard, Ctrl-C, no workers: keep what finished, say how to go on
         try:
             reducer.keep_finished()
-        except OSError:
-            pass  # the disk that failed the checkpoint fails this one too; the last one stands
+        except Exception as failed:  # whatever stops the last checkpoint (a full disk, a lock taken over):
+            # the one before it stands; the original error and the hint still follow
+            if not isinstance(err, OSError):  # a failing disk is said once, by the error below
+                echo(f"warning: the last checkpoint could not be written ({type(failed).__name__}: "
+                     f"{first_line(failed)}); the one before it stands")
         echo(f"stopped  after {int(reducer.saved)} of {len(reducer.done)} shards saved ({type(err).__name__}: "
              f"{err}); {resume_hint}")
         if isinstance(err, OSError):  # a full or failing disk while checkpointing
@@ -384,6 +387,10 @@ def _execute(plan: Plan, config: RunConfig, store: ResultStore, pool: WorkerPool
     except OSError as err:
         raise RaygradError(f"{store.path}: finishing the run failed ({_os_reason(err)}); free space, then "
                            f"{resume_hint}") from None
+    except BaseException as err:  # every shard is saved: a resume only finalizes
+        echo(f"stopped  with every shard saved, while finishing the run ({type(err).__name__}: {err}); "
+             f"{resume_hint}")
+        raise
     totals = reducer.totals
     mean_loss = totals.loss_sum / max(totals.loss_tokens, 1)
     echo(f"done     {totals.loss_tokens} target tokens, mean loss {mean_loss:.4f} nats/token, "

@@ -191,3 +191,51 @@ def test_progress_off_hides_every_bar_and_leaves_the_process_as_it_was(tiny_llam
     finally:
         if not was_shown:
             transformers_logging.disable_progress_bar()
+
+
+def test_the_resume_hint_survives_any_error_of_the_last_checkpoint(tiny_llama, texts_file, tmp_path, monkeypatch):
+    """A shard fails, then the checkpoint on the way out fails too, with something other than a disk's
+    OSError: the shard's error is what is raised, and the stop line still says how to go on."""
+    from raygrad.reducer import Reducer
+
+    real_run, calls, said = ShardRunner.run, [], []
+
+    def fails_on_second_shard(self, shard, *args):
+        calls.append(shard)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return real_run(self, shard, *args)
+
+    def keep_fails(self):
+        raise RaygradError("the lock was taken over")
+
+    monkeypatch.setattr(ShardRunner, "run", fails_on_second_shard)
+    monkeypatch.setattr(Reducer, "keep_finished", keep_fails)
+    config = build_config(tiny_llama, texts_file, tmp_path, shard_size=2)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.run(config, echo=said.append, progress=False)
+    (run_dir,) = tmp_path.iterdir()
+    assert said[-2] == ("warning: the last checkpoint could not be written (RaygradError: the lock was taken "
+                        "over); the one before it stands")
+    assert said[-1].startswith("stopped  after 0 of 3 shards saved (RuntimeError: CUDA out of memory)")
+    assert said[-1].endswith(f"continue with: raygrad run --resume {run_dir}")
+
+
+def test_the_resume_hint_survives_any_error_while_finishing(tiny_llama, texts_file, tmp_path, monkeypatch):
+    said = []
+
+    def finalize_fails(self, timing):
+        raise RuntimeError("stale file handle")
+
+    monkeypatch.setattr(ResultStore, "finalize", finalize_fails)
+    config = build_config(tiny_llama, texts_file, tmp_path, shard_size=2)
+    with pytest.raises(RuntimeError, match="stale file handle"):
+        engine.run(config, echo=said.append, progress=False)
+    (run_dir,) = tmp_path.iterdir()
+    assert said[-1] == ("stopped  with every shard saved, while finishing the run (RuntimeError: stale file "
+                        f"handle); continue with: raygrad run --resume {run_dir}")
+    _, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
+    assert done.all()
+    monkeypatch.undo()
+    engine.resume(run_dir, echo=lambda _: None, progress=False)  # the hint works: it only finalizes
+    assert ResultStore.open(run_dir / names.STORE_NAME).attrs[names.ATTR_STATUS] == names.STATUS_COMPLETE
