@@ -1,6 +1,11 @@
 """The Ray runtime under the pool: a private local Ray bound to loopback, or a cluster joined by
 --address; the SIGTERM handler kept across ray.init; the reaper that ends a SIGKILLed driver's local
-Ray; the actor around a ShardRunner; what the cluster offers. No scheduling here (pool.py)."""
+Ray; the actor around a ShardRunner; what the cluster offers. No scheduling here (pool.py).
+
+No credential goes into a runtime_env: Ray writes it to its session's logs (runtime_env_agent.log)
+and shows it in its dashboard and state API. A local Ray's processes are children of this one, so
+its workers inherit this process's environment, credentials included; on a joined cluster each node
+reads its own (README, "On a Ray cluster")."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from .config import RunConfig
 from .errors import RaygradError, first_line
@@ -21,7 +27,12 @@ if TYPE_CHECKING:
     from .partial import ShardResult
     from .worker import ShardRunner
 
-FORWARDED_ENV = ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "RAYGRAD_CACHE")  # driver -> worker actors
+log = logging.getLogger(__name__)
+# Settings, not secrets, that a joined cluster's workers get from the driver (in runtime_env, which
+# Ray logs): the hub the plan's revisions were pinned on, whether to reach it at all, and where the
+# bundled model's converted weights are cached. Credentials (HF_TOKEN, AWS_*) never travel: each node
+# reads its own.
+FORWARDED_SETTINGS = ("HF_ENDPOINT", "HF_HUB_OFFLINE", "RAYGRAD_CACHE")
 
 
 def local_gpus() -> int:
@@ -71,17 +82,24 @@ class RemoteWorker:
             return self.runner
 
 
-def forwarded_env() -> dict[str, str]:
-    """The driver's settings its workers get: they read gated hub models with the driver's token."""
-    return {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+def forwarded_settings() -> dict[str, str]:
+    """The driver's FORWARDED_SETTINGS that a joined cluster's workers get. An HF_ENDPOINT with a user
+    or password in its URL is a credential, and stays here."""
+    settings = {name: os.environ[name] for name in FORWARDED_SETTINGS if name in os.environ}
+    endpoint = urlsplit(settings.get("HF_ENDPOINT", ""))
+    if endpoint.username is not None or endpoint.password is not None:
+        del settings["HF_ENDPOINT"]
+        log.warning("HF_ENDPOINT holds a user or password: not passed to the workers; set it on each node")
+    return settings
 
 
 def local_runtime_env() -> dict:
     """The runtime_env of a Ray on this machine: workers import raygrad from wherever this driver
-    does (a checkout works too), with the forwarded settings."""
+    does (a checkout works too). Nothing else: the rest of the environment they inherit (the Ray
+    processes are started by this one)."""
     python_path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
                                                 os.environ.get("PYTHONPATH")]))
-    return {"env_vars": {"PYTHONPATH": python_path, **forwarded_env()}}
+    return {"env_vars": {"PYTHONPATH": python_path}}
 
 
 def start_or_join(config: RunConfig, ray) -> tuple | None:
@@ -91,7 +109,7 @@ def start_or_join(config: RunConfig, ray) -> tuple | None:
         wait_reachable(config.address, config.connect_timeout)
         try:
             ray.init(address=config.address, log_to_driver=False, logging_level=logging.ERROR,
-                     runtime_env={"py_modules": [str(Path(__file__).parent)], "env_vars": forwarded_env()})
+                     runtime_env={"py_modules": [str(Path(__file__).parent)], "env_vars": forwarded_settings()})
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise RaygradError(f"--address {config.address}: cannot join that Ray cluster "
                                f"({first_line(err)})") from None
@@ -100,6 +118,8 @@ def start_or_join(config: RunConfig, ray) -> tuple | None:
     # by another process (a stale one made runs hang); --address names a cluster.
     # logging_level: Ray's start-up notices (token authentication, "Started a local Ray
     # instance") say nothing a raygrad user can act on; warnings about the run still show.
+    # Its GCS and raylet start as children of this process, with os.environ as it is now, and the
+    # raylet starts the workers with its own: they see this process's credentials.
     loopback_setting = bind_to_loopback()
     try:
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,

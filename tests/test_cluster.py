@@ -300,6 +300,37 @@ def test_all_workers_lost_stops_then_resumes_on_a_new_node(any_gpu_cluster, tiny
     assert_same_counts_and_close_sums(resumed, local)
 
 
+SECRETS = {"HF_TOKEN": "hf_canary", "AWS_ACCESS_KEY_ID": "AKIACANARY", "AWS_SECRET_ACCESS_KEY": "canary-secret",
+           "AWS_SESSION_TOKEN": "canary-session"}
+
+
+@pytest.mark.parametrize("endpoint, forwarded", [("https://hub.example.org", True),
+                                                 ("https://user:hf_canary@hub.example.org", False)])
+def test_a_joined_cluster_gets_settings_not_credentials(monkeypatch, caplog, endpoint, forwarded):
+    """--address: the runtime_env (which Ray logs and shows) carries the hub endpoint, offline switch and
+    cache directory, never a credential; each node reads its own. An endpoint URL holding a password is
+    a credential too, and stays with a warning that does not repeat it."""
+    from types import SimpleNamespace
+
+    from raygrad import ray_runtime
+    from raygrad.config import RunConfig
+
+    settings = {"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "1", "RAYGRAD_CACHE": "/srv/cache"}
+    for name, value in {**SECRETS, **settings}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(ray_runtime, "wait_reachable", lambda address, timeout: None)
+    joined = []
+    fake_ray = SimpleNamespace(init=lambda **options: joined.append(options))
+    assert ray_runtime.start_or_join(RunConfig(address="head:6379"), fake_ray) is None
+    (options,) = joined
+    if not forwarded:
+        del settings["HF_ENDPOINT"]
+    assert options["runtime_env"]["env_vars"] == settings
+    assert options["runtime_env"]["py_modules"]  # workers import this raygrad
+    assert "hf_canary" not in caplog.text and ("HF_ENDPOINT holds a user" in caplog.text) == (not forwarded)
+    assert ray_runtime.local_runtime_env()["env_vars"].keys() == {"PYTHONPATH"}  # a local Ray's inherit the rest
+
+
 def test_resume_refuses_an_option_that_changes_what_is_computed(tiny_llama, texts_file, tmp_path):
     run_dir = killed_run(build_config(tiny_llama, texts_file, tmp_path, shard_size=2), dies_at_call=2)  # on shard 1
     with pytest.raises(RaygradError, match="--layers would change what the run computes"):

@@ -1,13 +1,15 @@
 """The private local Ray a `--workers N` run starts on this machine, seen from outside: one real
-`raygrad run --workers 1` in its own process (a Ray start and a worker cost seconds on a small
-machine), looked at while its pool is up, stopped by SIGTERM after three checkpoints (a scheduler
-ending the job: ray.init would put its own handler in, one that exits at once), and looked at
-after it ends. Each test reads one part of it. The run measures SAE features, and the rest of it
-is resumed in this process, so its sums are also the check that a worker actor loads and applies
-SAEs as this process does (two Ray workers' MLP sums: test_cluster). Its SAEs are
-dictionary_learning directories: a worker loads every format through the same registry, and this
-one needs no sae-lens import (sae-lens directories: test_saes, test_sae_engine)."""
+`raygrad run --workers 2` in its own process (a Ray start and a worker cost seconds on a small
+machine), with canary credentials in its environment, looked at while its pool is up, stopped by
+SIGTERM after three checkpoints (a scheduler ending the job: ray.init would put its own handler in,
+one that exits at once), and looked at after it ends (every file Ray and the run wrote). Each test
+reads one part of it. The run measures SAE features, and the rest of it is resumed in this process,
+so its sums are also the check that a worker actor loads and applies SAEs as this process does (two
+Ray workers' MLP sums: test_cluster). Its SAEs are dictionary_learning directories: a worker loads
+every format through the same registry, and this one needs no sae-lens import (sae-lens directories:
+test_saes, test_sae_engine)."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -26,19 +28,21 @@ from raygrad import constants as names
 from raygrad import engine
 from raygrad.store import ResultStore
 
-HF_TOKEN = "hf_test_token_123"
+# Credentials in the driver's environment (made up): its workers must see them, and no file may hold them.
+CANARIES = {"HF_TOKEN": "hf_canary_5f0c9e2b7a41", "AWS_ACCESS_KEY_ID": "AKIACANARY7Q3ZK2M",
+            "AWS_SECRET_ACCESS_KEY": "canary-secret-9d8e7f6a5b4c", "AWS_SESSION_TOKEN": "canary-session-1a2b3c4d5e6f"}
 SAE_LAYERS = (0, 2)
 
 # `raygrad run` as its console script runs it (raygrad.cli:main), with the pool's exit looked through:
 # by then its actor has run shards, and the SIGTERM is being handled.
 LOCAL_RAY_RUN = """
-import json, os, sys
+import hashlib, json, os, sys
 os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # as in a user's shell (the tests' conftest sets it)
 import psutil
 import ray
 from raygrad import cli, pool
 
-seen_file, seen, real_exit = sys.argv[1], {}, pool.WorkerPool.__exit__
+seen_file, probed, seen, real_exit = sys.argv[1], sys.argv[2].split(","), {}, pool.WorkerPool.__exit__
 
 def exit_after_looking(self, *exc):
     seen["nodes"] = [node["NodeManagerAddress"] for node in ray.nodes()]
@@ -49,12 +53,15 @@ def exit_after_looking(self, *exc):
         except psutil.NoSuchProcess:
             pass
     seen["listening"] = sorted(listening)
-    seen["worker env"] = ray.get(ray.remote(num_cpus=0)(  # the worker actor holds the CPUs asked for
-        lambda: (os.environ.get("HF_TOKEN"), os.environ.get("HF_HUB_OFFLINE"))).remote())
+    # Each worker actor's environment, as digests: the values themselves travel nowhere.
+    seen["worker env"] = ray.get([actor.__ray_call__.remote(lambda _, names: {
+        name: hashlib.sha256(os.environ[name].encode()).hexdigest() if name in os.environ else None
+        for name in names}, probed) for actor in self.actors])
+    seen["session dir"] = ray._private.worker._global_node.get_session_dir_path()
     return real_exit(self, *exc)
 
 pool.WorkerPool.__exit__ = exit_after_looking
-sys.argv = ["raygrad", *sys.argv[2:]]
+sys.argv = ["raygrad", *sys.argv[3:]]
 try:
     cli.main()
 finally:
@@ -74,11 +81,13 @@ class LocalRayRun(NamedTuple):
     saved: list  # the shards done when it ended, one flag each
     followed: str  # the address a plain ray.init() would have followed
     expected: object  # the totals Partial of the same run undisturbed in this process
+    files_seen: int  # the files searched for the canaries: Ray's temp directory's (its session's) and the run's
+    canaries_found: list  # (file, variable) where a file held a canary's value
 
 
 @pytest.fixture(scope="module")
 def local_ray_run(tiny_llama, tmp_path_factory) -> LocalRayRun:
-    """Run as a user would: Ray's default token authentication, HF_TOKEN set, and a stale
+    """Run as a user would: Ray's default token authentication, credentials set (CANARIES), and a stale
     `ray_current_cluster` pointer (which `ray start` leaves in Ray's temp directory; a dead address
     there made a plain ray.init() hang) in a private RAY_TMPDIR (short: Ray's socket paths must fit
     107 bytes), which keeps the test off the machine's own. 48 texts, a shard each: the run is still
@@ -97,7 +106,7 @@ def local_ray_run(tiny_llama, tmp_path_factory) -> LocalRayRun:
                            checkpoint_seconds=3600, **sae)
     private = Path(tempfile.mkdtemp(prefix="rg", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # Ray's default: token auth on
-    env.update(RAY_TMPDIR=str(private), HF_TOKEN=HF_TOKEN, HF_HUB_OFFLINE="1")
+    env.update(RAY_TMPDIR=str(private), HF_HUB_OFFLINE="1", **CANARIES)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_TMPDIR", str(private))
         pointer = Path(get_default_ray_temp_dir()) / "ray_current_cluster"
@@ -105,18 +114,29 @@ def local_ray_run(tiny_llama, tmp_path_factory) -> LocalRayRun:
         pointer.parent.mkdir(parents=True)
         pointer.write_text("127.0.0.1:1")  # nothing listens there
         followed = canonicalize_bootstrap_address(None)
-    args = many_texts_run_args(tiny_llama, dataset, root / "out", 1, "--target", "sae", "--sae-path", sae["sae_path"],
+    args = many_texts_run_args(tiny_llama, dataset, root / "out", 2, "--target", "sae", "--sae-path", sae["sae_path"],
                                "--layers", sae["layers"])
     try:
-        process = subprocess.Popen([sys.executable, "-c", LOCAL_RAY_RUN, str(root / "seen.json"), *args],
+        process = subprocess.Popen([sys.executable, "-c", LOCAL_RAY_RUN, str(root / "seen.json"),
+                                    ",".join([*CANARIES, "HF_HUB_OFFLINE"]), *args],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         out, err = signal_after_checkpoints(process, root / "out", signal.SIGTERM)
+        searched = [*files_under(private), *files_under(root / "out")]
+        found = [(str(path), name) for path in searched for name, value in CANARIES.items()
+                 if value.encode() in path.read_bytes()]
+        found += [(stream, name) for stream, text in (("stdout", out), ("stderr", err))
+                  for name, value in CANARIES.items() if value in text]
     finally:
         shutil.rmtree(private, ignore_errors=True)
     (run_dir,) = (root / "out").iterdir()
     _, saved = ResultStore.open(run_dir / names.STORE_NAME).totals()
     return LocalRayRun(process.returncode, out, err, json.loads((root / "seen.json").read_text()), run_dir,
-                       saved.tolist(), followed, expected)
+                       saved.tolist(), followed, expected, len(searched), found)
+
+
+def files_under(root: Path) -> list[Path]:
+    """Every regular file under `root` (Ray's sockets and the session_latest link left out)."""
+    return [path for path in root.rglob("*") if path.is_file() and not path.is_symlink()]
 
 
 def test_a_local_ray_listens_on_loopback_only(local_ray_run):
@@ -155,7 +175,7 @@ def test_a_local_ray_ignores_a_stale_cluster_pointer(local_ray_run):
 
 
 def test_a_sigtermed_local_ray_run_resumed_here_equals_one_undisturbed_here(local_ray_run):
-    """The shards the worker actor finished and those this process finishes add up to the sums of
+    """The shards the worker actors finished and those this process finishes add up to the sums of
     a run in this process: the SAE features' and the site's (MLP output) beside them."""
     run = local_ray_run
     engine.resume(run.run_dir, echo=lambda _: None, progress=False,
@@ -167,6 +187,16 @@ def test_a_sigtermed_local_ray_run_resumed_here_equals_one_undisturbed_here(loca
     assert totals.sums["grad_sum"].shape == (len(SAE_LAYERS), 64)
 
 
-def test_the_driver_forwards_hub_credentials_to_its_workers(local_ray_run):
-    """Workers read gated hub models with the driver's HF_TOKEN (and honour its HF_HUB_OFFLINE)."""
-    assert local_ray_run.seen["worker env"] == [HF_TOKEN, "1"]
+def test_workers_see_the_drivers_credentials_and_no_file_holds_them(local_ray_run):
+    """Both worker actors read gated hub models and buckets with the driver's credentials (and honour its
+    HF_HUB_OFFLINE), which they inherit from the Ray processes the driver started: no canary is in any
+    file of Ray's session (runtime_env_agent.log held HF_TOKEN when it went through runtime_env) or of
+    the run directory, nor in what the run printed."""
+    run = local_ray_run
+    expected = {name: hashlib.sha256(value.encode()).hexdigest() for name, value in {**CANARIES,
+                                                                                        "HF_HUB_OFFLINE": "1"}.items()}
+    assert run.seen["worker env"] == [expected, expected]
+    session = Path(run.seen["session dir"])
+    assert session.parent.parent.name.startswith("rg") and session.name.startswith("session_")  # the private one
+    assert run.files_seen > 20  # Ray's logs and the run's store, not an empty directory
+    assert run.canaries_found == []
