@@ -119,6 +119,8 @@ def measure(model: str, corpus: str, output_dir: str) -> dict:
     from raygrad.store import ResultStore
 
     plan = ResultStore.open(run_dir / names.STORE_NAME).attrs[names.ATTR_PLAN]
+    if len(plan["shards"]) < 2:  # the run would be done at its first shard, leaving the resume nothing to compute
+        sys.exit(f"{corpus}: planned as one shard; the resume needs a second: use --tokens of at least 1.5e5")
     rows_read[0] = 0
     resumed = seconds_to_first_shard(lambda: resume(run_dir, echo=lambda _: None, progress=False))
     return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -167,11 +169,11 @@ def main() -> None:
     print(f"{'corpus':>8} {'rows':>9} {'shards':>6} {'peak RSS':>10} {'first shard':>12} {'resume: first':>14} "
           f"{'rows read':>10}")
     for tokens, figures in rows:
-        print(f"{tokens / 1e6:>7.0f}M {figures['rows']:>9,} {figures['shards']:>6} "
+        print(f"{tokens / 1e6:>7.4g}M {figures['rows']:>9,} {figures['shards']:>6} "
               f"{figures['peak_rss_bytes'] / 2**20:>7.0f} MiB {figures['first_shard_seconds']:>10.1f} s "
               f"{figures['resume_first_shard_seconds']:>12.1f} s {figures['rows_read_resume']:>10,}")
     low, high = rows[0][1]["peak_rss_bytes"], rows[-1][1]["peak_rss_bytes"]
-    print(f"peak at {rows[-1][0] / 1e6:.0f}M tokens / peak at {rows[0][0] / 1e6:.0f}M: {high / low:.2f}x "
+    print(f"peak at {rows[-1][0] / 1e6:.4g}M tokens / peak at {rows[0][0] / 1e6:.4g}M: {high / low:.2f}x "
           "(target <= 1.2x and < 1 GiB)")
     print("rows read: by the resume, before its first shard was computed (the first shard's row groups; "
           "a re-read dataset would be every row)")
