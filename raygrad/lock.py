@@ -16,9 +16,20 @@ Who may take a lock file that is already there:
   when flock succeeds the record decides. It is honoured while its heartbeat is less than
   STALE_SECONDS (10 minutes) old; older, its holder is taken to be gone and the lock is taken over.
   The two hosts' clocks are compared, so their skew shifts that wait. Where flock does not reach
-  across hosts, a holder stopped for longer (SIGSTOP, a hung mount) loses its lock (it logs a
-  warning when it notices), and the check is not atomic: two drivers starting within the same
-  moment on two hosts may both go on. Where flock does reach, a live holder's flock refuses anyway.
+  across hosts, the check is not atomic: two drivers starting within the same moment on two hosts
+  may both go on. Where flock does reach, a live holder's flock refuses anyway.
+
+A displaced holder stops. Where flock does not reach across hosts, a holder stopped for longer than
+STALE_SECONDS (SIGSTOP, a hung mount) may find its lock taken over when it wakes. Its record in the
+file is then another's: the heartbeat thread notices within HEARTBEAT_SECONDS, and every durable
+write in the run directory asks first (`ensure_held`, called by the store before a checkpoint or
+finalize and by files.replacing before any file it writes there), reading the record afresh. A
+displaced holder's next write raises RaygradError, one line naming the new holder (pid, host,
+command, since); what it wrote before stays valid (each checkpoint is whole), and its lock file is
+left to the new holder.
+
+The lock file is opened with O_NOFOLLOW and must be a regular file with one link: a symlink or a
+hard link planted at RUN_DIR/.raygrad.lock is refused with one line, never written through.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 from datetime import datetime, timezone
@@ -49,33 +61,91 @@ OPEN_TRIES = 10  # a holder may remove the file just as it is opened: open the n
 NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # a filesystem without flock: the record decides
 
 
+class RunLock:
+    """A lock this process took: its record, and whether it still holds it (`check`)."""
+
+    def __init__(self, fd: int, path: Path, record: dict, where: str):
+        self.fd, self.path, self.record, self.where = fd, path, record, where
+        self.run_dir = path.parent.resolve()
+        self.taken_by: dict | None = None  # the record of the process that took it over
+        self._guard = threading.Lock()  # the fd is read by writers' threads and closed at release
+        self._closed = False
+
+    def check(self) -> None:
+        """Raise RaygradError, one line naming the new holder, once another process has taken this
+        lock over; reads the record afresh (the heartbeat may not have run since)."""
+        with self._guard:
+            if self.taken_by is None and not self._closed:
+                self._notice(_read(self.fd))
+        if self.taken_by is not None:
+            holder = self.taken_by
+            raise RaygradError(
+                f"{self.where}: its lock was taken over by pid {holder.get('pid')} on host {holder.get('host')} "
+                f"since {holder.get('since')} ({holder.get('command')}), this process's heartbeat being over "
+                f"{STALE_SECONDS / 60:g} minutes old (a stopped process, a hung mount); this process stops before "
+                "writing again: the checkpoints it wrote stay valid, and that process goes on with the run")
+
+    def covers(self, path: Path) -> bool:
+        """Whether `path` lies in this lock's run directory."""
+        return Path(path).resolve().is_relative_to(self.run_dir)
+
+    def _notice(self, current: dict | None) -> bool:
+        """Record a takeover seen in `current` (the file's record); True when there is one."""
+        if current is not None and not _same_holder(current, self.record):
+            self.taken_by = current
+        return self.taken_by is not None
+
+    def _close(self) -> None:
+        with self._guard:
+            self._closed = True
+            os.close(self.fd)
+
+
+_held: dict[int, RunLock] = {}  # id -> the locks this process holds now (its threads' included)
+
+
+def ensure_held(path: Path) -> None:
+    """Before a durable write to `path`: raise RaygradError when it lies in a run directory whose lock
+    this process took and has since lost to another (the module's docstring); else nothing."""
+    for held in list(_held.values()):
+        if held.covers(path):
+            held.check()
+
+
 @contextlib.contextmanager
-def run_lock(run_dir: Path, who: str, label: str = "RUN_DIR") -> Iterator[dict]:
+def run_lock(run_dir: Path, who: str, label: str = "RUN_DIR") -> Iterator[RunLock]:
     """Hold RUN_DIR's lock for the block, or raise RaygradError naming its holder. `who`: the
     command the record names ("run --resume", "repair"); `label`: the argument a refusal names
-    ("--resume", "RUN_DIR"). Yields the record written."""
+    ("--resume", "RUN_DIR"). Yields the lock (its record, and `check` before a write)."""
     path = Path(run_dir) / names.LOCK_FILE
-    fd, record = _take(path, who, f"{label} {run_dir}")
+    where = f"{label} {run_dir}"
+    fd, record = _take(path, who, where)
+    held = RunLock(fd, path, record, where)
+    _held[id(held)] = held
     stop = threading.Event()
-    heartbeat = threading.Thread(target=_beat, args=(fd, path, record, stop), name="raygrad-lock-heartbeat",
-                                 daemon=True)
+    heartbeat = threading.Thread(target=_beat, args=(held, stop), name="raygrad-lock-heartbeat", daemon=True)
     heartbeat.start()
     try:
-        yield record
+        yield held
     finally:
         stop.set()
         heartbeat.join()
-        _release(fd, path, record)
+        del _held[id(held)]
+        _release(held)
 
 
 def _take(path: Path, who: str, where: str) -> tuple[int, dict]:
     for _ in range(OPEN_TRIES):
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # O_NOFOLLOW: a symlink planted at the lock's name is refused, never written through
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise RaygradError(_planted(where, path, "a symbolic link")) from None
             raise RaygradError(f"{where}: cannot create its lock file {names.LOCK_FILE} "
                                f"({err.strerror or err})") from None
         try:
+            _check_plain(fd, path, where)
             record = _claim(fd, path, who, where)
         except BaseException:
             os.close(fd)
@@ -84,6 +154,21 @@ def _take(path: Path, who: str, where: str) -> tuple[int, dict]:
             return fd, record
         os.close(fd)  # its holder removed the file as we opened it: open the one there now
     raise RaygradError(f"{where}: its lock file {path} keeps being replaced; try again")
+
+
+def _check_plain(fd: int, path: Path, where: str) -> None:
+    """The open lock file is a regular file of its own: not a FIFO or device, nor a hard link to
+    another file (whose contents the record would replace)."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        raise RaygradError(_planted(where, path, "not a regular file"))
+    if info.st_nlink > 1:
+        raise RaygradError(_planted(where, path, f"a hard link ({info.st_nlink} names for one file)"))
+
+
+def _planted(where: str, path: Path, what: str) -> str:
+    return (f"{where}: its lock file {path} is {what}; raygrad writes its lock record only into a file of its "
+            "own: remove it, then run the command again")
 
 
 def _claim(fd: int, path: Path, who: str, where: str) -> dict | None:
@@ -155,35 +240,40 @@ def _in_use(where: str, holder: dict | None, path: Path) -> str:
             f"heartbeat ({holder.get('heartbeat')})")
 
 
-def _beat(fd: int, path: Path, record: dict, stop: threading.Event) -> None:
-    """Rewrite the heartbeat every HEARTBEAT_SECONDS until stopped; stop if another took the lock over."""
+def _beat(held: RunLock, stop: threading.Event) -> None:
+    """Rewrite the heartbeat every HEARTBEAT_SECONDS until stopped; stop if another took the lock over
+    (the next durable write in the run directory then raises: `ensure_held`)."""
     while not stop.wait(HEARTBEAT_SECONDS):
-        current = _read(fd)
-        if current is not None and not _same_holder(current, record):
-            log.warning("%s: the lock was taken over by pid %s on host %s (no heartbeat from this process for "
-                        "%g s)", path.parent, current.get("pid"), current.get("host"), STALE_SECONDS)
-            return
-        record["heartbeat"] = _now()
-        try:
-            _write(fd, record)
-        except OSError as err:  # a full or failing disk: the run goes on, other hosts may take the lock later
-            log.warning("%s: cannot refresh the lock's heartbeat (%s)", path, err.strerror or err)
+        with held._guard:
+            if held._notice(_read(held.fd)):
+                current = held.taken_by
+                log.warning("%s: the lock was taken over by pid %s on host %s (%s, since %s) after no heartbeat "
+                            "from this process for %g s; this process stops before its next write",
+                            held.path.parent, current.get("pid"), current.get("host"), current.get("command"),
+                            current.get("since"), STALE_SECONDS)
+                return
+            held.record["heartbeat"] = _now()
+            try:
+                _write(held.fd, held.record)
+            except OSError as err:  # a full or failing disk: the run goes on, other hosts may take the lock later
+                log.warning("%s: cannot refresh the lock's heartbeat (%s)", held.path, err.strerror or err)
 
 
-def _release(fd: int, path: Path, record: dict) -> None:
+def _release(held: RunLock) -> None:
     """Remove the file (while still holding the flock, so no opener locks a file being removed), then
     drop the flock; a lock taken over meanwhile is left to its new holder."""
+    path = held.path
     try:
-        current = _read(fd)
-        if current is not None and not _same_holder(current, record):
+        if held._notice(_read(held.fd)):
+            current = held.taken_by
             log.warning("%s: the lock was taken over by pid %s on host %s while this process held it",
                         path.parent, current.get("pid"), current.get("host"))
-        elif _same_file(fd, path):
+        elif _same_file(held.fd, path):
             path.unlink()
     except OSError as err:  # left behind, it is taken over by the next command (its flock is free)
         log.warning("%s: cannot remove the lock file (%s)", path, err.strerror or err)
     finally:
-        os.close(fd)
+        held._close()
 
 
 def _same_holder(a: dict, b: dict) -> bool:
@@ -193,7 +283,7 @@ def _same_holder(a: dict, b: dict) -> bool:
 def _same_file(fd: int, path: Path) -> bool:
     """Whether the open file is still the one at `path` (its holder may have removed it)."""
     try:
-        there = os.stat(path)
+        there = os.lstat(path)  # a link planted there since is not our file
     except FileNotFoundError:
         return False
     here = os.fstat(fd)

@@ -12,6 +12,10 @@ Every array's digest is kept in `checkpoint_state.json` beside the arrays,
 with a digest of the run's configuration and plan: a missing chunk (which
 Zarr would read back as its fill value), a truncated one or an edited array
 stops any reader with one line instead of yielding a number.
+
+A run whose lock this process has lost to another (raygrad.lock) writes nothing
+more: a checkpoint or the derived statistics raise first, one line naming the
+new holder, and the last checkpoint stands.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from . import constants as names
 from . import examples as topk
 from .errors import RaygradError, first_line
 from .files import fsync_dir, replacing, sync_tree
+from .lock import ensure_held
 from .partial import Partial
 from .zarr_batch import create_arrays, open_arrays, read_arrays, write_arrays
 
@@ -194,6 +199,7 @@ class ResultStore:
         return [name for prefix in self.example_prefixes() for name in topk.array_names(prefix)]
 
     def checkpoint(self, totals: Partial, shards_done: np.ndarray) -> None:
+        ensure_held(self.path)  # a run whose lock another process took over writes nothing more (raygrad.lock)
         pending = self.path / names.PENDING_CHECKPOINT
         _stage(pending, _checkpoint_arrays(totals, shards_done))
         _commit(pending)
@@ -223,6 +229,7 @@ class ResultStore:
     def write_means(self) -> dict[str, np.ndarray]:
         """Every derived statistic ({prefix}_{statistic}, float32, for xarray and lazy readers; the
         exports derive theirs from the sums in float64) from the sums; returns them by name."""
+        ensure_held(self.path)  # finalize and repair start here
         totals, _ = self.totals()
         count = totals.tokens[:, None]  # a layer with no tokens has statistics 0, not NaN
         written, attributes, new = {}, {}, {}

@@ -191,7 +191,7 @@ def test_another_hosts_fresh_record_is_honoured_and_a_stale_one_taken_over(tmp_p
     with caplog.at_level(logging.WARNING, logger="raygrad.lock"):
         with run_lock(tmp_path, "repair") as taken:
             mine = json.loads((tmp_path / names.LOCK_FILE).read_text())
-    assert mine == taken and (mine["pid"], mine["host"], mine["command"]) == (os.getpid(), HOST, "raygrad repair")
+    assert mine == taken.record and (mine["pid"], mine["host"], mine["command"]) == (os.getpid(), HOST, "raygrad repair")
     assert "taking over the lock of pid 4242 on host node-elsewhere" in caplog.text
     assert not (tmp_path / names.LOCK_FILE).exists()
 
@@ -214,7 +214,8 @@ def test_a_holder_keeps_its_heartbeat_fresh(tmp_path, monkeypatch):
     """So a driver that runs for hours is never taken for gone by another host."""
     monkeypatch.setattr(lock_module, "HEARTBEAT_SECONDS", 0.05)
     path = tmp_path / names.LOCK_FILE
-    with run_lock(tmp_path, "run") as record:
+    with run_lock(tmp_path, "run") as held:
+        record = held.record
         stale = (datetime.now().astimezone() - timedelta(hours=1)).isoformat(timespec="seconds")
         record_now = json.loads(path.read_text())
         with open(path, "r+") as handle:  # as if the heartbeats had stopped an hour ago
@@ -225,3 +226,111 @@ def test_a_holder_keeps_its_heartbeat_fresh(tmp_path, monkeypatch):
         refreshed = json.loads(path.read_text())
     assert refreshed["heartbeat"] != stale and lock_module._age(refreshed) < 5
     assert (refreshed["pid"], refreshed["since"]) == (os.getpid(), record["since"])
+
+
+# --- issue 24: a displaced holder stops; a planted lock file is never written through
+
+
+def take_over_in_place(run_dir, host="node-elsewhere"):
+    """What another host does where flock does not reach across hosts: it finds this process's record stale
+    and rewrites the same file with its own (this process's flock, on its own host, does not stop it)."""
+    now = datetime.now().astimezone().isoformat(timespec="seconds")
+    record = {"pid": 4242, "host": host, "command": "raygrad run --resume", "since": now, "heartbeat": now}
+    with open(run_dir / names.LOCK_FILE, "r+") as handle:
+        handle.write(json.dumps(record).ljust(lock_module.RECORD_BYTES) + "\n")
+    return record
+
+
+def displaced_message(record):
+    return (f"its lock was taken over by pid 4242 on host {record['host']} since {record['since']} "
+            f"({record['command']})")
+
+
+def test_the_heartbeat_notices_a_takeover_and_every_write_in_the_run_directory_stops(tmp_path, monkeypatch, caplog):
+    from raygrad.files import replacing
+
+    monkeypatch.setattr(lock_module, "HEARTBEAT_SECONDS", 0.05)
+    outside = tmp_path / "elsewhere.txt"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with caplog.at_level(logging.WARNING, logger="raygrad.lock"):
+        with run_lock(run_dir, "run", "--output-dir") as held:
+            lock_module.ensure_held(run_dir / "metadata.json")  # held: nothing happens
+            record = take_over_in_place(run_dir)
+            deadline = time.monotonic() + 10
+            while held.taken_by is None and time.monotonic() < deadline:  # no write asks: the heartbeat sees it
+                time.sleep(0.02)
+            assert held.taken_by == record
+            with pytest.raises(RaygradError) as stopped:
+                with replacing(run_dir / "metadata.json") as handle:
+                    handle.write(b"{}")
+            with replacing(outside) as handle:  # a path outside the run directory is not its lock's
+                handle.write(b"fine")
+    message = str(stopped.value)
+    assert "\n" not in message and message.startswith(f"--output-dir {run_dir}: {displaced_message(record)}")
+    assert "the checkpoints it wrote stay valid" in message
+    assert "taken over by pid 4242 on host node-elsewhere (raygrad run --resume" in caplog.text
+    assert sorted(p.name for p in run_dir.iterdir()) == [names.LOCK_FILE]  # no metadata.json, no temporary
+    assert json.loads((run_dir / names.LOCK_FILE).read_text()) == record  # left to its new holder
+    assert outside.read_bytes() == b"fine"
+
+
+def test_a_displaced_run_stops_before_its_next_checkpoint_and_its_store_verifies(tiny_llama, texts_file, tmp_path,
+                                                                                capsys, monkeypatch):
+    """The takeover lands while the third of four shards computes; the first two are checkpointed. The run
+    writes nothing more (no checkpoint, no finalize, no export), says who took it over, and what it wrote
+    before still verifies."""
+    out_dir = tmp_path / "out"
+    real_run, calls, seen = ShardRunner.run, [], {}
+
+    def taken_over_at_the_third(self, shard, *args):
+        calls.append(shard)
+        if len(calls) == 3:
+            (run_dir,) = out_dir.iterdir()
+            store = run_dir / names.STORE_NAME
+            deadline = time.monotonic() + 60  # the second shard's checkpoint lands (it is written off-thread)
+            while time.monotonic() < deadline and ((store / names.PENDING_CHECKPOINT).exists()
+                                                   or ResultStore.open(store).shards_done().sum() < 2):
+                time.sleep(0.02)
+            seen["before"] = tree_digest(store)
+            seen["record"] = take_over_in_place(run_dir)
+        return real_run(self, shard, *args)
+
+    monkeypatch.setattr(ShardRunner, "run", taken_over_at_the_third)
+    from helpers import tiny_args
+
+    code, out, err = run_cli(tiny_args(tiny_llama, texts_file, out_dir, "--shard-size", "1",
+                                       "--checkpoint-seconds", "0"), capsys, monkeypatch)
+    (run_dir,) = out_dir.iterdir()
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"error: --output-dir {run_dir}: {displaced_message(seen['record'])}"), lines[0]
+    store = run_dir / names.STORE_NAME
+    assert tree_digest(store) == seen["before"]  # not one byte written after the takeover
+    _, done = ResultStore.open(store).totals()  # verifies every digest
+    assert done.tolist() == [True, True, False, False]
+    assert not (run_dir / names.METADATA_JSON).exists()
+    assert json.loads((run_dir / names.LOCK_FILE).read_text()) == seen["record"]
+
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+@pytest.mark.parametrize("command", [["export"], ["repair"]])
+def test_a_lock_file_planted_as_a_link_is_refused_and_its_target_unchanged(link, command, undisturbed, tmp_path,
+                                                                           capsys, monkeypatch):
+    run_dir, _ = undisturbed
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    lock_path = run_dir / names.LOCK_FILE
+    (lock_path.symlink_to if link == "symlink" else lock_path.hardlink_to)(victim)
+    try:
+        before = tree_digest(run_dir)
+        capsys.readouterr()  # what loading printed so far
+        code, _, err = run_cli([*command, str(run_dir)], capsys, monkeypatch)
+        assert tree_digest(run_dir) == before
+    finally:
+        lock_path.unlink()
+    assert victim.read_text() == "precious\n"
+    what = "a symbolic link" if link == "symlink" else "a hard link (2 names for one file)"
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: RUN_DIR {run_dir}: its lock file {lock_path} is {what}; raygrad writes its lock record only "
+        "into a file of its own: remove it, then run the command again"], err
