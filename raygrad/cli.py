@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import signal
 import sys
 import typing
@@ -15,9 +16,51 @@ from typing import Literal
 import click
 
 from . import constants as names
-from .config import EXECUTION, RunConfig, _choices, field_type, fields_of, planned_fields
+from .config import EXECUTION, RunConfig, _choices, field_type, fields_of, is_ascii_count, planned_fields
 from .errors import RaygradError, Terminated, raise_terminated
 from .lock import run_lock
+
+
+class _Integer(click.ParamType):
+    """An integer in ASCII digits, with an optional sign: click.INT takes whatever int() reads, Arabic-Indic
+    and full-width digits or '1_000' included."""
+
+    name = "integer"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool):  # a default
+            return value
+        text = str(value).strip()
+        if is_ascii_count(text.removeprefix("-").removeprefix("+")):
+            return int(text)
+        self.fail(f"{value}: must be an integer written in ASCII digits 0-9", param, ctx)
+
+
+INTEGER = _Integer()
+
+
+# What a terminal acts on rather than shows: C0 and C1 control characters and DEL (ESC starts the ANSI
+# colour and OSC title sequences), line and paragraph separators, and bidirectional marks and overrides
+# (they reorder the text after them). Newlines stay: the commands print lines.
+_CONTROLS = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` with each control character escaped as repr writes it (ESC as \\x1b, U+202E as \\u202e):
+    dataset texts, column names, paths and a lock file's record reach the terminal as text."""
+    return _CONTROLS.sub(lambda found: found.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def _say(text="", err: bool = False, nl: bool = True) -> None:
+    """click.echo of `text` made printable: every line raygrad prints goes through here."""
+    click.echo(printable(str(text)), err=err, nl=nl)
+
+
+class _PrintableFormatter(logging.Formatter):
+    """Log lines (warnings on stderr) made printable like the rest."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
 
 
 def _help(name: str) -> str:
@@ -42,6 +85,7 @@ def _config_options(func):
             words = any(typing.get_origin(arg) is Literal for arg in typing.get_args(hint))  # 'all' or N: str
             kind = click.Choice(choices) if choices else str if words else next(
                 (t for t in (int, float) if t in (hint, *typing.get_args(hint))), str)
+            kind = INTEGER if kind is int else kind
             option = click.option(*spellings, f.name, type=kind, default=f.default, show_default=True,
                                   help=help_text)
         func = option(func)
@@ -85,15 +129,15 @@ def run(ctx, model_alias, resume, no_progress, dry_run, **options) -> None:
                  if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE or
                  (name == "model" and model_alias)}
         if dry_run:
-            engine.dry_run_resume(Path(resume), execution=given, echo=click.echo)
+            engine.dry_run_resume(Path(resume), execution=given, echo=_say)
             return
-        run_dir = engine.resume(Path(resume), echo=click.echo, progress=not no_progress, execution=given)
+        run_dir = engine.resume(Path(resume), echo=_say, progress=not no_progress, execution=given)
     elif dry_run:
-        engine.dry_run(config, echo=click.echo)
+        engine.dry_run(config, echo=_say)
         return
     else:
-        run_dir = engine.run(config, echo=click.echo, progress=not no_progress)
-    click.echo(f"results  {run_dir}")
+        run_dir = engine.run(config, echo=_say, progress=not no_progress)
+    _say(f"results  {run_dir}")
 
 
 @cli.command()
@@ -123,7 +167,7 @@ def export(run_dir, save_outputs, plots, aggregation_mode, power, normalize_mode
                                               with_plots=plots)
         else:
             where, written = run_dir, write_exports(Path(run_dir), with_outputs=save_outputs, with_plots=plots)
-    click.echo(f"wrote {len(written)} files in {where}")
+    _say(f"wrote {len(written)} files in {where}")
 
 
 @cli.command()
@@ -137,15 +181,15 @@ def info(run_dir) -> None:
     store = ResultStore.open(_store_of(run_dir))
     attrs = store.attrs
     if names.ATTR_CONFIG not in attrs:  # a comparison (raygrad compare): what it compared
-        click.echo(_readable_json({names.ATTR_STATUS: attrs.get(names.ATTR_STATUS),
-                               "store": "every array matches its recorded digest",
-                               names.ATTR_COMPARE: attrs.get(names.ATTR_COMPARE)}))
+        _say(_readable_json({names.ATTR_STATUS: attrs.get(names.ATTR_STATUS),
+                             "store": "every array matches its recorded digest",
+                             names.ATTR_COMPARE: attrs.get(names.ATTR_COMPARE)}))
         return
     done = store.shards_done()
     quality = sae_quality(store)
     complete = attrs.get(names.ATTR_STATUS) == names.STATUS_COMPLETE
     exports = (check_exports(Path(run_dir)) or "whole") if complete else "not written (the run is not complete)"
-    click.echo(_readable_json({
+    _say(_readable_json({
         names.ATTR_STATUS: attrs.get(names.ATTR_STATUS),
         "store": "every array matches its checkpoint digest",
         "shards_done": f"{int(done.sum())} of {len(done)}",
@@ -177,8 +221,8 @@ def repair(run_dir, trust_unrecorded) -> None:
             store.seal_unrecorded()
         rebuilt = store.rebuild_means()
         written = write_exports(Path(run_dir))
-    click.echo(f"rebuilt {len(rebuilt)} derived statistics from the verified sums and wrote {len(written)} files "
-               f"in {run_dir}")
+    _say(f"rebuilt {len(rebuilt)} derived statistics from the verified sums and wrote {len(written)} files "
+         f"in {run_dir}")
 
 
 def _readable_json(value, depth: int = 0) -> str:
@@ -202,8 +246,8 @@ def _store_of(run_dir: str) -> Path:
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--layer", type=int, default=None, help="One layer (default: every layer of the run).")
-@click.option("-k", "--k", type=int, default=20, show_default=True, help="Entries per layer.")
+@click.option("--layer", type=INTEGER, default=None, help="One layer (default: every layer of the run).")
+@click.option("-k", "--k", type=INTEGER, default=20, show_default=True, help="Entries per layer.")
 @click.option("--by", default="mean_abs", show_default=True,
               help="Statistic to rank by (README \"Names\"): mean_abs, std, grad_mean_sq, value_mean_abs, "
                    "sem_attribution, site_grad_mean_abs, ...")
@@ -211,27 +255,33 @@ def top(run_dir, layer, k, by) -> None:
     """The top features (or dimensions) per layer, largest magnitude first."""
     from .top import format_rows, top_features
 
-    click.echo(format_rows(top_features(run_dir, layer, k, by), by))
+    _say(format_rows(top_features(run_dir, layer, k, by), by))
 
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--layer", type=int, required=True, help="Model layer (one of the run's).")
-@click.option("--feature", type=int, required=True,
+@click.option("--layer", type=INTEGER, required=True, help="Model layer (one of the run's).")
+@click.option("--feature", type=INTEGER, required=True,
               help="SAE feature, or the site dimension for --target mlp runs (0-based).")
 @click.option("--by", default="gradients", show_default=True,
               type=click.Choice(list(names.EXAMPLE_KINDS)), help="Which kind's examples (the run must collect it).")
-@click.option("-k", "--k", type=int, default=None, help="Examples to show, best first (default: all the run kept).")
-@click.option("--context", type=int, default=8, show_default=True, help="Tokens of context before and after.")
+@click.option("-k", "--k", type=INTEGER, default=None, help="Examples to show, best first (default: all the run kept).")
+@click.option("--context", type=INTEGER, default=8, show_default=True, help="Tokens of context before and after.")
 @click.option("--json", "as_json", is_flag=True, help="A JSON list, best first.")
 def examples(run_dir, layer, feature, by, k, context, as_json) -> None:
     """The tokens where a feature's score (gradient, attribution or value) is largest in |score|, with the
     token each predicts and the text around it, re-read from the dataset (needs a run with --top-examples)."""
     from .contexts import RunExamples, format_examples
 
-    found = RunExamples(run_dir).examples(layer, feature, by, k, context)
-    click.echo(json.dumps([example.to_dict() for example in found], indent=1) if as_json
-               else format_examples(found, layer, feature, by))
+    run = RunExamples(run_dir)
+    found = run.examples(layer, feature, by, k, context)
+    unfinished = run.unfinished()
+    if unfinished:  # on stderr: --json's output stays JSON
+        _say(f"warning: {unfinished}", err=True)
+    # Texts come from the dataset: format_examples escapes their line breaks, _say every other control
+    # character; json.dumps escapes them all (\u001b).
+    _say(json.dumps([example.to_dict() for example in found], indent=1) if as_json
+         else format_examples(found, layer, feature, by))
 
 
 @cli.command()
@@ -242,13 +292,13 @@ def examples(run_dir, layer, feature, by, k, context, as_json) -> None:
 @click.option("--by", default=None,
               help="Statistic to rank features by: default mean_abs of --kind for a run (largest |value| first), "
                    "welch_t_abs of --kind for a comparison (A: largest, B: smallest); or any `top --by` name.")
-@click.option("-k", "--k", type=int, default=10, show_default=True,
+@click.option("-k", "--k", type=INTEGER, default=10, show_default=True,
               help="Features per layer (per side for a comparison).")
-@click.option("--examples", "num_examples", type=int, default=5, show_default=True,
+@click.option("--examples", "num_examples", type=INTEGER, default=5, show_default=True,
               help="Contexts per feature (at most the run's --top-examples K).")
 @click.option("--kind", default="gradients", show_default=True, type=click.Choice(list(names.EXAMPLE_KINDS)),
               help="Whose statistics and examples (the run must collect it).")
-@click.option("--context", type=int, default=8, show_default=True, help="Tokens of context before and after.")
+@click.option("--context", type=INTEGER, default=8, show_default=True, help="Tokens of context before and after.")
 def report(run_dir, output, by, k, num_examples, kind, context) -> None:
     """One self-contained HTML page of a run (needs --top-examples) or a comparison: per layer a histogram,
     the top features with their statistics and Neuronpedia links, and each one's top contexts."""
@@ -256,8 +306,8 @@ def report(run_dir, output, by, k, num_examples, kind, context) -> None:
 
     path, notes = write_report(Path(run_dir), output, by, k, num_examples, kind, context)
     for note in notes:
-        click.echo(f"warning: {note}", err=True)
-    click.echo(f"report   {path}")
+        _say(f"warning: {note}", err=True)
+    _say(f"report   {path}")
 
 
 @cli.command()
@@ -266,7 +316,7 @@ def report(run_dir, output, by, k, num_examples, kind, context) -> None:
 @click.option("--output-dir", default=None,
               help="The new directory (must not exist, nor lie inside either run); default beside RUN_A: "
                    "compare_{A}_vs_{B}.")
-@click.option("-k", "--k", type=int, default=20, show_default=True, help="Entries per layer for each run.")
+@click.option("-k", "--k", type=INTEGER, default=20, show_default=True, help="Entries per layer for each run.")
 @click.option("--by", default="welch_t_abs", show_default=True,
               help="Rank by: welch_t_abs, welch_t, mean_abs_ratio, mean_diff, mean_abs_diff (gradients; add "
                    "_values / _attribution, or name the array, e.g. value_welch_t_abs); A: largest, B: smallest.")
@@ -278,32 +328,34 @@ def compare(run_a, run_b, output_dir, k, by, epsilon) -> None:
     from .compare import compare_runs
 
     output, text = compare_runs(Path(run_a), Path(run_b), output_dir, epsilon=epsilon, k=k, by=by)
-    click.echo(text, nl=False)
-    click.echo(f"results  {output}")
+    _say(text, nl=False)
+    _say(f"results  {output}")
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_PrintableFormatter("%(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     previous = signal.signal(signal.SIGTERM, raise_terminated)  # like Ctrl-C: a preempted job keeps its shards
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
     except click.Abort:
-        click.echo("aborted", err=True)
+        _say("aborted", err=True)
         sys.exit(130)
     except Terminated:
-        click.echo("terminated (SIGTERM)", err=True)
+        _say("terminated (SIGTERM)", err=True)
         sys.exit(128 + signal.SIGTERM)
     except click.ClickException as err:  # bad option value or usage: one line
-        click.echo(f"error: {err.format_message()}", err=True)
+        _say(f"error: {err.format_message()}", err=True)
         sys.exit(2)
     except RaygradError as err:
-        click.echo(f"error: {err}", err=True)
+        _say(f"error: {err}", err=True)
         sys.exit(2)
     except OSError as err:  # a disk or permission failure outside the checks: one line, not a traceback
         where = f" ({err.filename})" if err.filename else ""
-        click.echo(f"error: {err.strerror or err}{where}", err=True)
+        _say(f"error: {err.strerror or err}{where}", err=True)
         sys.exit(1)
     finally:
         signal.signal(signal.SIGTERM, previous)  # main() called in a process that goes on (tests)

@@ -231,17 +231,19 @@ class RunConfig:
 
     def _normalize_count(self, name: str, word: str, unset_allowed: bool = False) -> None:
         """A field that takes an integer >= 1 or `word` ('all', 'auto'): '8' (from the command line) becomes 8,
-        ' All ' becomes 'all'; None stays where `unset_allowed`; anything else is refused."""
+        ' All ' becomes 'all'; None stays where `unset_allowed`; anything else ('²', Arabic-Indic digits, '1_0')
+        is refused."""
         value = getattr(self, name)
         if value is None and unset_allowed:
             return
         if isinstance(value, str) and value.strip().lower() == word:
             object.__setattr__(self, name, word)
             return
-        if isinstance(value, str) and value.strip().isdigit():
+        if isinstance(value, str) and is_ascii_count(value.strip()):
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise RaygradError(f"--{dashed(name)} {getattr(self, name)}: must be an integer >= 1 or '{word}'")
+            raise RaygradError(f"--{dashed(name)} {getattr(self, name)}: must be an integer >= 1 or '{word}', "
+                               "in ASCII digits 0-9")
         object.__setattr__(self, name, value)
 
     @property
@@ -400,6 +402,12 @@ def parse_statistics(spec: str) -> tuple[str, ...]:
     return tuple(chosen)
 
 
+def is_ascii_count(text: str) -> bool:
+    """Whether `text` is ASCII digits only: str.isdigit() also accepts '²' (which int() refuses) and
+    Arabic-Indic or full-width digits (which int() reads), and int() accepts '1_000' and '+1'."""
+    return text.isascii() and text.isdigit()
+
+
 def dashed(name: str) -> str:
     """A field's name as its command-line option is spelled: sae_path -> sae-path."""
     return name.replace("_", "-")
@@ -422,7 +430,7 @@ def _choices(f: dataclasses.Field) -> tuple[str, ...]:
     return get_args(hint) if typing.get_origin(hint) is Literal else ()
 
 
-_SPEC_PART = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+_SPEC_PART = re.compile(r"^\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?$")  # ASCII digits: int() takes others too
 
 
 def parse_layer_spec(spec: str, num_layers: Optional[int] = None) -> list[int]:

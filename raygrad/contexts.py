@@ -50,8 +50,12 @@ class RunExamples:
             raise RaygradError(f"{option} {run_dir}: not a raygrad run directory (no {names.STORE_NAME})")
         self.store = ResultStore.open(store_path)
         attrs = self.store.attrs
-        if names.ATTR_PLAN not in attrs:
-            raise RaygradError(f"{option} {run_dir}: a comparison, not a run; its runs hold the examples")
+        if names.ATTR_CONFIG not in attrs:  # a comparison keeps run A's plan, but no examples of its own
+            compared = attrs.get(names.ATTR_COMPARE) or {}
+            runs = (f": raygrad examples {compared['run_a']} (A) or {compared['run_b']} (B)"
+                    if {"run_a", "run_b"} <= set(compared) else "")
+            raise RaygradError(f"{option} {run_dir}: a comparison (raygrad compare), not a run; the examples are "
+                               f"kept by the runs it compares{runs}")
         self.plan = Plan.from_dict(attrs[names.ATTR_PLAN])
         self.kinds = [names.kind_of(prefix) for prefix in self.store.example_prefixes()]
         self.k = self.store.array(topk.array_names(self.store.example_prefixes()[0])[0]).shape[-1] \
@@ -59,6 +63,17 @@ class RunExamples:
         self._tokenizer = None
         self._texts: dict[int, tuple] = {}  # shard -> _read_shard's answer
         self._row_starts = [shard.row_start for shard in self.plan.shards]  # ascending: bisected per example
+
+    def unfinished(self) -> str | None:
+        """A note when the run is not complete (its tables hold the examples of its finished shards only);
+        None when it is."""
+        if self.store.attrs.get(names.ATTR_STATUS) == names.STATUS_COMPLETE:
+            return None
+        done = self.store.shards_done()
+        shards = f"{int(done.sum())} of {len(done)} shards done"
+        return (f"{self.option} {self.run_dir}: the run is not complete ({shards}); these are the top examples of "
+                f"its finished shards only, not of the whole dataset (finish it with raygrad run --resume "
+                f"{self.run_dir})")
 
     @property
     def has_examples(self) -> bool:
@@ -183,5 +198,6 @@ def format_examples(found: list[Example], layer: int, feature: int, by: str) -> 
 
 
 def _visible(text: str) -> str:
-    """Newlines and tabs as escapes, so an example stays on one line."""
+    """Newlines and tabs as escapes, so an example stays on one line (the command escapes every other
+    control character as it prints: cli.printable)."""
     return text.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")

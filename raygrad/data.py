@@ -28,6 +28,7 @@ LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": 
 # Why a row of the source was not used (counted in the plan, printed before the run).
 SKIP_SHORT = "short"  # min_chars or fewer after stripping
 SKIP_NOT_TEXT = "not_text"  # null, missing, or a number/list in the text column
+SKIP_UNREADABLE = "unreadable"  # a CSV record csv cannot read (a field over sources.CSV_FIELD_CHARS characters)
 REPLACED_BYTES = "undecodable_bytes"  # .txt lines with bytes that are not UTF-8: kept, decoded with U+FFFD
 
 

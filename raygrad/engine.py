@@ -25,7 +25,7 @@ from .pool import WorkerPool
 from .reducer import Reducer
 from .revisions import check_unchanged, dataset_commit, model_commit
 from .shards import plan_shards
-from .sources import arrow_fingerprint, describe_source
+from .sources import describe_source
 from .store import ResultStore
 
 log = logging.getLogger(__name__)
@@ -289,15 +289,22 @@ def _check_output_paths(config: RunConfig, create: bool = True) -> None:
         except OSError as err:
             raise RaygradError(f"--output-dir {output_dir}: cannot write there ({_os_reason(err)})") from None
     if config.save_consolidated:
+        option = f"--save-consolidated {config.save_consolidated}"
         target = Path(config.consolidated_path)
         if target.exists():
-            raise RaygradError(f"--save-consolidated {config.save_consolidated}: {target} exists; results are "
-                               "never overwritten")
+            raise RaygradError(f"{option}: {target} exists; results are never overwritten")
         parent = target.parent
-        while not parent.exists():
+        while not parent.exists():  # the export creates the missing directories in the nearest existing one
             parent = parent.parent
         if not parent.is_dir():
-            raise RaygradError(f"--save-consolidated {config.save_consolidated}: {parent} is a file, not a directory")
+            raise RaygradError(f"{option}: {parent} is a file, not a directory")
+        if create:  # written only after the whole run: a path that cannot be written is refused before it
+            try:
+                with tempfile.TemporaryFile(dir=parent):
+                    pass
+            except OSError as err:
+                raise RaygradError(f"{option}: cannot write in {parent} ({_os_reason(err)}); give a path in a "
+                                   "writable directory") from None
 
 
 def _new_run_dir(output_dir: Path, name: str) -> Path:
@@ -333,9 +340,8 @@ def _check_memory(plan: Plan, workers: int, device: str) -> None:
 
 def _plan_shards(plan: Plan, config: RunConfig, source: dict, workers: int, device: str, echo) -> Plan:
     """The plan with its shards: one streaming pass over the dataset (shards.py), sized for this pool."""
-    if source["kind"] == "datasets":  # every node reads the pinned commit; `datasets` fingerprints its cache
+    if source["kind"] == "datasets":  # every node reads the pinned commit
         source = {**source, "revision": dataset_commit(plan)}
-        source["fingerprint"] = arrow_fingerprint(source)
     layout = plan_shards(source, config.sample_limit, _tokenizer(plan), config.max_length,
                          shard_texts=config.shard_size, token_budget=config.shard_tokens(device),
                          min_shards=SHARDS_PER_WORKER * workers)

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import RaygradError
+from .errors import RaygradError, first_line
+from .files import replacing_directory
 from .hub import hub_cache_dir, hub_offline, load_error, local_path_problem
 
 if TYPE_CHECKING:  # torch is imported where it is used: planning and reading results need none
@@ -119,10 +121,9 @@ def _convert_gguf(source: Path, gguf_file: str, target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    partial = target.with_name(target.name + ".partial")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.replace(target)  # a half-written copy is never mistaken for a cache hit
+    with replacing_directory(target) as staging:  # a half-written copy is never mistaken for a cache hit
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
 
 
 def load_model_config(name: str, revision: str | None = None):
@@ -136,9 +137,25 @@ def load_model_config(name: str, revision: str | None = None):
     try:
         config = AutoConfig.from_pretrained(path, **_hub_options(path, revision))
     except (OSError, ValueError) as err:
-        raise RaygradError(load_error("--model", name, err)) from None
+        raise RaygradError(_load_error(name, path, err)) from None
     family_of(config)
     return config
+
+
+def _load_error(name: str, path: str, err: Exception) -> str:
+    """One line for a failed from_pretrained: a local directory's own problem (never "not in the hub cache":
+    a directory is not looked up on the hub), else the hub's (hub.load_error)."""
+    if not Path(path).is_dir():
+        return load_error("--model", name, err)
+    config_file = Path(path) / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as bad:
+        return f"--model {name}: its {config_file.name} cannot be read as JSON ({first_line(bad)})"
+    if isinstance(config, dict) and "model_type" not in config:
+        return (f"--model {name}: its {config_file.name} has no model_type, which names the architecture "
+                "transformers builds (e.g. \"llama\"); add it, or write the directory with save_pretrained")
+    return f"--model {name}: a local directory transformers cannot load ({first_line(err)})"
 
 
 def text_config(config):
@@ -207,7 +224,7 @@ def load_tokenizer(name: str, path: str, revision: str | None = None):
     try:
         return AutoTokenizer.from_pretrained(path, **_hub_options(path, revision))
     except OSError as err:
-        raise RaygradError(load_error("--model", name, err)) from None
+        raise RaygradError(_load_error(name, path, err)) from None
 
 
 @contextlib.contextmanager
@@ -243,7 +260,7 @@ def load_model_and_tokenizer(name: str, device: torch.device, dtype: torch.dtype
         tokenizer = AutoTokenizer.from_pretrained(path, **hub_options)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **hub_options, **(placement or {}))
     except OSError as err:
-        raise RaygradError(load_error("--model", name, err)) from None
+        raise RaygradError(_load_error(name, path, err)) from None
     if tokenizer.pad_token is None:
         # Pad positions are masked out of the loss and the aggregation, so
         # any id works; eos is the conventional choice.

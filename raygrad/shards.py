@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from . import sources
-from .data import SKIP_NOT_TEXT, SKIP_SHORT
+from .data import SKIP_NOT_TEXT, SKIP_SHORT, SKIP_UNREADABLE
 from .errors import RaygradError
 
 RATIO_SAMPLE_TEXTS = 500  # usable texts tokenized to learn the source's tokens per character
@@ -70,6 +70,8 @@ class Fingerprint:
 
 def unusable(value, min_chars: int) -> str | None:
     """Why a row's value cannot be used (SKIP_*), or None for a usable text."""
+    if value is sources.UNREADABLE:
+        return SKIP_UNREADABLE
     if not isinstance(value, str):
         return SKIP_NOT_TEXT
     if len(value.strip()) <= min_chars:
@@ -181,7 +183,8 @@ def _estimated_tokens(source, head, sample, ratio, max_length, num_samples, exha
     if hint is None:
         return None
     unit, size = hint
-    read = len(head) if unit == "rows" else (head[-1][0].byte_stop or 0)
+    # rows read: the last one's number + 1 (head holds one entry per run of skipped rows)
+    read = head[-1][0].row + 1 if unit == "rows" else (head[-1][0].byte_stop or 0)
     return int(sum(per_text) * size / max(1, read))
 
 

@@ -2,19 +2,25 @@
 or one row range (a shard, read by a worker).
 
 A source is plain data (a dict, saved in the plan): {"kind", "path", "text_column",
-"config", "split", "min_chars"}. A row is a record of the dataset as read, numbered
-from 0 before any filtering; its value is what the text column holds (any type:
-the filter in shards.py decides what is usable). Line formats (.txt, .jsonl, .csv)
-also give each row's byte span, so a shard records where its rows start and a
-worker seeks there.
+"config", "split", "min_chars"}, and a hub dataset's pinned "revision" (a plan saved by
+an older raygrad may also hold a "fingerprint", which nothing reads). A row is a record
+of the dataset as read, numbered from 0 before any filtering; its value is what the
+text column holds (any type: the filter in shards.py decides what is usable). Line
+formats (.txt, .jsonl, .csv) also give each row's byte span, so a shard records where
+its rows start and a worker seeks there. A CSV file's records are those Python's csv
+module reads from it opened with newline="" and encoding utf-8-sig (pandas and
+`datasets` read the same).
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
-import io
+import errno
 import json
+import os
 import re
+import stat
 import threading
 from collections import Counter
 from dataclasses import dataclass
@@ -25,6 +31,7 @@ from .data import BUNDLED_CORPUS, DEFAULT_CONFIGS, LOCAL_FORMATS, REPLACED_BYTES
 from .errors import RaygradError, first_line
 
 MISSING = object()  # a row without the text column (a JSON object without the key, a short CSV record)
+UNREADABLE = object()  # a CSV record that csv cannot read (a field over CSV_FIELD_CHARS characters)
 _PARQUET_BATCH = 8192  # rows per batch read from a parquet file or an Arrow dataset
 
 
@@ -54,15 +61,19 @@ def register_format(kind: str, fmt: Format) -> None:
 
 def describe_source(dataset: str, text_column: str = "text", config: str | None = None, split: str = "train",
                     min_chars: int = 50) -> dict:
-    """The source a run reads, as plain data; a local file is checked here (exists, known type)."""
+    """The source a run reads, as plain data; a local file is checked here (a regular file, of a known type)."""
     source = {"path": dataset, "text_column": text_column, "config": config, "split": split, "min_chars": min_chars}
     if dataset == BUNDLED_CORPUS:
         return {**source, "kind": "bundled"}
     path = Path(dataset).expanduser()
     if path.is_dir() or not _looks_local(dataset):
         return {**source, "kind": "datasets", "config": config or DEFAULT_CONFIGS.get(dataset)}
-    if not path.is_file():
-        raise RaygradError(f"--dataset {path}: no such file")
+    problem = _not_a_file(path)
+    if problem == _NO_SUCH_FILE:
+        raise RaygradError(f"--dataset {path}: {problem}")
+    if problem:
+        raise RaygradError(f"--dataset {path}: {problem}; give a file ({', '.join(LOCAL_FORMATS)}), a dataset "
+                           f"directory, a hub dataset id or {BUNDLED_CORPUS}")
     kind = LOCAL_FORMATS.get(path.suffix.lower())
     if kind is None:
         raise RaygradError(f"--dataset {path}: unknown file type; use one of {', '.join(LOCAL_FORMATS)}")
@@ -70,8 +81,33 @@ def describe_source(dataset: str, text_column: str = "text", config: str | None 
 
 
 def _looks_local(dataset: str) -> bool:
+    """A path rather than a hub id: something is there (a dangling or looping link too), or it is written as one."""
     path = Path(dataset).expanduser()
-    return path.is_file() or path.suffix.lower() in LOCAL_FORMATS or dataset.startswith((".", "/", "~"))
+    return os.path.lexists(path) or path.suffix.lower() in LOCAL_FORMATS or dataset.startswith((".", "/", "~"))
+
+
+_NO_SUCH_FILE = "no such file"
+_NOT_REGULAR = {stat.S_IFIFO: "is a FIFO (named pipe), not a regular file", stat.S_IFCHR: "is a character "
+                "device, not a regular file", stat.S_IFBLK: "is a block device, not a regular file",
+                stat.S_IFSOCK: "is a socket, not a regular file"}
+
+
+def _not_a_file(path: Path) -> str | None:
+    """Why `path` is not a regular file to read, from its status alone: nothing is opened (opening a
+    FIFO for reading waits for a writer)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "is a symlink loop (the link never reaches a file)"
+        if err.errno == errno.ENOENT and os.path.islink(path):
+            return f"is a symlink to {os.readlink(path)}, which does not exist"
+        if err.errno in (errno.ENOENT, errno.ENOTDIR):
+            return _NO_SUCH_FILE
+        return f"cannot be read ({err.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    return _NOT_REGULAR.get(stat.S_IFMT(mode), "is not a regular file")
 
 
 def scan(source: dict, counts: Counter) -> Iterator[Row]:
@@ -193,31 +229,87 @@ def _first_keys(source: dict) -> list[str] | None:
     return None
 
 
-def _csv_records(handle, start: int, stop: int | None) -> Iterator[tuple[int, int, bytes]]:
-    """(start, stop, bytes) of each CSV record: a newline ends a record only where the
-    quotes in the record so far are balanced (a quoted field may hold newlines)."""
-    begin, parts, quotes = None, [], 0
-    for offset, raw in _lines(handle, start, stop):
-        if begin is None:
-            begin = offset
-        parts.append(raw)
-        quotes += raw.count(b'"')
-        if quotes % 2 == 0:
-            yield begin, offset + len(raw), b"".join(parts)
-            begin, parts, quotes = None, [], 0
-    if parts:  # an unclosed quote at the end of the file: csv reads the rest as one field
-        yield begin, begin + sum(map(len, parts)), b"".join(parts)
+CSV_FIELD_CHARS = 1 << 24  # characters a CSV field may hold (csv's default, 131072, refuses long texts); a
+# field longer than this is a row csv cannot read (SKIP_UNREADABLE): it caps csv's buffer (4 bytes a character)
+_CSV_PLAIN_RUN = re.compile(r'[^",\r\n]+')  # characters that change no state of csv's parser (default dialect)
 
 
-def _parse_csv(raw: bytes, counts: Counter) -> list[str]:
-    return next(csv.reader(io.StringIO(_decode(raw, counts), newline="")), [])
+def _csv_line_bytes(handle, start: int) -> Iterator[bytes]:
+    """The file's lines from byte `start`, each with its line end, as open(newline="") gives them to csv:
+    \n, \r\n and a lone \r each end a line (the last line may have none)."""
+    handle.seek(start)
+    for raw in handle:
+        first_cr = raw.find(b"\r")
+        if first_cr == -1 or first_cr == len(raw) - 2 and raw.endswith(b"\n"):  # no \r but a \r\n line end
+            yield raw
+        else:
+            yield from (part for part in _AFTER_LONE_CR.split(raw) if part)
 
 
-def _csv_column(source: dict) -> tuple[int, int]:
-    """-> (the text column's index in the header, the byte where the records start)."""
+class _CsvFeed:
+    """The decoded lines csv.reader pulls, one at a time, from byte `start`; `offset` is the byte after the
+    last line pulled. csv.reader pulls no line past the record it returns, so after each record `offset`
+    is where that record ends. `plain` squeezes each run of characters that are not quotes, commas or
+    line ends into one (the parser's states, hence its record ends, stay the same)."""
+
+    def __init__(self, handle, start: int, counts: Counter, plain: bool = False):
+        self.offset, self._counts, self._plain = start, counts, plain
+        self._lines = _csv_line_bytes(handle, start)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        raw = next(self._lines)
+        at_start, self.offset = self.offset == 0, self.offset + len(raw)
+        if at_start and raw.startswith(codecs.BOM_UTF8):  # read as utf-8-sig: not part of the first column name
+            raw = raw[len(codecs.BOM_UTF8):]
+        line = _decode(raw, self._counts)
+        return _CSV_PLAIN_RUN.sub("x", line) if self._plain else line
+
+
+def _csv_records(handle, start: int, stop: int | None, counts: Counter
+                 ) -> Iterator[tuple[int, int, list[str] | None]]:
+    """(start, stop, fields) of each record that starts in bytes [start, stop), as csv.reader splits the
+    file opened with newline=""; fields is None for a record csv cannot read (a field over CSV_FIELD_CHARS)."""
+    if csv.field_size_limit() < CSV_FIELD_CHARS:
+        csv.field_size_limit(CSV_FIELD_CHARS)
+    feed = _CsvFeed(handle, start, counts)
+    reader = csv.reader(feed)
+    while stop is None or feed.offset < stop:
+        begin = feed.offset
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error:  # it stopped inside the record: find the record's end, read on from there
+            end = _csv_record_end(handle, begin)
+            yield begin, end, None
+            feed = _CsvFeed(handle, end, counts)
+            reader = csv.reader(feed)
+            continue
+        yield begin, feed.offset, fields
+
+
+def _csv_record_end(handle, start: int) -> int:
+    """Where the record at byte `start` ends, parsed again with its plain runs squeezed (_CsvFeed), so its
+    fields are short; a field of quotes and commas alone over the limit ends it at the line of the error."""
+    feed = _CsvFeed(handle, start, Counter(), plain=True)
+    try:
+        next(csv.reader(feed), None)
+    except csv.Error:
+        pass
+    return feed.offset
+
+
+def _csv_column(source: dict, counts: Counter) -> tuple[int, int]:
+    """-> (the text column's index in the header, the byte where the records start). Blank lines
+    before the header are skipped, as pandas skips them."""
     with _open(source) as handle:
-        for _, stop, raw in _csv_records(handle, 0, None):
-            header = _parse_csv(raw, Counter())
+        for _, stop, header in _csv_records(handle, 0, None, counts):
+            if header is None:
+                raise RaygradError(f"--dataset {source['path']}: the CSV header cannot be read (a field over "
+                                   f"{CSV_FIELD_CHARS} characters); the first record must name the columns")
             if not header:
                 continue
             check_column(source["path"], source["text_column"], header)
@@ -225,8 +317,10 @@ def _csv_column(source: dict) -> tuple[int, int]:
     raise RaygradError(f"--dataset {source['path']}: an empty CSV file (no header)")
 
 
-def _csv_value(fields: list[str], index: int):
+def _csv_value(fields: list[str] | None, index: int):
     """As pandas reads a cell: an empty one is null, a number is not text."""
+    if fields is None:
+        return UNREADABLE
     if index >= len(fields) or fields[index] == "":
         return MISSING
     value = fields[index]
@@ -239,12 +333,11 @@ def _csv_value(fields: list[str], index: int):
 
 def _csv_rows(source: dict, counts: Counter, start: int | None = None, stop: int | None = None,
               row: int = 0) -> Iterator[Row]:
-    """Records after the header; blank ones are not rows (as pandas reads CSV)."""
-    index, body = _csv_column(source)
+    """Records after the header, as csv.DictReader reads them: a blank line is not a row."""
+    index, body = _csv_column(source, Counter())  # the header is not a row: its replaced bytes are not counted
     with _open(source) as handle:
-        for begin, end, raw in _csv_records(handle, body if start is None else start, stop):
-            fields = _parse_csv(raw, counts)
-            if not fields or fields == [""]:
+        for begin, end, fields in _csv_records(handle, body if start is None else start, stop, counts):
+            if fields == []:
                 continue
             yield Row(row, _csv_value(fields, index), begin, end)
             row += 1
@@ -380,11 +473,6 @@ def _load_arrow(source: dict):
             datasets.enable_progress_bars()
     check_column(name, source["text_column"], table.column_names)
     return table.select_columns([source["text_column"]])
-
-
-def arrow_fingerprint(source: dict) -> str | None:
-    """The `datasets` fingerprint of the split (changes when its files do)."""
-    return getattr(arrow_dataset(source), "_fingerprint", None)
 
 
 def _arrow_rows(source: dict, start: int, stop: int) -> Iterator[Row]:

@@ -3,6 +3,7 @@ overwritten; rows that cannot be used are counted, not fatal."""
 
 import errno
 import json
+import os
 import time
 
 import numpy as np
@@ -280,3 +281,109 @@ def test_out_of_memory_in_a_batch_that_cannot_shrink_is_one_line(tiny_llama, tex
         "--tokens-per-batch" in lines[0] and "GiB" not in lines[0])
     (run_dir,) = tmp_path.iterdir()
     assert f"continue with: raygrad run --resume {run_dir}" in out
+
+
+# --- issue 24: the right cause, and counts in ASCII digits only
+
+
+def test_a_model_directory_whose_config_lacks_model_type_is_named_so(tiny_llama, texts_file, tmp_path, capsys,
+                                                                     monkeypatch):
+    """It was reported as "not in the hub cache": a directory is never looked up on the hub."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    config = json.loads((model / "config.json").read_text())
+    del config["model_type"]
+    (model / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(tiny_args(model, texts_file, tmp_path / "out"), capsys, monkeypatch)
+    one_line(code, err, f"--model {model}: its config.json has no model_type, which names the architecture "
+                        "transformers builds (e.g. \"llama\")")
+    assert "hub" not in err
+    (model / "config.json").write_text("{not json")
+    code, _, err = run_cli(tiny_args(model, texts_file, tmp_path / "out"), capsys, monkeypatch)
+    one_line(code, err, f"--model {model}: its config.json cannot be read as JSON")
+
+
+def save_consolidated_refused(tiny_llama, texts_file, tmp_path, target, capsys, monkeypatch):
+    """Run with --save-consolidated TARGET; -> stderr. No shard may be computed first."""
+    from raygrad.worker import ShardRunner
+
+    def computes(*args, **kwargs):
+        raise AssertionError("a shard was computed before the output paths were checked")
+
+    monkeypatch.setattr(ShardRunner, "run", computes)
+    out_dir = tmp_path / "out"
+    code, _, err = run_cli(tiny_args(tiny_llama, texts_file, out_dir, "--save-consolidated", str(target)), capsys,
+                           monkeypatch)
+    assert not out_dir.exists() or not list(out_dir.iterdir())  # no run directory: nothing was started
+    return code, err
+
+
+def test_an_unwritable_save_consolidated_directory_is_one_line_before_any_compute(tiny_llama, texts_file, tmp_path,
+                                                                                 capsys, monkeypatch):
+    """It failed only after the whole run had computed, and said "free space". (Root writes through a
+    directory's mode bits, so the refusal is simulated: the next test uses a real read-only mount.)"""
+    import tempfile
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = tempfile.TemporaryFile
+
+    def read_only_there(*args, dir=None, **kwargs):
+        if dir is not None and os.path.samefile(dir, locked):
+            raise OSError(errno.EACCES, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only_there)
+    target = locked / "sub" / "all.npz"
+    code, err = save_consolidated_refused(tiny_llama, texts_file, tmp_path, target, capsys, monkeypatch)
+    one_line(code, err, f"--save-consolidated {target}: cannot write in {locked} (Permission denied); give a path in "
+                        "a writable directory")
+    assert not (locked / "sub").exists()
+
+
+def test_save_consolidated_on_a_read_only_filesystem_is_one_line_before_any_compute(tiny_llama, texts_file, tmp_path,
+                                                                                   capsys, monkeypatch):
+    import subprocess
+
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a read-only filesystem here")
+    try:
+        code, err = save_consolidated_refused(tiny_llama, texts_file, tmp_path, mount / "all.npz", capsys,
+                                              monkeypatch)
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+    one_line(code, err, f"--save-consolidated {mount / 'all.npz'}: cannot write in {mount} (Read-only file system)")
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--num-samples", "\u00b2", "--num-samples \u00b2: must be an integer >= 1 or 'all', in ASCII digits 0-9"),
+    ("--batch-size", "\u00b3", "--batch-size \u00b3: must be an integer >= 1 or 'auto', in ASCII digits 0-9"),
+    ("--num-samples", "\u0661\u0662", "--num-samples \u0661\u0662: must be an integer >= 1 or"),  # Arabic-Indic 12
+    ("--batch-size", "\uff12", "--batch-size \uff12: must be an integer >= 1 or 'auto'"),  # full-width 2
+    ("--max-length", "\u0661\u0662", "'--max-length' / '--max_length': \u0661\u0662: must be an integer written in "
+                                     "ASCII digits 0-9"),
+    ("--shard-size", "1_0", "'--shard-size' / '--shard_size': 1_0: must be an integer written in ASCII digits"),
+    ("--layers", "\u0661", "--layers '\u0661': use a range like '0-23'"),
+])
+def test_counts_accept_ascii_digits_only(option, value, expected, tiny_llama, texts_file, tmp_path, capsys,
+                                         monkeypatch):
+    """'²' and '³' pass str.isdigit() and then crash int(); Arabic-Indic and full-width digits were read as
+    numbers by int()."""
+    code, _, err = run_cli(tiny_args(tiny_llama, texts_file, tmp_path / "out", option, value), capsys, monkeypatch)
+    one_line(code, err, expected)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_config_refuses_counts_in_other_digits():
+    from raygrad.config import RunConfig
+    from raygrad.errors import RaygradError
+
+    for value in ("\u00b2", "\u0661\u0662", "\uff18", "1_000", "+8"):
+        with pytest.raises(RaygradError, match="in ASCII digits 0-9"):
+            RunConfig(num_samples=value)
+    assert RunConfig(num_samples=" 12 ").num_samples == 12 and RunConfig(batch_size="8").batch_size == 8

@@ -300,3 +300,96 @@ def test_the_python_api_gives_what_the_command_prints(example_run, capsys, monke
     code, out, _ = run_cli(["examples", str(run_dir), "--layer", "0", "--feature", "7", "--by", "attribution",
                             "--k", "3", "--context", "2", "--json"], capsys, monkeypatch)
     assert code == 0 and [example.to_dict() for example in found] == json.loads(out) and len(found) == 3
+
+
+# --- issue 24: what `examples` prints is text, and says what it shows
+
+ESCAPES = "\x1b[31mred\x1b[0m \x1b]0;pwned\x07 "  # an ANSI colour, and an OSC sequence setting the terminal title
+
+
+@pytest.fixture(scope="module")
+def escape_run(tiny_llama, tmp_path_factory):
+    """A run over texts that each start with terminal escape sequences."""
+    root = tmp_path_factory.mktemp("escapes")
+    texts = root / "texts.txt"
+    texts.write_text("\n".join(ESCAPES + text for text in SAMPLE_TEXTS if len(text.strip()) > 50) + "\n")
+    run_dir, _ = run_tiny(tiny_llama, texts, root / "out", num_samples=3, top_examples=2, layers="0")
+    return run_dir
+
+
+def test_examples_print_control_characters_escaped(escape_run, capsys, monkeypatch):
+    """The whole truncated text is the context (--context 24 = --max-length), so every example shows the escapes;
+    newlines in a context are shown as \\n as before."""
+    code, out, err = run_cli(["examples", str(escape_run), "--layer", "0", "--feature", "0", "--context", "24"],
+                             capsys, monkeypatch)
+    assert code == 0, err
+    assert not {"\x1b", "\x07"} & set(out + err)
+    lines = out.splitlines()
+    # the example's token is in [brackets], wherever it falls in the sequences
+    assert len(lines) == 3 and all("\\x1b[0m \\x1b]0;pwned\\x07" in line for line in lines[1:]), out
+
+
+def test_examples_json_escapes_control_characters_and_keeps_the_text(escape_run, capsys, monkeypatch):
+    code, out, err = run_cli(["examples", str(escape_run), "--layer", "0", "--feature", "0", "--context", "24",
+                              "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    assert "\x1b" not in out and "\x07" not in out and "\\u001b" in out
+    found = json.loads(out)
+    assert len(found) == 2 and all(ESCAPES.strip() in e["context_before"] + e["token"] + e["context_after"]
+                                   for e in found)
+
+
+def test_an_error_line_escapes_what_the_dataset_put_in_it(tiny_llama, tmp_path, capsys, monkeypatch):
+    """A column name is the dataset's text too: the one-line error naming it stays text."""
+    from helpers import tiny_args
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps({"\x1b]0;pwned\x07body": "x" * 80}) for _ in range(3)))
+    code, _, err = run_cli(tiny_args(tiny_llama, data, tmp_path / "out"), capsys, monkeypatch)
+    assert code == 2 and err.count("\n") == 1 and "\x1b" not in err and "\x07" not in err
+    assert "its columns are \\x1b]0;pwned\\x07body" in err
+
+
+def test_printable_escapes_controls_as_repr_does_and_keeps_newlines():
+    from raygrad.cli import printable
+
+    text = "a\x1b[31mb\x07c\x9bd\u202eе\u2028f\tg\rh\x00\n caf\u00e9 \u65e5\u672c \U0001f600 \\x"
+    assert printable(text) == ("a\\x1b[31mb\\x07c\\x9bd\\u202eе\\u2028f\\tg\\rh\\x00\n caf\u00e9 \u65e5\u672c "
+                               "\U0001f600 \\x")
+
+
+def test_examples_of_a_comparison_say_it_is_one(tiny_llama, example_run, tmp_path, capsys, monkeypatch):
+    """It said the comparison "kept no examples"."""
+    from raygrad.compare import compare_runs
+
+    run_dir, _, texts = example_run
+    texts.write_text("\n".join(SAMPLE_TEXTS) + "\n")  # as the run read it (another test edits it)
+    other, _ = run_tiny(tiny_llama, texts, tmp_path / "b", num_samples=3, top_examples=4, layers="0,2",
+                        aggregate_by=("gradients", "attribution"))
+    comparison, _ = compare_runs(run_dir, other, tmp_path / "cmp")
+    capsys.readouterr()
+    code, _, err = run_cli(["examples", str(comparison), "--layer", "0", "--feature", "1"], capsys, monkeypatch)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: RUN_DIR {comparison}: a comparison (raygrad compare), not a run; the examples are "
+                          f"kept by the runs it compares: raygrad examples {run_dir.resolve()} (A) or "
+                          f"{other.resolve()} (B)"), err
+
+
+def test_examples_of_an_unfinished_run_say_so(tiny_llama, texts_file, tmp_path, capsys, monkeypatch):
+    """They are the top examples of the finished shards only; it printed them as if they were the run's."""
+    run_dir = killed_run(build_config(tiny_llama, texts_file, tmp_path, top_examples=4, shard_size=2,
+                                      aggregate_by=("gradients",)), dies_at_call=2)
+    done = ResultStore.open(run_dir / names.STORE_NAME).shards_done()
+    assert done.tolist() == [True, False, False]
+    capsys.readouterr()
+    for extra in ([], ["--json"]):
+        code, out, err = run_cli(["examples", str(run_dir), "--layer", "0", "--feature", "3", *extra], capsys,
+                                 monkeypatch)
+        assert code == 0, err
+        assert err.strip().splitlines() == [
+            f"warning: RUN_DIR {run_dir}: the run is not complete (1 of 3 shards done); these are the top examples "
+            f"of its finished shards only, not of the whole dataset (finish it with raygrad run --resume {run_dir})"]
+        if extra:
+            assert json.loads(out)  # --json's output stays JSON
+        else:
+            assert out.startswith("layer 0 feature 3: top ")

@@ -191,7 +191,8 @@ def test_another_hosts_fresh_record_is_honoured_and_a_stale_one_taken_over(tmp_p
     with caplog.at_level(logging.WARNING, logger="raygrad.lock"):
         with run_lock(tmp_path, "repair") as taken:
             mine = json.loads((tmp_path / names.LOCK_FILE).read_text())
-    assert mine == taken.record and (mine["pid"], mine["host"], mine["command"]) == (os.getpid(), HOST, "raygrad repair")
+    assert mine == taken.record
+    assert (mine["pid"], mine["host"], mine["command"]) == (os.getpid(), HOST, "raygrad repair")
     assert "taking over the lock of pid 4242 on host node-elsewhere" in caplog.text
     assert not (tmp_path / names.LOCK_FILE).exists()
 

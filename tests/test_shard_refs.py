@@ -137,3 +137,36 @@ def test_a_remote_worker_reads_the_next_shard_while_one_computes():
     assert at[("prepare", 1)] < at[("computed", 0)], "shard 1 was read while shard 0 computed"
     assert at[("compute", 1)] >= at[("computed", 0)], "one shard computes at a time"
 
+
+
+def test_a_plan_saved_with_the_old_source_fingerprint_still_resumes(tiny_llama, tmp_path, monkeypatch):
+    """An older raygrad wrote the `datasets` fingerprint into a hub or directory dataset's source (read by
+    nothing): a run it planned, killed after a shard, resumes to the sums of an undisturbed run."""
+    import dataclasses
+
+    import pandas as pd
+
+    (tmp_path / "repo").mkdir()
+    pd.DataFrame({"text": LONG}).to_parquet(tmp_path / "repo" / "train.parquet")
+    dataset = tmp_path / "repo"
+    _, expected = run_tiny(tiny_llama, dataset, tmp_path / "full", shard_size=2)
+    real_plan = engine._plan_shards
+
+    def plans_as_before(*args, **kwargs):
+        plan = real_plan(*args, **kwargs)
+        assert "fingerprint" not in plan.source and plan.source["kind"] == "datasets"
+        return dataclasses.replace(plan, source={**plan.source, "fingerprint": "0123456789abcdef"})
+
+    monkeypatch.setattr(engine, "_plan_shards", plans_as_before)
+    run_dir = killed_run(build_config(tiny_llama, dataset, tmp_path / "killed", shard_size=2, checkpoint_seconds=0),
+                         dies_at_call=2)
+    monkeypatch.undo()
+    store = ResultStore.open(run_dir / names.STORE_NAME)
+    assert store.attrs[names.ATTR_PLAN]["source"]["fingerprint"] == "0123456789abcdef"
+    assert store.totals()[1].sum() == 1
+    engine.resume(run_dir, echo=lambda _: None, progress=False)
+    resumed, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
+    assert done.all()
+    np.testing.assert_array_equal(resumed.tokens, expected.tokens)
+    for name in expected.sums:
+        np.testing.assert_allclose(resumed.sums[name], expected.sums[name], rtol=1e-10, atol=1e-14)

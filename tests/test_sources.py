@@ -236,3 +236,81 @@ def test_a_stray_carriage_return_past_the_files_start_stays_in_its_text(tmp_path
     path.write_text("\n".join([*filler, LONG[1] + "\r" + LONG[2], LONG[3]]) + "\n", newline="")
     texts = load_texts(str(path), None)
     assert texts[len(filler):] == [LONG[1] + "\r" + LONG[2], LONG[3]]
+
+
+def fifo(tmp_path):
+    import os
+
+    path = tmp_path / "pipe.txt"
+    os.mkfifo(path)
+    return path
+
+
+def symlink_loop(tmp_path):
+    path = tmp_path / "loop.txt"
+    path.symlink_to(tmp_path / "loop.txt")
+    return path
+
+
+def dangling_symlink(tmp_path):
+    path = tmp_path / "gone.txt"
+    path.symlink_to(tmp_path / "nothing.txt")
+    return path
+
+
+NOT_FILES = {  # (a maker of the path, its cause)
+    "FIFO": (fifo, "is a FIFO (named pipe), not a regular file"),
+    "/dev/null": (lambda tmp_path: "/dev/null", "is a character device, not a regular file"),
+    "/dev/zero": (lambda tmp_path: "/dev/zero", "is a character device, not a regular file"),
+    "symlink loop": (symlink_loop, "is a symlink loop (the link never reaches a file)"),
+    "dangling symlink": (dangling_symlink, "is a symlink to {tmp_path}/nothing.txt, which does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_FILES))
+def test_a_dataset_path_that_is_not_a_regular_file_is_named_for_what_it_is(case, tmp_path):
+    """In one line, without opening it (a FIFO's open would wait for a writer: the call runs in a thread
+    that must finish)."""
+    import re
+    import threading
+
+    make, cause = NOT_FILES[case]
+    path = make(tmp_path)
+    raised = []
+    thread = threading.Thread(target=lambda: raised.append(pytest.raises(RaygradError, describe_source, str(path))),
+                              daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive(), "describe_source blocked"
+    message = str(raised[0].value)
+    assert message == (f"--dataset {path}: {cause.format(tmp_path=tmp_path)}; give a file (.txt, .jsonl, .json, "
+                       ".parquet, .csv), a dataset directory, a hub dataset id or stdlib-docs")
+    assert re.fullmatch(r"[^\n]+", message)
+
+
+def test_a_missing_dataset_file_is_no_such_file(tmp_path):
+    for name in ("nope.txt", "nope", "dir/nope.csv"):
+        path = tmp_path / name
+        with pytest.raises(RaygradError, match=f"^--dataset {path}: no such file$"):
+            describe_source(str(path))
+
+
+def test_the_token_estimate_counts_every_row_read_skipped_runs_included(tmp_path):
+    """600 usable texts, each followed by 4 short rows (a run the planner holds as one entry): sampled
+    to the 500th text, --num-samples all is estimated from the rows read (2496) of the 3000 the parquet
+    holds, so min_shards 4 gives 4 shards of the true total's quarter (counting the held entries, 999,
+    gave 2)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    values = [LONG[i % 9] if i % 5 == 0 else "short" for i in range(3000)]
+    path = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"text": values}), path, row_group_size=1000)
+    source = describe_source(str(path))
+    layout = plan_shards(source, None, CharTokenizer(), MAX_LENGTH, min_shards=4)
+    usable = [text for _, text in rows_of(pq.read_table(path).column("text").to_pylist())]
+    total = sum(target_tokens(len(text), layout.tokens_per_char, MAX_LENGTH) for text in usable)
+    assert len(usable) == layout.samples == 600 and layout.skipped == {SKIP_SHORT: 2400}
+    assert len(layout.shards) == 4
+    assert all(shard.est_tokens <= total / 4 * 1.01 for shard in layout.shards)
+    assert sum(shard.est_tokens for shard in layout.shards) == total
