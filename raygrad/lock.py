@@ -4,8 +4,8 @@ A command that writes a run directory (a new run, from the moment its directory 
 ends or stops; `run --resume`; `repair`; `export`) holds `fcntl.flock` on this file for the whole
 write, and keeps a JSON record in it: pid, host, command, since (when it took the lock) and
 heartbeat (rewritten every HEARTBEAT_SECONDS). A second writer is refused with one line naming the
-holder, before it opens the store. The holder removes the file as it ends, so a command that ran
-leaves no trace of it. Readers (`info`, `top`, `compare`, load_results) take no lock: they read the
+holder, before it opens the store. The holder removes the file as it ends (unless it was taken
+over), so a command that ran leaves no trace of it. Readers (`info`, `top`, `compare`, load_results) take no lock: they read the
 last committed checkpoint.
 
 Who may take a lock file that is already there:
@@ -23,10 +23,12 @@ A displaced holder stops. Where flock does not reach across hosts, a holder stop
 STALE_SECONDS (SIGSTOP, a hung mount) may find its lock taken over when it wakes. Its record in the
 file is then another's: the heartbeat thread notices within HEARTBEAT_SECONDS, and every durable
 write in the run directory asks first (`ensure_held`, called by the store before a checkpoint or
-finalize and by files.replacing before any file it writes there), reading the record afresh. A
-displaced holder's next write raises RaygradError, one line naming the new holder (pid, host,
-command, since); what it wrote before stays valid (each checkpoint is whole), and its lock file is
-left to the new holder.
+the derived statistics, and by files.replacing / replacing_directory before writing a file there and
+again before renaming it into place), reading the record afresh. A displaced holder's next write
+raises RaygradError, one line naming the new holder (pid, host, command, since); what it wrote
+before stays valid (each checkpoint is whole), and its lock file is left to the new holder. The
+check and the write are not one atomic step: a write already past its check when the record
+changes still lands, as it would have a moment earlier.
 
 The lock file is opened with O_NOFOLLOW and must be a regular file with one link: a symlink or a
 hard link planted at RUN_DIR/.raygrad.lock is refused with one line, never written through.

@@ -33,8 +33,10 @@ class _Snapshot:
 
 class CheckpointWriter:
     """One thread writing snapshots to the store, newest wins. An error in the thread
-    (a full disk) is kept and raised in the caller's thread by the next `submit`,
-    `raise_error` or `wait`; the thread stays up, so a later checkpoint can be tried."""
+    (a full disk; the run's lock taken over by another process, raygrad.lock, which the
+    store checks before each checkpoint) is kept and raised in the caller's thread by the
+    next `submit`, `raise_error` or `wait`; the thread stays up, so a later checkpoint can be
+    tried (a displaced run's is refused again, before it writes)."""
 
     def __init__(self, store: ResultStore):
         self.store = store
