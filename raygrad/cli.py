@@ -31,7 +31,7 @@ class _Integer(click.ParamType):
         if isinstance(value, int) and not isinstance(value, bool):  # a default
             return value
         text = str(value).strip()
-        if is_ascii_count(text.removeprefix("-").removeprefix("+")):
+        if is_ascii_count(text[1:] if text[:1] in ("-", "+") else text):
             return int(text)
         self.fail(f"{value}: must be an integer written in ASCII digits 0-9", param, ctx)
 

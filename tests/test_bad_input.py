@@ -369,6 +369,7 @@ def test_save_consolidated_on_a_read_only_filesystem_is_one_line_before_any_comp
                                      "ASCII digits 0-9"),
     ("--shard-size", "1_0", "'--shard-size' / '--shard_size': 1_0: must be an integer written in ASCII digits"),
     ("--layers", "\u0661", "--layers '\u0661': use a range like '0-23'"),
+    ("--shard-size", "-+5", "'--shard-size' / '--shard_size': -+5: must be an integer written in ASCII digits"),
 ])
 def test_counts_accept_ascii_digits_only(option, value, expected, tiny_llama, texts_file, tmp_path, capsys,
                                          monkeypatch):
