@@ -1,7 +1,10 @@
-"""What a usable text is, the bundled corpus, and a whole read of a source (tests, benchmarks).
+"""What a usable text is, how it is tokenized, the bundled corpus, and a whole read of a source
+(tests, benchmarks).
 
 Only texts longer than `min_chars` characters (after stripping) are kept, as the
 original scripts did; sources.py reads each format, shards.py plans and reads shards.
+A text is tokenized from a prefix long enough for its first --max-length tokens
+(`tokenize_truncated`), never whole.
 """
 
 from __future__ import annotations
@@ -60,6 +63,41 @@ def load_texts(dataset: str, num_samples: int | None, *, text_column: str = "tex
             if skipped[SKIP_NOT_TEXT] else ""
         raise RaygradError(f"--dataset {dataset}: no text longer than {min_chars} characters was found{found}")
     return texts
+
+
+CUT_CHARS_PER_TOKEN = 32  # characters of a text tokenized per --max-length token: more than a token holds
+CUT_MARGIN_CHARS = 256  # characters added to that cut, so a short --max-length still cuts far from the tokens kept
+
+
+def tokenize_truncated(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """Each text's ids as tokenizer(text, truncation=True, max_length=max_length) gives them, from a
+    prefix of the text: tokenized whole, a 10 MB text took 2.2 GB (about 200 bytes a character).
+
+    The prefix is max_length x CUT_CHARS_PER_TOKEN + CUT_MARGIN_CHARS characters, doubled until the
+    tokens kept lie in its first half (by a fast tokenizer's offsets; by a slow one's tokens of that
+    half, which must be the same), so where it was cut changes none of them; a text no longer than its
+    prefix is tokenized whole. Memory: the prefixes, whatever the texts' lengths, unless one token
+    holds more than CUT_CHARS_PER_TOKEN / 2 characters."""
+    ids: list[list[int] | None] = [None] * len(texts)
+    todo, chars = list(range(len(texts))), max_length * CUT_CHARS_PER_TOKEN + CUT_MARGIN_CHARS
+    offsets = getattr(tokenizer, "is_fast", False)  # only a fast tokenizer maps tokens to characters
+    while todo:
+        cut = [texts[i][:chars] for i in todo]
+        encoded = tokenizer(cut, truncation=True, max_length=max_length,
+                            **({"return_offsets_mapping": True} if offsets else {}))
+        if offsets:
+            in_first_half = [max(end for _, end in spans) <= chars // 2 for spans in encoded["offset_mapping"]]
+        else:
+            halves = tokenizer([text[:chars // 2] for text in cut], truncation=True, max_length=max_length)
+            in_first_half = [list(half) == list(full) for half, full in zip(halves["input_ids"], encoded["input_ids"])]
+        again = []
+        for i, text_ids, kept_far in zip(todo, encoded["input_ids"], in_first_half):
+            if len(texts[i]) <= chars or len(text_ids) >= max_length and kept_far:
+                ids[i] = list(text_ids)
+            else:
+                again.append(i)
+        todo, chars = again, chars * 2
+    return ids
 
 
 def absolute_if_local(dataset: str) -> str:

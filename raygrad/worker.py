@@ -18,6 +18,7 @@ import torch
 
 from . import examples as topk
 from .batching import BatchSizer, MemoryProbe, collate
+from .data import tokenize_truncated
 from .errors import RaygradError
 from .grads import Aggregation, DeviceAccumulator, accumulate_batch, make_batch
 from .memory import sae_layer_groups
@@ -68,7 +69,8 @@ class ShardComputer:
         self.sae_devices = sae_devices
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        """Each text's first max_length token ids, tokenized from a prefix of it (data.tokenize_truncated)."""
+        return tokenize_truncated(self.tokenizer, texts, self.max_length)
 
     def compute(self, texts: list[str], rows: list[int] | None = None) -> Partial:
         """`rows`: each text's dataset row (default 0, 1, ...); with the layer and the run's seed it

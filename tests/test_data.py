@@ -1,6 +1,7 @@
 """Text sources: local files of each kind, the bundled corpus, the length filter."""
 
 import json
+import types
 
 import pytest
 from tiny import SAMPLE_TEXTS
@@ -63,3 +64,136 @@ def test_dataset_directory_goes_through_the_hub_loader(tmp_path):
     (tmp_path / "repo").mkdir()
     pd.DataFrame({"text": SAMPLE_TEXTS}).to_parquet(tmp_path / "repo" / "train.parquet")
     assert load_texts(str(tmp_path / "repo"), 3, split="train") == KEPT[:3]
+
+
+# --- tokenized from a prefix: what tokenizing the whole text then truncating gives
+
+
+def run_merging_tokenizer():
+    """Byte-level BPE trained on long runs: a token holds up to 1024 '=' or spaces (far more characters
+    than data.CUT_CHARS_PER_TOKEN), so a first cut holds too few tokens and must widen."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(["=" * 1024, " " * 1024 + "x", "a few words of text"] * 8, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def word_level_tokenizer():
+    """One token per whitespace-separated word, <unk> for any unknown one: a 100k-character word is one
+    token; with </s> appended to every text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{word: 3 + i for i, word in enumerate("the a model reads".split())}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A </s>",
+                                                             special_tokens=[("<s>", 1), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+class Recording:
+    """A tokenizer that records the longest text it was given; `is_fast` as asked (False: no offsets)."""
+
+    def __init__(self, tokenizer, is_fast: bool = True):
+        self.tokenizer, self.is_fast, self.longest, self.calls = tokenizer, is_fast, 0, 0
+
+    def __call__(self, texts, **kwargs):
+        self.longest, self.calls = max([self.longest, *map(len, texts)]), self.calls + 1
+        return self.tokenizer(texts, **kwargs)
+
+
+PROSE = " ".join(SAMPLE_TEXTS)
+LONG_TEXTS = {
+    "prose": PROSE * 300,
+    "a run of '=' first": "=" * 200_000 + PROSE,
+    "a run of spaces first": " " * 100_000 + PROSE,
+    "a run of spaces cut": PROSE + " " * 100_000 + "x",
+    "one 100k-character word": "model" * 20_000 + " the model reads",
+    "newlines": "\n" * 50_000 + PROSE * 20,
+}
+
+
+@pytest.mark.parametrize("max_length", [2, 8, 32])
+@pytest.mark.parametrize("fast", [True, False])
+def test_tokenized_from_a_prefix_as_tokenized_whole_then_truncated(max_length, fast, tmp_path):
+    """The reference: tokenizer(text, truncation=True, max_length); by a fast tokenizer (offsets) and one
+    without offsets, each text long enough to be cut, one too short to be."""
+    from tiny import build_tokenizer
+
+    from raygrad.data import CUT_CHARS_PER_TOKEN, CUT_MARGIN_CHARS, tokenize_truncated
+    from raygrad.worker import ShardComputer
+
+    texts = [*LONG_TEXTS.values(), SAMPLE_TEXTS[0]]
+    for tokenizer in (build_tokenizer(tmp_path), run_merging_tokenizer(), word_level_tokenizer()):
+        whole = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        recording = Recording(tokenizer, is_fast=fast)
+        assert tokenize_truncated(recording, texts, max_length) == whole
+        computer = types.SimpleNamespace(tokenizer=tokenizer, max_length=max_length)
+        assert ShardComputer.tokenize(computer, texts) == whole  # what a worker runs
+        prose = Recording(tokenizer, is_fast=fast)
+        tokenize_truncated(prose, [LONG_TEXTS["prose"]], max_length)
+        assert prose.longest == max_length * CUT_CHARS_PER_TOKEN + CUT_MARGIN_CHARS, "the prose was cut"
+
+
+def test_a_cut_holding_too_few_tokens_widens(tmp_path):
+    """'=' * 200,000 by the run-merging tokenizer (1024 characters a token): the first cut (max_length x 32
+    + 256 characters) holds one token, so the cut doubles until the kept tokens end in its first half."""
+    from raygrad.data import CUT_CHARS_PER_TOKEN, CUT_MARGIN_CHARS, tokenize_truncated
+
+    tokenizer = Recording(run_merging_tokenizer())
+    text = "=" * 200_000
+    whole = tokenizer.tokenizer([text], truncation=True, max_length=8)["input_ids"]
+    assert tokenize_truncated(tokenizer, [text], 8) == whole == [[tokenizer.tokenizer.convert_tokens_to_ids(
+        "=" * 1024)] * 8]
+    first = 8 * CUT_CHARS_PER_TOKEN + CUT_MARGIN_CHARS
+    assert tokenizer.calls == 6 and tokenizer.longest == first * 2 ** 5 < len(text)  # 8 x 1024 <= 16384 / 2
+
+
+MEASURE = """
+import sys
+from transformers import AutoTokenizer
+from raygrad.shards import plan_shards, read_rows
+from raygrad.sources import describe_source
+from raygrad.worker import ShardComputer
+
+def peak_rss():
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
+
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[2])
+source = describe_source(sys.argv[1])
+with open("/proc/self/clear_refs", "w") as handle:
+    handle.write("5")  # the peak RSS starts again from the RSS now (Linux 4.0+): imports' peaks are not the work's
+before = peak_rss()
+layout = plan_shards(source, 1, tokenizer, 32)
+texts, rows, _ = read_rows(source, layout.shards[0])
+ids = ShardComputer.tokenize(type("Computer", (), {"tokenizer": tokenizer, "max_length": 32}), texts)
+print(len(texts[0]), len(ids[0]), peak_rss() - before)
+"""
+
+
+def test_one_huge_line_is_planned_read_and_tokenized_in_little_memory(tmp_path):
+    """A 20 MB one-line .txt with --max-length 32, planned, read and tokenized as a worker does, in a process
+    of its own: its peak RSS grows by less than 8 bytes a character (the line's bytes, its text, and a
+    few passing copies); tokenized whole, that line took about 4 GB (200 bytes a character)."""
+    import subprocess
+    import sys
+
+    from tiny import build_tokenizer
+
+    build_tokenizer(tmp_path / "tokenizer")
+    path = tmp_path / "line.txt"
+    path.write_text((PROSE + " ") * (20_000_000 // (len(PROSE) + 1)) + "\n")
+    size = path.stat().st_size
+    done = subprocess.run([sys.executable, "-c", MEASURE, str(path), str(tmp_path / "tokenizer")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    chars, tokens, grown = map(int, done.stdout.split())
+    assert chars == size - 1 and tokens == 32
+    assert grown < 8 * size, f"RSS grew {grown / 2 ** 20:.0f} MiB for a {size / 2 ** 20:.0f} MiB line"
