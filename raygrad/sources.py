@@ -231,7 +231,7 @@ def _first_keys(source: dict) -> list[str] | None:
 
 CSV_FIELD_CHARS = 1 << 24  # characters a CSV field may hold (csv's default, 131072, refuses long texts); a
 # field longer than this is a row csv cannot read (SKIP_UNREADABLE): it caps csv's buffer (4 bytes a character)
-_CSV_PLAIN_RUN = re.compile(r'[^",\r\n]+')  # characters that change no state of csv's parser (default dialect)
+_CSV_PLAIN_RUN = re.compile(r'[^",\r\n]+')  # a run of these moves csv's parser (default dialect) as one of them does
 
 
 def _csv_line_bytes(handle, start: int) -> Iterator[bytes]:
@@ -302,11 +302,12 @@ def _csv_record_end(handle, start: int) -> int:
     return feed.offset
 
 
-def _csv_column(source: dict, counts: Counter) -> tuple[int, int]:
+def _csv_column(source: dict) -> tuple[int, int]:
     """-> (the text column's index in the header, the byte where the records start). Blank lines
-    before the header are skipped, as pandas skips them."""
+    before the header are skipped, as pandas skips them; the header is not a row (its replaced bytes
+    are not counted)."""
     with _open(source) as handle:
-        for _, stop, header in _csv_records(handle, 0, None, counts):
+        for _, stop, header in _csv_records(handle, 0, None, Counter()):
             if header is None:
                 raise RaygradError(f"--dataset {source['path']}: the CSV header cannot be read (a field over "
                                    f"{CSV_FIELD_CHARS} characters); the first record must name the columns")
@@ -334,7 +335,7 @@ def _csv_value(fields: list[str] | None, index: int):
 def _csv_rows(source: dict, counts: Counter, start: int | None = None, stop: int | None = None,
               row: int = 0) -> Iterator[Row]:
     """Records after the header, as csv.DictReader reads them: a blank line is not a row."""
-    index, body = _csv_column(source, Counter())  # the header is not a row: its replaced bytes are not counted
+    index, body = _csv_column(source)
     with _open(source) as handle:
         for begin, end, fields in _csv_records(handle, body if start is None else start, stop, counts):
             if fields == []:

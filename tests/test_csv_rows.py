@@ -161,3 +161,13 @@ def test_a_record_csv_cannot_read_is_counted_and_the_rows_after_it_read_on(tmp_p
     assert layout.skipped == dict(skipped)
     texts, rows = read_all_shards(source, layout)
     assert list(zip(rows, texts)) == expected
+
+
+def test_a_header_csv_cannot_read_is_one_line(tmp_path):
+    from raygrad.errors import RaygradError
+
+    path = tmp_path / "data.csv"
+    path.write_bytes(lines(f'"{"a" * (CSV_FIELD_CHARS + 1)}",text', f"0,{LONG[0]}"))  # one over the limit
+    with pytest.raises(RaygradError, match=r"^--dataset .*: the CSV header cannot be read \(a field over 16777216 "
+                                           r"characters\); the first record must name the columns$"):
+        load_texts(str(path), None)
