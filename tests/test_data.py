@@ -1,6 +1,7 @@
 """Text sources: local files of each kind, the bundled corpus, the length filter."""
 
 import json
+import os
 import types
 
 import pytest
@@ -178,6 +179,7 @@ print(len(texts[0]), len(ids[0]), peak_rss() - before)
 """
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="resets the peak RSS through Linux's /proc")
 def test_one_huge_line_is_planned_read_and_tokenized_in_little_memory(tmp_path):
     """A 20 MB one-line .txt with --max-length 32, planned, read and tokenized as a worker does, in a process
     of its own: its peak RSS grows by less than 8 bytes a character (the line's bytes, its text, and a
