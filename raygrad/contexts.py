@@ -16,6 +16,7 @@ import numpy as np
 
 from . import constants as names
 from . import examples as topk
+from .data import tokenize_truncated
 from .errors import RaygradError, first_line
 from .plan import Plan, layer_span
 from .shards import read_rows
@@ -133,7 +134,7 @@ class RunExamples:
         return found
 
     def _with_context(self, rank, row, position, score, text, context, strict) -> Example:
-        ids = self.tokenizer(text, truncation=True, max_length=self.plan.max_length)["input_ids"]
+        (ids,) = tokenize_truncated(self.tokenizer, [text], self.plan.max_length)  # as the worker tokenized it
         if position + 1 >= len(ids):  # the tokenizer no longer gives the run's tokens
             reason = (f"its text has {len(ids)} tokens now, but the run took position {position}: the model's "
                       "tokenizer changed since the run")

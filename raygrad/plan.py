@@ -222,10 +222,11 @@ class Plan:
                 f"estimated at {self.tokens_per_char:.3f} tokens per character)")
 
     def _skipped_text(self) -> str:
-        from .data import REPLACED_BYTES, SKIP_NOT_TEXT, SKIP_SHORT
+        from .data import REPLACED_BYTES, SKIP_NOT_TEXT, SKIP_SHORT, SKIP_UNREADABLE
 
         said = {SKIP_SHORT: "rows too short (--min-chars)", SKIP_NOT_TEXT: "rows whose text is null, missing or "
-                "not a string", REPLACED_BYTES: "lines kept with bytes that are not UTF-8 (replaced by U+FFFD)"}
+                "not a string", REPLACED_BYTES: "lines kept with bytes that are not UTF-8 (replaced by U+FFFD)",
+                SKIP_UNREADABLE: "CSV records the csv module cannot read (a field over its size limit)"}
         return "; ".join(f"{count} {said.get(reason, reason)}" for reason, count in self.skipped_texts.items())
 
     def _sae_lines(self) -> list[str]:

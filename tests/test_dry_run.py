@@ -160,3 +160,20 @@ def test_layer_lists_print_runs_of_consecutive_layers_as_ranges():
     assert layer_span([0, 1, 2, 3, 10]) == "0-3,10"
     assert layer_span([0, 2]) == "0,2" and layer_span([7]) == "7" and layer_span([4, 5]) == "4-5"
     assert layer_span([0, 1, 5, 6, 7, 9], ", ") == "0-1, 5-7, 9"
+
+
+def test_dry_run_says_which_csv_records_were_skipped_and_why(tiny_llama, tmp_path, capsys, monkeypatch,
+                                                             nothing_loads):
+    """A record the csv module cannot read (a field over its limit) is counted in the plan's skipped
+    line under its own words, beside the short ones; the rows csv reads are the texts counted."""
+    from raygrad.sources import CSV_FIELD_CHARS
+
+    text = "A sentence long enough to be measured by the tiny model, and then some more words."
+    path = tmp_path / "data.csv"
+    path.write_text(f'id,text\n0,{text}\n1,"{"a" * (CSV_FIELD_CHARS + 1)}"\n2,short\n3,{text} 6" tall\n')
+    code, out, err = run_cli(_dry(tiny_llama, path, tmp_path / "out", "--num-samples", "all"), capsys, monkeypatch)
+    assert code == 0, err
+    lines = {line[:9].strip(): line[9:] for line in out.splitlines()}
+    assert lines["texts"].startswith("2 (counted in one pass over ") and "rows 0-3" in lines["texts"]
+    assert lines["skipped"] == ("1 CSV records the csv module cannot read (a field over its size limit); "
+                                "1 rows too short (--min-chars)")
