@@ -55,7 +55,11 @@ def _plain_log_labels(axis) -> None:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI, pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL})
+    # An earlier export's plot, or a link planted at its name, is removed, never written through: the
+    # file is created where nothing is ("x": O_EXCL, which also refuses a link made there meanwhile).
+    path.unlink(missing_ok=True)
+    with open(path, "xb") as handle:
+        fig.savefig(handle, format="png", dpi=DPI, pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL})
     return path
 
 

@@ -403,7 +403,11 @@ def _checkpoint_arrays(totals: Partial, shards_done: np.ndarray) -> dict[str, np
 
 def _stage(pending: Path, arrays: dict[str, np.ndarray]) -> None:
     staging = pending.with_suffix(".tmp.npz")
-    with open(staging, "wb") as handle:
+    # A killed writer's leftover (or a link planted there) is removed, never written through: the new
+    # file is created where nothing is (O_EXCL), and a link made there meanwhile is refused (O_NOFOLLOW).
+    staging.unlink(missing_ok=True)
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "wb") as handle:
         np.savez(handle, **arrays)
         handle.flush()
         os.fsync(handle.fileno())

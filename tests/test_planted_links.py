@@ -150,3 +150,32 @@ def test_the_bundled_models_conversion_writes_through_no_planted_directory(tmp_p
     models._convert_gguf(tmp_path, "weights.gguf", target)
     assert list(victim_dir.iterdir()) == []
     assert sorted(p.name for p in target.iterdir()) == ["model.json", "tokenizer.json"]
+
+
+def test_plots_and_the_checkpoint_staging_file_are_written_through_no_planted_link(example_run, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """Plots are drawn under their final names and a checkpoint stages under a fixed one: a link planted
+    at either is removed and a new file made there, the file it pointed to untouched."""
+    import numpy as np
+
+    from raygrad.store import ResultStore
+
+    plot = example_run / names.PLOTS_DIR / "layer_0_mean_abs_histogram.png"
+    plot.parent.mkdir(exist_ok=True)
+    plot.unlink(missing_ok=True)
+    staging = example_run / names.STORE_NAME / names.PENDING_CHECKPOINT.replace(".npz", ".tmp.npz")
+    victims = [plant(plot, tmp_path, "victim_plot.txt"), plant(staging, tmp_path, "victim_staging.txt")]
+    try:
+        code, _, err = run_cli(["export", str(example_run), "--save-outputs"], capsys, monkeypatch)
+        assert code == 0, err
+        assert not plot.is_symlink() and plot.read_bytes().startswith(b"\x89PNG")
+        store = ResultStore.open(example_run / names.STORE_NAME, writable=True)  # clears a leftover staging file
+        totals, done = store.totals()
+        plant(staging, tmp_path, "victim_again.txt")
+        store.checkpoint(totals, done)  # the same numbers, staged through the planted name
+        np.testing.assert_array_equal(ResultStore.open(store.path).shards_done(), done)
+    finally:
+        if os.path.lexists(staging):
+            staging.unlink()
+    assert [victim.read_text() for victim in victims] == [VICTIM_TEXT] * len(victims)
+    assert (tmp_path / "victim_again.txt").read_text() == VICTIM_TEXT
