@@ -18,7 +18,7 @@ from . import examples as topk
 from .config import EXECUTION, MEASURED, SHARDS_PER_WORKER, RunConfig, dashed, fields_of, part_of, planned_fields
 from .data import absolute_if_local
 from .errors import RaygradError, first_line
-from .lock import run_lock
+from .lock import LockTaken, run_lock
 from .models import loading_bars
 from .plan import Plan, make_plan, run_dir_name
 from .pool import WorkerPool
@@ -368,6 +368,10 @@ def _execute(plan: Plan, config: RunConfig, store: ResultStore, pool: WorkerPool
         work = [(i, plan.source, plan.shards[i]) for i in reducer.todo]
         for result in pool.map(work):
             reducer.add(result)
+    except LockTaken:  # the run is another process's now: nothing more is written, and it is not ours to resume
+        echo(f"stopped  after {int(reducer.saved)} of {len(reducer.done)} shards saved by this process; the run "
+             "goes on in the process that took its lock over")
+        raise
     except BaseException as err:  # a failed shard, Ctrl-C, no workers: keep what finished, say how to go on
         try:
             reducer.keep_finished()
@@ -393,6 +397,8 @@ def _execute(plan: Plan, config: RunConfig, store: ResultStore, pool: WorkerPool
     except OSError as err:
         raise RaygradError(f"{store.path}: finishing the run failed ({_os_reason(err)}); free space, then "
                            f"{resume_hint}") from None
+    except LockTaken:
+        raise  # the process that took the lock over finishes the run
     except BaseException as err:  # every shard is saved: a resume only finalizes
         echo(f"stopped  with every shard saved, while finishing the run ({type(err).__name__}: {err}); "
              f"{resume_hint}")

@@ -63,6 +63,10 @@ OPEN_TRIES = 10  # a holder may remove the file just as it is opened: open the n
 NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # a filesystem without flock: the record decides
 
 
+class LockTaken(RaygradError):
+    """This process's lock on a run directory was taken over by another: it stops before writing again."""
+
+
 class RunLock:
     """A lock this process took: its record, and whether it still holds it (`check`)."""
 
@@ -81,7 +85,7 @@ class RunLock:
                 self._notice(_read(self.fd))
         if self.taken_by is not None:
             holder = self.taken_by
-            raise RaygradError(
+            raise LockTaken(
                 f"{self.where}: its lock was taken over by pid {holder.get('pid')} on host {holder.get('host')} "
                 f"since {holder.get('since')} ({holder.get('command')}), this process's heartbeat being over "
                 f"{STALE_SECONDS / 60:g} minutes old (a stopped process, a hung mount); this process stops before "

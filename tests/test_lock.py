@@ -306,6 +306,9 @@ def test_a_displaced_run_stops_before_its_next_checkpoint_and_its_store_verifies
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith(f"error: --output-dir {run_dir}: {displaced_message(seen['record'])}"), lines[0]
+    # not a run to resume from here: the stop line says whose it is now, and no resume hint
+    assert out.strip().splitlines()[-1] == ("stopped  after 2 of 4 shards saved by this process; the run goes on "
+                                            "in the process that took its lock over")
     store = run_dir / names.STORE_NAME
     assert tree_digest(store) == seen["before"]  # not one byte written after the takeover
     _, done = ResultStore.open(store).totals()  # verifies every digest
