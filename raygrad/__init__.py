@@ -19,10 +19,17 @@ def run(config: RunConfig | None = None, **options):
 def top_examples(run_dir, layer: int, feature: int, by: str = "gradients", k: int | None = None, context: int = 8):
     """A run's top tokens for one feature (--top-examples), best first, each with its row, position, score,
     token, the token it predicts and the text around it (re-read from the dataset and checked):
-    `raygrad.top_examples(run_dir, layer=3, feature=117)`. Raises RaygradError (one line) as the CLI says it."""
+    `raygrad.top_examples(run_dir, layer=3, feature=117)`. Raises RaygradError (one line) as the CLI says it;
+    warns (UserWarning) when the run is not complete, as its tables then hold its finished shards' only."""
+    import warnings
+
     from .contexts import RunExamples
 
-    return RunExamples(run_dir).examples(layer, feature, by, k, context)
+    examples = RunExamples(run_dir)
+    unfinished = examples.unfinished()
+    if unfinished:
+        warnings.warn(unfinished, stacklevel=2)
+    return examples.examples(layer, feature, by, k, context)
 
 
 __all__ = ["RunConfig", "Results", "load_results", "open_results", "run", "stats", "top_examples", "__version__"]

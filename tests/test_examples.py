@@ -393,3 +393,7 @@ def test_examples_of_an_unfinished_run_say_so(tiny_llama, texts_file, tmp_path, 
             assert json.loads(out)  # --json's output stays JSON
         else:
             assert out.startswith("layer 0 feature 3: top ")
+    import raygrad
+
+    with pytest.warns(UserWarning, match=r"the run is not complete \(1 of 3 shards done\); these are the top"):
+        assert raygrad.top_examples(run_dir, layer=0, feature=3)  # the Python API says so too
