@@ -162,8 +162,8 @@ class WorkerPool:
         self._watch_start(actor)
 
     def _watch_start(self, actor) -> None:
-        """Ask a new (or restarted) actor where it is and to load its model: the
-        answers come in that order, since an actor runs its calls one at a time."""
+        """Ask a new (or restarted) actor where it is and to load its model: `placed` answers
+        while `ready` loads (an actor runs two calls at a time), and neither waits for the other."""
         self._forget_calls(actor)  # one outstanding pair per actor; earlier ones answer the same
         self.retry_at.pop(actor_name(actor), None)
         self.placing[actor.placed.remote()] = actor
@@ -188,7 +188,7 @@ class WorkerPool:
         # re-runs a call, so no shard can come back twice.
         actor = ray.remote(RemoteWorker).options(
             num_gpus=self.gpus_per_worker, num_cpus=self.cpus_per_worker, max_restarts=2, max_task_retries=0,
-            max_concurrency=2,  # a shard read ahead while one computes (RemoteWorker)
+            max_concurrency=2,  # a shard read ahead while one computes, in the order sent (RemoteWorker)
         ).remote(self.plan, self.seed)
         return actor
 

@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 from urllib.parse import urlsplit
 
 from .config import RunConfig
@@ -41,6 +41,46 @@ def local_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+class ComputeTurns:
+    """The order an actor's calls compute in: the order the driver sent them, whichever call read its
+    rows first, one at a time. So a process that dies was computing the oldest call the driver still
+    had in flight on it, the one scheduler.py charges the loss to.
+
+    Each call carries a ticket (increasing, from the driver) and `after`: the ticket of the call sent
+    to this actor just before it and still in flight then, or None (a head). A call computes once the
+    call it follows has computed or failed. The driver sends a head only when it has no call in flight
+    on the actor, so a head means every call with a smaller ticket was given up (its result would be
+    dropped): those not yet computing return at once, and one waiting on a call that never arrived
+    (lost in transit) is not left waiting for ever."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._newest_head = -1  # tickets start at 0
+        self._passed: int | None = None  # the ticket of the call that computed (or failed) last
+        self._computing = False
+
+    @contextlib.contextmanager
+    def turn(self, ticket: int, after: int | None) -> Iterator[bool]:
+        """Wait for this call's turn -> True, and computing is this call's until the block ends; or
+        -> False at once for a call the driver gave up on (nothing to compute)."""
+        with self._changed:
+            if after is None and ticket > self._newest_head:
+                self._newest_head = ticket
+                self._changed.notify_all()
+            self._changed.wait_for(lambda: ticket < self._newest_head or (
+                not self._computing and (after is None or after == self._passed)))
+            live = ticket >= self._newest_head
+            if live:
+                self._computing = True
+        try:
+            yield live
+        finally:
+            if live:
+                with self._changed:
+                    self._computing, self._passed = False, ticket
+                    self._changed.notify_all()
+
+
 class RemoteWorker:
     """The Ray actor around a ShardRunner. The constructor only keeps the plan,
     so `placed` answers as soon as the actor has a node; `ready` loads the model
@@ -48,13 +88,14 @@ class RemoteWorker:
     the driver reports as the run's error (a failing constructor would look like
     a lost node and be retried)."""
 
-    # Threaded (max_concurrency=2): the next shard is read and tokenized while this one computes;
-    # computing is one shard at a time.
+    # Threaded (max_concurrency=2): two calls at a time, so `placed` answers while `ready` loads, and
+    # the next shard is read and tokenized while this one computes; computing is one shard at a
+    # time, in the order the driver sent them (ComputeTurns).
 
     def __init__(self, plan: Plan, seed: int):
         self.plan, self.seed, self.runner = plan, seed, None
         self._loading = threading.Lock()  # one ShardRunner, however many calls arrive at once
-        self._computing = threading.Lock()
+        self._turns = ComputeTurns()
 
     def placed(self) -> tuple[str, str]:
         """-> (its node, its process): Ray's worker id names the process, a new one after each restart."""
@@ -67,11 +108,16 @@ class RemoteWorker:
         runner = self._runner()
         return {"device": str(runner.device), "load_seconds": runner.load_seconds, "sae_groups": runner.sae_groups}
 
-    def run(self, shard: int, source: dict, ref) -> ShardResult:
-        runner = self._runner()
-        prepared = runner.prepare(shard, source, ref)  # beside the shard computing now, if any
-        with self._computing:
-            return runner.compute(prepared)
+    def run(self, shard: int, source: dict, ref, ticket: int, after: int | None) -> ShardResult | None:
+        """-> the shard's result; None for a call the driver gave up on (ComputeTurns: `ticket`, `after`)."""
+        try:
+            runner = self._runner()
+            prepared = runner.prepare(shard, source, ref)  # beside the shard computing now, if any
+        except BaseException:
+            with self._turns.turn(ticket, after):  # in its turn even so: the call sent next waits for this one
+                raise
+        with self._turns.turn(ticket, after) as live:
+            return runner.compute(prepared) if live else None
 
     def _runner(self) -> ShardRunner:
         with self._loading:

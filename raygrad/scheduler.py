@@ -1,25 +1,32 @@
 """The elastic scheduler: one map of shards over the pool's Ray actors, until every shard has a result.
 
 Up to PER_WORKER shards are in flight on an actor: the one it computes (the oldest call, its head)
-and the next, which Ray queues behind it, so a worker goes from one shard to the next without
-waiting for the driver to take a result and send work. Near the end (fewer shards waiting than
-workers) an actor takes one at a time, so no shard waits behind another while a worker has none.
+and the next, which the actor reads beside it and computes after it, so a worker goes from one shard
+to the next without waiting for the driver to take a result and send work. An actor runs two calls
+at once, but computes them in the order they were sent, whichever read its rows first: each call
+carries a ticket and the ticket of the call it follows (ray_runtime.ComputeTurns). So when the
+oldest call the driver has in flight on an actor (its head) fails because its process died, every
+call sent before it had been answered, and it was the one computing (or reading, with nothing
+computing). Near the end (fewer shards waiting than workers) an actor
+takes one at a time, so no shard waits behind another while a worker has none.
 
 A shard is charged a loss (MAX_LOSSES_PER_SHARD stop the run) only when the worker process that
-started it is gone, never for a death while idle, for a shard only queued on it, or for an actor
-that is only restarting:
+was computing it is gone, never for a death while idle, for a shard only read or queued on it, or
+for an actor that is only restarting:
 - an idle actor is asked `placed` before it is sent a shard, and sent it once that answers, so the
   shard runs on the process that answered. A death while idle fails that question (Ray answers
   ActorUnavailableError while it restarts the actor, ActorDiedError when it will not); the shard
   goes back to the queue uncharged. An actor with a shard in flight is sent the next one without
   asking: a death before that one starts fails the one in flight too.
-- a failed call that is not its actor's head never started (the head's process died, or the actor
-  is out of reach): back to the queue uncharged, and the actor gets nothing more until it answers.
+- a failed call that is not its actor's head was reading or waiting for its turn when the head's
+  process died or the actor went out of reach (or, rarely, computing after a head whose result is
+  still on its way to the driver): back to the queue uncharged, so a loss may be missed but is never
+  charged to the wrong shard, and the actor gets nothing more until it answers.
 - the head's call failing with ActorUnavailableError tells only that the actor could not be
   reached ("the task may or may not have been executed"): its process died (Ray says this, not
   ActorDiedError, while restarts are left) or the network failed. The shard is queued again, and
   the loss is charged when the actor answers `placed` from another process, or is gone for good;
-  the same process answering again costs nothing. The shard queued behind it goes back uncharged.
+  the same process answering again costs nothing. The shard sent behind it goes back uncharged.
 - ActorDiedError on the head's call: the process that started it is dead and not restarted; charged.
 
 The pool (pool.py) owns the actors and their start-up calls (`placed`, `ready`); this module decides
@@ -27,6 +34,7 @@ which shard goes where and what a failure costs. Ray's runtime is ray_runtime.py
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import Counter, deque
@@ -44,7 +52,8 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 5.0  # how long one wait for a result or a worker lasts
 STATUS_SECONDS = 30.0  # between "waiting for workers" lines
 MAX_LOSSES_PER_SHARD = 3  # a shard whose worker dies this often is killing it (memory, say): stop, not loop
-PER_WORKER = 2  # shards in flight per worker: the one it computes and the next, queued behind it
+PER_WORKER = 2  # shards in flight per worker: the one it computes and the next, read beside it
+_tickets = itertools.count()  # run calls in the order sent, from every map of this process (ComputeTurns)
 
 
 class WorkerTimeout(RaygradError):
@@ -100,10 +109,11 @@ class ElasticMap:
         self.pool, self.queue, self.clocks = pool, queue, pool.clocks
         self.asking: dict = {}  # `placed` ref -> (actor, item): an idle actor asked whether it is up, before `item`
         self.running: dict = {}  # run ref -> (actor, item, the worker process that answered before it)
+        self.last_ticket: dict[str, int] = {}  # actor id -> the ticket of the last run call sent to it
         self.in_flight: dict[str, deque] = {}  # actor id -> its run refs in the order sent; the first computes
         self.process_of: dict[str, str] = {}  # actor id -> the process that last answered `placed`
         self.room: dict = {}  # actor id -> an actor with a shard in flight and room for another
-        self.suspect: set[str] = set()  # actors a queued call failed on: nothing more until they answer `placed`
+        self.suspect: set[str] = set()  # actors a call behind the head failed on: nothing until they answer `placed`
         self.unreachable: dict = {}  # actor id -> (item, process that started it, error): charged if another answers
         self.idle: list = []
         self.finished: set[int] = set()
@@ -179,7 +189,7 @@ class ElasticMap:
         from ray.exceptions import ActorUnavailableError, RayActorError
 
         try:
-            node, process = get(ref)  # answered before its `ready`
+            node, process = get(ref)  # usually before its `ready` (which loads the model beside it)
         except ActorUnavailableError:  # restarting, perhaps waiting for a node: not placed, ask again
             self.pool._ask_later(actor)
             return
@@ -242,7 +252,7 @@ class ElasticMap:
         try:
             result = get(ref)
         except RayActorError as err:
-            if not head:  # queued behind a shard still in flight: it never started
+            if not head:  # sent behind a shard still in flight: it was reading or waiting (scheduler docstring)
                 self.queue.appendleft(item)
                 self.suspect.add(name)
                 self.room.pop(name, None)
@@ -253,9 +263,11 @@ class ElasticMap:
             else:
                 self._charge(item, err)
             self.pool.echo(f"worker lost during shard {item[0]} ({first_line(err)}); the shard is queued again")
-            self.queue.extendleft(reversed([item, *self._drop_calls(actor)]))  # those behind it never started
+            self.queue.extendleft(reversed([item, *self._drop_calls(actor)]))  # those behind it: never computing
             self.pool._watch_start(actor)  # answers if Ray restarts it (or it was out of reach), raises if gone
             return None
+        if result is None:  # ComputeTurns gives up only on calls sent before a head, which the driver dropped
+            raise RuntimeError(f"internal error: a worker gave up on shard {item[0]}, which the driver awaited")
         busy = self.pool.busy
         busy.pop(name, None)
         if calls:
@@ -280,10 +292,15 @@ class ElasticMap:
                 self._charge(item, err)
 
     def _send(self, actor, item) -> None:
+        """Send `item` to compute after the last call sent to the actor, while any is in flight. That
+        call, not the last one here still unanswered: results may arrive out of order (a large one
+        pulled from another node after the small one behind it)."""
         name = actor_name(actor)
-        ref = actor.run.remote(*item)
-        self.running[ref] = (actor, item, self.process_of[name])
-        self.in_flight.setdefault(name, deque()).append(ref)
+        calls = self.in_flight.setdefault(name, deque())
+        ticket, after = next(_tickets), self.last_ticket[name] if calls else None
+        ref = actor.run.remote(*item, ticket, after)
+        self.running[ref], self.last_ticket[name] = (actor, item, self.process_of[name]), ticket
+        calls.append(ref)
         self.pool.busy.setdefault(name, item[0])
         self.clocks.working(name, time.monotonic())
 

@@ -1,11 +1,13 @@
 """Which shard a lost worker is charged to, and a pool that never sleeps past a result: WorkerPool's
-scheduling loop against a simulated Ray (fake actors on a fake clock) that fails calls as Ray 2.x
-does, as measured on a local Ray: a call sent while Ray restarts an actor, or in flight when its
-process dies with restarts left, fails with ActorUnavailableError; with none left, ActorDiedError.
-Then --gpus-per-worker on an in-process run, through the command line."""
+scheduling loop against a simulated Ray (fake actors on a fake clock, two calls at a time each, as
+max_concurrency=2 gives) that fails calls as Ray 2.x does, as measured on a local Ray: a call sent
+while Ray restarts an actor, or in flight when its process dies with restarts left, fails with
+ActorUnavailableError; with none left, ActorDiedError. Then --gpus-per-worker on an in-process run,
+through the command line."""
 
 import bisect
 import math
+from collections import deque
 from types import SimpleNamespace
 
 import pytest
@@ -23,6 +25,8 @@ from raygrad.shards import Shard
 REPLY_SECONDS = 0.001  # a call to an actor that is not up fails this fast
 PLACED_SECONDS = 0.01
 UNREACHABLE_SECONDS = 0.3  # how long a "blip" keeps an actor out of reach
+THREADS = 2  # calls an actor runs at once (the pool's max_concurrency)
+STUCK_SECONDS = 3600.0  # no test's shards take this long: a pool still waiting then waits for ever
 
 
 class Clock:
@@ -40,8 +44,14 @@ class Clock:
 
 
 class Ref:
-    def __init__(self, at: float, value=None, error: BaseException | None = None):
+    """A call's answer, there from `at` (math.inf until the simulation has decided it)."""
+
+    def __init__(self, at: float = math.inf, value=None, error: BaseException | None = None):
         self.at, self.value, self.error = at, value, error
+
+    def settle(self, at: float, value=None, error: BaseException | None = None) -> None:
+        if self.at == math.inf:  # the first answer stands: one lost to a blip stays lost
+            self.at, self.value, self.error = at, value, error
 
 
 class Method:
@@ -52,11 +62,25 @@ class Method:
         return self.actor.call(self.name, *args)
 
 
+class Call:
+    """A call on an actor's process: queued for a thread, then running. `run` reads its rows
+    (World.read_seconds), waits for its turn, then computes (World.run_seconds)."""
+
+    def __init__(self, method: str, args: tuple):
+        self.method, self.args, self.ref = method, args, Ref()
+        self.stage, self.until = "queued", math.inf  # until: when its stage ends
+        if method == "run":
+            self.shard, _, _, self.ticket, self.after = args
+
+
 class FakeActor:
     """A Ray actor: process k is up from `restart_seconds` after process k-1 died (process 0 from
     the start) until the k-th of `deaths` (times), which a shard that kills its worker adds to.
-    A call runs on the process up when it is sent, after that process's earlier calls; during a
-    blip (from, to) the actor is out of reach but its process runs on."""
+    A call runs on the process up when it is sent, on one of its THREADS once one is free (else in
+    the order sent). A `run` reads its rows beside the other thread's call, then computes by
+    ray_runtime.ComputeTurns' rule: one at a time, after the call it was sent behind (a call sent
+    before the newest head returns None at once). During a blip (from, to) the actor is out of reach
+    (the calls in flight fail) but its process runs on."""
 
     def __init__(self, world: "World", name: str, deaths=(), restart_seconds=0.5, max_restarts=2,
                  load_seconds=0.2, blips=()):
@@ -64,8 +88,13 @@ class FakeActor:
         self._actor_id = SimpleNamespace(hex=lambda: name)
         self.deaths, self.restart_seconds, self.max_restarts = sorted(deaths), restart_seconds, max_restarts
         self.load_seconds, self.blips = load_seconds, list(blips)
-        self.free_at: dict[int, float] = {}  # process -> when its calls sent so far are done
+        self.blip_starts = sorted(start for start, _ in self.blips)  # those not yet seen by calls in flight
         self.calls: list[tuple[float, str]] = []
+        self.computed: list[int] = []  # shards, in the order they started computing
+        self.process: int | None = None  # the process the calls below run on
+        self.threads: list[Call] = []
+        self.queued: deque[Call] = deque()
+        self.newest_head, self.passed, self.computing = -1, None, None  # ComputeTurns' state
         self.placed, self.ready, self.run = (Method(self, name) for name in ("placed", "ready", "run"))
 
     def process_at(self, t: float) -> int | str:
@@ -82,7 +111,9 @@ class FakeActor:
 
     def call(self, method: str, *args) -> Ref:
         now = self.world.clock.now
+        self.world.advance(now)  # what happened before this call has happened
         self.calls.append((now, method))
+        self.blip_starts = [start for start in self.blip_starts if start >= now]
         if any(start <= now < end for start, end in self.blips):
             return Ref(now + REPLY_SECONDS, error=ActorUnavailableError("RpcError: Socket closed", None))
         k = self.process_at(now)
@@ -90,44 +121,108 @@ class FakeActor:
             return Ref(now + REPLY_SECONDS, error=ActorDiedError())
         if k == "restarting":
             return Ref(now + REPLY_SECONDS, error=ActorUnavailableError("The actor is restarting.", None))
-        start = max(now, self.free_at.get(k, now))
-        dies = self.deaths[k] if k < len(self.deaths) else math.inf
-        if method == "run":
-            shard = args[0]
-            seconds = self.world.run_seconds.get(shard, 1.0)
-            fates = self.world.fates.get(shard)
-            if start < dies and fates:  # halfway through, the process dies or the actor is out of reach
-                fate, halfway = fates.pop(0), start + seconds / 2
-                if fate == "kill":
-                    dies = halfway
-                    bisect.insort(self.deaths, dies)
-                else:
-                    self.blips.append((halfway, halfway + UNREACHABLE_SECONDS))
-            value = SimpleNamespace(shard=shard, ready_at=start + seconds)
-        elif method == "ready":
-            seconds, value = self.load_seconds, {"device": "cpu", "load_seconds": self.load_seconds}
+        if k != self.process:  # a new process: nothing of the last one's runs on it
+            self.process, self.newest_head, self.passed, self.computing = k, -1, None, None
+        call = Call(method, args)
+        self.queued.append(call)
+        self._move(now)
+        return call.ref
+
+    # --- the simulation: World.advance steps every actor through its events in time order
+
+    def _death(self) -> float:
+        return self.deaths[self.process] if self.process is not None and self.process < len(self.deaths) else math.inf
+
+    def next_event(self) -> float:
+        if not self.threads and not self.queued:
+            return math.inf
+        return min([self._death(), *(call.until for call in self.threads), *self.blip_starts[:1]])
+
+    def step(self, t: float) -> None:
+        """Everything due at t: a death first (a call ending as its process dies is lost), then the
+        stages that end, then a blip (a call answering as the blip starts is answered)."""
+        if (self.threads or self.queued) and self._death() <= t:
+            k = self.process
+            for call in [*self.threads, *self.queued]:  # the calls in flight, and those queued behind them
+                call.ref.settle(self._death(), error=self.failure(k, "RpcError: Socket closed"))
+            self.threads, self.queued, self.process = [], deque(), None
+            return
+        while due := [call for call in self.threads if call.until <= t]:
+            self._end_stage(min(due, key=lambda call: call.until), t)
+        while self.blip_starts and self.blip_starts[0] <= t:
+            start = self.blip_starts.pop(0)
+            for call in [*self.threads, *self.queued]:  # out of reach before it answers; the process runs on
+                call.ref.settle(start, error=ActorUnavailableError("RpcError: Socket closed", None))
+
+    def _end_stage(self, call: Call, t: float) -> None:
+        call.until = math.inf
+        if call.stage == "reading":
+            call.stage = "waiting"
+        elif call.stage == "computing":
+            self.computing, self.passed = None, call.ticket
+            there = t + self.world.deliver_seconds.get(call.shard, 0.0)
+            self._leave(call, there, SimpleNamespace(shard=call.shard, ready_at=there))
+        elif call.method == "ready":
+            self._leave(call, t, {"device": "cpu", "load_seconds": self.load_seconds})
         else:
-            seconds, value = PLACED_SECONDS, (f"node-{self.name}", f"{self.name}/process-{k}")
-        end = start + seconds
-        if dies <= end:  # the process dies before answering, and so do the calls queued behind it
-            self.free_at[k] = dies
-            return Ref(dies, error=self.failure(k, "RpcError: Socket closed"))
-        self.free_at[k] = end
-        for blip_start, _ in self.blips:
-            if now <= blip_start < end:  # out of reach before it answers; the process runs on
-                return Ref(blip_start, error=ActorUnavailableError("RpcError: Socket closed", None))
-        return Ref(end, value=value)
+            self._leave(call, t, (f"node-{self.name}", f"{self.name}/process-{self.process}"))
+        self._move(t)
+
+    def _leave(self, call: Call, t: float, value) -> None:
+        call.ref.settle(t, value=value)
+        self.threads.remove(call)
+
+    def _move(self, t: float) -> None:
+        """Start queued calls on free threads, and a waiting `run` computing by ComputeTurns' rule."""
+        while True:
+            while self.queued and len(self.threads) < THREADS:
+                call = self.queued.popleft()
+                self.threads.append(call)
+                call.stage = "reading" if call.method == "run" else "answering"
+                call.until = t + (self.world.read_seconds.get(call.shard, 0.0) if call.method == "run" else
+                                  self.load_seconds if call.method == "ready" else PLACED_SECONDS)
+            waiting = [call for call in self.threads if call.stage == "waiting"]
+            self.newest_head = max([self.newest_head, *(call.ticket for call in waiting if call.after is None)])
+            given_up = [call for call in waiting if call.ticket < self.newest_head]
+            for call in given_up:
+                self._leave(call, t, None)
+            if given_up:
+                continue  # threads freed
+            turn = [call for call in waiting if call.after is None or call.after == self.passed]
+            if self.computing is None and turn:
+                self._compute(min(turn, key=lambda call: call.ticket), t)
+            return
+
+    def _compute(self, call: Call, t: float) -> None:
+        self.computing, call.stage = call, "computing"
+        self.computed.append(call.shard)
+        seconds = self.world.run_seconds.get(call.shard, 1.0)
+        call.until = t + seconds
+        fates = self.world.fates.get(call.shard)
+        if fates:  # halfway through, the process dies or the actor is out of reach
+            fate, halfway = fates.pop(0), t + seconds / 2
+            if fate == "kill":
+                if halfway < self._death():
+                    bisect.insort(self.deaths, halfway)
+            else:
+                self.blips.append((halfway, halfway + UNREACHABLE_SECONDS))
+                bisect.insort(self.blip_starts, halfway)
 
 
 class World:
     """Ray as the pool sees it: wait, get and kill, and actors made from `actors` (keyword arguments
     of FakeActor, in the order the pool asks for them; healthy ones after those)."""
 
-    def __init__(self, monkeypatch, actors: list[dict], fates: dict | None = None, run_seconds: dict | None = None):
+    def __init__(self, monkeypatch, actors: list[dict], fates: dict | None = None, run_seconds: dict | None = None,
+                 read_seconds: dict | None = None, deliver_seconds: dict | None = None):
         self.clock, self.specs, self.made, self.killed, self.said = Clock(), list(actors), [], [], []
-        # shard -> what happens halfway through its next runs: "kill" (its process dies) or "unreachable"
+        # shard -> what happens halfway through its next computations: "kill" (its process dies) or "unreachable"
         self.fates = {shard: list(fate) for shard, fate in (fates or {}).items()}
-        self.run_seconds = dict(run_seconds or {})  # shard -> seconds (default 1)
+        self.run_seconds = dict(run_seconds or {})  # shard -> seconds computing (default 1)
+        self.read_seconds = dict(read_seconds or {})  # shard -> seconds reading its rows first (default 0)
+        # shard -> seconds from its result being computed to the driver having it (default 0): a large one
+        # pulled from another node may arrive after the next call's
+        self.deliver_seconds = dict(deliver_seconds or {})
         monkeypatch.setattr(pool_module, "time", self.clock)
         monkeypatch.setattr(scheduler, "time", self.clock)
         monkeypatch.setattr(ray, "wait", self.wait)
@@ -141,11 +236,28 @@ class World:
         self.made.append(actor)
         return actor
 
+    def advance(self, until: float) -> None:
+        """Every actor's events up to `until`, in time order."""
+        while (t := min((actor.next_event() for actor in self.made), default=math.inf)) <= until:
+            for actor in self.made:
+                if actor.next_event() <= t:
+                    actor.step(t)
+
     def wait(self, refs, num_returns=1, timeout=None):
         assert refs and num_returns == 1 and timeout is not None and timeout >= 0
-        first = min(refs, key=lambda ref: ref.at)
-        if first.at > self.clock.now + timeout:
-            self.clock.now += timeout
+        assert self.clock.now < STUCK_SECONDS, "the pool waits on calls that never answer"
+        deadline = self.clock.now + timeout
+        while True:
+            first = min(refs, key=lambda ref: ref.at)
+            upcoming = min([first.at, *(actor.next_event() for actor in self.made)])
+            if first.at <= upcoming:  # decided, and nothing can happen before it
+                break
+            if upcoming > deadline:
+                break
+            self.advance(upcoming)
+        if first.at > deadline:
+            self.advance(deadline)
+            self.clock.now = deadline
             return [], refs
         self.clock.now = max(self.clock.now, first.at)
         return [first], [ref for ref in refs if ref is not first]
