@@ -1,6 +1,8 @@
 """The Ray runtime under the pool: a private local Ray bound to loopback, or a cluster joined by
---address; the SIGTERM handler kept across ray.init; the reaper that ends a SIGKILLed driver's local
-Ray; the actor around a ShardRunner; what the cluster offers. No scheduling here (pool.py).
+--address; the SIGTERM handler kept across ray.init, and a signal's exception raised as itself from
+inside a Ray call (wait, get); the reaper that ends a SIGKILLed driver's local Ray; the actor around
+a ShardRunner and the order its calls compute in; what the cluster offers. No scheduling here
+(pool.py, scheduler.py).
 
 No credential goes into a runtime_env: Ray writes it to its session's logs (runtime_env_agent.log)
 and shows it in its dashboard and state API. A local Ray's processes are children of this one, so
@@ -181,7 +183,8 @@ def stop(loopback_setting: tuple | None) -> None:
     """Shut down the Ray this process started (and put back what bind_to_loopback changed)."""
     import ray
 
-    ray.shutdown()
+    with signals_raised_plainly():
+        ray.shutdown()
     if loopback_setting is not None:
         restore_cluster_setting(*loopback_setting)
 
@@ -219,10 +222,36 @@ def get(ref):
     from ray.exceptions import RayTaskError
 
     try:
-        return ray.get(ref)
+        with signals_raised_plainly():
+            return ray.get(ref)
     except RayTaskError as err:
         if isinstance(err.cause, RaygradError):
             raise RaygradError(str(err.cause)) from None
+        raise
+
+
+def wait(refs: list, timeout: float) -> list:
+    """ray.wait for the first of `refs` to be ready: -> [that ref], or [] after `timeout` seconds."""
+    import ray
+
+    with signals_raised_plainly():
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+    return ready
+
+
+@contextlib.contextmanager
+def signals_raised_plainly():
+    """Around a Ray call that blocks the main thread. A signal handler that raises (the CLI's SIGTERM
+    handler, Ctrl-C's KeyboardInterrupt) may run inside Ray's Cython code, which then returns as if
+    nothing happened, and Python reports `SystemError: <cyfunction CoreWorker.wait ...> returned a
+    result with an exception set`, the handler's exception as its cause. Raise that exception itself,
+    so the run stops as it does for a signal anywhere else."""
+    try:
+        yield
+    except SystemError as err:
+        cause = err.__cause__
+        if isinstance(cause, BaseException) and not isinstance(cause, Exception):  # a signal's, not a bug's
+            raise cause.with_traceback(cause.__traceback__) from None
         raise
 
 

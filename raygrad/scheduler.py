@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from .errors import RaygradError, first_line
 from .partial import ShardResult
-from .ray_runtime import actor_name, get
+from .ray_runtime import actor_name, get, wait
 
 if TYPE_CHECKING:
     from .pool import WorkerPool
@@ -120,8 +120,6 @@ class ElasticMap:
         self.losses: Counter = Counter()  # shard -> worker processes lost while computing it
 
     def results(self) -> Iterator[ShardResult]:
-        import ray
-
         pool, queue = self.pool, self.queue
         watched = {id(actor) for actor in pool.starting.values()} | {id(a) for _, a in pool.retry_at.values()}
         for actor in pool.actors:
@@ -147,7 +145,7 @@ class ElasticMap:
                 timeout = min([POLL_SECONDS, *(due - now for due, _ in pool.retry_at.values())])
                 refs = [*self.running, *self.asking, *pool.placing, *pool.starting]
                 if refs:
-                    ready, _ = ray.wait(refs, num_returns=1, timeout=max(0.0, timeout))
+                    ready = wait(refs, timeout=max(0.0, timeout))
                 else:  # every actor is being restarted: nothing to take until one is asked again
                     time.sleep(max(0.0, timeout))
                     ready = []

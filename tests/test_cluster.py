@@ -300,6 +300,38 @@ def test_all_workers_lost_stops_then_resumes_on_a_new_node(any_gpu_cluster, tiny
     assert_same_counts_and_close_sums(resumed, local)
 
 
+@pytest.mark.parametrize("call", ["wait", "get"])
+def test_a_signal_inside_a_ray_call_raises_its_own_exception(cluster_ray, call):
+    """A SIGTERM while this process waits in ray.wait or ray.get: the CLI's handler raises inside Ray's
+    Cython code, which Python reported as `SystemError: <cyfunction CoreWorker.wait ...> returned a
+    result with an exception set`; ray_runtime's calls raise the handler's Terminated itself."""
+    import os
+    import signal
+    import threading
+
+    from raygrad import ray_runtime
+    from raygrad.errors import Terminated, raise_terminated
+
+    def sleep(seconds):  # defined here: pickled by value (workers cannot import this test module)
+        import time
+
+        time.sleep(seconds)
+
+    slow = cluster_ray.remote(num_cpus=0)(sleep).remote(1.5)
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+    try:
+        timer.start()
+        with pytest.raises(Terminated):
+            if call == "wait":
+                ray_runtime.wait([slow], timeout=3.0)
+            else:
+                ray_runtime.get(slow)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
+
+
 SECRETS = {"HF_TOKEN": "hf_canary", "AWS_ACCESS_KEY_ID": "AKIACANARY", "AWS_SECRET_ACCESS_KEY": "canary-secret",
            "AWS_SESSION_TOKEN": "canary-session"}
 

@@ -34,7 +34,7 @@ CANARIES = {"HF_TOKEN": "hf_canary_5f0c9e2b7a41", "AWS_ACCESS_KEY_ID": "AKIACANA
 SAE_LAYERS = (0, 2)
 
 # `raygrad run` as its console script runs it (raygrad.cli:main), with the pool's exit looked through:
-# by then its actor has run shards, and the SIGTERM is being handled.
+# by then its actors have run shards, and the SIGTERM is being handled.
 LOCAL_RAY_RUN = """
 import hashlib, json, os, sys
 os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # as in a user's shell (the tests' conftest sets it)
@@ -200,3 +200,43 @@ def test_workers_see_the_drivers_credentials_and_no_file_holds_them(local_ray_ru
     assert session.parent.parent.name.startswith("rg") and session.name.startswith("session_")  # the private one
     assert run.files_seen > 20  # Ray's logs and the run's store, not an empty directory
     assert run.canaries_found == []
+
+
+# `raygrad run` whose worker computes its first three shards, then takes a minute over each: once three
+# are saved, the driver is waiting in ray.wait (POLL_SECONDS at a time) for the next.
+STALLING_RAY_RUN = """
+import sys, time
+from raygrad import cli, pool
+
+class StallsAfterThree(pool.RemoteWorker):
+    def run(self, shard, *args):
+        if shard >= 3:
+            time.sleep(60)
+        return super().run(shard, *args)
+
+pool.RemoteWorker = StallsAfterThree  # defined in __main__: Ray sends the class itself to the worker
+sys.argv = ["raygrad", *sys.argv[1:]]
+cli.main()
+"""
+
+
+def test_a_sigterm_while_the_driver_waits_on_ray_stops_the_run(tiny_llama, tmp_path):
+    """The SIGTERM lands while the driver waits in ray.wait, so the CLI's handler raises inside Ray's
+    Cython code: the run stops as it does for a SIGTERM anywhere else, with the stop line, the resume
+    hint and exit 143. It ended in `SystemError: <cyfunction CoreWorker.wait ...> returned a result
+    with an exception set`, a traceback and exit 1 (with --top-examples, in 16 of 16 tries)."""
+    dataset = write_many_texts(tmp_path / "many.txt")
+    private = Path(tempfile.mkdtemp(prefix="rg", dir="/tmp"))  # Ray's files, off the machine's own
+    env = {**os.environ, "RAY_TMPDIR": str(private)}
+    args = many_texts_run_args(tiny_llama, dataset, tmp_path / "out", 1, "--top-examples", "4")
+    try:
+        process = subprocess.Popen([sys.executable, "-c", STALLING_RAY_RUN, *args], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, env=env)
+        out, err = signal_after_checkpoints(process, tmp_path / "out", signal.SIGTERM)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    (run_dir,) = (tmp_path / "out").iterdir()
+    assert process.returncode == 128 + signal.SIGTERM, (process.returncode, err[-2000:])
+    assert err.strip() == "terminated (SIGTERM)", err[-2000:]  # no traceback
+    assert out.splitlines()[-1] == (f"stopped  after 3 of 48 shards saved (Terminated: SIGTERM); continue with: "
+                                    f"raygrad run --resume {run_dir}"), out
