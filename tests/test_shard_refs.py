@@ -126,10 +126,10 @@ class StubRunner:
 def test_a_remote_worker_reads_the_next_shard_while_one_computes():
     worker = RemoteWorker(plan=None, seed=0)
     worker.runner = StubRunner()
-    first = threading.Thread(target=worker.run, args=(0, None, None))
+    first = threading.Thread(target=worker.run, args=(0, None, None, 0, None))  # ticket 0, a head
     first.start()
     time.sleep(0.15)  # shard 0 is computing
-    second = threading.Thread(target=worker.run, args=(1, None, None))
+    second = threading.Thread(target=worker.run, args=(1, None, None, 1, 0))  # ticket 1, after ticket 0
     second.start()
     first.join()
     second.join()
