@@ -45,12 +45,12 @@ def local_gpus() -> int:
 
 class ComputeTurns:
     """The order an actor's calls compute in: the order the driver sent them, whichever call read its
-    rows first, one at a time. So a process that dies was computing the oldest call the driver still
-    had in flight on it, the one scheduler.py charges the loss to.
+    rows first, one at a time. So a process that dies was computing the oldest call it had not
+    finished, the one scheduler.py charges the loss to.
 
-    Each call carries a ticket (increasing, from the driver) and `after`: the ticket of the call sent
-    to this actor just before it and still in flight then, or None (a head). A call computes once the
-    call it follows has computed or failed. The driver sends a head only when it has no call in flight
+    Each call carries a ticket (increasing, from the driver) and `after`: the ticket of the last call
+    sent to this actor, when the driver still awaited a call on it, else None (a head). A call
+    computes once the call it follows has computed or failed. The driver sends a head only when it has no call in flight
     on the actor, so a head means every call with a smaller ticket was given up (its result would be
     dropped): those not yet computing return at once, and one waiting on a call that never arrived
     (lost in transit) is not left waiting for ever."""
