@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 from urllib.parse import urlsplit
 
-from .config import RunConfig
+from .config import RunConfig, is_ascii_count
 from .errors import RaygradError, first_line
 from .plan import Plan
 
@@ -306,8 +306,8 @@ def wait_reachable(address: str, timeout: float) -> None:
     if address == "auto":
         return  # Ray resolves it from this node's own files, and fails fast when there is none
     host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise RaygradError(f"--address {address}: expected HOST:PORT, ray://HOST:PORT or auto")
+    if not host or not is_ascii_count(port) or not 0 < int(port) < 65536:  # '²' passes isdigit, not int()
+        raise RaygradError(f"--address {address}: expected HOST:PORT (a port 1-65535), ray://HOST:PORT or auto")
     deadline = time.monotonic() + timeout
     while True:
         try:

@@ -251,6 +251,16 @@ def test_an_unreachable_address_is_one_line_within_the_connect_timeout(tiny_llam
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("address", ["127.0.0.1:²", "127.0.0.1:١٢", "127.0.0.1:99999", "127.0.0.1:0", "6379",
+                                     "ray://host:port"])
+def test_an_address_without_a_port_of_ascii_digits_is_one_line(tiny_llama, texts_file, tmp_path, capsys, monkeypatch,
+                                                               address):
+    code, _, err = run_cli(tiny_args(tiny_llama, texts_file, tmp_path, "--workers", "1", "--address", address),
+                           capsys, monkeypatch)
+    one_line(code, err, f"--address {address}: expected HOST:PORT (a port 1-65535), ray://HOST:PORT or auto")
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("option, value, expected", [
     ("--checkpoint-seconds", "-1", "--checkpoint-seconds -1.0: must be a number of seconds >= 0"),
     ("--connect-timeout", "-5", "--connect-timeout -5.0: must be a number of seconds >= 0"),
