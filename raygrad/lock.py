@@ -5,8 +5,8 @@ ends or stops; `run --resume`; `repair`; `export`) holds `fcntl.flock` on this f
 write, and keeps a JSON record in it: pid, host, command, since (when it took the lock) and
 heartbeat (rewritten every HEARTBEAT_SECONDS). A second writer is refused with one line naming the
 holder, before it opens the store. The holder removes the file as it ends (unless it was taken
-over), so a command that ran leaves no trace of it. Readers (`info`, `top`, `compare`, load_results) take no lock: they read the
-last committed checkpoint.
+over), so a command that ran leaves no trace of it. Readers (`info`, `top`, `compare`,
+load_results) take no lock: they read the last committed checkpoint.
 
 Who may take a lock file that is already there:
 - Written on this host: the kernel drops a flock when its process dies (SIGKILL, a crash), so a
