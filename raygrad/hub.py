@@ -63,8 +63,11 @@ def load_error(option: str, name: str, err: Exception) -> str:
     """One line for a failed from_pretrained of a hub id."""
     text = str(err)
     if "gated" in text.lower():
+        import socket
+
+        # On a cluster the worker's own node says this: credentials are each node's own (never forwarded)
         return (f"{option} {name}: a gated repository on the hub; accept its terms on its hub page, then log in "
-                "(`hf auth login`) or set HF_TOKEN")
+                f"(`hf auth login`) or set HF_TOKEN on host {socket.gethostname()}, which reads its own")
     if hub_offline():
         return (f"{option} {name}: not a local path, and not in the hub cache while the hub cannot be reached "
                 f"({why_offline()}); {OFFLINE_HINT}")
