@@ -91,8 +91,9 @@ def test_an_unwritable_output_dir_is_one_line(tiny_llama, texts_file, tmp_path, 
     one_line(code, err, f"--output-dir {tmp_path / 'out'}: cannot write there (Read-only file system)")
 
 
-def test_a_read_only_filesystem_is_one_line(tiny_llama, texts_file, tmp_path, capsys, monkeypatch):
-    """The real thing where this machine lets a test mount one."""
+@pytest.fixture
+def read_only_mount(tmp_path):
+    """A read-only filesystem: the real thing, where this machine lets a test mount one."""
     import subprocess
 
     mount = tmp_path / "ro"
@@ -101,10 +102,14 @@ def test_a_read_only_filesystem_is_one_line(tiny_llama, texts_file, tmp_path, ca
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a read-only filesystem here")
     try:
-        code, _, err = run_cli(tiny_args(tiny_llama, texts_file, mount / "out"), capsys, monkeypatch)
-        one_line(code, err, "--output-dir", "Read-only file system")
+        yield mount
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_read_only_filesystem_is_one_line(tiny_llama, texts_file, read_only_mount, capsys, monkeypatch):
+    code, _, err = run_cli(tiny_args(tiny_llama, texts_file, read_only_mount / "out"), capsys, monkeypatch)
+    one_line(code, err, "--output-dir", "Read-only file system")
 
 
 def test_a_full_disk_while_checkpointing_stops_with_the_resume_command(tiny_llama, texts_file, tmp_path, capsys,
@@ -358,19 +363,10 @@ def test_an_unwritable_save_consolidated_directory_is_one_line_before_any_comput
 
 
 def test_save_consolidated_on_a_read_only_filesystem_is_one_line_before_any_compute(tiny_llama, texts_file, tmp_path,
-                                                                                   capsys, monkeypatch):
-    import subprocess
-
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a read-only filesystem here")
-    try:
-        code, err = save_consolidated_refused(tiny_llama, texts_file, tmp_path, mount / "all.npz", capsys,
-                                              monkeypatch)
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
+                                                                                   read_only_mount, capsys,
+                                                                                   monkeypatch):
+    mount = read_only_mount
+    code, err = save_consolidated_refused(tiny_llama, texts_file, tmp_path, mount / "all.npz", capsys, monkeypatch)
     one_line(code, err, f"--save-consolidated {mount / 'all.npz'}: cannot write in {mount} (Read-only file system)")
 
 

@@ -84,16 +84,22 @@ def test_resume_refuses_a_complete_run(tiny_llama, texts_file, tmp_path):
         engine.resume(run_dir, echo=lambda _: None, progress=False)
 
 
-def test_a_failing_shard_stops_the_run_and_keeps_finished_shards(tiny_llama, texts_file, tmp_path, monkeypatch):
-    real_run, calls, said = ShardRunner.run, [], []
+def fail_shard_call(monkeypatch, call: int) -> None:
+    """The `call`-th shard a worker runs (1-based) fails as a GPU out of memory would."""
+    real_run, calls = ShardRunner.run, []
 
-    def fails_on_third_shard(self, shard, *args):
+    def fails(self, shard, *args):
         calls.append(shard)
-        if len(calls) == 3:
+        if len(calls) == call:
             raise RuntimeError("CUDA out of memory")
         return real_run(self, shard, *args)
 
-    monkeypatch.setattr(ShardRunner, "run", fails_on_third_shard)
+    monkeypatch.setattr(ShardRunner, "run", fails)
+
+
+def test_a_failing_shard_stops_the_run_and_keeps_finished_shards(tiny_llama, texts_file, tmp_path, monkeypatch):
+    said = []
+    fail_shard_call(monkeypatch, 3)
     config = build_config(tiny_llama, texts_file, tmp_path, shard_size=2)
     with pytest.raises(RuntimeError, match="out of memory"):
         engine.run(config, echo=said.append, progress=False)  # checkpoint interval not reached
@@ -198,18 +204,12 @@ def test_the_resume_hint_survives_any_error_of_the_last_checkpoint(tiny_llama, t
     OSError: the shard's error is what is raised, and the stop line still says how to go on."""
     from raygrad.reducer import Reducer
 
-    real_run, calls, said = ShardRunner.run, [], []
-
-    def fails_on_second_shard(self, shard, *args):
-        calls.append(shard)
-        if len(calls) == 2:
-            raise RuntimeError("CUDA out of memory")
-        return real_run(self, shard, *args)
+    said = []
 
     def keep_fails(self):
         raise RaygradError("the lock was taken over")
 
-    monkeypatch.setattr(ShardRunner, "run", fails_on_second_shard)
+    fail_shard_call(monkeypatch, 2)
     monkeypatch.setattr(Reducer, "keep_finished", keep_fails)
     config = build_config(tiny_llama, texts_file, tmp_path, shard_size=2)
     with pytest.raises(RuntimeError, match="out of memory"):
