@@ -86,7 +86,9 @@ def tokenize_truncated(tokenizer, texts: list[str], max_length: int) -> list[lis
         encoded = tokenizer(cut, truncation=True, max_length=max_length,
                             **({"return_offsets_mapping": True} if offsets else {}))
         if offsets:
-            in_first_half = [max(end for _, end in spans) <= chars // 2 for spans in encoded["offset_mapping"]]
+            # a prefix of whitespace alone may give no token at all (a word-level tokenizer without specials)
+            in_first_half = [max((end for _, end in spans), default=0) <= chars // 2
+                             for spans in encoded["offset_mapping"]]
         else:
             halves = tokenizer([text[:chars // 2] for text in cut], truncation=True, max_length=max_length)
             in_first_half = [list(half) == list(full) for half, full in zip(halves["input_ids"], encoded["input_ids"])]

@@ -85,17 +85,18 @@ def run_merging_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def word_level_tokenizer():
+def word_level_tokenizer(specials: bool = True):
     """One token per whitespace-separated word, <unk> for any unknown one: a 100k-character word is one
-    token; with </s> appended to every text."""
+    token; with <s> and </s> around every text (`specials`), else none (whitespace alone: no token)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{word: 3 + i for i, word in enumerate("the a model reads".split())}}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A </s>",
-                                                             special_tokens=[("<s>", 1), ("</s>", 2)])
+    if specials:
+        tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A </s>",
+                                                                 special_tokens=[("<s>", 1), ("</s>", 2)])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
@@ -132,7 +133,8 @@ def test_tokenized_from_a_prefix_as_tokenized_whole_then_truncated(max_length, f
     from raygrad.worker import ShardComputer
 
     texts = [*LONG_TEXTS.values(), SAMPLE_TEXTS[0]]
-    for tokenizer in (build_tokenizer(tmp_path), run_merging_tokenizer(), word_level_tokenizer()):
+    for tokenizer in (build_tokenizer(tmp_path), run_merging_tokenizer(), word_level_tokenizer(),
+                      word_level_tokenizer(specials=False)):
         whole = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
         recording = Recording(tokenizer, is_fast=fast)
         assert tokenize_truncated(recording, texts, max_length) == whole
