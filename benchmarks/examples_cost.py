@@ -4,7 +4,7 @@ Worker (the bundled demo model, one process, as ShardRunner computes a shard):
   site             every layer's MLP output (576 dims), gradients, without and with --top-examples K
   sae              random SAEs (--width features) on --sae-layers, gradients and attribution, without
                    and with --top-examples K (each kind ranked: the costliest common case)
-Head (the reducer's merge of one shard's examples into the totals, raygrad.examples.merge_sorted):
+Head (the reducer's merge of one shard's examples into the totals, raygrad.store.topk.merge_sorted):
   per partial      seconds to merge a --layers x --features x K partial into totals that already hold
                    S shards (the pruned merge touches only the cells the new shard enters: about K / S),
                    and the partial's bytes
@@ -31,7 +31,7 @@ from hessian_cost import add_runner_options, best_times, runner_for  # noqa: E40
 from one_pass_vs_per_layer import long_texts  # noqa: E402
 from sae_factory import write_sae_lens_dir  # noqa: E402
 
-from raygrad import examples as topk  # noqa: E402
+from raygrad.store import topk  # noqa: E402
 
 
 def worker_costs(args) -> None:

@@ -42,13 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from one_pass_vs_per_layer import corpus_paragraphs, long_texts, per_layer_loop  # noqa: E402
 
-from raygrad.batching import BatchSizer, MemoryProbe, collate, pack_by_tokens  # noqa: E402
+from raygrad.compute.batching import BatchSizer, MemoryProbe, collate, pack_by_tokens  # noqa: E402
+from raygrad.compute.grads import Aggregation, make_batch, summed_loss  # noqa: E402
+from raygrad.compute.worker import ShardComputer  # noqa: E402
 from raygrad.constants import KIND_PREFIX, SAE_L0_SUM, SAE_SQ_ERROR_SUM  # noqa: E402
-from raygrad.grads import Aggregation, make_batch, summed_loss  # noqa: E402
-from raygrad.memory import sae_layer_groups  # noqa: E402
-from raygrad.models import resolve_hook_sites  # noqa: E402
-from raygrad.saes import DictionaryLearningSAE  # noqa: E402
-from raygrad.worker import ShardComputer  # noqa: E402
+from raygrad.model.loading import resolve_hook_sites  # noqa: E402
+from raygrad.model.memory import sae_layer_groups  # noqa: E402
+from raygrad.model.saes import DictionaryLearningSAE  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 # Dense peak TFLOP/s (NVIDIA's datasheets, SXM): bf16/fp16 tensor cores; fp32 without TF32,
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoTokenizer
 
     if args.tokenizer is None:
-        from raygrad.models import resolve_model_path
+        from raygrad.model.loading import resolve_model_path
 
         args.tokenizer = resolve_model_path("smollm2-135m")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)

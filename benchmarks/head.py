@@ -86,7 +86,7 @@ def measure(model: str, corpus: str, output_dir: str) -> dict:
     from raygrad import constants as names
     from raygrad.config import RunConfig
     from raygrad.engine import resume, run
-    from raygrad.reducer import Reducer
+    from raygrad.store.reducer import Reducer
 
     real_add, rows_read, times = Reducer.add, [0], {}
     real_iter = pq.ParquetFile.iter_batches
@@ -116,7 +116,7 @@ def measure(model: str, corpus: str, output_dir: str) -> dict:
     first = seconds_to_first_shard(lambda: run(config, echo=lambda _: None, progress=False))
     rows_in_run = rows_read[0]
     (run_dir,) = Path(output_dir).iterdir()
-    from raygrad.store import ResultStore
+    from raygrad.store.zarr_store import ResultStore
 
     plan = ResultStore.open(run_dir / names.STORE_NAME).attrs[names.ATTR_PLAN]
     if len(plan["shards"]) < 2:  # the run would be done at its first shard, leaving the resume nothing to compute

@@ -4,7 +4,7 @@
   + hessian K      the same with --aggregate-by gradients hessian --hessian-probes K: the first
                    backward keeps its graph, then one double backward per probe for all layers
   probes undrawn   + hessian K with every probe entry +1 instead of drawn from its key
-                   (raygrad.probes): the time it saves is what drawing the probes costs
+                   (raygrad.compute.probes): the time it saves is what drawing the probes costs
   sae clean        --target sae, clean mode, as it runs: feature gradients plus the quality sums
                    (encode and decode of every aggregated token for FVU and L0)
   sae, no quality  the same with the quality sums left out (an affine decoder then needs no encoder)
@@ -34,10 +34,10 @@ from one_pass_vs_per_layer import long_texts  # noqa: E402
 from sae_factory import write_sae_lens_dir  # noqa: E402
 
 from raygrad import constants as names  # noqa: E402
-from raygrad import grads  # noqa: E402
+from raygrad.compute import grads  # noqa: E402
+from raygrad.compute.worker import ShardComputer, ShardRunner  # noqa: E402
 from raygrad.config import RunConfig  # noqa: E402
 from raygrad.plan import make_plan  # noqa: E402
-from raygrad.worker import ShardComputer, ShardRunner  # noqa: E402
 
 
 def runner_for(texts, args, **options) -> ShardRunner:

@@ -19,11 +19,11 @@ import time
 
 import torch
 
+from raygrad.compute.grads import summed_loss
+from raygrad.compute.worker import ShardRunner
 from raygrad.config import RunConfig
-from raygrad.data import stdlib_paragraphs
-from raygrad.grads import summed_loss
+from raygrad.dataset.text import stdlib_paragraphs
 from raygrad.plan import make_plan
-from raygrad.worker import ShardRunner
 
 _CORPUS: list[str] = []  # the bundled corpus's paragraphs read so far, in order
 _UNREAD = stdlib_paragraphs()  # the rest; read only as far as asked (all of it: seconds of parsing)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from raygrad.partial import Partial, ShardResult, array_widths
-from raygrad.reducer import CHECKPOINT_SECONDS, Reducer
-from raygrad.store import ResultStore
+from raygrad.store.partial import Partial, ShardResult, array_widths
+from raygrad.store.reducer import CHECKPOINT_SECONDS, Reducer
+from raygrad.store.zarr_store import ResultStore
 
 
 def main() -> None:

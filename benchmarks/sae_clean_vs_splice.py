@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from one_pass_vs_per_layer import batches, long_texts, per_layer_loop  # noqa: E402
 from sae_factory import write_sae_lens_dir  # noqa: E402
 
+from raygrad.compute.worker import ShardRunner  # noqa: E402
 from raygrad.config import RunConfig  # noqa: E402
 from raygrad.plan import make_plan  # noqa: E402
-from raygrad.worker import ShardRunner  # noqa: E402
 
 
 def splice_loop(model, modules, saes, encoded, stride: int) -> float:

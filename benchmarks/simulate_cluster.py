@@ -39,12 +39,12 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from raygrad import scheduler
+from raygrad.cluster import scheduler
+from raygrad.cluster.pool import WorkerPool
 from raygrad.config import RunConfig
-from raygrad.partial import Partial, ShardResult, array_widths
-from raygrad.pool import WorkerPool
-from raygrad.reducer import CHECKPOINT_SECONDS, Reducer
-from raygrad.store import ResultStore
+from raygrad.store.partial import Partial, ShardResult, array_widths
+from raygrad.store.reducer import CHECKPOINT_SECONDS, Reducer
+from raygrad.store.zarr_store import ResultStore
 
 LAYERS, FEATURES = 26, 65536
 TOKENS_PER_SECOND = 14_700  # one H200, Gemma-2-2B with 26 x 65,536 SAEs (README)

@@ -33,7 +33,7 @@ def bare(path: str, max_length: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from raygrad.models import resolve_model_path
+    from raygrad.model.loading import resolve_model_path
 
     model_dir = resolve_model_path("smollm2-135m")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -1,10 +1,9 @@
 """raygrad: how strongly each dimension of each layer affects a causal LM's loss."""
 
-__version__ = "0.1.0"
-
-from . import stats  # noqa: E402  (statistics derived from a store's sums)
+from .analysis.results import Results, load_results, open_results  # noqa: E402
 from .config import RunConfig  # noqa: E402
-from .results import Results, load_results, open_results  # noqa: E402
+from .constants import VERSION as __version__  # noqa: E402
+from .store import stats  # noqa: E402  (statistics derived from a store's sums)
 
 
 def run(config: RunConfig | None = None, **options):
@@ -23,7 +22,7 @@ def top_examples(run_dir, layer: int, feature: int, by: str = "gradients", k: in
     warns (UserWarning) when the run is not complete, as its tables then hold its finished shards' only."""
     import warnings
 
-    from .contexts import RunExamples
+    from .analysis.examples import RunExamples
 
     examples = RunExamples(run_dir)
     unfinished = examples.unfinished()

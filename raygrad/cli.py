@@ -16,9 +16,9 @@ from typing import Literal
 import click
 
 from . import constants as names
-from .config import EXECUTION, RunConfig, _choices, field_type, fields_of, is_ascii_count, planned_fields
+from .config import EXECUTION, RunConfig, field_choices, field_type, fields_of, is_ascii_count, planned_fields
 from .errors import RaygradError, Terminated, raise_terminated
-from .lock import run_lock
+from .store.lock import run_lock
 
 
 class _Integer(click.ParamType):
@@ -81,7 +81,7 @@ def _config_options(func):
             option = click.option(*spellings, f.name, multiple=True, default=f.default, show_default=True,
                                   help=help_text)
         else:
-            choices = _choices(f)
+            choices = field_choices(f)
             words = any(typing.get_origin(arg) is Literal for arg in typing.get_args(hint))  # 'all' or N: str
             kind = click.Choice(choices) if choices else str if words else next(
                 (t for t in (int, float) if t in (hint, *typing.get_args(hint))), str)
@@ -156,7 +156,7 @@ def run(ctx, model_alias, resume, no_progress, dry_run, **options) -> None:
                    "e.g. mean_abs-std_power2_norm_sum_abs); an existing one is never overwritten.")
 def export(run_dir, save_outputs, plots, aggregation_mode, power, normalize_mode, name) -> None:
     """Regenerate every export of RUN_DIR from its Zarr store, or derive a new export set."""
-    from .export import write_export_set, write_exports
+    from .analysis.export import write_export_set, write_exports
 
     _store_of(run_dir)
     options = {key: value for key, value in (("aggregation_mode", aggregation_mode), ("power", power),
@@ -174,9 +174,9 @@ def export(run_dir, save_outputs, plots, aggregation_mode, power, normalize_mode
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 def info(run_dir) -> None:
     """Print a run's status, progress, exports, plan and timing (after verifying its store)."""
-    from .export import check_exports
-    from .quality import sae_quality
-    from .store import ResultStore
+    from .analysis.export import check_exports
+    from .analysis.sae_quality import sae_quality
+    from .store.zarr_store import ResultStore
 
     store = ResultStore.open(_store_of(run_dir))
     attrs = store.attrs
@@ -208,8 +208,8 @@ def info(run_dir) -> None:
                    "holds now as its state. Only for a store you know to be whole.")
 def repair(run_dir, trust_unrecorded) -> None:
     """Rebuild what can be rebuilt from a complete run's verified sums: the derived statistics, then every export."""
-    from .export import write_exports
-    from .store import ResultStore
+    from .analysis.export import write_exports
+    from .store.zarr_store import ResultStore
 
     store_path = _store_of(run_dir)
     with run_lock(Path(run_dir), "repair"):  # not while a run, a resume or an export writes it
@@ -253,7 +253,7 @@ def _store_of(run_dir: str) -> Path:
                    "sem_attribution, site_grad_mean_abs, ...")
 def top(run_dir, layer, k, by) -> None:
     """The top features (or dimensions) per layer, largest magnitude first."""
-    from .top import format_rows, top_features
+    from .analysis.top import format_rows, top_features
 
     _say(format_rows(top_features(run_dir, layer, k, by), by))
 
@@ -271,7 +271,7 @@ def top(run_dir, layer, k, by) -> None:
 def examples(run_dir, layer, feature, by, k, context, as_json) -> None:
     """The tokens where a feature's score (gradient, attribution or value) is largest in |score|, with the
     token each predicts and the text around it, re-read from the dataset (needs a run with --top-examples)."""
-    from .contexts import RunExamples, format_examples
+    from .analysis.examples import RunExamples, format_examples
 
     run = RunExamples(run_dir)
     found = run.examples(layer, feature, by, k, context)
@@ -302,7 +302,7 @@ def examples(run_dir, layer, feature, by, k, context, as_json) -> None:
 def report(run_dir, output, by, k, num_examples, kind, context) -> None:
     """One self-contained HTML page of a run (needs --top-examples) or a comparison: per layer a histogram,
     the top features with their statistics and Neuronpedia links, and each one's top contexts."""
-    from .report import write_report
+    from .analysis.report import write_report
 
     path, notes = write_report(Path(run_dir), output, by, k, num_examples, kind, context)
     for note in notes:
@@ -325,7 +325,7 @@ def report(run_dir, output, by, k, num_examples, kind, context) -> None:
 def compare(run_a, run_b, output_dir, k, by, epsilon) -> None:
     """Which dimensions (features) matter more in RUN_A than in RUN_B, and the reverse (e.g. forget vs
     retain): differences, ratios and Welch's t per dimension, from both runs' sums."""
-    from .compare import compare_runs
+    from .analysis.compare import compare_runs
 
     output, text = compare_runs(Path(run_a), Path(run_b), output_dir, epsilon=epsilon, k=k, by=by)
     _say(text, nl=False)

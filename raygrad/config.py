@@ -21,6 +21,14 @@ AGGREGATE_KINDS = ("gradients", "values", "attribution", "hessian")
 DEFAULT_BATCH_SIZE = 4  # texts, the original scripts' default (used on a CPU)
 GPU_SHARD_TOKENS = 1 << 20  # estimated target tokens per shard on a GPU worker (~1M)
 CPU_SHARD_TOKENS = 1 << 16  # on a CPU (64k): a shard of minutes, not hours
+# Auto budgets, in padded tokens per batch (texts x longest text). On an H200
+# (benchmarks/results/gpu_h200_run*.json), 4096-token batches were within a few
+# percent of the fastest measured for Qwen2.5-0.5B, Llama-3.1-8B and Gemma-2-2B
+# shapes, and larger ones were slower (a bare loop: 52k tokens/s at 4096, 46k at
+# 16384, 18k at 65536, with no allocator retries), so a GPU gets 4096 unless its
+# memory says less.
+AUTO_GPU_TOKENS = 4096
+AUTO_CPU_TOKENS = 2048  # a CPU computes at the same rate from a few hundred tokens up
 SHARDS_PER_WORKER = 4  # at least, for a run small for its workers: work spreads, a lost worker costs little
 ALL = "all"  # --num-samples all: every usable text of the dataset
 
@@ -198,7 +206,7 @@ class RunConfig:
         if self.workers is not None and self.workers < 0:
             raise RaygradError(f"--workers {self.workers}: must be >= 0 (0 = in-process, no Ray)")
         for f in dataclasses.fields(self):
-            choices = _choices(f)
+            choices = field_choices(f)
             if choices and getattr(self, f.name) not in choices:
                 raise RaygradError(
                     f"--{dashed(f.name)} {getattr(self, f.name)!r}: choose one of {', '.join(choices)}"
@@ -425,7 +433,7 @@ def _resolved_annotations() -> dict:
     return typing.get_type_hints(RunConfig)
 
 
-def _choices(f: dataclasses.Field) -> tuple[str, ...]:
+def field_choices(f: dataclasses.Field) -> tuple[str, ...]:
     hint = field_type(f.name)
     return get_args(hint) if typing.get_origin(hint) is Literal else ()
 

@@ -1,8 +1,11 @@
-"""Every on-disk name raygrad writes: arrays, attributes, files.
+"""Every on-disk name raygrad writes (arrays, attributes, files), and the names a user gives for what is
+bundled with it.
 
 Readers (export, load_results, later sessions) import these instead of
 repeating string literals, so a rename happens in exactly one place.
 """
+
+BUNDLED_CORPUS = "stdlib-docs"  # --dataset: paragraphs of the running Python's standard-library docstrings
 
 STORE_NAME = "results.zarr"
 PENDING_CHECKPOINT = "pending_checkpoint.npz"  # redo log inside the store
@@ -35,7 +38,7 @@ MEAN_ARRAYS = {  # prefix -> (signed mean, mean of |x|) as written at finalize
 LEGACY_MEAN_NAMES = {"mean": "grad_mean", "mean_abs": "grad_mean_abs", "site_mean": "site_grad_mean",
                      "site_mean_abs": "site_grad_mean_abs"}
 NORMALIZE_MODES = ("sum_abs", "sum", "none")
-# --top-examples (raygrad.examples): the kinds whose tokens are ranked, and the most examples kept
+# --top-examples (raygrad.store.topk): the kinds whose tokens are ranked, and the most examples kept
 EXAMPLE_KINDS = ("gradients", "attribution", "values")
 MAX_TOP_EXAMPLES = 64
 EXAMPLE_DIM = "k"  # the examples' dimension: (layer, dim|feature, k), best first
@@ -51,6 +54,7 @@ SPLICED_LOSS_SUM = "spliced_loss_sum"  # splice modes: nats, CE over every targe
 LAYER_SUMS = (SAE_SQ_ERROR_SUM, SAE_L0_SUM, SPLICED_LOSS_SUM)
 
 # Root attributes.
+VERSION = "0.1.0"  # raygrad.__version__, recorded in every store and export (pyproject.toml says the same)
 ATTR_VERSION = "raygrad_version"
 ATTR_CONFIG = "config"
 ATTR_PLAN = "plan"

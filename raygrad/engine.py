@@ -14,19 +14,19 @@ from pathlib import Path
 from typing import Callable
 
 from . import constants as names
-from . import examples as topk
+from .cluster.pool import WorkerPool
 from .config import EXECUTION, MEASURED, SHARDS_PER_WORKER, RunConfig, dashed, fields_of, part_of, planned_fields
-from .data import absolute_if_local
+from .dataset.formats import describe_source
+from .dataset.shards import plan_shards
+from .dataset.text import absolute_if_local
 from .errors import RaygradError, first_line
-from .lock import LockTaken, run_lock
-from .models import loading_bars
+from .model.loading import loading_bars
+from .model.pins import check_unchanged, dataset_commit, model_commit
 from .plan import Plan, make_plan, run_dir_name
-from .pool import WorkerPool
-from .reducer import Reducer
-from .revisions import check_unchanged, dataset_commit, model_commit
-from .shards import plan_shards
-from .sources import describe_source
-from .store import ResultStore
+from .store import topk
+from .store.lock import LockTaken, run_lock
+from .store.reducer import Reducer
+from .store.zarr_store import ResultStore
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def dry_run_resume(run_dir: Path, execution: dict | None = None, echo: Callable[
     store = ResultStore.open(store_path)
     _refuse_comparison(run_dir, store)
     if store.attrs.get(names.ATTR_STATUS) == names.STATUS_COMPLETE:
-        from .export import check_exports
+        from .analysis.export import check_exports
 
         problems = check_exports(Path(run_dir))
         echo(f"dry run  {run_dir} is complete; " + (f"its exports are not ({problems[0]}): --resume would write "
@@ -261,7 +261,7 @@ def _resumed_plan(saved: Plan, config: RunConfig, workers: int, device: str, exe
 
 def _complete_exports(run_dir: Path, config: RunConfig, echo) -> Path:
     """--resume on a complete run: regenerate exports that are missing or damaged."""
-    from .export import check_exports
+    from .analysis.export import check_exports
 
     problems = check_exports(run_dir)
     if not problems:
@@ -354,7 +354,7 @@ def _plan_shards(plan: Plan, config: RunConfig, source: dict, workers: int, devi
 
 def _tokenizer(plan: Plan):
     """The model's tokenizer alone (no weights): the shards' token estimates."""
-    from .models import load_tokenizer
+    from .model.loading import load_tokenizer
 
     return load_tokenizer(plan.model, plan.model_path, model_commit(plan))
 
@@ -413,7 +413,7 @@ def _execute(plan: Plan, config: RunConfig, store: ResultStore, pool: WorkerPool
 
 
 def _export(run_dir: Path, config: RunConfig) -> None:
-    from .export import write_exports
+    from .analysis.export import write_exports
 
     try:
         write_exports(run_dir, extra_npz=config.consolidated_path)

@@ -12,12 +12,19 @@ import re
 from dataclasses import dataclass
 
 from . import constants as names
-from . import examples as topk
-from .config import RunConfig, parse_layer_spec
-from .memory import weight_sae_token_bytes
-from .models import BUNDLED_MODELS, family_of, load_model_config, resolve_hook_sites, resolve_model_path, text_config
-from .revisions import describe_pins, model_commit, pin_dataset, pin_model, pin_saes
-from .shards import Shard
+from .config import AUTO_CPU_TOKENS, AUTO_GPU_TOKENS, RunConfig, parse_layer_spec
+from .dataset.shards import Shard
+from .model.loading import (
+    BUNDLED_MODELS,
+    family_of,
+    load_model_config,
+    resolve_hook_sites,
+    resolve_model_path,
+    text_config,
+)
+from .model.memory import weight_sae_token_bytes
+from .model.pins import describe_pins, model_commit, pin_dataset, pin_model, pin_saes
+from .store import topk
 
 
 @dataclass(frozen=True)
@@ -58,18 +65,16 @@ class Plan:
     weight_bytes: int = 0  # estimates before loading (memory.py): the weights, all SAEs,
     sae_bytes: int = 0
     token_bytes: int = 0  # and the activations kept per token of a batch
-    source: dict | None = None  # the dataset as sources.py reads it: kind, path, text column, split, --min-chars
+    source: dict | None = None  # the dataset as dataset/formats.py reads it: kind, path, text column, split, min_chars
     tokens_per_char: float = 0.0  # the tokenizer's, on the first texts: shards' token estimates
-    skipped_texts: dict[str, int] = dataclasses.field(default_factory=dict)  # data.SKIP_* -> rows left out
-    # What was computed, pinned when the plan was made (revisions.py): workers and resumes load exactly these.
+    skipped_texts: dict[str, int] = dataclasses.field(default_factory=dict)  # dataset.text.SKIP_* -> rows left out
+    # What was computed, pinned when the plan was made (model/pins.py): workers and resumes load exactly these.
     model_revision: dict | None = None  # hub commit, local directory digest, or bundled package version
     sae_revisions: list[dict] | None = None  # per layer: a release's commit and file hashes, or a directory digest
     dataset_revision: dict | None = None  # hub commit, or a local file's digest (shards keep their own fingerprints)
 
     def batch_tokens(self) -> int:
         """Padded tokens in one batch at most (the memory estimate's batch)."""
-        from .batching import AUTO_CPU_TOKENS, AUTO_GPU_TOKENS
-
         if self.batching == "texts":
             return self.batch_size * self.max_length
         if self.batching == "tokens":
@@ -77,7 +82,7 @@ class Plan:
         return AUTO_GPU_TOKENS if self.device.startswith("cuda") else AUTO_CPU_TOKENS
 
     def memory(self):
-        from .memory import MemoryEstimate
+        from .model.memory import MemoryEstimate
 
         # On the device at once: one pass's SAEs.
         on_device = min(self.sae_layers_per_pass or len(self.layers), len(self.layers))
@@ -91,7 +96,7 @@ class Plan:
     def fit_problem(self, device_bytes: int) -> str | None:
         """None when one worker's estimate fits a device of `device_bytes`, else one line saying what
         would. SAEs that do not all fit go in passes, decided by the worker: then one layer's must fit."""
-        from .memory import check_fits
+        from .model.memory import check_fits
 
         memory = self.memory()
         if self.target == "sae" and not self.sae_layers_per_pass:
@@ -100,7 +105,7 @@ class Plan:
 
     def activation_bytes(self) -> int:
         """What one batch keeps for its backward (and the Hessian's double backward)."""
-        from .memory import HESSIAN_ACTIVATION_FACTOR
+        from .model.memory import HESSIAN_ACTIVATION_FACTOR
 
         factor = HESSIAN_ACTIVATION_FACTOR if "hessian" in self.aggregate_by else 1.0
         return int(self.token_bytes * self.batch_tokens() * factor)
@@ -222,7 +227,7 @@ class Plan:
                 f"estimated at {self.tokens_per_char:.3f} tokens per character)")
 
     def _skipped_text(self) -> str:
-        from .data import REPLACED_BYTES, SKIP_NOT_TEXT, SKIP_SHORT, SKIP_UNREADABLE
+        from .dataset.text import REPLACED_BYTES, SKIP_NOT_TEXT, SKIP_SHORT, SKIP_UNREADABLE
 
         said = {SKIP_SHORT: "rows too short (--min-chars)", SKIP_NOT_TEXT: "rows whose text is null, missing or "
                 "not a string", REPLACED_BYTES: "lines kept with bytes that are not UTF-8 (replaced by U+FFFD)",
@@ -305,7 +310,7 @@ def _sae_entries(config: RunConfig, layers: list[int], site_width: int, pins: li
     """Each layer's SAE, described and checked against the hook site, from its
     configuration alone: the driver never reads SAE weights (workers load them)."""
     from .errors import RaygradError
-    from .saes import read_sae_info
+    from .model.saes import read_sae_info
 
     option = f"--sae-path {config.sae_path}" if config.sae_path else f"--sae-id {config.sae_id}"
     entries, warnings = [], []

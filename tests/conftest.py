@@ -84,7 +84,7 @@ def connect_to(address: str):
     workers given what raygrad's own local Ray gives them."""
     import ray
 
-    from raygrad.ray_runtime import local_runtime_env
+    from raygrad.cluster.runtime import local_runtime_env
 
     ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR, runtime_env=local_runtime_env())
     return ray
@@ -146,7 +146,7 @@ def gpu_clusters():
 
 class TwoWorkersRun(NamedTuple):
     run_dir: Path
-    totals: object  # raygrad.partial.Partial
+    totals: object  # raygrad.store.partial.Partial
     ray_left_running: bool  # after the run: the pool used the Ray this process had initialized, and left it
 
 

@@ -8,7 +8,7 @@ import pytest
 from raygrad import constants as names
 from raygrad.config import RunConfig
 from raygrad.engine import run
-from raygrad.store import ResultStore
+from raygrad.store.zarr_store import ResultStore
 
 
 def build_config(model_dir: Path, texts_file: Path, output_dir: Path, **overrides) -> RunConfig:
@@ -82,8 +82,8 @@ def tree_digest(root: Path) -> dict[str, str]:
 def killed_run(config: RunConfig, dies_at_call: int) -> Path:
     """An in-process run interrupted (KeyboardInterrupt, as Ctrl-C) when its `dies_at_call`-th shard
     starts; returns the run directory (the only one in config.output_dir)."""
+    from raygrad.compute.worker import ShardRunner
     from raygrad.engine import run as engine_run
-    from raygrad.worker import ShardRunner
 
     real_run, calls = ShardRunner.run, []
 

@@ -17,10 +17,10 @@ from tiny import SAMPLE_TEXTS
 
 import raygrad
 from raygrad import constants as names
+from raygrad.analysis.compare import compare_runs
 from raygrad.cli import main
-from raygrad.compare import compare_runs
-from raygrad.stats import transform
-from raygrad.store import ResultStore
+from raygrad.store.stats import transform
+from raygrad.store.zarr_store import ResultStore
 
 KEPT_TEXTS = [t for t in SAMPLE_TEXTS if len(t.strip()) > 50]
 LAYERS = [0, 2]

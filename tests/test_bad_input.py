@@ -13,9 +13,10 @@ from tiny import SAMPLE_TEXTS
 
 from raygrad import constants as names
 from raygrad import engine
-from raygrad import store as store_module
-from raygrad.data import REPLACED_BYTES, SKIP_NOT_TEXT, load_texts
-from raygrad.store import ResultStore
+from raygrad.dataset.shards import load_texts
+from raygrad.dataset.text import REPLACED_BYTES, SKIP_NOT_TEXT
+from raygrad.store import zarr_store as store_module
+from raygrad.store.zarr_store import ResultStore
 
 LONG = [t for t in SAMPLE_TEXTS if len(t.strip()) > 50]
 
@@ -146,7 +147,7 @@ def test_a_full_disk_while_exporting_is_reported_and_resume_rewrites_the_exports
                                                                                   capsys, monkeypatch):
     import contextlib
 
-    from raygrad import export
+    from raygrad.analysis import export
 
     real_replacing = export.replacing
 
@@ -215,7 +216,7 @@ def test_a_dataset_changed_before_resume_is_refused(tiny_llama, tmp_path, capsys
 def test_an_unreachable_hub_is_one_line_within_seconds(texts_file, tmp_path, capsys, monkeypatch):
     import socket
 
-    from raygrad import hub
+    from raygrad.model import hub
 
     def no_route(*args, **kwargs):
         raise OSError(errno.ENETUNREACH, "Network is unreachable")
@@ -233,7 +234,7 @@ def test_an_unreachable_hub_is_one_line_within_seconds(texts_file, tmp_path, cap
 
 def test_local_paths_that_are_not_models_and_gated_repositories_are_named(texts_file, tmp_path, capsys,
                                                                           monkeypatch):
-    from raygrad.hub import load_error
+    from raygrad.model.hub import load_error
 
     (tmp_path / "not-a-model").mkdir()
     code, _, err = run_cli(tiny_args(tmp_path / "not-a-model", texts_file, tmp_path / "o"), capsys, monkeypatch)
@@ -286,7 +287,7 @@ def test_out_of_memory_in_a_batch_that_cannot_shrink_is_one_line(tiny_llama, tex
     the finished shards kept, the resume command said; not a traceback from the allocator."""
     import torch
 
-    from raygrad import worker
+    from raygrad.compute import worker
 
     def no_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
@@ -326,7 +327,7 @@ def test_a_model_directory_whose_config_lacks_model_type_is_named_so(tiny_llama,
 
 def save_consolidated_refused(tiny_llama, texts_file, tmp_path, target, capsys, monkeypatch):
     """Run with --save-consolidated TARGET; -> stderr. No shard may be computed first."""
-    from raygrad.worker import ShardRunner
+    from raygrad.compute.worker import ShardRunner
 
     def computes(*args, **kwargs):
         raise AssertionError("a shard was computed before the output paths were checked")

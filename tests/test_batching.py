@@ -12,13 +12,13 @@ from helpers import assert_same_totals, load_script, run_tiny
 from sae_factory import random_weights, write_sae_lens_dir
 
 from raygrad import constants as names
-from raygrad import worker
-from raygrad.batching import AUTO_GPU_TOKENS, BatchSizer, MemoryProbe, pack_by_tokens
+from raygrad.compute import worker
+from raygrad.compute.batching import AUTO_GPU_TOKENS, BatchSizer, MemoryProbe, pack_by_tokens
+from raygrad.compute.grads import IGNORE_INDEX, Aggregation, DeviceAccumulator, _add_clean_features, summed_loss
+from raygrad.compute.worker import ShardComputer
 from raygrad.errors import RaygradError
-from raygrad.grads import IGNORE_INDEX, Aggregation, DeviceAccumulator, _add_clean_features, summed_loss
-from raygrad.models import load_model_and_tokenizer, resolve_hook_sites
-from raygrad.saes import DictionaryLearningSAE, load_sae
-from raygrad.worker import ShardComputer
+from raygrad.model.loading import load_model_and_tokenizer, resolve_hook_sites
+from raygrad.model.saes import DictionaryLearningSAE, load_sae
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -195,15 +195,15 @@ def test_default_on_one_device_runs_in_process_without_ray(tiny_llama, texts_fil
 
     monkeypatch.setattr(ray, "init", no_ray)
     run_dir, _ = run_tiny(tiny_llama, texts_file, tmp_path, workers=None)
-    from raygrad.results import open_results
+    from raygrad.analysis.results import open_results
 
     assert open_results(run_dir).attrs["plan"]["workers"] == 0
 
 
 def test_the_plan_estimates_worker_memory_and_refuses_what_cannot_fit(tiny_llama, tmp_path):
     from raygrad.config import RunConfig
-    from raygrad.memory import GIB, MemoryEstimate, check_fits
-    from raygrad.models import load_model_and_tokenizer
+    from raygrad.model.loading import load_model_and_tokenizer
+    from raygrad.model.memory import GIB, MemoryEstimate, check_fits
     from raygrad.plan import make_plan
 
     write_sae_lens_dir(tmp_path / "sae_0", 32, 64)

@@ -49,12 +49,12 @@ def test_info_prints_status_plan_and_timing(tiny_llama, texts_file, tmp_path, ca
 
 
 def test_reading_a_run_imports_no_torch(tiny_llama, texts_file, tmp_path, capsys, monkeypatch):
-    """`raygrad info` and `export` read results in numpy (raygrad.partial): importing torch would cost
-    each of them seconds. The Ray actor's shell (ray_runtime) and the reducer import none either:
+    """`raygrad info` and `export` read results in numpy (raygrad.store.partial): importing torch would cost
+    each of them seconds. The Ray actor's shell (cluster/runtime.py) and the reducer import none either:
     torch comes with the model, in the actor's first load."""
     run_cli(tiny_args(tiny_llama, texts_file, tmp_path / "runs"), capsys, monkeypatch)
     (run_dir,) = (tmp_path / "runs").iterdir()
-    probe = ("import sys\nfrom raygrad import cli, ray_runtime, reducer\n"
+    probe = ("import sys\nfrom raygrad import cli\nfrom raygrad.cluster import runtime\nfrom raygrad.store import reducer\n"
              "for command in (['info', sys.argv[1]], ['export', sys.argv[1]]):\n"
              "    sys.argv = ['raygrad', *command]\n"
              "    try:\n        cli.main()\n    except SystemExit as exited:\n        assert not exited.code, command\n"
@@ -165,7 +165,7 @@ def test_unreachable_hub_dataset_suggests_the_offline_corpus(tiny_llama, tmp_pat
 
 
 def test_resume_takes_execution_options_and_refuses_the_rest(tiny_llama, texts_file, tmp_path, capsys, monkeypatch):
-    from raygrad.store import ResultStore
+    from raygrad.store.zarr_store import ResultStore
 
     code, _, _ = run_cli(tiny_args(tiny_llama, texts_file, tmp_path), capsys, monkeypatch)
     (run_dir,) = tmp_path.iterdir()

@@ -10,12 +10,13 @@ import pytest
 from helpers import assert_same_totals, build_config, killed_run, load_script, run_tiny
 
 from raygrad import constants as names
-from raygrad import engine, scheduler
-from raygrad import pool as pool_module
+from raygrad import engine
+from raygrad.cluster import pool as pool_module
+from raygrad.cluster import scheduler
+from raygrad.cluster.pool import RemoteWorker, WorkerPool, WorkerTimeout
 from raygrad.errors import RaygradError
-from raygrad.pool import RemoteWorker, WorkerPool, WorkerTimeout
-from raygrad.reducer import Reducer
-from raygrad.store import ResultStore
+from raygrad.store.reducer import Reducer
+from raygrad.store.zarr_store import ResultStore
 
 
 @pytest.fixture
@@ -117,7 +118,7 @@ class AnswersWithoutComputing(ReadyWithoutLoading):
     hands out and gets back, and to which actors, not what a shard computes."""
 
     def run(self, shard, *args):
-        from raygrad.partial import ShardResult
+        from raygrad.store.partial import ShardResult
 
         return ShardResult(shard=shard, partial=None, seconds=0.0, worker_load_seconds=0.0)
 
@@ -180,8 +181,8 @@ def test_a_shard_that_keeps_killing_its_worker_stops_the_run(tiny_llama, texts_f
         assert len(replaced) < 2, "the pool kept replacing workers that die on the same shard"
         real_replace(self, lost)
 
-    real_replace = WorkerPool._replace
-    monkeypatch.setattr(WorkerPool, "_replace", replace_once_at_most)
+    real_replace = WorkerPool.replace_actor
+    monkeypatch.setattr(WorkerPool, "replace_actor", replace_once_at_most)
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
     monkeypatch.setattr(pool_module, "RemoteWorker", DiesOnShardZero)
     said = []
@@ -205,10 +206,10 @@ def test_the_pool_maps_twice_with_the_same_workers(tiny_llama, texts_file, tmp_p
     from ray import cloudpickle
     from transformers import AutoTokenizer
 
+    from raygrad.cluster.pool import actor_name
+    from raygrad.dataset.formats import describe_source
+    from raygrad.dataset.shards import plan_shards
     from raygrad.plan import make_plan
-    from raygrad.pool import actor_name
-    from raygrad.shards import plan_shards
-    from raygrad.sources import describe_source
 
     config = build_config(tiny_llama, texts_file, tmp_path, workers=1, worker_timeout=30)
     source = describe_source(str(texts_file))
@@ -309,7 +310,7 @@ def test_a_signal_inside_a_ray_call_raises_its_own_exception(cluster_ray, call):
     import signal
     import threading
 
-    from raygrad import ray_runtime
+    from raygrad.cluster import runtime as ray_runtime
     from raygrad.errors import Terminated, raise_terminated
 
     def sleep(seconds):  # defined here: pickled by value (workers cannot import this test module)
@@ -344,7 +345,7 @@ def test_a_joined_cluster_gets_settings_not_credentials(monkeypatch, caplog, end
     a credential too, and stays with a warning that does not repeat it."""
     from types import SimpleNamespace
 
-    from raygrad import ray_runtime
+    from raygrad.cluster import runtime as ray_runtime
     from raygrad.config import RunConfig
 
     settings = {"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "1", "RAYGRAD_CACHE": "/srv/cache"}
@@ -378,10 +379,10 @@ def test_a_model_dispatched_by_accelerate_with_offload_gives_the_same_sums(tiny_
     import torch
     from tiny import SAMPLE_TEXTS
 
-    from raygrad.batching import BatchSizer
-    from raygrad.grads import Aggregation
-    from raygrad.models import execution_device, input_device, load_model_and_tokenizer, resolve_hook_sites
-    from raygrad.worker import ShardComputer
+    from raygrad.compute.batching import BatchSizer
+    from raygrad.compute.grads import Aggregation
+    from raygrad.compute.worker import ShardComputer
+    from raygrad.model.loading import execution_device, input_device, load_model_and_tokenizer, resolve_hook_sites
 
     cpu = torch.device("cpu")
     device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",

@@ -8,8 +8,9 @@ import shutil
 import pytest
 from helpers import assert_same_totals, build_config, killed_run, run_cli
 
-from raygrad import compare, engine
 from raygrad import constants as names
+from raygrad import engine
+from raygrad.analysis import compare
 from raygrad.config import (
     EXECUTION,
     EXPORT,
@@ -24,7 +25,7 @@ from raygrad.config import (
     planned_fields,
 )
 from raygrad.errors import RaygradError
-from raygrad.store import ResultStore
+from raygrad.store.zarr_store import ResultStore
 
 # Each field's part, decided by whether it changes the numbers in the store. "sample": measured, and says
 # which texts, how much of each and which probe draws (--seed keys the Hessian probes) the statistics are
@@ -199,7 +200,7 @@ def test_dry_run_resume_shows_new_batching_and_notes_the_planned_shards(killed, 
 
 def test_resume_with_new_batching_and_shard_size_finishes_with_the_same_sums(killed, tmp_path, in_process_totals,
                                                                               capsys, monkeypatch):
-    from raygrad import worker
+    from raygrad.compute import worker
 
     run_dir = _copy(killed, tmp_path)
     seen, real_sizer = [], worker.batch_sizer

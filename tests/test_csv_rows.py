@@ -10,9 +10,9 @@ from collections import Counter
 import pytest
 from test_sources import LONG, MAX_LENGTH, CharTokenizer, assert_contiguous, read_all_shards
 
-from raygrad.data import SKIP_NOT_TEXT, SKIP_SHORT, SKIP_UNREADABLE, load_texts
-from raygrad.shards import plan_shards
-from raygrad.sources import CSV_FIELD_CHARS, describe_source
+from raygrad.dataset.formats import CSV_FIELD_CHARS, describe_source
+from raygrad.dataset.shards import load_texts, plan_shards
+from raygrad.dataset.text import SKIP_NOT_TEXT, SKIP_SHORT, SKIP_UNREADABLE
 
 
 def dict_reader(path) -> list[dict]:

@@ -7,7 +7,8 @@ import types
 import pytest
 from tiny import SAMPLE_TEXTS
 
-from raygrad.data import load_texts, stdlib_paragraphs
+from raygrad.dataset.shards import load_texts
+from raygrad.dataset.text import stdlib_paragraphs
 from raygrad.errors import RaygradError
 
 KEPT = [t for t in SAMPLE_TEXTS if len(t.strip()) > 50]
@@ -129,8 +130,8 @@ def test_tokenized_from_a_prefix_as_tokenized_whole_then_truncated(max_length, f
     without offsets, each text long enough to be cut, one too short to be."""
     from tiny import build_tokenizer
 
-    from raygrad.data import CUT_CHARS_PER_TOKEN, CUT_MARGIN_CHARS, tokenize_truncated
-    from raygrad.worker import ShardComputer
+    from raygrad.compute.worker import ShardComputer
+    from raygrad.dataset.text import CUT_CHARS_PER_TOKEN, CUT_MARGIN_CHARS, tokenize_truncated
 
     texts = [*LONG_TEXTS.values(), SAMPLE_TEXTS[0]]
     for tokenizer in (build_tokenizer(tmp_path), run_merging_tokenizer(), word_level_tokenizer(),
@@ -148,7 +149,7 @@ def test_tokenized_from_a_prefix_as_tokenized_whole_then_truncated(max_length, f
 def test_a_cut_holding_too_few_tokens_widens(tmp_path):
     """'=' * 200,000 by the run-merging tokenizer (1024 characters a token): the first cut (max_length x 32
     + 256 characters) holds one token, so the cut doubles until the kept tokens end in its first half."""
-    from raygrad.data import CUT_CHARS_PER_TOKEN, CUT_MARGIN_CHARS, tokenize_truncated
+    from raygrad.dataset.text import CUT_CHARS_PER_TOKEN, CUT_MARGIN_CHARS, tokenize_truncated
 
     tokenizer = Recording(run_merging_tokenizer())
     text = "=" * 200_000
@@ -162,9 +163,9 @@ def test_a_cut_holding_too_few_tokens_widens(tmp_path):
 MEASURE = """
 import sys
 from transformers import AutoTokenizer
-from raygrad.shards import plan_shards, read_rows
-from raygrad.sources import describe_source
-from raygrad.worker import ShardComputer
+from raygrad.dataset.shards import plan_shards, read_rows
+from raygrad.dataset.formats import describe_source
+from raygrad.compute.worker import ShardComputer
 
 def peak_rss():
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))

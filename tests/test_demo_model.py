@@ -9,8 +9,8 @@ from transformers import AutoConfig
 from raygrad import constants as names
 from raygrad.config import RunConfig
 from raygrad.engine import run
-from raygrad.models import resolve_model_path
-from raygrad.store import ResultStore
+from raygrad.model.loading import resolve_model_path
+from raygrad.store.zarr_store import ResultStore
 
 pytestmark = pytest.mark.slow
 
@@ -48,9 +48,9 @@ def test_finite_differences_match_per_token_gradients():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from raygrad.data import stdlib_paragraphs
-    from raygrad.grads import site_gradients
-    from raygrad.models import resolve_hook_sites
+    from raygrad.compute.grads import site_gradients
+    from raygrad.dataset.text import stdlib_paragraphs
+    from raygrad.model.loading import resolve_hook_sites
 
     path = resolve_model_path("smollm2-135m")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)

@@ -24,7 +24,8 @@ def nothing_loads(monkeypatch):
     import ray
     import transformers
 
-    from raygrad import models, saes
+    from raygrad.model import loading as models
+    from raygrad.model import saes
 
     def refused(*args, **kwargs):
         raise AssertionError("a dry run started Ray or loaded weights")
@@ -87,7 +88,7 @@ def test_dry_run_of_an_sae_run_says_what_each_worker_loads(tiny_llama, texts_fil
 
 def test_dry_run_says_what_ray_workers_would_ask_for_without_starting_ray(tiny_llama, texts_file, tmp_path, capsys,
                                                                           monkeypatch, nothing_loads):
-    from raygrad import pool
+    from raygrad.cluster import pool
 
     monkeypatch.setattr(pool, "local_gpus", lambda: 0)
     monkeypatch.setattr(pool.os, "cpu_count", lambda: 8)
@@ -166,7 +167,7 @@ def test_dry_run_says_which_csv_records_were_skipped_and_why(tiny_llama, tmp_pat
                                                              nothing_loads):
     """A record the csv module cannot read (a field over its limit) is counted in the plan's skipped
     line under its own words, beside the short ones; the rows csv reads are the texts counted."""
-    from raygrad.sources import CSV_FIELD_CHARS
+    from raygrad.dataset.formats import CSV_FIELD_CHARS
 
     text = "A sentence long enough to be measured by the tiny model, and then some more words."
     path = tmp_path / "data.csv"

@@ -6,10 +6,10 @@ from helpers import assert_same_totals, build_config, killed_run, run_tiny
 
 from raygrad import constants as names
 from raygrad import engine
+from raygrad.compute.worker import ShardRunner
 from raygrad.errors import RaygradError
-from raygrad.partial import Partial, array_widths
-from raygrad.store import ResultStore
-from raygrad.worker import ShardRunner
+from raygrad.store.partial import Partial, array_widths
+from raygrad.store.zarr_store import ResultStore
 
 # Two Ray workers give every array of an in-process run, examples included: test_cluster's
 # test_gpu_workers_across_nodes_equal_in_process (conftest.two_ray_workers); one: test_local_ray.py.
@@ -37,8 +37,8 @@ def test_a_new_store_records_what_zarr_reads_back_and_reads_many_arrays_as_it_re
 
     import zarr
 
-    from raygrad import store as store_module
-    from raygrad.examples import RANKED_PREFIXES
+    from raygrad.store import zarr_store as store_module
+    from raygrad.store.topk import RANKED_PREFIXES
 
     path = tmp_path / "s.zarr"
     ResultStore.create(path, {"grad": 3, "value": 5}, 4, [0, 2], {}, layer_sums=names.LAYER_SUMS, top_k=2,
@@ -168,7 +168,7 @@ def test_a_request_this_machine_cannot_meet_stops_the_ray_it_started(tiny_llama,
 
     import ray
 
-    from raygrad.pool import WorkerPool
+    from raygrad.cluster.pool import WorkerPool
 
     config = build_config(tiny_llama, texts_file, tmp_path, workers=1, device="cuda")  # no GPU here
     with pytest.raises(RaygradError, match="this machine has 0 GPUs"):
@@ -202,7 +202,7 @@ def test_progress_off_hides_every_bar_and_leaves_the_process_as_it_was(tiny_llam
 def test_the_resume_hint_survives_any_error_of_the_last_checkpoint(tiny_llama, texts_file, tmp_path, monkeypatch):
     """A shard fails, then the checkpoint on the way out fails too, with something other than a disk's
     OSError: the shard's error is what is raised, and the stop line still says how to go on."""
-    from raygrad.reducer import Reducer
+    from raygrad.store.reducer import Reducer
 
     said = []
 

@@ -13,10 +13,10 @@ from sae_factory import write_sae_lens_dir
 from tiny import SAMPLE_TEXTS
 
 from raygrad import constants as names
-from raygrad import examples as topk
+from raygrad.compute.grads import DeviceAccumulator
 from raygrad.engine import resume
-from raygrad.grads import DeviceAccumulator
-from raygrad.store import ResultStore
+from raygrad.store import topk
+from raygrad.store.zarr_store import ResultStore
 
 LAYERS, WIDTH, D_SAE = 3, 32, 64
 KEPT_ROWS = [row for row, text in enumerate(SAMPLE_TEXTS) if len(text.strip()) > 50][:6]  # build_config's 6 texts
@@ -360,7 +360,7 @@ def test_printable_escapes_controls_as_repr_does_and_keeps_newlines():
 
 def test_examples_of_a_comparison_say_it_is_one(tiny_llama, example_run, tmp_path, capsys, monkeypatch):
     """It said the comparison "kept no examples"."""
-    from raygrad.compare import compare_runs
+    from raygrad.analysis.compare import compare_runs
 
     run_dir, _, texts = example_run
     texts.write_text("\n".join(SAMPLE_TEXTS) + "\n")  # as the run read it (another test edits it)

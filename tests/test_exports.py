@@ -8,7 +8,7 @@ from helpers import run_tiny
 
 import raygrad
 from raygrad import constants as names
-from raygrad.export import write_exports
+from raygrad.analysis.export import write_exports
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +176,7 @@ def test_export_of_an_incomplete_run_is_one_line(tiny_llama, texts_file, tmp_pat
     import sys
 
     from raygrad.cli import main
-    from raygrad.store import ResultStore
+    from raygrad.store.zarr_store import ResultStore
 
     run_dir, _ = run_tiny(tiny_llama, texts_file, tmp_path)
     ResultStore.open(run_dir / names.STORE_NAME, writable=True).group.attrs["status"] = "running"

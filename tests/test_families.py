@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from raygrad import constants as names
 from raygrad.errors import RaygradError
-from raygrad.models import HOOK_SITES, decoder_layers, resolve_hook_sites
+from raygrad.model.loading import HOOK_SITES, decoder_layers, resolve_hook_sites
 
 KEPT_TEXTS = [t for t in SAMPLE_TEXTS if len(t.strip()) > 50][:4]
 
@@ -49,7 +49,7 @@ def test_resolved_paths_are_the_documented_modules(family, family_dirs):
 def test_unsupported_architecture_lists_the_supported_ones():
     config = AutoConfig.for_model("bert", vocab_size=50, hidden_size=16, num_hidden_layers=1,
                                   num_attention_heads=2, intermediate_size=16)
-    from raygrad.models import family_of
+    from raygrad.model.loading import family_of
 
     with pytest.raises(RaygradError, match=r"architecture 'bert' is not supported; supported model_type values: "
                                            r"gemma, gemma2, gemma3_text, gpt2, gpt_neox, llama, mistral, mixtral"):
@@ -61,7 +61,7 @@ def test_mixtral_gradient_reaches_experts_through_the_routing_weights(family_dir
     (upstream of layer 0's MoE block) agree with raygrad's gradient, and not
     with the gradient one gets when the router's weights are detached: the
     path through the routing softmax is in the gradient."""
-    from raygrad.grads import site_gradients
+    from raygrad.compute.grads import site_gradients
 
     model = AutoModelForCausalLM.from_pretrained(family_dirs("mixtral"), dtype=torch.float64)
     model.set_experts_implementation("eager")  # grouped_mm has no float64 kernel

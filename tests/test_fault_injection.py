@@ -11,9 +11,9 @@ from helpers import build_config, many_texts_run_args, run_tiny, signal_after_ch
 
 from raygrad import constants as names
 from raygrad import engine
-from raygrad import store as store_module
-from raygrad.reducer import Reducer
-from raygrad.store import ResultStore
+from raygrad.store import zarr_store as store_module
+from raygrad.store.reducer import Reducer
+from raygrad.store.zarr_store import ResultStore
 
 
 class Killed(BaseException):
@@ -156,7 +156,7 @@ def test_a_sigkilled_ray_run_leaves_no_ray_process_then_resumes_to_the_undisturb
                                                                                        many_texts):
     """SIGKILL to a run on its private local Ray, mid-run: ray.shutdown() cannot run in a SIGKILLed
     driver; Ray's GCS and raylet exit by themselves, but its agents were left to PID 1 until
-    raygrad's reaper (raygrad/reaper.py) ended them. The checkpoints it wrote are whole."""
+    raygrad's reaper (raygrad/cluster/reaper.py) ended them. The checkpoints it wrote are whole."""
     import os
     import signal
     import time

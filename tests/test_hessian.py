@@ -16,10 +16,17 @@ from tiny import SAMPLE_TEXTS
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from raygrad import constants as names
+from raygrad.compute.grads import (
+    IGNORE_INDEX,
+    Aggregation,
+    DeviceAccumulator,
+    accumulate_batch,
+    make_batch,
+    summed_loss,
+)
+from raygrad.compute.probes import rademacher, token_keys
 from raygrad.config import RunConfig
 from raygrad.errors import RaygradError
-from raygrad.grads import IGNORE_INDEX, Aggregation, DeviceAccumulator, accumulate_batch, make_batch, summed_loss
-from raygrad.probes import rademacher, token_keys
 
 TEXTS = [t for t in SAMPLE_TEXTS if len(t.strip()) > 50][:3]  # the first 3 texts a run on texts_file reads
 LENGTH = 12  # tokens per text: Hessians of 3 layers x 12 positions x 32 dims stay small
@@ -43,13 +50,13 @@ def drawn_probe(row: int, layer: int, probe: int, positions, width: int, seed: i
 
 
 def load_float64(model_dir):
-    from raygrad.models import load_model_and_tokenizer
+    from raygrad.model.loading import load_model_and_tokenizer
 
     return load_model_and_tokenizer(str(model_dir), torch.device("cpu"), torch.float64)
 
 
 def site_module(model, layer):
-    from raygrad.models import resolve_hook_sites
+    from raygrad.model.loading import resolve_hook_sites
 
     return model.get_submodule(resolve_hook_sites(model, [layer], "mlp_out")[0].path)
 
@@ -177,7 +184,7 @@ def test_sae_clean_probe_is_pulled_through_the_decoder(tiny_llama, tmp_path):
     """Clean mode: z = decode(f) + e with e held constant, so d2Loss/df2 = W_dec H_z W_dec^T; with a site
     probe r, (W_dec r) * (W_dec H_z r) is unbiased for its diagonal, and is the estimate per token, H_z the
     exact site Hessian. Chunks of 4 tokens: a probe drawn by chunk is the probe drawn whole."""
-    from raygrad.saes import load_sae
+    from raygrad.model.saes import load_sae
 
     sae_dir = write_sae_lens_dir(tmp_path / "sae", WIDTH, 64, hook_name="blocks.1.hook_mlp_out", seed=1)
     w_dec = read_sae_lens_weights(sae_dir)[0]["W_dec"]  # (64, 32)
@@ -203,7 +210,7 @@ def test_sae_clean_probes_converge_to_the_exact_feature_diagonal(tiny_llama, tmp
     estimate is r^T A r with A = sum_t w_ti (W H)_ti^T (w_ti: feature i of token t as a row over every
     aggregated site entry), so it is unbiased for trace(A) and, r Rademacher, of variance
     sum_{a != b} A_ab (A_ab + A_ba)."""
-    from raygrad.saes import load_sae
+    from raygrad.model.saes import load_sae
 
     sae_dir = write_sae_lens_dir(tmp_path / "sae", WIDTH, 64, hook_name="blocks.1.hook_mlp_out", seed=1)
     w_dec = read_sae_lens_weights(sae_dir)[0]["W_dec"].numpy()  # (64, 32)
@@ -270,7 +277,7 @@ def spliced_feature_hessian(model_dir, sae_dir, text, layer, stride):
 
 def test_splice_probe_is_the_spliced_models_hessian_vector_product(tiny_llama, tmp_path):
     """Splice mode: the Hessian w.r.t. the leaf features in the spliced model (layer 0, every 4th position)."""
-    from raygrad.saes import load_sae
+    from raygrad.model.saes import load_sae
 
     sae_dir = write_sae_lens_dir(tmp_path / "sae", WIDTH, 64, hook_name="blocks.0.hook_mlp_out", seed=0)
     sae = load_sae(0, path=str(sae_dir), dtype=torch.float64)

@@ -11,7 +11,7 @@ from helpers import build_config, killed_run, run_tiny
 from sae_factory import write_sae_lens_dir
 
 from raygrad import constants as names
-from raygrad.store import ResultStore
+from raygrad.store.zarr_store import ResultStore
 
 LENGTH = 12  # tokens per text
 WIDTH = 32  # the tiny model's site width

@@ -12,12 +12,12 @@ from types import SimpleNamespace
 import pytest
 from test_pool_losses import World
 
-from raygrad import scheduler
+from raygrad.cluster import scheduler
+from raygrad.cluster.pool import WorkerPool
+from raygrad.cluster.runtime import RemoteWorker
 from raygrad.config import RunConfig
+from raygrad.dataset.shards import Shard
 from raygrad.errors import RaygradError
-from raygrad.pool import WorkerPool
-from raygrad.ray_runtime import RemoteWorker
-from raygrad.shards import Shard
 
 
 def run_pool(world: World, shards: int, workers: int) -> tuple[WorkerPool, list]:

@@ -26,7 +26,7 @@ from sae_factory import write_dictionary_learning_dir
 
 from raygrad import constants as names
 from raygrad import engine
-from raygrad.store import ResultStore
+from raygrad.store.zarr_store import ResultStore
 
 # Credentials in the driver's environment (made up): its workers must see them, and no file may hold them.
 CANARIES = {"HF_TOKEN": "hf_canary_5f0c9e2b7a41", "AWS_ACCESS_KEY_ID": "AKIACANARY7Q3ZK2M",
@@ -40,7 +40,8 @@ import hashlib, json, os, sys
 os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # as in a user's shell (the tests' conftest sets it)
 import psutil
 import ray
-from raygrad import cli, pool
+from raygrad import cli
+from raygrad.cluster import pool
 
 seen_file, probed, seen, real_exit = sys.argv[1], sys.argv[2].split(","), {}, pool.WorkerPool.__exit__
 
@@ -206,7 +207,8 @@ def test_workers_see_the_drivers_credentials_and_no_file_holds_them(local_ray_ru
 # are saved, the driver is waiting in ray.wait (POLL_SECONDS at a time) for the next.
 STALLING_RAY_RUN = """
 import sys, time
-from raygrad import cli, pool
+from raygrad import cli
+from raygrad.cluster import pool
 
 class StallsAfterThree(pool.RemoteWorker):
     def run(self, shard, *args):

@@ -20,18 +20,18 @@ from helpers import assert_same_totals, build_config, killed_run, run_cli, run_t
 
 from raygrad import constants as names
 from raygrad import engine
-from raygrad import lock as lock_module
-from raygrad.compare import compare_runs
+from raygrad.analysis.compare import compare_runs
+from raygrad.compute.worker import ShardRunner
 from raygrad.errors import RaygradError
-from raygrad.lock import run_lock
-from raygrad.store import ResultStore
-from raygrad.worker import ShardRunner
+from raygrad.store import lock as lock_module
+from raygrad.store.lock import run_lock
+from raygrad.store.zarr_store import ResultStore
 
 HOST = socket.gethostname()
 # A process that takes RUN_DIR's lock as COMMAND would, says so, and holds it until its stdin closes.
 HOLDER = """
 import sys
-from raygrad import lock
+from raygrad.store import lock
 lock.HEARTBEAT_SECONDS = 3600  # its record stays as written while a test compares files
 with lock.run_lock(sys.argv[1], sys.argv[2]):
     print("held", flush=True)
@@ -126,7 +126,7 @@ def test_the_lock_of_a_sigkilled_holder_is_taken_over(tiny_llama, texts_file, tm
         assert holder.returncode == -signal.SIGKILL
     left = json.loads((run_dir / names.LOCK_FILE).read_text())  # no finally ran: its record stays
     assert (left["pid"], left["host"], left["command"]) == (holder.pid, HOST, "raygrad run --resume")
-    with caplog.at_level(logging.WARNING, logger="raygrad.lock"):
+    with caplog.at_level(logging.WARNING, logger="raygrad.store.lock"):
         engine.resume(run_dir, echo=lambda _: None, progress=False)
     assert f"taking over the lock of pid {holder.pid} on host {HOST}" in caplog.text
     resumed, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
@@ -188,7 +188,7 @@ def test_another_hosts_fresh_record_is_honoured_and_a_stale_one_taken_over(tmp_p
     assert "\n" not in message and tree_digest(tmp_path) == before
 
     write_record(tmp_path, "node-elsewhere", heartbeat_age_s=lock_module.STALE_SECONDS + 60)
-    with caplog.at_level(logging.WARNING, logger="raygrad.lock"):
+    with caplog.at_level(logging.WARNING, logger="raygrad.store.lock"):
         with run_lock(tmp_path, "repair") as taken:
             mine = json.loads((tmp_path / names.LOCK_FILE).read_text())
     assert mine == taken.record
@@ -248,13 +248,13 @@ def displaced_message(record):
 
 
 def test_the_heartbeat_notices_a_takeover_and_every_write_in_the_run_directory_stops(tmp_path, monkeypatch, caplog):
-    from raygrad.files import replacing
+    from raygrad.store.files import replacing
 
     monkeypatch.setattr(lock_module, "HEARTBEAT_SECONDS", 0.05)
     outside = tmp_path / "elsewhere.txt"
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    with caplog.at_level(logging.WARNING, logger="raygrad.lock"):
+    with caplog.at_level(logging.WARNING, logger="raygrad.store.lock"):
         with run_lock(run_dir, "run", "--output-dir") as held:
             lock_module.ensure_held(run_dir / "metadata.json")  # held: nothing happens
             record = take_over_in_place(run_dir)

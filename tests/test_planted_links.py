@@ -10,7 +10,7 @@ import pytest
 from helpers import run_cli, run_tiny, tree_digest
 
 from raygrad import constants as names
-from raygrad import files
+from raygrad.store import files
 
 VICTIM_TEXT = "another user's file, which raygrad must never write\n"
 
@@ -130,7 +130,7 @@ def test_the_bundled_models_conversion_writes_through_no_planted_directory(tmp_p
     """The GGUF conversion staged its copy at TARGET.partial; a link planted there was written through."""
     import transformers
 
-    from raygrad import models
+    from raygrad.model import loading as models
 
     class Saves:
         def __init__(self, name):
@@ -158,7 +158,7 @@ def test_plots_and_the_checkpoint_staging_file_are_written_through_no_planted_li
     at either is removed and a new file made there, the file it pointed to untouched."""
     import numpy as np
 
-    from raygrad.store import ResultStore
+    from raygrad.store.zarr_store import ResultStore
 
     plot = example_run / names.PLOTS_DIR / "layer_0_mean_abs_histogram.png"
     plot.parent.mkdir(exist_ok=True)

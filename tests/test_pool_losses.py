@@ -15,12 +15,12 @@ import ray
 from helpers import run_cli, tiny_args, tree_digest
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 
-from raygrad import pool as pool_module
-from raygrad import scheduler
+from raygrad.cluster import pool as pool_module
+from raygrad.cluster import scheduler
+from raygrad.cluster.pool import RESTART_POLL_SECONDS, WorkerPool
 from raygrad.config import RunConfig
+from raygrad.dataset.shards import Shard
 from raygrad.errors import RaygradError
-from raygrad.pool import RESTART_POLL_SECONDS, WorkerPool
-from raygrad.shards import Shard
 
 REPLY_SECONDS = 0.001  # a call to an actor that is not up fails this fast
 PLACED_SECONDS = 0.01
@@ -372,7 +372,7 @@ def test_a_ray_run_resumed_in_process_drops_its_ray_options(tiny_llama, texts_fi
 
     from raygrad import constants as names
     from raygrad import engine
-    from raygrad.store import ResultStore
+    from raygrad.store.zarr_store import ResultStore
 
     _, expected = run_tiny(tiny_llama, texts_file, tmp_path / "full", shard_size=2)
     config = build_config(tiny_llama, texts_file, tmp_path / "killed", shard_size=2, checkpoint_seconds=0,

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from raygrad import constants as names
-from raygrad.partial import Partial, ShardResult
-from raygrad.reducer import Reducer
-from raygrad.store import ResultStore
+from raygrad.store.partial import Partial, ShardResult
+from raygrad.store.reducer import Reducer
+from raygrad.store.zarr_store import ResultStore
 
 LAYERS, WIDTH, SHARDS = 2, 64, 8
 
@@ -110,7 +110,7 @@ def test_a_checkpoint_is_applied_without_a_whole_extra_copy_of_the_totals(tmp_pa
     one of its arrays at a time (and Zarr's chunk buffers), not all of them beside the totals."""
     import tracemalloc
 
-    from raygrad.store import _apply_pending, _checkpoint_arrays, _commit, _stage
+    from raygrad.store.zarr_store import _apply_pending, _checkpoint_arrays, _commit, _stage
 
     width = 65536  # one 4-layer float64 array: 2 MiB; 9 of them in the redo file
     store = ResultStore.create(tmp_path / names.STORE_NAME, {"grad": width, "value": width, "attr": width}, 3,

@@ -15,9 +15,9 @@ from sae_factory import write_sae_lens_dir
 from tiny import SAMPLE_TEXTS
 
 from raygrad import constants as names
-from raygrad.compare import compare_runs
-from raygrad.contexts import RunExamples
-from raygrad.report import shown
+from raygrad.analysis.compare import compare_runs
+from raygrad.analysis.examples import RunExamples
+from raygrad.analysis.report import shown
 
 NEURONPEDIA = "https://www.neuronpedia.org/"
 EXAMPLES = dict(top_examples=8, aggregate_by=("gradients", "attribution"))

@@ -10,11 +10,11 @@ from sae_factory import write_sae_lens_dir
 from tiny import build_model_dir
 
 from raygrad import constants as names
-from raygrad import revisions
 from raygrad.engine import resume
 from raygrad.errors import RaygradError
+from raygrad.model import pins as revisions
 from raygrad.plan import Plan, make_plan
-from raygrad.store import ResultStore
+from raygrad.store.zarr_store import ResultStore
 
 REPO = "org/tiny"
 FIRST, SECOND = "1" * 40, "2" * 40  # the cache's two commits of REPO
@@ -108,7 +108,7 @@ def test_resume_refuses_a_local_model_whose_files_changed(tiny_llama, texts_file
 
 def test_a_worker_refuses_a_local_model_changed_after_planning(tiny_llama, texts_file, tmp_path):
     """A cluster node may hold its own copy: each worker checks it before loading."""
-    from raygrad.worker import ShardRunner
+    from raygrad.compute.worker import ShardRunner
 
     model_dir = shutil.copytree(tiny_llama, tmp_path / "model")
     plan = make_plan(build_config(model_dir, texts_file, tmp_path / "out"), 4)

@@ -121,8 +121,8 @@ def test_sae_exports_are_named_by_kind_and_mode(tiny_llama, texts_file, sae_dirs
 def test_top_lists_features_with_neuronpedia_links(tiny_llama, texts_file, sae_dirs, tmp_path, capsys, monkeypatch):
     import sys
 
+    from raygrad.analysis.top import top_features
     from raygrad.cli import main
-    from raygrad.top import top_features
 
     run_dir, totals = sae_run(tiny_llama, texts_file, tmp_path / "with", sae_dirs)
     rows = top_features(run_dir, layer=2, k=5)
@@ -183,9 +183,9 @@ def test_chunked_projection_matches_and_bounds_memory(tiny_llama, tmp_path):
     """65,536 features on the tiny model: a small chunk budget gives the same
     sums as one big chunk, and no (tokens x features) tensor of the projection
     ever exceeds the budget, however many tokens the batch has."""
-    from raygrad.grads import Aggregation, DeviceAccumulator, accumulate_batch, make_batch
-    from raygrad.models import load_model_and_tokenizer, resolve_hook_sites
-    from raygrad.saes import load_sae
+    from raygrad.compute.grads import Aggregation, DeviceAccumulator, accumulate_batch, make_batch
+    from raygrad.model.loading import load_model_and_tokenizer, resolve_hook_sites
+    from raygrad.model.saes import load_sae
 
     width = 65536
     write_sae_lens_dir(tmp_path / "wide", 32, width, hook_name="blocks.1.hook_mlp_out", seed=3)
@@ -333,8 +333,8 @@ def test_the_worker_splits_sae_layers_by_its_gpu_memory(monkeypatch):
     free after the model, 2 GiB go to one batch's activations and 2 GiB (10% of 20) stay free."""
     from types import SimpleNamespace
 
-    from raygrad.memory import sae_layer_groups
-    from raygrad.worker import ShardRunner
+    from raygrad.compute.worker import ShardRunner
+    from raygrad.model.memory import sae_layer_groups
 
     gib = 2**30
     assert sae_layer_groups(5, gib, None) == [[0, 1, 2, 3, 4]]  # memory unknown (CPU): one pass
@@ -365,13 +365,13 @@ def test_a_resume_may_change_the_sae_layers_per_pass(tiny_llama, texts_file, sae
     from helpers import build_config, killed_run
 
     from raygrad import engine
-    from raygrad.store import ResultStore
+    from raygrad.store.zarr_store import ResultStore
 
     options = dict(target="sae", sae_path=str(sae_dirs / "sae_{layer}"), layers="0-2", num_samples=4,
                    shard_size=1, checkpoint_seconds=0)
     _, one_pass = run_tiny(tiny_llama, texts_file, tmp_path / "one", **options)
     run_dir = killed_run(build_config(tiny_llama, texts_file, tmp_path / "killed", **options), dies_at_call=3)
-    from raygrad.worker import ShardComputer
+    from raygrad.compute.worker import ShardComputer
 
     real_rows, passes = ShardComputer._compute_rows, []
 

@@ -13,8 +13,8 @@ from sae_factory import write_sae_lens_dir
 from tiny import SAMPLE_TEXTS
 
 from raygrad import constants as names
-from raygrad.quality import sae_quality
-from raygrad.store import ResultStore
+from raygrad.analysis.sae_quality import sae_quality
+from raygrad.store.zarr_store import ResultStore
 
 KEPT_TEXTS = [t for t in SAMPLE_TEXTS if len(t.strip()) > 50][:4]
 D_SAE = 64

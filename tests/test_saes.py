@@ -1,4 +1,4 @@
-"""raygrad.saes: each format encodes and decodes as its own library defines, in model units.
+"""raygrad.model.saes: each format encodes and decodes as its own library defines, in model units.
 
 Expected values come from the files on disk through few-line formulas written here, not from raygrad."""
 
@@ -10,7 +10,7 @@ from sae_factory import CHECKPOINT_NORMALIZATIONS, write_dictionary_learning_dir
 from safetensors.torch import load_file
 
 from raygrad.errors import RaygradError
-from raygrad.saes import DICT_CLASSES, load_sae, site_of_hook
+from raygrad.model.saes import DICT_CLASSES, load_sae, site_of_hook
 
 D_IN, D_SAE = 8, 24
 F64 = torch.float64
@@ -312,7 +312,7 @@ def test_bad_dtype(tmp_path):
 
 
 def test_release_neuronpedia_id_falls_back_to_the_packaged_registry():
-    from raygrad.saes import _registry_neuronpedia_id
+    from raygrad.model.saes import _registry_neuronpedia_id
 
     assert _registry_neuronpedia_id("gpt2-small-res-jb", "blocks.0.hook_resid_pre") == "gpt2-small/0-res-jb"
     assert _registry_neuronpedia_id("no-such-release", "x") is None

@@ -13,11 +13,12 @@ from helpers import build_config, killed_run, run_cli, run_tiny, tiny_args
 from tiny import SAMPLE_TEXTS
 
 from raygrad import constants as names
-from raygrad import engine, sources
+from raygrad import engine
+from raygrad.cluster.pool import RemoteWorker, WorkerPool
 from raygrad.config import RunConfig
+from raygrad.dataset import formats as sources
 from raygrad.errors import RaygradError
-from raygrad.pool import RemoteWorker, WorkerPool
-from raygrad.store import ResultStore
+from raygrad.store.zarr_store import ResultStore
 
 LONG = [t for t in SAMPLE_TEXTS if len(t.strip()) > 50]
 

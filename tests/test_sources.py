@@ -7,10 +7,10 @@ from collections import Counter
 
 import pytest
 
-from raygrad.data import REPLACED_BYTES, SKIP_NOT_TEXT, SKIP_SHORT, load_texts, stdlib_paragraphs
+from raygrad.dataset.formats import describe_source
+from raygrad.dataset.shards import load_texts, plan_shards, read_rows, target_tokens
+from raygrad.dataset.text import REPLACED_BYTES, SKIP_NOT_TEXT, SKIP_SHORT, stdlib_paragraphs
 from raygrad.errors import RaygradError
-from raygrad.shards import plan_shards, read_rows, target_tokens
-from raygrad.sources import describe_source
 
 LONG = [f"Text number {i}: a sentence long enough to pass the length filter of fifty characters." for i in range(9)]
 MAX_LENGTH = 24
@@ -229,7 +229,7 @@ def test_an_old_mac_file_ends_its_lines_at_a_lone_carriage_return(shard_texts, t
 
 def test_a_stray_carriage_return_past_the_files_start_stays_in_its_text(tmp_path):
     """Only a lone \\r in the first SNIFF_BYTES makes \\r a line end: in a \\n file, one further on is text."""
-    from raygrad.sources import SNIFF_BYTES
+    from raygrad.dataset.formats import SNIFF_BYTES
 
     filler = [LONG[0]] * (SNIFF_BYTES // len(LONG[0]) + 1)
     path = tmp_path / "data.txt"

@@ -1,0 +1,352 @@
+"""The elastic scheduler: one map of shards over the pool's Ray actors, until every shard has a result.
+
+Up to PER_WORKER shards are in flight on an actor: the one it computes (the oldest call, its head)
+and the next, which the actor reads beside it and computes after it, so a worker goes from one shard
+to the next without waiting for the driver to take a result and send work. An actor runs two calls
+at once, but computes them in the order they were sent, whichever read its rows first: each call
+carries a ticket and the ticket of the call it follows (runtime.ComputeTurns). So when the
+oldest call the driver has in flight on an actor (its head) fails because its process died, every
+call sent before it had been answered, and it was the one computing (or reading, with nothing
+computing). Near the end (fewer shards waiting than workers) an actor
+takes one at a time, so no shard waits behind another while a worker has none.
+
+A shard is charged a loss (MAX_LOSSES_PER_SHARD stop the run) only when the worker process that
+was computing it is gone, never for a death while idle, for a shard only read or queued on it, or
+for an actor that is only restarting:
+- an idle actor is asked `placed` before it is sent a shard, and sent it once that answers, so the
+  shard runs on the process that answered. A death while idle fails that question (Ray answers
+  ActorUnavailableError while it restarts the actor, ActorDiedError when it will not); the shard
+  goes back to the queue uncharged. An actor with a shard in flight is sent the next one without
+  asking: a death before that one starts fails the one in flight too.
+- a failed call that is not its actor's head was reading or waiting for its turn when the head's
+  process died or the actor went out of reach (or, rarely, computing after a head whose result is
+  still on its way to the driver): back to the queue uncharged, so a loss may be missed but is never
+  charged to the wrong shard, and the actor gets nothing more until it answers.
+- the head's call failing with ActorUnavailableError tells only that the actor could not be
+  reached ("the task may or may not have been executed"): its process died (Ray says this, not
+  ActorDiedError, while restarts are left) or the network failed. The shard is queued again, and
+  the loss is charged when the actor answers `placed` from another process, or is gone for good;
+  the same process answering again costs nothing. The shard sent behind it goes back uncharged.
+- ActorDiedError on the head's call: the process that started it is dead and not restarted; charged.
+
+The pool (pool.py) owns the actors and their start-up calls (`placed`, `ready`); this module decides
+which shard goes where and what a failure costs, through the pool's side of `ActorPool` below (the
+pool imports this module, never the other way). Ray's runtime is runtime.py's."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import Counter, deque
+from typing import Callable, Iterator, Protocol
+
+from ..errors import RaygradError, first_line
+from ..store.partial import ShardResult
+from .runtime import actor_name, get, wait
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 5.0  # how long one wait for a result or a worker lasts
+STATUS_SECONDS = 30.0  # between "waiting for workers" lines
+MAX_LOSSES_PER_SHARD = 3  # a shard whose worker dies this often is killing it (memory, say): stop, not loop
+PER_WORKER = 2  # shards in flight per worker: the one it computes and the next, read beside it
+_tickets = itertools.count()  # run calls in the order sent, from every map of this process (ComputeTurns)
+
+
+class ActorPool(Protocol):
+    """What the scheduler needs of whatever owns the actors' lifecycle (pool.WorkerPool): its actors and
+    their start-up calls in flight, which it reads and answers, and the lines it says."""
+
+    config: object  # RunConfig: worker_timeout
+    echo: Callable[[str], None]
+    clocks: "WorkerClocks"
+    actors: list  # the actors asked for (up or not)
+    placing: dict  # `placed` ref -> an actor not yet on a node
+    starting: dict  # `ready` ref -> an actor not yet loaded
+    retry_at: dict  # actor id -> (time.monotonic(), actor): ask it again then
+    busy: dict  # actor id -> the shard it is computing
+    worker_nodes: dict  # actor id -> its Ray node
+    worker_devices: dict  # actor id -> the device it resolved
+
+    def watch_start(self, actor) -> None: ...  # ask a new or restarted actor `placed` and `ready`
+    def ask_later(self, actor) -> None: ...  # an actor Ray is restarting: ask again in a while
+    def replace_actor(self, lost) -> None: ...  # an actor gone for good: ask for another
+    def say_sae_passes(self, who: str, groups: list[list[int]] | None) -> None: ...
+    def status_line(self, up: int, loading: int) -> str: ...  # "waiting for workers" while none computes
+    def timeout_message(self) -> str: ...  # the --worker-timeout line
+
+
+class WorkerTimeout(RaygradError):
+    pass
+
+
+class WorkerClocks:
+    """Per worker, as the driver sees it: seconds up (from its `ready` answer until it is lost or the
+    map ends) and seconds idle (up with no shard computing or queued on it: waiting for the driver)."""
+
+    def __init__(self):
+        self.up: Counter = Counter()
+        self.idle: Counter = Counter()
+        self._up_since: dict[str, float] = {}
+        self._idle_since: dict[str, float] = {}
+        self.names: dict[str, int] = {}  # actor id -> worker number, in the order they came up
+
+    def ready(self, name: str, now: float) -> None:
+        self.names.setdefault(name, len(self.names) + 1)
+        self._up_since.setdefault(name, now)
+        self._idle_since.setdefault(name, now)
+
+    def working(self, name: str, now: float) -> None:
+        since = self._idle_since.pop(name, None)
+        if since is not None:
+            self.idle[name] += now - since
+
+    def waiting(self, name: str, now: float) -> None:
+        if name in self._up_since:
+            self._idle_since.setdefault(name, now)
+
+    def lost(self, name: str, now: float) -> None:
+        self.working(name, now)
+        since = self._up_since.pop(name, None)
+        if since is not None:
+            self.up[name] += now - since
+
+    def stop(self, now: float) -> None:
+        for name in list(self._up_since):
+            self.lost(name, now)
+
+    def record(self) -> dict:
+        """The timing record's part: idle seconds per worker (by number) and the idle fraction of all."""
+        up = sum(self.up.values())
+        return {"worker_idle_seconds": {str(self.names[name]): seconds for name, seconds in self.idle.items()},
+                "worker_idle_fraction": sum(self.idle.values()) / up if up > 0 else 0.0}
+
+
+class ElasticMap:
+    """One map: `results()` yields each shard's result once, in the order they finish."""
+
+    def __init__(self, pool: ActorPool, queue: deque):
+        self.pool, self.queue, self.clocks = pool, queue, pool.clocks
+        self.asking: dict = {}  # `placed` ref -> (actor, item): an idle actor asked whether it is up, before `item`
+        self.running: dict = {}  # run ref -> (actor, item, the worker process that answered before it)
+        self.last_ticket: dict[str, int] = {}  # actor id -> the ticket of the last run call sent to it
+        self.in_flight: dict[str, deque] = {}  # actor id -> its run refs in the order sent; the first computes
+        self.process_of: dict[str, str] = {}  # actor id -> the process that last answered `placed`
+        self.room: dict = {}  # actor id -> an actor with a shard in flight and room for another
+        self.suspect: set[str] = set()  # actors a call behind the head failed on: nothing until they answer `placed`
+        self.unreachable: dict = {}  # actor id -> (item, process that started it, error): charged if another answers
+        self.idle: list = []
+        self.finished: set[int] = set()
+        self.losses: Counter = Counter()  # shard -> worker processes lost while computing it
+
+    def results(self) -> Iterator[ShardResult]:
+        pool, queue = self.pool, self.queue
+        watched = {id(actor) for actor in pool.starting.values()} | {id(a) for _, a in pool.retry_at.values()}
+        for actor in pool.actors:
+            if id(actor) not in watched:
+                pool.watch_start(actor)  # up since an earlier map: answers at once
+        none_up_since = last_status = time.monotonic()
+        try:
+            while queue or self.running or self.asking:
+                self._hand_out()
+                now = time.monotonic()
+                for due, actor in list(pool.retry_at.values()):
+                    if due <= now:
+                        pool.watch_start(actor)  # drops it from retry_at
+                # placed, loading their model (a download may take long)
+                loading = len({id(actor) for actor in pool.starting.values()}
+                              - {id(actor) for actor in pool.placing.values()})
+                # Checked before every wait, not only after an empty one: the waits end early while an
+                # actor that Ray cannot restart (no node for it) is asked again.
+                if self.running or self.asking or self.idle or loading:
+                    none_up_since = now
+                elif now - none_up_since > pool.config.worker_timeout:
+                    raise WorkerTimeout(pool.timeout_message())
+                timeout = min([POLL_SECONDS, *(due - now for due, _ in pool.retry_at.values())])
+                refs = [*self.running, *self.asking, *pool.placing, *pool.starting]
+                if refs:
+                    ready = wait(refs, timeout=max(0.0, timeout))
+                else:  # every actor is being restarted: nothing to take until one is asked again
+                    time.sleep(max(0.0, timeout))
+                    ready = []
+                if not ready:
+                    now = time.monotonic()
+                    if not self.running and now - last_status >= STATUS_SECONDS:
+                        pool.echo(pool.status_line(len(self.idle), loading))
+                        last_status = now
+                    continue
+                result = self._take(ready[0])
+                if result is not None and result.shard not in self.finished:
+                    self.finished.add(result.shard)
+                    yield result
+        finally:
+            self.clocks.stop(time.monotonic())
+
+    def _hand_out(self) -> None:
+        """Ask idle actors whether they are up (each for a shard), and top up those with room."""
+        queue, actors = self.queue, self.pool.actors
+        while self.idle and queue:
+            actor, item = self.idle.pop(), queue.popleft()
+            self.asking[actor.placed.remote()] = (actor, item)
+        while self.room and queue and len(queue) >= len(actors):
+            self._fill(self.room[next(iter(self.room))])
+
+    def _take(self, ref) -> ShardResult | None:
+        """Whatever answered: an actor placed, loaded, asked before a shard, or a shard's result."""
+        if ref in self.pool.placing:
+            self._placed(self.pool.placing.pop(ref), ref)
+        elif ref in self.pool.starting:
+            self._loaded(self.pool.starting.pop(ref), ref)
+        elif ref in self.asking:
+            self._asked(*self.asking.pop(ref), ref)
+        else:
+            return self._finished(ref)
+        return None
+
+    def _placed(self, actor, ref) -> None:
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        try:
+            node, process = get(ref)  # usually before its `ready` (which loads the model beside it)
+        except ActorUnavailableError:  # restarting, perhaps waiting for a node: not placed, ask again
+            self.pool.ask_later(actor)
+            return
+        except RayActorError:  # gone for good: its `ready` call says so and it is replaced
+            self._settle(actor, None)
+            return
+        self.pool.worker_nodes[actor_name(actor)] = node
+        self._settle(actor, process)
+
+    def _loaded(self, actor, ref) -> None:
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        pool = self.pool
+        try:
+            info = get(ref)
+        except ActorUnavailableError:  # restarting after a loss: Ray brings it back, ask again
+            pool.ask_later(actor)
+            return
+        except RayActorError as err:  # gone before it was up: ask for another one
+            log.warning("a worker was lost while starting (%s); asking for another", first_line(err))
+            pool.replace_actor(actor)
+            return
+        pool.worker_devices[actor_name(actor)] = info["device"]
+        pool.say_sae_passes(f"worker {len(pool.worker_devices)}", info.get("sae_groups"))
+        self.idle.append(actor)
+        self.clocks.ready(actor_name(actor), time.monotonic())
+
+    def _asked(self, actor, item, ref) -> None:
+        """An idle actor answered (or failed) the question put before sending it `item`."""
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        try:
+            node, process = get(ref)
+        except ActorUnavailableError:  # died while idle and being restarted: the shard never started
+            self.queue.appendleft(item)
+            self.clocks.lost(actor_name(actor), time.monotonic())
+            self.pool.ask_later(actor)
+            return
+        except RayActorError:  # died while idle, for good: its `ready` call says so and it is replaced
+            self.queue.appendleft(item)
+            self.clocks.lost(actor_name(actor), time.monotonic())
+            self.pool.watch_start(actor)
+            return
+        name = actor_name(actor)
+        self.pool.worker_nodes[name] = node  # Ray may have restarted it elsewhere while idle
+        self.process_of[name] = process
+        self.suspect.discard(name)
+        self._send(actor, item)
+        self._fill(actor)
+
+    def _finished(self, ref) -> ShardResult | None:
+        """A shard's call answered: its result, or a failure that queues it again (and perhaps costs a loss)."""
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        actor, item, process = self.running.pop(ref)
+        name = actor_name(actor)
+        calls = self.in_flight[name]
+        head = calls[0] is ref
+        calls.remove(ref)
+        try:
+            result = get(ref)
+        except RayActorError as err:
+            if not head:  # sent behind a shard still in flight: it was reading or waiting (scheduler docstring)
+                self.queue.appendleft(item)
+                self.suspect.add(name)
+                self.room.pop(name, None)
+                return None
+            # its node or process is gone, or out of reach: the shard is queued again
+            if isinstance(err, ActorUnavailableError):
+                self.unreachable[name] = (item, process, err)  # charged once the actor answers again
+            else:
+                self._charge(item, err)
+            self.pool.echo(f"worker lost during shard {item[0]} ({first_line(err)}); the shard is queued again")
+            self.queue.extendleft(reversed([item, *self._drop_calls(actor)]))  # those behind it: never computing
+            self.pool.watch_start(actor)  # answers if Ray restarts it (or it was out of reach), raises if gone
+            return None
+        if result is None:  # ComputeTurns gives up only on calls sent before a head, which the driver dropped
+            raise RuntimeError(f"internal error: a worker gave up on shard {item[0]}, which the driver awaited")
+        busy = self.pool.busy
+        busy.pop(name, None)
+        if calls:
+            busy[name] = self.running[calls[0]][1][0]
+            self._fill(actor)
+        else:
+            self.room.pop(name, None)
+            self.idle.append(actor)
+            self.clocks.waiting(name, time.monotonic())
+        return result
+
+    def _charge(self, item, err) -> None:
+        self.losses[item[0]] += 1
+        if self.losses[item[0]] >= MAX_LOSSES_PER_SHARD:
+            raise RaygradError(_shard_keeps_killing_line(item, self.losses[item[0]], err)) from None
+
+    def _settle(self, actor, process: str | None) -> None:
+        """The actor answered from `process`, or (None) is gone for good."""
+        if actor_name(actor) in self.unreachable:
+            item, started_by, err = self.unreachable.pop(actor_name(actor))
+            if process != started_by:
+                self._charge(item, err)
+
+    def _send(self, actor, item) -> None:
+        """Send `item` to compute after the last call sent to the actor, while any is in flight. That
+        call, not the last one here still unanswered: results may arrive out of order (a large one
+        pulled from another node after the small one behind it)."""
+        name = actor_name(actor)
+        calls = self.in_flight.setdefault(name, deque())
+        ticket, after = next(_tickets), self.last_ticket[name] if calls else None
+        ref = actor.run.remote(*item, ticket, after)
+        self.running[ref], self.last_ticket[name] = (actor, item, self.process_of[name]), ticket
+        calls.append(ref)
+        self.pool.busy.setdefault(name, item[0])
+        self.clocks.working(name, time.monotonic())
+
+    def _fill(self, actor) -> None:
+        """Top an actor with a shard in flight up to PER_WORKER, while enough shards wait."""
+        name = actor_name(actor)
+        self.room.pop(name, None)
+        if name in self.suspect:
+            return
+        while len(self.in_flight[name]) < PER_WORKER and self.queue and len(self.queue) >= len(self.pool.actors):
+            self._send(actor, self.queue.popleft())
+        if len(self.in_flight[name]) < PER_WORKER:
+            self.room[name] = actor
+
+    def _drop_calls(self, actor) -> list:
+        """Forget an actor's calls in flight; -> their items, oldest first."""
+        name = actor_name(actor)
+        self.room.pop(name, None)
+        self.pool.busy.pop(name, None)
+        self.clocks.lost(name, time.monotonic())
+        return [self.running.pop(ref)[1] for ref in self.in_flight.pop(name, ())]
+
+
+def _shard_keeps_killing_line(item: tuple, losses: int, err: BaseException) -> str:
+    shard, ref = item[0], item[-1]
+    return (f"shard {shard} ({ref.texts} texts, {ref.rows_text()}, about {ref.est_tokens} target tokens) lost its "
+            f"worker {losses} times "
+            f"(last: {first_line(err)}); a worker that dies on the same shard is likely out of host or GPU "
+            "memory: use a smaller --batch-size or --tokens-per-batch, a shorter --max-length, or workers with "
+            "more memory, then resume")

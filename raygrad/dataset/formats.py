@@ -1,0 +1,493 @@
+"""Dataset formats, read as rows: one streaming pass over all of them (for planning),
+or one row range (a shard, read by a worker).
+
+A source is plain data (a dict, saved in the plan): {"kind", "path", "text_column",
+"config", "split", "min_chars"}, and a hub dataset's pinned "revision" (a plan saved by
+an older raygrad may also hold a "fingerprint", which nothing reads). A row is a record
+of the dataset as read, numbered from 0 before any filtering; its value is what the
+text column holds (any type: the filter in shards.py decides what is usable). Line
+formats (.txt, .jsonl, .csv) also give each row's byte span, so a shard records where
+its rows start and a worker seeks there. A CSV file's records are those Python's csv
+module reads from it opened with newline="" and encoding utf-8-sig (pandas and
+`datasets` read the same).
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import errno
+import json
+import os
+import re
+import stat
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from ..constants import BUNDLED_CORPUS
+from ..errors import RaygradError, first_line
+from .text import DEFAULT_CONFIGS, LOCAL_FORMATS, REPLACED_BYTES, check_column, stdlib_paragraphs
+
+MISSING = object()  # a row without the text column (a JSON object without the key, a short CSV record)
+UNREADABLE = object()  # a CSV record that csv cannot read (a field over CSV_FIELD_CHARS characters)
+_PARQUET_BATCH = 8192  # rows per batch read from a parquet file or an Arrow dataset
+
+
+@dataclass(frozen=True)
+class Row:
+    row: int
+    value: object
+    byte_start: int | None = None  # the row's span in the file, for line formats
+    byte_stop: int | None = None
+
+
+@dataclass(frozen=True)
+class Format:
+    scan: Callable[[dict, Counter], Iterator[Row]]  # every row from the start, in order
+    read: Callable[[dict, object, Counter], Iterator[Row]]  # the rows of one shard (row and byte range)
+    size_hint: Callable[[dict], tuple[str, int] | None]  # ("rows" | "bytes", n) when known without reading
+
+
+FORMATS: dict[str, Format] = {}
+
+
+def register_format(kind: str, fmt: Format) -> None:
+    if kind in FORMATS:
+        raise ValueError(f"format {kind!r} is already registered")
+    FORMATS[kind] = fmt
+
+
+def describe_source(dataset: str, text_column: str = "text", config: str | None = None, split: str = "train",
+                    min_chars: int = 50) -> dict:
+    """The source a run reads, as plain data; a local file is checked here (a regular file, of a known type)."""
+    source = {"path": dataset, "text_column": text_column, "config": config, "split": split, "min_chars": min_chars}
+    if dataset == BUNDLED_CORPUS:
+        return {**source, "kind": "bundled"}
+    path = Path(dataset).expanduser()
+    if path.is_dir() or not _looks_local(dataset):
+        return {**source, "kind": "datasets", "config": config or DEFAULT_CONFIGS.get(dataset)}
+    problem = _not_a_file(path)
+    if problem == _NO_SUCH_FILE:
+        raise RaygradError(f"--dataset {path}: {problem}")
+    if problem:
+        raise RaygradError(f"--dataset {path}: {problem}; give a file ({', '.join(LOCAL_FORMATS)}), a dataset "
+                           f"directory, a hub dataset id or {BUNDLED_CORPUS}")
+    kind = LOCAL_FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise RaygradError(f"--dataset {path}: unknown file type; use one of {', '.join(LOCAL_FORMATS)}")
+    return {**source, "kind": kind, "path": str(path)}
+
+
+def _looks_local(dataset: str) -> bool:
+    """A path rather than a hub id: something is there (a dangling or looping link too), or it is written as one."""
+    path = Path(dataset).expanduser()
+    return os.path.lexists(path) or path.suffix.lower() in LOCAL_FORMATS or dataset.startswith((".", "/", "~"))
+
+
+_NO_SUCH_FILE = "no such file"
+_NOT_REGULAR = {stat.S_IFIFO: "is a FIFO (named pipe), not a regular file", stat.S_IFCHR: "is a character "
+                "device, not a regular file", stat.S_IFBLK: "is a block device, not a regular file",
+                stat.S_IFSOCK: "is a socket, not a regular file"}
+
+
+def _not_a_file(path: Path) -> str | None:
+    """Why `path` is not a regular file to read, from its status alone: nothing is opened (opening a
+    FIFO for reading waits for a writer)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "is a symlink loop (the link never reaches a file)"
+        if err.errno == errno.ENOENT and os.path.islink(path):
+            return f"is a symlink to {os.readlink(path)}, which does not exist"
+        if err.errno in (errno.ENOENT, errno.ENOTDIR):
+            return _NO_SUCH_FILE
+        return f"cannot be read ({err.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    return _NOT_REGULAR.get(stat.S_IFMT(mode), "is not a regular file")
+
+
+def scan(source: dict, counts: Counter) -> Iterator[Row]:
+    return FORMATS[source["kind"]].scan(source, counts)
+
+
+def read(source: dict, shard, counts: Counter) -> Iterator[Row]:
+    return FORMATS[source["kind"]].read(source, shard, counts)
+
+
+def size_hint(source: dict) -> tuple[str, int] | None:
+    return FORMATS[source["kind"]].size_hint(source)
+
+
+# --- line formats: .txt, .jsonl/.json, .csv
+
+def _open(source: dict):
+    try:
+        return open(source["path"], "rb")
+    except OSError as err:
+        raise RaygradError(f"--dataset {source['path']}: cannot be read ({err.strerror})") from None
+
+
+def _lines(handle, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """(offset, line with its newline) from byte `start` to `stop` (exclusive)."""
+    handle.seek(start)
+    offset = start
+    for raw in handle:
+        if stop is not None and offset >= stop:
+            return
+        yield offset, raw
+        offset += len(raw)
+
+
+def _decode(raw: bytes, counts: Counter) -> str:
+    """UTF-8; bytes that are not become U+FFFD (counted) rather than stopping the run on one bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        counts[REPLACED_BYTES] += 1
+        return raw.decode("utf-8", errors="replace")
+
+
+def _strip_newline(raw: bytes) -> bytes:
+    return raw[:-2] if raw.endswith(b"\r\n") else raw[:-1] if raw.endswith(b"\n") else raw
+
+
+SNIFF_BYTES = 1 << 16  # the start of a .txt file that says whether a lone \r ends its lines
+_LONE_CR = re.compile(rb"\r[^\n]")
+_AFTER_LONE_CR = re.compile(rb"(?<=\r)(?!\n)")
+
+
+def _lone_cr_ends_lines(handle) -> bool:
+    """Whether the file's first SNIFF_BYTES hold a lone \r (an old Mac file's line end): then \r ends a
+    line too, as Python's universal newlines and `datasets` read it; else only \n does, and a stray \r
+    stays in its text. Decided from the file alone, so a plan and every later read of a shard agree."""
+    handle.seek(0)
+    return _LONE_CR.search(handle.read(SNIFF_BYTES)) is not None
+
+
+def _text_rows(source: dict, counts: Counter, start: int = 0, stop: int | None = None,
+               row: int = 0) -> Iterator[Row]:
+    """One text per line, every line a row (blank ones are too short to use)."""
+    with _open(source) as handle:
+        if not _lone_cr_ends_lines(handle):
+            for offset, raw in _lines(handle, start, stop):
+                yield Row(row, _decode(_strip_newline(raw), counts), offset, offset + len(raw))
+                row += 1
+            return
+        for offset, line in _lines(handle, start, stop):
+            for raw in _AFTER_LONE_CR.split(line):
+                if stop is not None and offset >= stop:  # a shard may end inside a \n-line
+                    return
+                if raw:
+                    text = raw[:-1] if raw.endswith(b"\r") else _strip_newline(raw)
+                    yield Row(row, _decode(text, counts), offset, offset + len(raw))
+                    row += 1
+                    offset += len(raw)
+
+
+def _json_rows(source: dict, counts: Counter, start: int = 0, stop: int | None = None,
+               row: int = 0) -> Iterator[Row]:
+    """One JSON object per line; blank lines are not rows (as `datasets` reads JSON Lines)."""
+    column = source["text_column"]
+    with _open(source) as handle:
+        for offset, raw in _lines(handle, start, stop):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except ValueError as err:
+                raise RaygradError(f"--dataset {source['path']}: the line at byte {offset} is not one JSON object "
+                                   f"({first_line(err)}); a .json/.jsonl file holds one object per line") from None
+            value = record.get(column, MISSING) if isinstance(record, dict) else MISSING
+            yield Row(row, value, offset, offset + len(raw))
+            row += 1
+
+
+def _scan_json(source: dict, counts: Counter) -> Iterator[Row]:
+    """Every row; a column that no row has is refused when the pass ends."""
+    found = False
+    for item in _json_rows(source, counts):
+        found = found or item.value is not MISSING
+        yield item
+    keys = None if found else _first_keys(source)
+    if keys:
+        check_column(source["path"], source["text_column"], keys)
+
+
+def _first_keys(source: dict) -> list[str] | None:
+    with _open(source) as handle:
+        for raw in handle:
+            if raw.strip():
+                try:
+                    record = json.loads(raw)
+                except ValueError:
+                    return None
+                return list(record) if isinstance(record, dict) else None
+    return None
+
+
+CSV_FIELD_CHARS = 1 << 24  # characters a CSV field may hold (csv's default, 131072, refuses long texts); a
+# field longer than this is a row csv cannot read (SKIP_UNREADABLE): it caps csv's buffer (4 bytes a character)
+_CSV_PLAIN_RUN = re.compile(r'[^",\r\n]+')  # a run of these moves csv's parser (default dialect) as one of them does
+
+
+def _csv_line_bytes(handle, start: int) -> Iterator[bytes]:
+    """The file's lines from byte `start`, each with its line end, as open(newline="") gives them to csv:
+    \n, \r\n and a lone \r each end a line (the last line may have none)."""
+    handle.seek(start)
+    for raw in handle:
+        first_cr = raw.find(b"\r")
+        if first_cr == -1 or first_cr == len(raw) - 2 and raw.endswith(b"\n"):  # no \r but a \r\n line end
+            yield raw
+        else:
+            yield from (part for part in _AFTER_LONE_CR.split(raw) if part)
+
+
+class _CsvFeed:
+    """The decoded lines csv.reader pulls, one at a time, from byte `start`; `offset` is the byte after the
+    last line pulled. csv.reader pulls no line past the record it returns, so after each record `offset`
+    is where that record ends. `plain` squeezes each run of characters that are not quotes, commas or
+    line ends into one (the parser's states, hence its record ends, stay the same)."""
+
+    def __init__(self, handle, start: int, counts: Counter, plain: bool = False):
+        self.offset, self._counts, self._plain = start, counts, plain
+        self._lines = _csv_line_bytes(handle, start)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        raw = next(self._lines)
+        at_start, self.offset = self.offset == 0, self.offset + len(raw)
+        if at_start and raw.startswith(codecs.BOM_UTF8):  # read as utf-8-sig: not part of the first column name
+            raw = raw[len(codecs.BOM_UTF8):]
+        line = _decode(raw, self._counts)
+        return _CSV_PLAIN_RUN.sub("x", line) if self._plain else line
+
+
+def _csv_records(handle, start: int, stop: int | None, counts: Counter
+                 ) -> Iterator[tuple[int, int, list[str] | None]]:
+    """(start, stop, fields) of each record that starts in bytes [start, stop), as csv.reader splits the
+    file opened with newline=""; fields is None for a record csv cannot read (a field over CSV_FIELD_CHARS)."""
+    if csv.field_size_limit() < CSV_FIELD_CHARS:
+        csv.field_size_limit(CSV_FIELD_CHARS)
+    feed = _CsvFeed(handle, start, counts)
+    reader = csv.reader(feed)
+    while stop is None or feed.offset < stop:
+        begin = feed.offset
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error:  # it stopped inside the record: find the record's end, read on from there
+            end = _csv_record_end(handle, begin)
+            yield begin, end, None
+            feed = _CsvFeed(handle, end, counts)
+            reader = csv.reader(feed)
+            continue
+        yield begin, feed.offset, fields
+
+
+def _csv_record_end(handle, start: int) -> int:
+    """Where the record at byte `start` ends, parsed again with its plain runs squeezed (_CsvFeed), so its
+    fields are short; a field of quotes and commas alone over the limit ends it at the line of the error."""
+    feed = _CsvFeed(handle, start, Counter(), plain=True)
+    try:
+        next(csv.reader(feed), None)
+    except csv.Error:
+        pass
+    return feed.offset
+
+
+def _csv_column(source: dict) -> tuple[int, int]:
+    """-> (the text column's index in the header, the byte where the records start). Blank lines
+    before the header are skipped, as pandas skips them; the header is not a row (its replaced bytes
+    are not counted)."""
+    with _open(source) as handle:
+        for _, stop, header in _csv_records(handle, 0, None, Counter()):
+            if header is None:
+                raise RaygradError(f"--dataset {source['path']}: the CSV header cannot be read (a field over "
+                                   f"{CSV_FIELD_CHARS} characters); the first record must name the columns")
+            if not header:
+                continue
+            check_column(source["path"], source["text_column"], header)
+            return header.index(source["text_column"]), stop
+    raise RaygradError(f"--dataset {source['path']}: an empty CSV file (no header)")
+
+
+def _csv_value(fields: list[str] | None, index: int):
+    """As pandas reads a cell: an empty one is null, a number is not text."""
+    if fields is None:
+        return UNREADABLE
+    if index >= len(fields) or fields[index] == "":
+        return MISSING
+    value = fields[index]
+    try:
+        float(value)
+    except ValueError:
+        return value
+    return None
+
+
+def _csv_rows(source: dict, counts: Counter, start: int | None = None, stop: int | None = None,
+              row: int = 0) -> Iterator[Row]:
+    """Records after the header, as csv.DictReader reads them: a blank line is not a row."""
+    index, body = _csv_column(source)
+    with _open(source) as handle:
+        for begin, end, fields in _csv_records(handle, body if start is None else start, stop, counts):
+            if fields == []:
+                continue
+            yield Row(row, _csv_value(fields, index), begin, end)
+            row += 1
+
+
+def _byte_range_reader(rows_from):
+    def read_shard(source: dict, shard, counts: Counter) -> Iterator[Row]:
+        return rows_from(source, counts, shard.byte_start, shard.byte_stop, shard.row_start)
+    return read_shard
+
+
+def _file_bytes(source: dict) -> tuple[str, int]:
+    return "bytes", Path(source["path"]).stat().st_size
+
+
+register_format("text", Format(_text_rows, _byte_range_reader(_text_rows), _file_bytes))
+register_format("json", Format(_scan_json, _byte_range_reader(_json_rows), _file_bytes))
+register_format("csv", Format(_csv_rows, _byte_range_reader(_csv_rows), _file_bytes))
+
+
+# --- parquet: read by row groups, only the text column
+
+def _parquet(source: dict):
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(source["path"])
+    except Exception as err:  # not parquet, truncated: one line for the user
+        raise RaygradError(f"--dataset {source['path']}: cannot be read as parquet ({first_line(err)})") from None
+    check_column(source["path"], source["text_column"], parquet.schema_arrow.names)
+    return parquet
+
+
+def _parquet_values(parquet, groups, column: str) -> Iterator:
+    """The column's values in `groups`, one row group at a time: iter_batches over many groups reads
+    ahead and held a whole 213 MB file in Arrow's memory pool by the end of a pass; this holds one group."""
+    for group in groups:
+        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH, row_groups=[group], columns=[column]):
+            yield from batch.column(0).to_pylist()
+
+
+def _parquet_scan(source: dict, counts: Counter) -> Iterator[Row]:
+    parquet = _parquet(source)
+    for row, value in enumerate(_parquet_values(parquet, range(parquet.metadata.num_row_groups),
+                                                source["text_column"])):
+        yield Row(row, value)
+
+
+def _parquet_read(source: dict, shard, counts: Counter) -> Iterator[Row]:
+    """The row groups that overlap the shard's rows, then the rows themselves."""
+    parquet = _parquet(source)
+    groups, first, start = [], None, 0
+    for group in range(parquet.metadata.num_row_groups):
+        stop = start + parquet.metadata.row_group(group).num_rows
+        if start < shard.row_stop and stop > shard.row_start:
+            groups.append(group)
+            first = start if first is None else first
+        start = stop
+    for row, value in enumerate(_parquet_values(parquet, groups, source["text_column"]), start=first or 0):
+        if shard.row_start <= row < shard.row_stop:
+            yield Row(row, value)
+
+
+register_format("parquet", Format(_parquet_scan, _parquet_read,
+                                  lambda source: ("rows", _parquet(source).metadata.num_rows)))
+
+
+# --- the bundled corpus: regenerated, then sliced
+
+_corpus: list[str] = []
+_corpus_lock = threading.Lock()
+_corpus_source: Iterator[str] | None = None
+
+
+def _bundled_scan(source: dict, counts: Counter) -> Iterator[Row]:
+    return (Row(row, text) for row, text in enumerate(stdlib_paragraphs()))
+
+
+def _bundled_read(source: dict, shard, counts: Counter) -> Iterator[Row]:
+    """The corpus is generated once per process, as far as the shards read reach."""
+    global _corpus_source
+    with _corpus_lock:
+        if _corpus_source is None:
+            _corpus_source = stdlib_paragraphs()
+        while len(_corpus) < shard.row_stop:
+            text = next(_corpus_source, None)
+            if text is None:
+                break
+            _corpus.append(text)
+        texts = _corpus[shard.row_start:shard.row_stop]
+    return (Row(shard.row_start + i, text) for i, text in enumerate(texts))
+
+
+register_format("bundled", Format(_bundled_scan, _bundled_read, lambda source: None))
+
+
+# --- hub datasets and dataset directories: the `datasets` Arrow cache, memory-mapped
+
+_arrow_cache: dict = {}
+_arrow_lock = threading.Lock()
+
+
+def arrow_dataset(source: dict):
+    """The split as `datasets` keeps it on disk (downloaded once per node), with only the text
+    column; loaded once per process."""
+    key = (source["path"], source["config"], source["split"], source["text_column"], source.get("revision"))
+    with _arrow_lock:
+        if key not in _arrow_cache:
+            _arrow_cache[key] = _load_arrow(source)
+        return _arrow_cache[key]
+
+
+def _load_arrow(source: dict):
+    from ..model.hub import hub_offline, why_offline
+
+    name = source["path"]
+    if not Path(name).expanduser().is_dir() and hub_offline():
+        raise RaygradError(f"--dataset {name}: not a local file and could not be loaded from the hub "
+                           f"({why_offline()}); for the offline demo use --dataset stdlib-docs")
+    import datasets
+
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # "Generating train split" bars say nothing here
+    try:
+        table = datasets.load_dataset(name, source["config"], split=source["split"], revision=source.get("revision"))
+    except Exception as err:  # no network, unknown name or config: one line for the user
+        raise RaygradError(
+            f"--dataset {name}: not a local file and could not be loaded from the hub ({first_line(err)}); "
+            "for the offline demo use --dataset stdlib-docs"
+        ) from None
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+    check_column(name, source["text_column"], table.column_names)
+    return table.select_columns([source["text_column"]])
+
+
+def _arrow_rows(source: dict, start: int, stop: int) -> Iterator[Row]:
+    table, column = arrow_dataset(source), source["text_column"]
+    for begin in range(start, stop, _PARQUET_BATCH):
+        values = table[begin:min(stop, begin + _PARQUET_BATCH)][column]
+        for offset, value in enumerate(values):
+            yield Row(begin + offset, value)
+
+
+register_format("datasets", Format(
+    lambda source, counts: _arrow_rows(source, 0, len(arrow_dataset(source))),
+    lambda source, shard, counts: _arrow_rows(source, shard.row_start, min(shard.row_stop,
+                                                                           len(arrow_dataset(source)))),
+    lambda source: ("rows", len(arrow_dataset(source))),
+))

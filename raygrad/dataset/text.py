@@ -1,0 +1,123 @@
+"""What a usable text is, how it is tokenized, and the bundled corpus.
+
+Only texts longer than `min_chars` characters (after stripping) are kept, as the
+original scripts did; formats.py reads each format, shards.py plans and reads shards (and reads a
+whole source, for tests and benchmarks: load_texts).
+A text is tokenized from a prefix long enough for its first --max-length tokens
+(`tokenize_truncated`), never whole.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import logging
+import os
+import re
+import sysconfig
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from ..constants import BUNDLED_CORPUS
+from ..errors import RaygradError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIGS = {"wikitext": "wikitext-2-raw-v1"}  # the original scripts' dataset
+LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+# Why a row of the source was not used (counted in the plan, printed before the run).
+SKIP_SHORT = "short"  # min_chars or fewer after stripping
+SKIP_NOT_TEXT = "not_text"  # null, missing, or a number/list in the text column
+SKIP_UNREADABLE = "unreadable"  # a CSV record csv cannot read (a field over sources.CSV_FIELD_CHARS characters)
+REPLACED_BYTES = "undecodable_bytes"  # .txt lines with bytes that are not UTF-8: kept, decoded with U+FFFD
+
+
+CUT_CHARS_PER_TOKEN = 32  # characters of a text tokenized per --max-length token: more than a token holds
+CUT_MARGIN_CHARS = 256  # characters added to that cut, so a short --max-length still cuts far from the tokens kept
+
+
+def tokenize_truncated(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """Each text's ids as tokenizer(text, truncation=True, max_length=max_length) gives them, from a
+    prefix of the text: tokenized whole, a 10 MB text took 2.2 GB (about 200 bytes a character).
+
+    The prefix is max_length x CUT_CHARS_PER_TOKEN + CUT_MARGIN_CHARS characters, doubled until the
+    tokens kept lie in its first half (by a fast tokenizer's offsets; by a slow one's tokens of that
+    half, which must be the same), so where it was cut changes none of them; a text no longer than its
+    prefix is tokenized whole. Memory: the prefixes, whatever the texts' lengths, unless one token
+    holds more than CUT_CHARS_PER_TOKEN / 2 characters."""
+    ids: list[list[int] | None] = [None] * len(texts)
+    todo, chars = list(range(len(texts))), max_length * CUT_CHARS_PER_TOKEN + CUT_MARGIN_CHARS
+    offsets = getattr(tokenizer, "is_fast", False)  # only a fast tokenizer maps tokens to characters
+    while todo:
+        cut = [texts[i][:chars] for i in todo]
+        encoded = tokenizer(cut, truncation=True, max_length=max_length,
+                            **({"return_offsets_mapping": True} if offsets else {}))
+        if offsets:
+            # a prefix of whitespace alone may give no token at all (a word-level tokenizer without specials)
+            in_first_half = [max((end for _, end in spans), default=0) <= chars // 2
+                             for spans in encoded["offset_mapping"]]
+        else:
+            halves = tokenizer([text[:chars // 2] for text in cut], truncation=True, max_length=max_length)
+            in_first_half = [list(half) == list(full) for half, full in zip(halves["input_ids"], encoded["input_ids"])]
+        again = []
+        for i, text_ids, kept_far in zip(todo, encoded["input_ids"], in_first_half):
+            if len(texts[i]) <= chars or len(text_ids) >= max_length and kept_far:
+                ids[i] = list(text_ids)
+            else:
+                again.append(i)
+        todo, chars = again, chars * 2
+    return ids
+
+
+def absolute_if_local(dataset: str) -> str:
+    """A local file or directory made absolute (a resumed run may start in another
+    directory); a hub id or the bundled corpus as given."""
+    path = Path(dataset).expanduser()
+    return os.path.abspath(path) if dataset != BUNDLED_CORPUS and path.exists() else dataset
+
+
+def check_column(dataset: str, column: str, columns: Iterable[str]) -> None:
+    columns = list(columns)
+    if column not in columns:
+        raise RaygradError(f"--text-column {column}: not in dataset {dataset}; its columns are {', '.join(columns)}")
+
+
+# --- the bundled corpus: English prose from the standard library's docstrings
+
+_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3"}
+_PROSE = re.compile(r"^[A-Z][A-Za-z ,;:'()\-.\"!?0-9]+[.!?]$")
+
+
+def stdlib_paragraphs() -> Iterator[str]:
+    """Paragraphs of English prose from the docstrings of the running Python's
+    standard library, in a fixed order (sorted files, source order inside).
+
+    Built at run time so the repository carries no copied text."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    seen: set[str] = set()
+    for path in sorted(root.rglob("*.py")):
+        if _SKIP_DIRS.intersection(path.relative_to(root).parts):
+            continue
+        for paragraph in _docstring_paragraphs(path):
+            if paragraph not in seen:
+                seen.add(paragraph)
+                yield paragraph
+
+
+def _docstring_paragraphs(path: Path) -> Iterator[str]:
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return  # a file this Python cannot parse has no docstrings for us
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=False)
+            if doc:
+                for block in re.split(r"\n\s*\n", inspect.cleandoc(doc)):
+                    if any(line.startswith((" ", "\t", ">>>")) for line in block.splitlines()):
+                        continue  # code samples and indented tables are not prose
+                    text = " ".join(block.split())
+                    if len(text.split()) >= 8 and _PROSE.match(text):
+                        yield text
