@@ -7,7 +7,7 @@ fsync) in a temporary directory on this machine's disk, all in this one process 
 
 Simulated: Ray and the workers. Each worker is a fake actor (as in tests/test_pool_losses.py, on
 the real clock) that computes its calls one after another; a shard takes the time the H200 figures
-imply (README: Gemma-2-2B with 26 x 65,536 SAEs, 14.7k tokens/s per GPU; a shard of 1M target
+imply (docs/benchmarks.md: Gemma-2-2B with 26 x 65,536 SAEs, 14.7k tokens/s per GPU; a shard of 1M target
 tokens is 68 s, +-5% at random) and answers one shared Partial of 26 x 65,536 for the chosen
 kinds (gradients: 3 sums, 41 MB; --kinds all: gradients, values, attribution, hessian, 164 MB).
 No bytes cross a network or Ray's object store: those costs are not in these figures.
@@ -47,7 +47,7 @@ from raygrad.store.reducer import CHECKPOINT_SECONDS, Reducer
 from raygrad.store.zarr_store import ResultStore
 
 LAYERS, FEATURES = 26, 65536
-TOKENS_PER_SECOND = 14_700  # one H200, Gemma-2-2B with 26 x 65,536 SAEs (README)
+TOKENS_PER_SECOND = 14_700  # one H200, Gemma-2-2B with 26 x 65,536 SAEs (docs/benchmarks.md)
 SHARD_TOKENS = 1_000_000  # target tokens per shard (the default token budget on a GPU)
 LOAD_SECONDS = 60.0  # model + SAEs loading on a worker, as reported
 READY_SECONDS = 0.5  # how long a simulated worker takes to load (real seconds: only the start)

@@ -27,7 +27,7 @@ SITE_KIND = "site_gradients"
 SITE_VALUE_PREFIX = "site_value"  # target sae: the hook site's activations x (the SAE's input, for its FVU)
 SITE_VALUE_KIND = "site_values"
 STATS = ("sum", "abs_sum", "sq_sum")
-# Statistics per dimension, derived from the sums (README "Names"): store arrays {prefix}_{statistic}.
+# Statistics per dimension, derived from the sums (docs/outputs.md, "Names"): store arrays {prefix}_{statistic}.
 STATISTICS = ("mean_abs", "mean", "mean_sq", "std", "sem")
 MEAN_ARRAYS = {  # prefix -> (signed mean, mean of |x|) as written at finalize
     prefix: (f"{prefix}_mean", f"{prefix}_mean_abs")

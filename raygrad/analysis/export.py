@@ -29,7 +29,7 @@ def exported_arrays(store: ResultStore, config: RunConfig,
                     modes: tuple[str, ...] | None = None) -> dict[tuple[str, str, str | None], np.ndarray]:
     """(kind, statistic, normalize mode or None) -> (L, D) float32, derived from the float64 sums for
     every kind the run aggregated and each statistic (default: those the run exports), then --power,
-    then --normalize-mode (README "Names": None keeps the original's names, a mode adds `_norm_{mode}`)."""
+    then --normalize-mode (docs/outputs.md "Names": None keeps the original's names, a mode adds `_norm_{mode}`)."""
     sum_names = {kind: names.sum_names(names.KIND_PREFIX[kind]) for kind in config.aggregate_by}
     stored = store.read_many([names.TOKENS, *(name for kind in sum_names for name in sum_names[kind])])
     count = stored[names.TOKENS][:, None]

@@ -16,7 +16,7 @@ from ..errors import RaygradError
 @dataclass
 class Results:
     layers: list[int]
-    # export keys (README "Names"): "mean_abs", "std" (gradients), "mean_abs_values", "sem_attribution",
+    # export keys (docs/outputs.md, "Names"): "mean_abs", "std" (gradients), "mean_abs_values", "sem_attribution",
     # "mean_abs_norm_sum" (--normalize-mode all), ... -> (L, D); rows follow `layers`
     arrays: dict[str, np.ndarray]
     metadata: dict
@@ -49,7 +49,7 @@ def open_results(path: str | Path) -> "zarr.Group":  # noqa: F821 (zarr is impor
     lazily, chunk by chunk.
 
     Accepts the run directory or its results.zarr. A complete run holds every statistic of every
-    kind as {prefix}_{statistic} (grad_mean_abs, grad_std, value_sem, ...; README "Names"), float32,
+    kind as {prefix}_{statistic} (grad_mean_abs, grad_std, value_sem, ...; docs/outputs.md "Names"), float32,
     written at finalize; `raygrad.store.stats.from_group(group, prefix, statistic)` derives any of them
     in float64 from the sums (also for stores written before those arrays existed)."""
     from ..store.zarr_store import ResultStore
