@@ -15,7 +15,7 @@ from raygrad import constants as names
 from raygrad import engine
 from raygrad.dataset.shards import load_texts
 from raygrad.dataset.text import REPLACED_BYTES, SKIP_NOT_TEXT
-from raygrad.store import zarr_store as store_module
+from raygrad.store import checkpoint as store_module
 from raygrad.store.zarr_store import ResultStore
 
 LONG = [t for t in SAMPLE_TEXTS if len(t.strip()) > 50]

@@ -10,7 +10,7 @@ from helpers import build_config, killed_run, run_cli, tree_digest
 from raygrad import constants as names
 from raygrad import engine, load_results, open_results
 from raygrad.errors import RaygradError
-from raygrad.store import zarr_store as store_module
+from raygrad.store import checkpoint as store_module
 from raygrad.store.zarr_store import DamagedStore, ResultStore
 
 SUM_AND_STATE = [names.GRAD_SUM, names.GRAD_ABS_SUM, "grad_sq_sum", names.TOKENS, names.SHARDS_DONE,

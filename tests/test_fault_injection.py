@@ -11,7 +11,7 @@ from helpers import build_config, many_texts_run_args, run_tiny, signal_after_ch
 
 from raygrad import constants as names
 from raygrad import engine
-from raygrad.store import zarr_store as store_module
+from raygrad.store import checkpoint as store_module
 from raygrad.store.reducer import Reducer
 from raygrad.store.zarr_store import ResultStore
 

@@ -110,7 +110,7 @@ def test_a_checkpoint_is_applied_without_a_whole_extra_copy_of_the_totals(tmp_pa
     one of its arrays at a time (and Zarr's chunk buffers), not all of them beside the totals."""
     import tracemalloc
 
-    from raygrad.store.zarr_store import _apply_pending, _checkpoint_arrays, _commit, _stage
+    from raygrad.store.checkpoint import _apply_pending, _checkpoint_arrays, _commit, _stage
 
     width = 65536  # one 4-layer float64 array: 2 MiB; 9 of them in the redo file
     store = ResultStore.create(tmp_path / names.STORE_NAME, {"grad": width, "value": width, "attr": width}, 3,
