@@ -75,6 +75,8 @@ def _export(default, help: str, **extra):
 
 @dataclass(frozen=True)
 class RunConfig:
+    # Validation is split into rules (_normalize_counts, _check_*), each declared after the fields it reads;
+    # __post_init__, after the last field, runs them in the order that decides which problem is reported first.
     model: str = _measured(DEFAULT_MODEL, "Hub id, local directory, or the bundled 'smollm2-135m'.")
     target: Literal["mlp", "sae"] = _measured(
         "mlp", "Target space: 'mlp' = the hook site's dimensions; 'sae' = the features of an SAE on that site.")
@@ -83,10 +85,35 @@ class RunConfig:
     batch_size: Optional[str] = _execution(
         None, "Texts per forward/backward pass, or 'auto': texts sorted by length and packed to a token budget "
         "learned from the device's free memory. Default: auto on a GPU, 4 on a CPU.")
+
+    def _normalize_counts(self) -> None:
+        """--batch-size (unset, 'auto' or a count) and --num-samples ('all' or a count), normalised in place:
+        '8' becomes 8, ' AUTO ' becomes 'auto'."""
+        self._normalize_count("batch_size", "auto", unset_allowed=True)
+        self._normalize_count("num_samples", ALL)
+
     tokens_per_batch: Optional[int] = _execution(
         None, "Pack texts sorted by length up to this many (padded) tokens per batch; overrides --batch-size.")
     max_length: int = _sample(128, "Tokens per text after truncation (>= 2).")
+
+    def _check_batching(self) -> None:
+        """--max-length, and --tokens-per-batch against it and against --batch-size."""
+        if self.max_length < 2:
+            raise RaygradError(f"--max-length {self.max_length}: must be >= 2 (one input and one target token)")
+        if self.tokens_per_batch is not None and (not isinstance(self.tokens_per_batch, int)
+                                                  or self.tokens_per_batch < self.max_length):
+            raise RaygradError(f"--tokens-per-batch {self.tokens_per_batch}: must be an integer >= --max-length "
+                               f"({self.max_length}), so the longest text fits in a batch")
+        if self.tokens_per_batch is not None and self.batch_size is not None:
+            raise RaygradError(f"--tokens-per-batch {self.tokens_per_batch}: give it or --batch-size "
+                               f"{self.batch_size}, not both")
+
     layers: Optional[str] = _measured(None, "Layers: a range '0-23', a list '0,5,10' or both; default every layer.")
+
+    def _check_layer_spec(self) -> None:
+        if self.layers is not None:
+            parse_layer_spec(self.layers)  # format only; range is checked against the model in the plan
+
     hook_site: Literal["mlp_out", "mlp", "resid_post", "attn_out"] = _measured(
         "mlp_out", "mlp_out: MLP block's contribution to the residual stream; mlp: the MLP module's output; "
         "resid_post: decoder layer output; attn_out: attention block's contribution.")
@@ -102,17 +129,69 @@ class RunConfig:
     sae_layers_per_pass: Optional[int] = _execution(
         None, "SAE layers per forward+backward. Default: every layer when their SAEs fit beside the model on the "
         "worker's GPU, else as many as fit (the others wait in CPU memory and come over for their pass).")
+
+    def _check_sae_layers_per_pass(self) -> None:
+        self._check_unset_or_at_least("sae_layers_per_pass", 1)
+
+    def _check_sae_source(self) -> None:
+        """--target sae needs one SAE source; --target mlp takes none of the SAE options."""
+        has_release = self.sae_release is not None or self.sae_id is not None
+        if self.target == "mlp":
+            for name in ("sae_release", "sae_id", "sae_path", "sae_layers_per_pass"):
+                if getattr(self, name) is not None:
+                    raise RaygradError(f"--{dashed(name)} {getattr(self, name)}: only used with --target sae")
+            if self.sae_mode != "clean":
+                raise RaygradError(f"--sae-mode {self.sae_mode}: only used with --target sae")
+            return
+        if has_release and self.sae_path is not None:
+            raise RaygradError(
+                f"--sae-path {self.sae_path}: give either --sae-path or --sae-release/--sae-id, not both"
+            )
+        if has_release and (self.sae_release is None or self.sae_id is None):
+            raise RaygradError("--sae-release/--sae-id: give both (the id may contain '{layer}')")
+        if not has_release and self.sae_path is None:
+            raise RaygradError("--target sae: needs --sae-path TEMPLATE or --sae-release R --sae-id TEMPLATE")
+
     position_stride: int = _measured(1, "Aggregate every K-th position only (the original SAE script used 4).")
     aggregate_by: tuple[str, ...] = _measured(
         ("gradients",), "What to aggregate (repeatable): gradients, values (activations), attribution (grad x value), "
         "hessian (Hutchinson estimate of the Hessian diagonal d2Loss/dz2).", multiple=True)
+
+    def _check_aggregate_by(self) -> None:
+        """Normalised to a tuple; each kind known, each once, at least one."""
+        object.__setattr__(self, "aggregate_by", tuple(self.aggregate_by))  # lists from JSON or the CLI
+        for kind in self.aggregate_by:
+            if kind not in AGGREGATE_KINDS:
+                raise RaygradError(f"--aggregate-by {kind!r}: choose from {', '.join(AGGREGATE_KINDS)}")
+        if not self.aggregate_by or len(set(self.aggregate_by)) != len(self.aggregate_by):
+            raise RaygradError(f"--aggregate-by {','.join(self.aggregate_by)}: give each kind once, at least one")
+
     hessian_probes: int = _measured(
         1, "Rademacher probes per token for --aggregate-by hessian, one extra double backward per batch each; "
         "the per-token estimate is their mean, reproducible for a given --seed.")
+
+    def _check_stride_and_probes(self) -> None:
+        self._check_integer("position_stride", 1)
+        self._check_integer("hessian_probes", 1)
+
+    def _check_probes_need_hessian(self) -> None:
+        if self.hessian_probes != 1 and "hessian" not in self.aggregate_by:
+            raise RaygradError(f"--hessian-probes {self.hessian_probes}: only --aggregate-by hessian draws probes; "
+                               "add --aggregate-by hessian, or drop --hessian-probes")
+
     top_examples: int = _kept(
         0, "Keep, for every layer and dimension (every SAE feature), the K tokens with the largest |score| of "
         "each collected kind among gradients, attribution and values: score, dataset row, token position "
         "(read them with raygrad examples / raygrad report). 0 = off; at most 64.")
+
+    def _check_top_examples(self) -> None:
+        if not isinstance(self.top_examples, int) or not 0 <= self.top_examples <= MAX_TOP_EXAMPLES:
+            raise RaygradError(f"--top-examples {self.top_examples}: must be an integer from 1 to "
+                               f"{MAX_TOP_EXAMPLES} (0, the default, keeps none)")
+        if self.top_examples and not set(EXAMPLE_KINDS) & set(self.aggregate_by):
+            raise RaygradError(f"--top-examples {self.top_examples}: examples rank gradients, attribution or "
+                               f"values; --aggregate-by {','.join(self.aggregate_by)} collects none of them")
+
     device: Literal["auto", "cuda", "cpu"] = _execution("auto", "Device for each worker.")
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = _measured(
         "float32", "Model weights and activations; sums are float64 whatever this is.")
@@ -129,98 +208,6 @@ class RunConfig:
         "sum_abs with --normalize-gradients.")
     normalize_gradients: bool = _export(False, "Rescale each exported vector so sum(|v|) equals its length "
                                             "(= --normalize-mode sum_abs).")
-    save_outputs: bool = _export(False, "Also write per-layer .npy files and plots.")
-    plots: bool = _export(True, "With --save-outputs, also draw the plots (per layer and statistic: histogram and "
-                          "scatter; per statistic: all-layer heatmap and summary), ~0.07 s each; --no-plots: the "
-                          ".npy files only.")
-    save_consolidated: Optional[str] = _export(None, "Also write the consolidated .npz to this path.")
-    dataset: str = _sample("wikitext", "Hub dataset, a local .txt/.jsonl/.parquet/.csv file, or 'stdlib-docs'.")
-    dataset_config: Optional[str] = _sample(None, "Hub dataset configuration; default wikitext-2-raw-v1 for wikitext.")
-    dataset_split: str = _sample("train", "Hub dataset split.")
-    text_column: str = _sample("text", "Column (or JSON key) holding the text.")
-    min_chars: int = _sample(50, "Keep only texts longer than this many characters (stripped).")
-    output_dir: str = _export("raygrad_results", "Parent directory; each run gets its own directory inside.")
-    workers: Optional[int] = _execution(
-        None, "Ray worker actors; 0 = in-process without Ray; default one per GPU, else 1.")
-    address: Optional[str] = _execution(None, "Ray cluster address; default starts a local Ray on 127.0.0.1.")
-    gpus_per_worker: Optional[int] = _execution(
-        None, "GPUs each worker actor reserves; default 1 when the cluster has GPUs or --device cuda, else 0. "
-        "On an autoscaling cluster give it: workers are then asked for whatever is up.")
-    allow_offload: bool = _execution(
-        False, "Let accelerate put what does not fit on a worker's GPUs in CPU memory or on disk (slow).")
-    worker_timeout: float = _execution(900.0, "Seconds to wait with no worker placed on a node before stopping (a "
-                                 "worker loading its model or computing counts as placed); the run stays resumable.")
-    connect_timeout: float = _execution(60.0, "Seconds to keep trying to reach the --address cluster before stopping.")
-    checkpoint_seconds: float = _execution(
-        30.0, "Seconds between checkpoints (the last shard always checkpoints); a kill loses at most this much "
-        "finished work, plus the shards in flight.")
-    shard_size: Optional[int] = _planned(
-        None, "Texts per shard (unit of work, retry and checkpoint); default a budget of estimated target tokens: "
-        "about 1M on a GPU, 64k on a CPU, and at least 4 shards per Ray worker.")
-    seed: int = _sample(42, "Seed for torch, numpy and random.")
-
-    def __post_init__(self) -> None:
-        self._normalize_count("batch_size", "auto", unset_allowed=True)
-        self._normalize_count("num_samples", ALL)
-        for name in ("min_chars", "position_stride", "hessian_probes"):
-            value = getattr(self, name)
-            low = 0 if name == "min_chars" else 1  # min_chars 0 keeps every non-empty text
-            if not isinstance(value, int) or value < low:
-                raise RaygradError(f"--{dashed(name)} {value}: must be an integer >= {low}")
-        if not isinstance(self.top_examples, int) or not 0 <= self.top_examples <= MAX_TOP_EXAMPLES:
-            raise RaygradError(f"--top-examples {self.top_examples}: must be an integer from 1 to "
-                               f"{MAX_TOP_EXAMPLES} (0, the default, keeps none)")
-        if self.top_examples and not set(EXAMPLE_KINDS) & set(self.aggregate_by):
-            raise RaygradError(f"--top-examples {self.top_examples}: examples rank gradients, attribution or "
-                               f"values; --aggregate-by {','.join(self.aggregate_by)} collects none of them")
-        if self.hessian_probes != 1 and "hessian" not in self.aggregate_by:
-            raise RaygradError(f"--hessian-probes {self.hessian_probes}: only --aggregate-by hessian draws probes; "
-                               "add --aggregate-by hessian, or drop --hessian-probes")
-        if self.max_length < 2:
-            raise RaygradError(f"--max-length {self.max_length}: must be >= 2 (one input and one target token)")
-        if self.tokens_per_batch is not None and (not isinstance(self.tokens_per_batch, int)
-                                                  or self.tokens_per_batch < self.max_length):
-            raise RaygradError(f"--tokens-per-batch {self.tokens_per_batch}: must be an integer >= --max-length "
-                               f"({self.max_length}), so the longest text fits in a batch")
-        if self.tokens_per_batch is not None and self.batch_size is not None:
-            raise RaygradError(f"--tokens-per-batch {self.tokens_per_batch}: give it or --batch-size "
-                               f"{self.batch_size}, not both")
-        if self.sae_layers_per_pass is not None and self.sae_layers_per_pass < 1:
-            raise RaygradError(f"--sae-layers-per-pass {self.sae_layers_per_pass}: must be an integer >= 1")
-        if self.shard_size is not None and self.shard_size < 1:
-            raise RaygradError(f"--shard-size {self.shard_size}: must be an integer >= 1")
-        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
-            raise RaygradError(f"--gpus-per-worker {self.gpus_per_worker}: must be an integer >= 0")
-        if self.gpus_per_worker == 0 and self.device == "cuda":
-            raise RaygradError("--gpus-per-worker 0: workers would see no GPU, but --device cuda asks for one")
-        if self.workers == 0 and self.gpus_per_worker:
-            raise RaygradError(f"--gpus-per-worker {self.gpus_per_worker}: --workers 0 runs in this process "
-                               "without Ray workers, so it would have no effect; give --workers N to run Ray "
-                               "workers, or drop --gpus-per-worker")
-        self._check_number("worker_timeout", "a number of seconds > 0", lambda v: v > 0)
-        for name in ("connect_timeout", "checkpoint_seconds"):
-            self._check_number(name, "a number of seconds >= 0", lambda v: v >= 0)
-        if self.workers == 0 and self.address:
-            raise RaygradError(f"--workers 0: runs in this process without Ray, so --address {self.address} "
-                               "would be ignored; give --workers N to use that cluster, or drop --address")
-        if self.workers is not None and self.workers < 0:
-            raise RaygradError(f"--workers {self.workers}: must be >= 0 (0 = in-process, no Ray)")
-        for f in dataclasses.fields(self):
-            choices = field_choices(f)
-            if choices and getattr(self, f.name) not in choices:
-                raise RaygradError(
-                    f"--{dashed(f.name)} {getattr(self, f.name)!r}: choose one of {', '.join(choices)}"
-                )
-        if self.layers is not None:
-            parse_layer_spec(self.layers)  # format only; range is checked against the model in the plan
-        object.__setattr__(self, "aggregate_by", tuple(self.aggregate_by))  # lists from JSON or the CLI
-        for kind in self.aggregate_by:
-            if kind not in AGGREGATE_KINDS:
-                raise RaygradError(f"--aggregate-by {kind!r}: choose from {', '.join(AGGREGATE_KINDS)}")
-        if not self.aggregate_by or len(set(self.aggregate_by)) != len(self.aggregate_by):
-            raise RaygradError(f"--aggregate-by {','.join(self.aggregate_by)}: give each kind once, at least one")
-        self._check_sae_source()
-        self._check_export_options()
 
     def _check_export_options(self) -> None:
         parse_statistics(self.aggregation_mode)
@@ -231,6 +218,110 @@ class RunConfig:
         if self.normalize_gradients and self.normalize_mode not in (None, "sum_abs"):
             raise RaygradError(f"--normalize-mode {self.normalize_mode}: --normalize-gradients means "
                                "--normalize-mode sum_abs; give one of them")
+
+    save_outputs: bool = _export(False, "Also write per-layer .npy files and plots.")
+    plots: bool = _export(True, "With --save-outputs, also draw the plots (per layer and statistic: histogram and "
+                          "scatter; per statistic: all-layer heatmap and summary), ~0.07 s each; --no-plots: the "
+                          ".npy files only.")
+    save_consolidated: Optional[str] = _export(None, "Also write the consolidated .npz to this path.")
+    dataset: str = _sample("wikitext", "Hub dataset, a local .txt/.jsonl/.parquet/.csv file, or 'stdlib-docs'.")
+    dataset_config: Optional[str] = _sample(None, "Hub dataset configuration; default wikitext-2-raw-v1 for wikitext.")
+    dataset_split: str = _sample("train", "Hub dataset split.")
+    text_column: str = _sample("text", "Column (or JSON key) holding the text.")
+    min_chars: int = _sample(50, "Keep only texts longer than this many characters (stripped).")
+
+    def _check_min_chars(self) -> None:
+        self._check_integer("min_chars", 0)  # 0 keeps every non-empty text
+
+    output_dir: str = _export("raygrad_results", "Parent directory; each run gets its own directory inside.")
+    workers: Optional[int] = _execution(
+        None, "Ray worker actors; 0 = in-process without Ray; default one per GPU, else 1.")
+    address: Optional[str] = _execution(None, "Ray cluster address; default starts a local Ray on 127.0.0.1.")
+
+    def _check_workers(self) -> None:
+        if self.workers == 0 and self.address:
+            raise RaygradError(f"--workers 0: runs in this process without Ray, so --address {self.address} "
+                               "would be ignored; give --workers N to use that cluster, or drop --address")
+        if self.workers is not None and self.workers < 0:
+            raise RaygradError(f"--workers {self.workers}: must be >= 0 (0 = in-process, no Ray)")
+
+    gpus_per_worker: Optional[int] = _execution(
+        None, "GPUs each worker actor reserves; default 1 when the cluster has GPUs or --device cuda, else 0. "
+        "On an autoscaling cluster give it: workers are then asked for whatever is up.")
+
+    def _check_gpus_per_worker(self) -> None:
+        self._check_unset_or_at_least("gpus_per_worker", 0)
+        if self.gpus_per_worker == 0 and self.device == "cuda":
+            raise RaygradError("--gpus-per-worker 0: workers would see no GPU, but --device cuda asks for one")
+        if self.workers == 0 and self.gpus_per_worker:
+            raise RaygradError(f"--gpus-per-worker {self.gpus_per_worker}: --workers 0 runs in this process "
+                               "without Ray workers, so it would have no effect; give --workers N to run Ray "
+                               "workers, or drop --gpus-per-worker")
+
+    allow_offload: bool = _execution(
+        False, "Let accelerate put what does not fit on a worker's GPUs in CPU memory or on disk (slow).")
+    worker_timeout: float = _execution(900.0, "Seconds to wait with no worker placed on a node before stopping (a "
+                                 "worker loading its model or computing counts as placed); the run stays resumable.")
+    connect_timeout: float = _execution(60.0, "Seconds to keep trying to reach the --address cluster before stopping.")
+    checkpoint_seconds: float = _execution(
+        30.0, "Seconds between checkpoints (the last shard always checkpoints); a kill loses at most this much "
+        "finished work, plus the shards in flight.")
+
+    def _check_timeouts(self) -> None:
+        self._check_number("worker_timeout", "a number of seconds > 0", lambda v: v > 0)
+        for name in ("connect_timeout", "checkpoint_seconds"):
+            self._check_number(name, "a number of seconds >= 0", lambda v: v >= 0)
+
+    shard_size: Optional[int] = _planned(
+        None, "Texts per shard (unit of work, retry and checkpoint); default a budget of estimated target tokens: "
+        "about 1M on a GPU, 64k on a CPU, and at least 4 shards per Ray worker.")
+
+    def _check_shard_size(self) -> None:
+        self._check_unset_or_at_least("shard_size", 1)
+
+    seed: int = _sample(42, "Seed for torch, numpy and random.")
+
+    def _check_choices(self) -> None:
+        """Every Literal field (--target, --hook-site, --sae-mode, --device, --dtype, --sae-dtype)."""
+        for f in dataclasses.fields(self):
+            choices = field_choices(f)
+            if choices and getattr(self, f.name) not in choices:
+                raise RaygradError(
+                    f"--{dashed(f.name)} {getattr(self, f.name)!r}: choose one of {', '.join(choices)}"
+                )
+
+    def __post_init__(self) -> None:
+        """Run the rules, each declared after the fields it reads. The first problem found is the one reported,
+        so this order, not the fields', says which of several problems a user sees."""
+        self._normalize_counts()
+        self._check_min_chars()
+        self._check_stride_and_probes()
+        self._check_top_examples()
+        self._check_probes_need_hessian()
+        self._check_batching()
+        self._check_sae_layers_per_pass()
+        self._check_shard_size()
+        self._check_gpus_per_worker()
+        self._check_timeouts()
+        self._check_workers()
+        self._check_choices()
+        self._check_layer_spec()
+        self._check_aggregate_by()
+        self._check_sae_source()
+        self._check_export_options()
+
+    # --- what the rules share
+
+    def _check_integer(self, name: str, low: int) -> None:
+        value = getattr(self, name)
+        if not isinstance(value, int) or value < low:
+            raise RaygradError(f"--{dashed(name)} {value}: must be an integer >= {low}")
+
+    def _check_unset_or_at_least(self, name: str, low: int) -> None:
+        """None (unset), or not below `low`; the type is not checked (the CLI parses these as integers)."""
+        value = getattr(self, name)
+        if value is not None and value < low:
+            raise RaygradError(f"--{dashed(name)} {value}: must be an integer >= {low}")
 
     def _check_number(self, name: str, allowed: str, ok) -> None:
         value = getattr(self, name)
@@ -258,24 +349,6 @@ class RunConfig:
     def sample_limit(self) -> int | None:
         """--num-samples as a count; None for all."""
         return None if self.num_samples == ALL else self.num_samples
-
-    def _check_sae_source(self) -> None:
-        has_release = self.sae_release is not None or self.sae_id is not None
-        if self.target == "mlp":
-            for name in ("sae_release", "sae_id", "sae_path", "sae_layers_per_pass"):
-                if getattr(self, name) is not None:
-                    raise RaygradError(f"--{dashed(name)} {getattr(self, name)}: only used with --target sae")
-            if self.sae_mode != "clean":
-                raise RaygradError(f"--sae-mode {self.sae_mode}: only used with --target sae")
-            return
-        if has_release and self.sae_path is not None:
-            raise RaygradError(
-                f"--sae-path {self.sae_path}: give either --sae-path or --sae-release/--sae-id, not both"
-            )
-        if has_release and (self.sae_release is None or self.sae_id is None):
-            raise RaygradError("--sae-release/--sae-id: give both (the id may contain '{layer}')")
-        if not has_release and self.sae_path is None:
-            raise RaygradError("--target sae: needs --sae-path TEMPLATE or --sae-release R --sae-id TEMPLATE")
 
     @property
     def export_modes(self) -> tuple[str, ...]:
