@@ -54,7 +54,8 @@ def test_reading_a_run_imports_no_torch(tiny_llama, texts_file, tmp_path, capsys
     torch comes with the model, in the actor's first load."""
     run_cli(tiny_args(tiny_llama, texts_file, tmp_path / "runs"), capsys, monkeypatch)
     (run_dir,) = (tmp_path / "runs").iterdir()
-    probe = ("import sys\nfrom raygrad import cli\nfrom raygrad.cluster import runtime\nfrom raygrad.store import reducer\n"
+    probe = ("import sys\nfrom raygrad import cli\nfrom raygrad.cluster import runtime\n"
+             "from raygrad.store import reducer\n"
              "for command in (['info', sys.argv[1]], ['export', sys.argv[1]]):\n"
              "    sys.argv = ['raygrad', *command]\n"
              "    try:\n        cli.main()\n    except SystemExit as exited:\n        assert not exited.code, command\n"

@@ -33,7 +33,8 @@ from ..config import RunConfig, fields_of
 from ..errors import RaygradError
 from ..store import stats
 from ..store.files import replacing_directory
-from ..store.zarr_store import ResultStore, dimension_name
+from ..store.layout import dimension_name
+from ..store.zarr_store import ResultStore
 from .top import format_rows, store_array_name, top_rows
 
 DEFAULT_EPSILON = 1e-10

@@ -26,13 +26,12 @@ from . import checkpoint, layout, means
 from . import verify as verifying
 from .digests import read_state, record
 from .files import sync_tree
-from .layout import dimension_name
 from .partial import Partial
 from .reading import StoreReader
 from .verify import DamagedStore
 from .zarr_batch import create_arrays
 
-__all__ = ["DamagedStore", "ResultStore", "dimension_name"]
+__all__ = ["DamagedStore", "ResultStore"]
 
 
 class ResultStore(StoreReader):
