@@ -98,9 +98,9 @@ class RunConfig:
 
     def _check_batching(self) -> None:
         """--max-length, and --tokens-per-batch against it and against --batch-size."""
-        if self.max_length < 2:
+        if not is_integer(self.max_length) or self.max_length < 2:
             raise RaygradError(f"--max-length {self.max_length}: must be >= 2 (one input and one target token)")
-        if self.tokens_per_batch is not None and (not isinstance(self.tokens_per_batch, int)
+        if self.tokens_per_batch is not None and (not is_integer(self.tokens_per_batch)
                                                   or self.tokens_per_batch < self.max_length):
             raise RaygradError(f"--tokens-per-batch {self.tokens_per_batch}: must be an integer >= --max-length "
                                f"({self.max_length}), so the longest text fits in a batch")
@@ -242,7 +242,7 @@ class RunConfig:
         if self.workers == 0 and self.address:
             raise RaygradError(f"--workers 0: runs in this process without Ray, so --address {self.address} "
                                "would be ignored; give --workers N to use that cluster, or drop --address")
-        if self.workers is not None and self.workers < 0:
+        if self.workers is not None and (not is_integer(self.workers) or self.workers < 0):
             raise RaygradError(f"--workers {self.workers}: must be >= 0 (0 = in-process, no Ray)")
 
     gpus_per_worker: Optional[int] = _execution(
@@ -314,14 +314,13 @@ class RunConfig:
 
     def _check_integer(self, name: str, low: int) -> None:
         value = getattr(self, name)
-        if not isinstance(value, int) or value < low:
+        if not is_integer(value) or value < low:
             raise RaygradError(f"--{dashed(name)} {value}: must be an integer >= {low}")
 
     def _check_unset_or_at_least(self, name: str, low: int) -> None:
-        """None (unset), or not below `low`; the type is not checked (the CLI parses these as integers)."""
-        value = getattr(self, name)
-        if value is not None and value < low:
-            raise RaygradError(f"--{dashed(name)} {value}: must be an integer >= {low}")
+        """None (unset), or an integer not below `low` (from Python or a saved config, 1.5 or '2' too)."""
+        if getattr(self, name) is not None:
+            self._check_integer(name, low)
 
     def _check_number(self, name: str, allowed: str, ok) -> None:
         value = getattr(self, name)
@@ -481,6 +480,11 @@ def parse_statistics(spec: str) -> tuple[str, ...]:
         raise RaygradError(f"--aggregation-mode {spec}: {problem}; choose from {', '.join(STATISTICS)} "
                            "(comma-separated), both or all")
     return tuple(chosen)
+
+
+def is_integer(value) -> bool:
+    """An int, not a bool (True is an int to Python, not a count to a user)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def is_ascii_count(text: str) -> bool:

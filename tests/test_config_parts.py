@@ -243,3 +243,19 @@ def test_a_store_whose_measured_part_or_pins_were_edited_is_not_resumed(edit, ki
     assert code == 2 and len(lines) == 1 and "the run's configuration or plan changed" in lines[0], err
     _, done = ResultStore.open(run_dir / names.STORE_NAME, verify=False).totals()
     assert done.tolist() == [True, False, False]
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"shard_size": 1.5}, "--shard-size 1.5: must be an integer >= 1"),
+    ({"gpus_per_worker": "2"}, "--gpus-per-worker 2: must be an integer >= 0"),
+    ({"sae_layers_per_pass": True, "target": "sae", "sae_path": "x"}, "--sae-layers-per-pass True: must be an integer"),
+    ({"max_length": 16.5}, "--max-length 16.5: must be >= 2"),
+    ({"workers": 1.5}, "--workers 1.5: must be >= 0"),
+    ({"tokens_per_batch": True}, "--tokens-per-batch True: must be an integer >= --max-length"),
+])
+def test_counts_from_python_or_a_saved_config_are_integers(overrides, expected):
+    """The CLI parses these as integers; RunConfig(...) and from_dict take what they are given, and a float,
+    a string or a bool is one line, not accepted (1.5 was) nor a TypeError ('2' was)."""
+    with pytest.raises(RaygradError) as refused:
+        RunConfig(**overrides)
+    assert str(refused.value).startswith(expected)
