@@ -42,8 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from one_pass_vs_per_layer import corpus_paragraphs, long_texts, per_layer_loop  # noqa: E402
 
+from raygrad.compute.batch import Aggregation, make_batch  # noqa: E402
 from raygrad.compute.batching import BatchSizer, MemoryProbe, collate, pack_by_tokens  # noqa: E402
-from raygrad.compute.grads import Aggregation, make_batch, summed_loss  # noqa: E402
+from raygrad.compute.sites import summed_loss  # noqa: E402
 from raygrad.compute.worker import ShardComputer  # noqa: E402
 from raygrad.constants import KIND_PREFIX, SAE_L0_SUM, SAE_SQ_ERROR_SUM  # noqa: E402
 from raygrad.model.loading import resolve_hook_sites  # noqa: E402

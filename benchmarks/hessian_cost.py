@@ -34,7 +34,7 @@ from one_pass_vs_per_layer import long_texts  # noqa: E402
 from sae_factory import write_sae_lens_dir  # noqa: E402
 
 from raygrad import constants as names  # noqa: E402
-from raygrad.compute import grads  # noqa: E402
+from raygrad.compute import hessian  # noqa: E402
 from raygrad.compute.worker import ShardComputer, ShardRunner  # noqa: E402
 from raygrad.config import RunConfig  # noqa: E402
 from raygrad.plan import make_plan  # noqa: E402
@@ -82,11 +82,11 @@ class UndrawnProbes:
         def ones(batch, agg, k, layer, rows, width, device, dtype):
             return torch.ones(rows.stop - rows.start, width, device=device, dtype=dtype)
 
-        drawn, grads._probe = grads._probe, ones
+        drawn, hessian._probe = hessian._probe, ones
         try:
             return self.runner.computer.compute(texts)
         finally:
-            grads._probe = drawn
+            hessian._probe = drawn
 
 
 def without_quality(runner: ShardRunner) -> ShardRunner:

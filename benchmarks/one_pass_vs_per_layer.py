@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from raygrad.compute.grads import summed_loss
+from raygrad.compute.sites import summed_loss
 from raygrad.compute.worker import ShardRunner
 from raygrad.config import RunConfig
 from raygrad.dataset.text import stdlib_paragraphs

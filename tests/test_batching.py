@@ -13,8 +13,11 @@ from sae_factory import random_weights, write_sae_lens_dir
 
 from raygrad import constants as names
 from raygrad.compute import worker
+from raygrad.compute.accumulator import DeviceAccumulator
+from raygrad.compute.batch import IGNORE_INDEX, Aggregation
 from raygrad.compute.batching import AUTO_GPU_TOKENS, BatchSizer, MemoryProbe, pack_by_tokens
-from raygrad.compute.grads import IGNORE_INDEX, Aggregation, DeviceAccumulator, _add_clean_features, summed_loss
+from raygrad.compute.sae_paths import add_clean_features
+from raygrad.compute.sites import summed_loss
 from raygrad.compute.worker import ShardComputer
 from raygrad.errors import RaygradError
 from raygrad.model.loading import load_model_and_tokenizer, resolve_hook_sites
@@ -166,7 +169,7 @@ def test_affine_decoder_shortcut_equals_encode_and_decode(source, kinds, tmp_pat
     results = []
     for seen in (sae, _AutogradOnly(sae)):
         acc = DeviceAccumulator(1, prefixes, torch.device("cpu"))
-        _add_clean_features(acc, 0, Aggregation(kinds=kinds, chunk_elements=5 * 64), seen, z, selected, g)
+        add_clean_features(acc, 0, Aggregation(kinds=kinds, chunk_elements=5 * 64), seen, z, selected, g)
         results.append(acc.to_partial())
     for name in results[1].sums:
         np.testing.assert_allclose(results[0].sums[name], results[1].sums[name], rtol=1e-12, err_msg=name)

@@ -379,8 +379,8 @@ def test_a_model_dispatched_by_accelerate_with_offload_gives_the_same_sums(tiny_
     import torch
     from tiny import SAMPLE_TEXTS
 
+    from raygrad.compute.batch import Aggregation
     from raygrad.compute.batching import BatchSizer
-    from raygrad.compute.grads import Aggregation
     from raygrad.compute.worker import ShardComputer
     from raygrad.model.loading import execution_device, input_device, load_model_and_tokenizer, resolve_hook_sites
 

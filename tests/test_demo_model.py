@@ -48,7 +48,7 @@ def test_finite_differences_match_per_token_gradients():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from raygrad.compute.grads import site_gradients
+    from raygrad.compute.sites import site_gradients
     from raygrad.dataset.text import stdlib_paragraphs
     from raygrad.model.loading import resolve_hook_sites
 

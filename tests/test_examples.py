@@ -13,7 +13,7 @@ from sae_factory import write_sae_lens_dir
 from tiny import SAMPLE_TEXTS
 
 from raygrad import constants as names
-from raygrad.compute.grads import DeviceAccumulator
+from raygrad.compute.accumulator import DeviceAccumulator
 from raygrad.engine import resume
 from raygrad.store import topk
 from raygrad.store.zarr_store import ResultStore

@@ -61,7 +61,7 @@ def test_mixtral_gradient_reaches_experts_through_the_routing_weights(family_dir
     (upstream of layer 0's MoE block) agree with raygrad's gradient, and not
     with the gradient one gets when the router's weights are detached: the
     path through the routing softmax is in the gradient."""
-    from raygrad.compute.grads import site_gradients
+    from raygrad.compute.sites import site_gradients
 
     model = AutoModelForCausalLM.from_pretrained(family_dirs("mixtral"), dtype=torch.float64)
     model.set_experts_implementation("eager")  # grouped_mm has no float64 kernel

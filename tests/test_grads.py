@@ -8,7 +8,7 @@ from reference import max_relative_error, reference_sums
 from tiny import SAMPLE_TEXTS
 
 from raygrad import constants as names
-from raygrad.compute.grads import IGNORE_INDEX, next_token_labels
+from raygrad.compute.batch import IGNORE_INDEX, next_token_labels
 
 KEPT_TEXTS = [t for t in SAMPLE_TEXTS if len(t.strip()) > 50][:6]
 

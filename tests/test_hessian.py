@@ -16,15 +16,11 @@ from tiny import SAMPLE_TEXTS
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from raygrad import constants as names
-from raygrad.compute.grads import (
-    IGNORE_INDEX,
-    Aggregation,
-    DeviceAccumulator,
-    accumulate_batch,
-    make_batch,
-    summed_loss,
-)
+from raygrad.compute.accumulator import DeviceAccumulator
+from raygrad.compute.batch import IGNORE_INDEX, Aggregation, make_batch
+from raygrad.compute.grads import accumulate_batch
 from raygrad.compute.probes import rademacher, token_keys
+from raygrad.compute.sites import summed_loss
 from raygrad.config import RunConfig
 from raygrad.errors import RaygradError
 

@@ -183,7 +183,9 @@ def test_chunked_projection_matches_and_bounds_memory(tiny_llama, tmp_path):
     """65,536 features on the tiny model: a small chunk budget gives the same
     sums as one big chunk, and no (tokens x features) tensor of the projection
     ever exceeds the budget, however many tokens the batch has."""
-    from raygrad.compute.grads import Aggregation, DeviceAccumulator, accumulate_batch, make_batch
+    from raygrad.compute.accumulator import DeviceAccumulator
+    from raygrad.compute.batch import Aggregation, make_batch
+    from raygrad.compute.grads import accumulate_batch
     from raygrad.model.loading import load_model_and_tokenizer, resolve_hook_sites
     from raygrad.model.saes import load_sae
 

@@ -25,8 +25,10 @@ from ..model.pins import check_unchanged, model_commit, sae_commit
 from ..plan import Plan, sae_load_kwargs
 from ..store import topk
 from ..store.partial import Partial, ShardResult
+from .accumulator import DeviceAccumulator
+from .batch import Aggregation, make_batch
 from .batching import BatchSizer, MemoryProbe, collate
-from .grads import Aggregation, DeviceAccumulator, accumulate_batch, make_batch
+from .grads import accumulate_batch
 
 SAE_HEADROOM = 0.1  # of the GPU's memory kept free when deciding how many SAEs fit (allocator slack)
 

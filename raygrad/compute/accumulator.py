@@ -1,0 +1,165 @@
+"""Running sums on the device: DeviceAccumulator (float64 sums, host counts, the loss, the top-K candidates
+of --top-examples) and add_kinds, which adds the gradients / values / attribution statistics of one layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .. import constants as names
+from ..store import topk
+from ..store.partial import Partial, array_widths
+
+if TYPE_CHECKING:
+    from .batch import Batch
+
+
+@dataclass
+class DeviceAccumulator:
+    """Running float64 sums kept on the model's device, so a shard moves to
+    the host once rather than once per batch. Counts are host integers: they
+    are known from the host-side attention mask, so reading them never waits
+    for the device."""
+
+    num_layers: int
+    prefixes: dict[str, int]  # statistic prefix -> width
+    device: torch.device
+    layer_sums: tuple[str, ...] = ()  # per-layer scalar totals (constants.LAYER_SUMS), (L,) each
+    top_k: int = 0  # --top-examples: the best K tokens per dimension of each ranked kind (raygrad.store.topk)
+    score_dtype: torch.dtype = torch.float32  # of those examples' scores (float64 in a float64 run)
+    sums: dict[str, torch.Tensor] = field(init=False)
+    tokens: np.ndarray = field(init=False)  # (L,) positions aggregated per layer
+    loss_sum: torch.Tensor = field(init=False)  # nats, float64 on the device
+    loss_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.sums = {
+            name: torch.zeros((self.num_layers, width), dtype=torch.float64, device=self.device)
+            for name, width in array_widths(self.prefixes).items()
+        }
+        for name in self.layer_sums:
+            self.sums[name] = torch.zeros(self.num_layers, dtype=torch.float64, device=self.device)
+        self.tokens = np.zeros(self.num_layers, dtype=np.int64)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        ranked = [prefix for prefix in topk.RANKED_PREFIXES if prefix in self.prefixes] if self.top_k else []
+        # prefix -> {score, row, position} (L, width, K), best first
+        self.examples = {prefix: topk.empty_tensors(self.num_layers, self.prefixes[prefix], self.top_k,
+                                                        self.score_dtype, self.device) for prefix in ranked}
+        # The batch being added: (prefix, layer row) -> its best rows so far, (score, index) (width, <=K)
+        # each, index into the batch's aggregated positions; resolved to (row, position) by `merge`.
+        self.pending: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.token_rows: torch.Tensor | None = None  # (N,) the batch's dataset row per aggregated position
+        self.token_positions: torch.Tensor | None = None  # (N,) and its token position
+        self.ranked = False  # whether the tables hold any batch yet
+
+    def empty_like(self) -> "DeviceAccumulator":
+        return DeviceAccumulator(self.num_layers, self.prefixes, self.device, self.layer_sums, self.top_k,
+                                 self.score_dtype)
+
+    def begin_batch(self, batch: "Batch") -> None:
+        """The batch whose rows the next `add`s rank (only --top-examples reads them)."""
+        if self.examples:
+            self.token_rows = torch.from_numpy(batch.token_rows).to(self.device, non_blocking=True)
+            self.token_positions = torch.from_numpy(batch.token_positions).to(self.device, non_blocking=True)
+
+    def add_scalar(self, name: str, row: int, value: torch.Tensor) -> None:
+        """Add a 0-d tensor to one layer's scalar total (kept on the device)."""
+        self.sums[name][row] += value.to(self.device, torch.float64, non_blocking=True)
+
+    def add(self, prefix: str, row: int, x: torch.Tensor, start: int = 0) -> None:
+        """Add sum, sum of |x| and sum of x^2 over the rows of x (N, width); with --top-examples, rank
+        them too (x's rows are the batch's aggregated positions from `start` on).
+
+        Each reduction reads x once and accumulates in float32 or wider (a
+        float16 square underflows below 6e-8 and overflows above 65504; on a
+        GPU a half-precision x is widened inside the kernel, not copied); the
+        batch's result is then added to the float64 running total."""
+        wide = torch.promote_types(x.dtype, torch.float32)
+        total, abs_total, sq_total = names.sum_names(prefix)
+        # .to(): a model split across GPUs computes x on its layer's device.
+        self.sums[total][row] += x.sum(0, dtype=wide).to(self.device, non_blocking=True)
+        self.sums[abs_total][row] += torch.linalg.vector_norm(x, 1, dim=0, dtype=wide).to(self.device,
+                                                                                         non_blocking=True)
+        self.sums[sq_total][row] += torch.linalg.vector_norm(x, 2, dim=0, dtype=wide).square().to(
+            self.device, non_blocking=True)
+        if prefix in self.examples:
+            self._rank(prefix, row, x, start)
+
+    def _rank(self, prefix: str, row: int, x: torch.Tensor, start: int) -> None:
+        """Keep, per dimension, the batch's best K rows seen so far (the merge across batches, which
+        needs the rows' dataset order, happens once per batch in `merge`)."""
+        index = topk.batch_top(x, self.top_k)  # (k', width) rows of x
+        score = x.gather(0, index).to(self.device, self.score_dtype, non_blocking=True).T
+        index = index.to(self.device, non_blocking=True).T + start
+        if (prefix, row) in self.pending:
+            score, index = topk.best_in_batch(*self.pending[prefix, row], score, index, self.top_k)
+        self.pending[prefix, row] = score, index
+
+    def merge(self, other: "DeviceAccumulator") -> None:
+        """Add a finished batch's sums (kept apart until the batch succeeded,
+        so a batch retried after running out of memory is never counted twice)."""
+        for name, total in self.sums.items():
+            total += other.sums[name]
+        self.tokens += other.tokens
+        self.loss_sum += other.loss_sum
+        self.loss_tokens += other.loss_tokens
+        if other.ranked:  # tables of its own (a staged batch has only its pending rows)
+            for prefix, tables in self.examples.items():
+                tables.update(topk.merge(tables, other.examples[prefix], self.top_k))
+        other.resolve(into=self)
+
+    def resolve(self, into: "DeviceAccumulator | None" = None) -> None:
+        """The pending batch's best rows, as (score, row, position), merged into the tables (of `into`)."""
+        into = self if into is None else into
+        for (prefix, row), (score, index) in self.pending.items():
+            candidates = {"score": score, "row": self.token_rows[index],
+                          "position": self.token_positions[index].int()}
+            into._merge_at(prefix, row, candidates)
+            into.ranked = True
+        self.pending.clear()
+
+    def _merge_at(self, prefix: str, rows, candidates: dict[str, torch.Tensor]) -> None:
+        """Merge `candidates` into the `prefix` tables' layer rows `rows` (an int, or a tensor of them), in place."""
+        tables = self.examples[prefix]
+        merged = topk.merge({name: value[rows] for name, value in tables.items()}, candidates, self.top_k)
+        for name, value in merged.items():
+            tables[name][rows] = value
+
+    def merge_rows(self, part: "DeviceAccumulator", rows: list[int], with_loss: bool) -> None:
+        """Add the sums of a pass over some layers only (`part` row i is this row rows[i]);
+        the loss is counted by one pass of a shard (`with_loss`), not by each."""
+        index = torch.as_tensor(rows, device=self.device)
+        for name, total in self.sums.items():
+            total.index_add_(0, index, part.sums[name])
+        self.tokens[rows] += part.tokens
+        if with_loss:
+            self.loss_sum += part.loss_sum
+            self.loss_tokens += part.loss_tokens
+        part.resolve()
+        self.ranked = self.ranked or part.ranked
+        for prefix in self.examples:
+            self._merge_at(prefix, index, part.examples[prefix])
+
+    def to_partial(self) -> Partial:
+        self.resolve()
+        return Partial(
+            sums={name: total.cpu().numpy() for name, total in self.sums.items()},
+            tokens=self.tokens.copy(),
+            loss_sum=float(self.loss_sum),
+            loss_tokens=self.loss_tokens,
+            examples={name: tables[table].cpu().numpy() for prefix, tables in self.examples.items()
+                      for name, table in zip(topk.array_names(prefix), topk.TABLES)},
+        )
+
+
+def add_kinds(acc: DeviceAccumulator, row: int, kinds: tuple[str, ...], value, grad, start: int = 0) -> None:
+    """gradients: dLoss/dx; values: x; attribution: x * dLoss/dx (rows are the batch's aggregated positions
+    from `start` on). The hessian kind is added by the Hutchinson step, not here."""
+    for kind in kinds:
+        if kind == "hessian":
+            continue
+        x = grad if kind == "gradients" else value if kind == "values" else value * grad
+        acc.add(names.KIND_PREFIX[kind], row, x, start)
