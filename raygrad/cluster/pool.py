@@ -180,6 +180,55 @@ class WorkerPool:
             for ref in [ref for ref, owner in refs.items() if owner is actor]:
                 del refs[ref]
 
+    # --- the start-up calls, as the scheduler sees them (scheduler.ActorPool)
+
+    def watch_unwatched(self) -> None:
+        """Ask `placed` and `ready` of every actor with neither in flight nor a retry due: those up since
+        an earlier map (they answer at once)."""
+        watched = {id(actor) for actor in self.starting.values()} | {id(a) for _, a in self.retry_at.values()}
+        for actor in self.actors:
+            if id(actor) not in watched:
+                self.watch_start(actor)
+
+    def retry_due(self, now: float) -> float | None:
+        """Ask again each actor whose retry is due; -> seconds until the next one (None: none waits)."""
+        for due, actor in list(self.retry_at.values()):
+            if due <= now:
+                self.watch_start(actor)  # drops it from retry_at
+        return min((due - now for due, _ in self.retry_at.values()), default=None)
+
+    def loading(self) -> int:
+        """Actors placed and loading their model (a download may take long)."""
+        return len({id(actor) for actor in self.starting.values()} - {id(actor) for actor in self.placing.values()})
+
+    def startup_refs(self) -> list:
+        """The `placed` and `ready` calls in flight."""
+        return [*self.placing, *self.starting]
+
+    def take_startup(self, ref) -> tuple[str, object] | None:
+        """-> ("placed" | "ready", its actor) for a start-up call that answered (no longer in flight);
+        None for any other ref."""
+        if ref in self.placing:
+            return "placed", self.placing.pop(ref)
+        if ref in self.starting:
+            return "ready", self.starting.pop(ref)
+        return None
+
+    def placed_on(self, actor, node: str) -> None:
+        self.worker_nodes[actor_name(actor)] = node  # Ray may restart an actor elsewhere
+
+    def loaded(self, actor, device: str) -> int:
+        """An actor that loaded its model on `device`; -> how many have (its worker number when new)."""
+        self.worker_devices[actor_name(actor)] = device
+        return len(self.worker_devices)
+
+    def computing(self, actor, shard: int | None) -> None:
+        """The shard an actor computes now (None: none)."""
+        if shard is None:
+            self.busy.pop(actor_name(actor), None)
+        else:
+            self.busy[actor_name(actor)] = shard
+
     def _new_actor(self):
         import ray
 

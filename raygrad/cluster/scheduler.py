@@ -55,22 +55,25 @@ _tickets = itertools.count()  # run calls in the order sent, from every map of t
 
 
 class ActorPool(Protocol):
-    """What the scheduler needs of whatever owns the actors' lifecycle (pool.WorkerPool): its actors and
-    their start-up calls in flight, which it reads and answers, and the lines it says."""
+    """What the scheduler needs of whatever owns the actors' lifecycle (pool.WorkerPool): the actors, their
+    start-up calls (`placed`, `ready`) and their replacement stay the pool's; the scheduler reads the answers
+    through these methods and tells the pool where each actor runs and what it computes."""
 
     config: object  # RunConfig: worker_timeout
     echo: Callable[[str], None]
     clocks: "WorkerClocks"
-    actors: list  # the actors asked for (up or not)
-    placing: dict  # `placed` ref -> an actor not yet on a node
-    starting: dict  # `ready` ref -> an actor not yet loaded
-    retry_at: dict  # actor id -> (time.monotonic(), actor): ask it again then
-    busy: dict  # actor id -> the shard it is computing
-    worker_nodes: dict  # actor id -> its Ray node
-    worker_devices: dict  # actor id -> the device it resolved
+    actors: list  # the actors asked for (up or not): read only
 
+    def watch_unwatched(self) -> None: ...  # ask `placed` and `ready` of actors up since an earlier map
     def watch_start(self, actor) -> None: ...  # ask a new or restarted actor `placed` and `ready`
     def ask_later(self, actor) -> None: ...  # an actor Ray is restarting: ask again in a while
+    def retry_due(self, now: float) -> float | None: ...  # ask again those due; -> seconds to the next
+    def loading(self) -> int: ...  # actors placed and loading their model
+    def startup_refs(self) -> list: ...  # the start-up calls in flight
+    def take_startup(self, ref) -> tuple[str, object] | None: ...  # ("placed" | "ready", actor), or None
+    def placed_on(self, actor, node: str) -> None: ...
+    def loaded(self, actor, device: str) -> int: ...  # -> how many actors have loaded
+    def computing(self, actor, shard: int | None) -> None: ...  # the shard it computes now (None: none)
     def replace_actor(self, lost) -> None: ...  # an actor gone for good: ask for another
     def say_sae_passes(self, who: str, groups: list[list[int]] | None) -> None: ...
     def status_line(self, up: int, loading: int) -> str: ...  # "waiting for workers" while none computes
@@ -142,29 +145,22 @@ class ElasticMap:
 
     def results(self) -> Iterator[ShardResult]:
         pool, queue = self.pool, self.queue
-        watched = {id(actor) for actor in pool.starting.values()} | {id(a) for _, a in pool.retry_at.values()}
-        for actor in pool.actors:
-            if id(actor) not in watched:
-                pool.watch_start(actor)  # up since an earlier map: answers at once
+        pool.watch_unwatched()  # those up since an earlier map answer at once
         none_up_since = last_status = time.monotonic()
         try:
             while queue or self.running or self.asking:
                 self._hand_out()
                 now = time.monotonic()
-                for due, actor in list(pool.retry_at.values()):
-                    if due <= now:
-                        pool.watch_start(actor)  # drops it from retry_at
-                # placed, loading their model (a download may take long)
-                loading = len({id(actor) for actor in pool.starting.values()}
-                              - {id(actor) for actor in pool.placing.values()})
+                next_retry = pool.retry_due(now)
+                loading = pool.loading()
                 # Checked before every wait, not only after an empty one: the waits end early while an
                 # actor that Ray cannot restart (no node for it) is asked again.
                 if self.running or self.asking or self.idle or loading:
                     none_up_since = now
                 elif now - none_up_since > pool.config.worker_timeout:
                     raise WorkerTimeout(pool.timeout_message())
-                timeout = min([POLL_SECONDS, *(due - now for due, _ in pool.retry_at.values())])
-                refs = [*self.running, *self.asking, *pool.placing, *pool.starting]
+                timeout = POLL_SECONDS if next_retry is None else min(POLL_SECONDS, next_retry)
+                refs = [*self.running, *self.asking, *pool.startup_refs()]
                 if refs:
                     ready = wait(refs, timeout=max(0.0, timeout))
                 else:  # every actor is being restarted: nothing to take until one is asked again
@@ -194,10 +190,10 @@ class ElasticMap:
 
     def _take(self, ref) -> ShardResult | None:
         """Whatever answered: an actor placed, loaded, asked before a shard, or a shard's result."""
-        if ref in self.pool.placing:
-            self._placed(self.pool.placing.pop(ref), ref)
-        elif ref in self.pool.starting:
-            self._loaded(self.pool.starting.pop(ref), ref)
+        startup = self.pool.take_startup(ref)
+        if startup is not None:
+            kind, actor = startup
+            (self._placed if kind == "placed" else self._loaded)(actor, ref)
         elif ref in self.asking:
             self._asked(*self.asking.pop(ref), ref)
         else:
@@ -215,7 +211,7 @@ class ElasticMap:
         except RayActorError:  # gone for good: its `ready` call says so and it is replaced
             self._settle(actor, None)
             return
-        self.pool.worker_nodes[actor_name(actor)] = node
+        self.pool.placed_on(actor, node)
         self._settle(actor, process)
 
     def _loaded(self, actor, ref) -> None:
@@ -231,8 +227,8 @@ class ElasticMap:
             log.warning("a worker was lost while starting (%s); asking for another", first_line(err))
             pool.replace_actor(actor)
             return
-        pool.worker_devices[actor_name(actor)] = info["device"]
-        pool.say_sae_passes(f"worker {len(pool.worker_devices)}", info.get("sae_groups"))
+        number = pool.loaded(actor, info["device"])
+        pool.say_sae_passes(f"worker {number}", info.get("sae_groups"))
         self.idle.append(actor)
         self.clocks.ready(actor_name(actor), time.monotonic())
 
@@ -253,7 +249,7 @@ class ElasticMap:
             self.pool.watch_start(actor)
             return
         name = actor_name(actor)
-        self.pool.worker_nodes[name] = node  # Ray may have restarted it elsewhere while idle
+        self.pool.placed_on(actor, node)  # Ray may have restarted it elsewhere while idle
         self.process_of[name] = process
         self.suspect.discard(name)
         self._send(actor, item)
@@ -287,10 +283,8 @@ class ElasticMap:
             return None
         if result is None:  # ComputeTurns gives up only on calls sent before a head, which the driver dropped
             raise RuntimeError(f"internal error: a worker gave up on shard {item[0]}, which the driver awaited")
-        busy = self.pool.busy
-        busy.pop(name, None)
+        self.pool.computing(actor, self.running[calls[0]][1][0] if calls else None)  # the next, or none
         if calls:
-            busy[name] = self.running[calls[0]][1][0]
             self._fill(actor)
         else:
             self.room.pop(name, None)
@@ -320,7 +314,8 @@ class ElasticMap:
         ref = actor.run.remote(*item, ticket, after)
         self.running[ref], self.last_ticket[name] = (actor, item, self.process_of[name]), ticket
         calls.append(ref)
-        self.pool.busy.setdefault(name, item[0])
+        if len(calls) == 1:  # the actor's head: the shard it computes now
+            self.pool.computing(actor, item[0])
         self.clocks.working(name, time.monotonic())
 
     def _fill(self, actor) -> None:
@@ -338,7 +333,7 @@ class ElasticMap:
         """Forget an actor's calls in flight; -> their items, oldest first."""
         name = actor_name(actor)
         self.room.pop(name, None)
-        self.pool.busy.pop(name, None)
+        self.pool.computing(actor, None)
         self.clocks.lost(name, time.monotonic())
         return [self.running.pop(ref)[1] for ref in self.in_flight.pop(name, ())]
 
