@@ -16,7 +16,16 @@ from typing import Literal
 import click
 
 from . import constants as names
-from .config import EXECUTION, RunConfig, field_choices, field_type, fields_of, is_ascii_count, planned_fields
+from .config import (
+    EXECUTION,
+    RunConfig,
+    field_choices,
+    field_type,
+    fields_of,
+    is_ascii_count,
+    planned_fields,
+    refuse_url,
+)
 from .errors import RaygradError, Terminated, raise_terminated
 from .store.lock import run_lock
 
@@ -121,6 +130,7 @@ def run(ctx, model_alias, resume, no_progress, dry_run, **options) -> None:
     if model_alias:
         options["model"] = model_alias
     # A bad option is one line before the engine's imports (torch, transformers: seconds) load.
+    refuse_url("--resume", resume)
     config = None if resume else RunConfig(**options)
     from . import engine
 

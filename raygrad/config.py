@@ -234,6 +234,10 @@ class RunConfig:
         self._check_integer("min_chars", 0)  # 0 keeps every non-empty text
 
     output_dir: str = _export("raygrad_results", "Parent directory; each run gets its own directory inside.")
+
+    def _check_local_outputs(self) -> None:
+        for name in ("output_dir", "save_consolidated"):
+            refuse_url(f"--{dashed(name)}", getattr(self, name))
     workers: Optional[int] = _execution(
         None, "Ray worker actors; 0 = in-process without Ray; default one per GPU, else 1.")
     address: Optional[str] = _execution(None, "Ray cluster address; default starts a local Ray on 127.0.0.1.")
@@ -309,6 +313,7 @@ class RunConfig:
         self._check_aggregate_by()
         self._check_sae_source()
         self._check_export_options()
+        self._check_local_outputs()
 
     # --- what the rules share
 
@@ -480,6 +485,17 @@ def parse_statistics(spec: str) -> tuple[str, ...]:
         raise RaygradError(f"--aggregation-mode {spec}: {problem}; choose from {', '.join(STATISTICS)} "
                            "(comma-separated), both or all")
     return tuple(chosen)
+
+
+URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # s3://, gs://, file://, https://: not a local path
+
+
+def refuse_url(option: str, value: str | None) -> None:
+    """Results are written to local paths only: a URL given for one is one line, never a local ./s3:/...
+    directory (pathlib collapses the //)."""
+    if value is not None and URL_SCHEME.match(str(value)):
+        raise RaygradError(f"{option} {value}: raygrad writes its results to local paths, not URLs; give a local "
+                           "path (on a cluster, the driver's disk) and copy the results to object storage after")
 
 
 def is_integer(value) -> bool:

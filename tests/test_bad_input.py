@@ -399,3 +399,26 @@ def test_the_config_refuses_counts_in_other_digits():
         with pytest.raises(RaygradError, match="in ASCII digits 0-9"):
             RunConfig(num_samples=value)
     assert RunConfig(num_samples=" 12 ").num_samples == 12 and RunConfig(batch_size="8").batch_size == 8
+
+
+@pytest.mark.parametrize("command", [
+    ["run", "--output-dir", "s3://bucket/runs"],
+    ["run", "--save-consolidated", "gs://bucket/all.npz"],
+    ["run", "--resume", "s3://bucket/runs/run_1"],
+    ["run", "--output-dir", "file:///tmp/runs"],
+    ["compare", "A", "B", "--output-dir", "s3://bucket/cmp"],
+    ["report", "A", "--output", "https://example.org/page.html"],
+])
+def test_a_url_for_an_output_is_one_line_and_no_local_look_alike(command, tiny_llama, texts_file, tmp_path, capsys,
+                                                                  monkeypatch):
+    """Results are written locally: a URL given for one was made into a local ./s3:/bucket/... directory."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("A", "B"):
+        (tmp_path / name).mkdir()
+    if command[0] == "run":
+        command = [*tiny_args(tiny_llama, texts_file, tmp_path / "out"), *command[1:]]
+    url = command[command.index(next(arg for arg in command if "://" in arg))]
+    option = command[command.index(url) - 1]
+    code, _, err = run_cli(command, capsys, monkeypatch)
+    one_line(code, err, f"{option} {url}: raygrad writes its results to local paths, not URLs")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["A", "B"]  # no out/, no s3:/, gs:/, https:/

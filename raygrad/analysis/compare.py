@@ -29,7 +29,7 @@ import zarr
 
 from .. import constants as names
 from ..config import MEASURED as MEASURED_PART
-from ..config import RunConfig, fields_of
+from ..config import RunConfig, fields_of, refuse_url
 from ..errors import RaygradError
 from ..store import stats
 from ..store.files import replacing_directory
@@ -65,6 +65,7 @@ def default_output(run_a: Path, run_b: Path) -> Path:
 def compare_runs(run_a, run_b, output_dir=None, epsilon: float = DEFAULT_EPSILON, k: int = 20,
                  by: str = DEFAULT_BY) -> tuple[Path, str]:
     """Write the comparison of two complete runs; returns (its directory, the top lists as text)."""
+    refuse_url("--output-dir", output_dir)
     run_a, run_b = Path(run_a), Path(run_b)
     if not 0 < epsilon < float("inf"):
         raise RaygradError(f"--epsilon {epsilon}: must be a number > 0")

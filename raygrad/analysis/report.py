@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import constants as names
+from ..config import refuse_url
 from ..errors import RaygradError, first_line
 from ..plan import Plan, layer_span
 from ..store import stats
@@ -99,6 +100,7 @@ def write_report(run_dir: str | Path, output: str | Path | None = None, by: str 
                  num_examples: int = DEFAULT_EXAMPLES, kind: str = "gradients",
                  context: int = DEFAULT_CONTEXT) -> tuple[Path, list[str]]:
     """Write the page of a run or a comparison; returns (its path, notes such as unavailable contexts)."""
+    refuse_url("--output", output)
     run_dir = Path(run_dir)
     if k < 1:
         raise RaygradError(f"-k {k}: must be >= 1 (features per layer)")
