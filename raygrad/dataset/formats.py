@@ -2,7 +2,8 @@
 or one row range (a shard, read by a worker).
 
 A source is plain data (a dict, saved in the plan): {"kind", "path", "text_column",
-"config", "split", "min_chars"}, and a hub dataset's pinned "revision" (a plan saved by
+"config", "split", "min_chars"}, a hub dataset's pinned "revision", and a URL's "objects" (each
+{"url", "identity", "rows"}: remote.py; only parquet by URL so far) (a plan saved by
 an older raygrad may also hold a "fingerprint", which nothing reads). A row is a record
 of the dataset as read, numbered from 0 before any filtering; its value is what the
 text column holds (any type: the filter in shards.py decides what is usable). Line
@@ -15,6 +16,7 @@ module reads from it opened with newline="" and encoding utf-8-sig (pandas and
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import errno
 import json
@@ -24,11 +26,12 @@ import stat
 import threading
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
 from ..constants import BUNDLED_CORPUS
 from ..errors import RaygradError, first_line
+from . import remote
 from .text import DEFAULT_CONFIGS, LOCAL_FORMATS, REPLACED_BYTES, check_column, stdlib_paragraphs
 
 MISSING = object()  # a row without the text column (a JSON object without the key, a short CSV record)
@@ -66,6 +69,8 @@ def describe_source(dataset: str, text_column: str = "text", config: str | None 
     source = {"path": dataset, "text_column": text_column, "config": config, "split": split, "min_chars": min_chars}
     if dataset == BUNDLED_CORPUS:
         return {**source, "kind": "bundled"}
+    if remote.is_url(dataset):
+        return _describe_url(source)
     path = Path(dataset).expanduser()
     if path.is_dir() or not _looks_local(dataset):
         return {**source, "kind": "datasets", "config": config or DEFAULT_CONFIGS.get(dataset)}
@@ -79,6 +84,34 @@ def describe_source(dataset: str, text_column: str = "text", config: str | None 
     if kind is None:
         raise RaygradError(f"--dataset {path}: unknown file type; use one of {', '.join(LOCAL_FORMATS)}")
     return {**source, "kind": kind, "path": str(path)}
+
+
+def _describe_url(source: dict) -> dict:
+    """A URL's objects of one format, each pinned by its identity; parquet objects also by their rows
+    (read from each footer), so a worker opens only the objects its shard's rows are in."""
+    url = source["path"]
+    named = LOCAL_FORMATS.get(PurePosixPath(url.split("://", 1)[1]).suffix.lower())
+    if named not in (None, "parquet"):  # said before anything is listed
+        _refuse_by_url(url, [named])
+    objects = remote.list_objects(url)
+    kinds = [LOCAL_FORMATS.get(PurePosixPath(obj["url"]).suffix.lower()) for obj in objects]
+    if len(objects) == 1 and kinds[0] is None:
+        raise RaygradError(f"--dataset {url}: unknown file type; use one of {', '.join(LOCAL_FORMATS)}")
+    if "parquet" not in kinds:
+        found = sorted({kind for kind in kinds if kind})
+        if not found:
+            raise RaygradError(f"--dataset {url}: no dataset files ({', '.join(LOCAL_FORMATS)}) in it")
+        _refuse_by_url(url, found)
+    objects = [obj for obj, kind in zip(objects, kinds) if kind == "parquet"]
+    for obj in objects:
+        with remote.open_object(obj, "planning") as handle:
+            obj["rows"] = _parquet_file(handle, obj["url"], source["text_column"]).metadata.num_rows
+    return {**source, "kind": "parquet", "objects": objects}
+
+
+def _refuse_by_url(url: str, kinds: list[str]) -> None:
+    raise RaygradError(f"--dataset {url}: by URL raygrad reads parquet so far, not {'/'.join(kinds)}; convert it "
+                       "to parquet, or give a local path that exists on every node")
 
 
 def _looks_local(dataset: str) -> bool:
@@ -360,17 +393,26 @@ register_format("json", Format(_scan_json, _byte_range_reader(_json_rows), _file
 register_format("csv", Format(_csv_rows, _byte_range_reader(_csv_rows), _file_bytes))
 
 
-# --- parquet: read by row groups, only the text column
+# --- parquet: read by row groups, only the text column; a local file, or a URL's objects (rows numbered
+# across them in order), each opened for ranged reads and checked against its pinned identity
 
-def _parquet(source: dict):
+def _parquet_file(file, name: str, column: str):
     import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(source["path"])
+        parquet = pq.ParquetFile(file)
     except Exception as err:  # not parquet, truncated: one line for the user
-        raise RaygradError(f"--dataset {source['path']}: cannot be read as parquet ({first_line(err)})") from None
-    check_column(source["path"], source["text_column"], parquet.schema_arrow.names)
+        raise RaygradError(f"--dataset {name}: cannot be read as parquet ({first_line(err)})") from None
+    check_column(name, column, parquet.schema_arrow.names)
     return parquet
+
+
+def _parquet_parts(source: dict) -> list[tuple[str, int | None, Callable]]:
+    """(name, rows or None when unknown, opener) of each file, in row order: one local file, or a URL's objects."""
+    if "objects" not in source:
+        return [(source["path"], None, lambda reading: contextlib.nullcontext(source["path"]))]
+    return [(obj["url"], obj["rows"], lambda reading, obj=obj: remote.open_object(obj, reading))
+            for obj in source["objects"]]
 
 
 def _parquet_values(parquet, groups, column: str) -> Iterator:
@@ -382,29 +424,47 @@ def _parquet_values(parquet, groups, column: str) -> Iterator:
 
 
 def _parquet_scan(source: dict, counts: Counter) -> Iterator[Row]:
-    parquet = _parquet(source)
-    for row, value in enumerate(_parquet_values(parquet, range(parquet.metadata.num_row_groups),
-                                                source["text_column"])):
-        yield Row(row, value)
+    row = 0
+    for name, _, opener in _parquet_parts(source):
+        with opener("the planning pass") as file:
+            parquet = _parquet_file(file, name, source["text_column"])
+            for value in _parquet_values(parquet, range(parquet.metadata.num_row_groups), source["text_column"]):
+                yield Row(row, value)
+                row += 1
 
 
 def _parquet_read(source: dict, shard, counts: Counter) -> Iterator[Row]:
-    """The row groups that overlap the shard's rows, then the rows themselves."""
-    parquet = _parquet(source)
-    groups, first, start = [], None, 0
-    for group in range(parquet.metadata.num_row_groups):
-        stop = start + parquet.metadata.row_group(group).num_rows
-        if start < shard.row_stop and stop > shard.row_start:
-            groups.append(group)
-            first = start if first is None else first
-        start = stop
-    for row, value in enumerate(_parquet_values(parquet, groups, source["text_column"]), start=first or 0):
-        if shard.row_start <= row < shard.row_stop:
-            yield Row(row, value)
+    """The row groups that overlap the shard's rows, then the rows themselves; a URL's objects that
+    hold none of them are not opened."""
+    offset = 0  # the first row of this file
+    for name, rows, opener in _parquet_parts(source):
+        if offset >= shard.row_stop:
+            return
+        if rows is not None and offset + rows <= shard.row_start:
+            offset += rows
+            continue
+        with opener(f"the shard of {shard.rows_text()}") as file:
+            parquet = _parquet_file(file, name, source["text_column"])
+            groups, first, start = [], None, offset
+            for group in range(parquet.metadata.num_row_groups):
+                stop = start + parquet.metadata.row_group(group).num_rows
+                if start < shard.row_stop and stop > shard.row_start:
+                    groups.append(group)
+                    first = start if first is None else first
+                start = stop
+            for row, value in enumerate(_parquet_values(parquet, groups, source["text_column"]), start=first or 0):
+                if shard.row_start <= row < shard.row_stop:
+                    yield Row(row, value)
+            offset = start
 
 
-register_format("parquet", Format(_parquet_scan, _parquet_read,
-                                  lambda source: ("rows", _parquet(source).metadata.num_rows)))
+def _parquet_rows(source: dict) -> tuple[str, int]:
+    if "objects" in source:
+        return "rows", sum(obj["rows"] for obj in source["objects"])
+    return "rows", _parquet_file(source["path"], source["path"], source["text_column"]).metadata.num_rows
+
+
+register_format("parquet", Format(_parquet_scan, _parquet_read, _parquet_rows))
 
 
 # --- the bundled corpus: regenerated, then sliced

@@ -20,6 +20,7 @@ from typing import Iterable, Iterator
 
 from ..constants import BUNDLED_CORPUS
 from ..errors import RaygradError
+from .remote import URL_SCHEME
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,9 @@ def tokenize_truncated(tokenizer, texts: list[str], max_length: int) -> list[lis
 
 def absolute_if_local(dataset: str) -> str:
     """A local file or directory made absolute (a resumed run may start in another
-    directory); a hub id or the bundled corpus as given."""
+    directory); a hub id, a URL or the bundled corpus as given."""
+    if URL_SCHEME.match(dataset):  # Path would collapse s3://b/k to s3:/b/k
+        return dataset
     path = Path(dataset).expanduser()
     return os.path.abspath(path) if dataset != BUNDLED_CORPUS and path.exists() else dataset
 

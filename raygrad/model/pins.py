@@ -254,9 +254,12 @@ def _sae_problem(pin: dict, layer: int, going_on: str) -> str | None:
 def pin_dataset(dataset: str) -> dict:
     """The dataset's revision (a hub id's commit, None when it cannot be told) or, for a local file or
     directory, its digest. Recorded for the record: each shard's rows are checked by their own
-    fingerprints (dataset/shards.py)."""
+    fingerprints (dataset/shards.py). A URL's objects are pinned by their identities (ETag, version,
+    size) in the plan's source (dataset/remote.py), which every read checks."""
     if dataset == BUNDLED_CORPUS:  # docstrings of the running Python's standard library
         return {"kind": "bundled", "python": platform.python_version()}
+    if "://" in dataset:  # a URL (s3://, gs://, file://): never a Path, which would collapse the //
+        return {"kind": "url", "url": dataset}
     path = Path(dataset).expanduser()
     if path.is_file():
         return {"kind": "local", "path": str(path), "digest": file_digest(path)}
@@ -296,7 +299,10 @@ def describe_pins(plan) -> list[str]:
         lines.append(f"pinned   SAEs {next(iter(shown))}" if len(shown) == 1 and len(saes) == 1 else
                      f"pinned   SAEs {_pin_text(saes[0])} ... ({len(saes)} layers)")
     if getattr(plan, "dataset_revision", None):
-        lines.append(f"pinned   dataset {_pin_text(plan.dataset_revision)}")
+        pin = plan.dataset_revision
+        objects = (getattr(plan, "source", None) or {}).get("objects")
+        lines.append(f"pinned   dataset {len(objects)} object(s) of {pin['url']} by ETag/version and size"
+                     if pin.get("kind") == "url" and objects is not None else f"pinned   dataset {_pin_text(pin)}")
     return lines
 
 
