@@ -10,11 +10,9 @@ adlfs and huggingface_hub theirs. Nothing here passes, records or logs them.
 
 from __future__ import annotations
 
-import re
-
+from ..config import URL_SCHEME
 from ..errors import RaygradError, first_line
 
-URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # s3://, gs://, file://, https://: never a local path
 GLOB_CHARS = "*?["
 READ_BLOCK_BYTES = 1 << 20  # fsspec's block for a read; cache_type "none" fetches exactly what pyarrow asks
 IDENTITY_KEYS = ("ETag", "etag", "VersionId", "version_id", "generation", "md5Hash", "blob_id", "mtime")

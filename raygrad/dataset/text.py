@@ -18,9 +18,9 @@ import sysconfig
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from ..config import URL_SCHEME
 from ..constants import BUNDLED_CORPUS
 from ..errors import RaygradError
-from .remote import URL_SCHEME
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ import platform
 import re
 from pathlib import Path
 
+from ..config import URL_SCHEME
 from ..constants import BUNDLED_CORPUS
 from ..errors import RaygradError
 from .hub import cached_repo_dir, hub_offline, why_offline
@@ -258,7 +259,7 @@ def pin_dataset(dataset: str) -> dict:
     size) in the plan's source (dataset/remote.py), which every read checks."""
     if dataset == BUNDLED_CORPUS:  # docstrings of the running Python's standard library
         return {"kind": "bundled", "python": platform.python_version()}
-    if "://" in dataset:  # a URL (s3://, gs://, file://): never a Path, which would collapse the //
+    if URL_SCHEME.match(dataset):  # never a Path, which would collapse s3:// to s3:/
         return {"kind": "url", "url": dataset}
     path = Path(dataset).expanduser()
     if path.is_file():
