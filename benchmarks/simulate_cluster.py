@@ -1,37 +1,59 @@
 """A GPU cluster's load on the head, simulated: 8, 64 and 256 workers.
 
 Real: the scheduler (`WorkerPool._elastic_map`: two shards in flight per worker, `placed` questions,
-loss bookkeeping), the reducer (`Reducer.add`: float64 addition of full-size partials, done flags,
-snapshots) and its checkpoint writer thread writing a real `ResultStore` (redo log, Zarr arrays,
-fsync) in a temporary directory on this machine's disk, all in this one process as in a run.
+loss bookkeeping), the reducer (`Reducer.add`: float64 addition of full-size partials, the exact
+merge of --top-examples tables, done flags, snapshots) and its checkpoint writer thread writing a
+real `ResultStore` (created with the same top_k and ranked prefixes as such a run: redo log, Zarr
+arrays, fsync) in a temporary directory on this machine's disk, all in this one process as in a run.
 
-Simulated: Ray and the workers. Each worker is a fake actor (as in tests/test_pool_losses.py, on
-the real clock) that computes its calls one after another; a shard takes the time the H200 figures
-imply (docs/benchmarks.md: Gemma-2-2B with 26 x 65,536 SAEs, 14.7k tokens/s per GPU; a shard of 1M target
-tokens is 68 s, +-5% at random) and answers one shared Partial of 26 x 65,536 for the chosen
-kinds (gradients: 3 sums, 41 MB; --kinds all: gradients, values, attribution, hessian, 164 MB).
-No bytes cross a network or Ray's object store: those costs are not in these figures.
+Simulated: the workers and Ray's calls. Each worker is a fake actor (as in tests/test_pool_losses.py,
+on the real clock) that computes only the calls the head has sent it, one after another; a shard
+takes the time the H200 figures imply (docs/benchmarks.md: Gemma-2-2B with 26 x 65,536 SAEs, 14.7k
+tokens/s per GPU; a shard of 1M target tokens is 68 s, +-5% at random) and answers a Partial of
+26 x 65,536 for the chosen kinds (gradients: 3 sums, 41 MB; --kinds all: gradients, values,
+attribution, hessian, 164 MB). With --top-examples K each partial also carries the (26, 65,536, K)
+score/row/position tables of every ranked kind (gradients; with all, also attribution and values:
+436 MB each at K = 16), sorted best first, random |scores| (a different window of one random table
+per shard and kind, so merges do the work of independent shards), valid rows and positions.
 
-Time is scaled: shards and the checkpoint interval (30 s) run `scale` times faster than on the
-cluster, so the head takes `scale` times as many partials a second as it would there, while each
-partial costs it the real time. The idle fraction measured is thus an upper bound for the cluster's;
-rates are printed unscaled (divided by `scale`). The scale is chosen per worker count so the head
-takes about --partials-per-second real partials a second (it is printed).
+Ray's transfer of a partial (the worker serializing it into the object store, the head getting it)
+is charged to the head's loop as a sleep of size / rate in `ray.get`, the head then taking nothing
+else: a conservative model (a real head pulls objects in Ray's threads beside its loop, but through
+one network link). The rate is measured first on a real loopback Ray (one actor returns a Partial of
+--calibrate-mb, the round trip of `ray.get` less that of an empty Partial, best of 3; printed); on
+one machine the copy is memory to memory, so a cluster's network can only be slower.
+--transfer-mb-per-s X skips the measurement and uses X. --head-seconds S adds S seconds of other head
+work per partial (a sleep beside the transfer).
+
+Time is scaled: shards, transfers, --head-seconds and the checkpoint interval (30 s) run `scale`
+times faster than on the cluster, so the head takes `scale` times as many partials a second as it
+would there, while each add and merge costs it the real time. The idle fraction and the head's busy
+fraction measured are thus upper bounds for the cluster's, exact at scale 1; rates are printed
+unscaled (divided by `scale`). The scale is chosen per worker count so the head takes about
+--partials-per-second real partials a second (at least 1x; it is printed): with top-K tables, whose
+merge takes about a second, give 1 so the head's load is the cluster's.
 
 Printed per worker count: the workers' idle fraction while shards waited (from the workers' side:
-time not computing between their first shard and the last shard sent), the pool's own record of it
-(idle including the start and the tail), partials/s and head bytes/s (unscaled), the head's CPU per
-partial, and the checkpoint lag (a result's wait until a checkpoint holds it on disk; unscaled: the
-wait for the next checkpoint scaled back, the write itself as measured).
+time not computing between their all having started a shard and the last shard sent while every
+worker still had one to come), the pool's own record of it (idle including the start and the tail),
+partials/s and head MB/s (unscaled), the head's busy fraction (seconds in transfer, --head-seconds
+and Reducer.add per wall second), its time per partial in Reducer.add, and the checkpoint lag (a
+result's wait until a checkpoint holds it on disk; unscaled: the wait for the next checkpoint scaled
+back, the write itself as measured). --json prints one JSON object a line per worker count instead
+(keys workers, worker_idle, head_mb_per_s, head_busy, partials_per_s and the rest).
 
     python benchmarks/simulate_cluster.py [--workers 8 64 256] [--kinds gradients|all] [--per-worker 2]
+        [--top-examples K] [--transfer-mb-per-s X] [--head-seconds S] [--partials-per-second P] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,21 +61,53 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from raygrad import constants as names
 from raygrad.cluster import scheduler
 from raygrad.cluster.pool import WorkerPool
 from raygrad.config import RunConfig
+from raygrad.store import topk
 from raygrad.store.partial import Partial, ShardResult, array_widths
-from raygrad.store.reducer import CHECKPOINT_SECONDS, Reducer
+from raygrad.store.reducer import CHECKPOINT_SECONDS, Reducer, partial_nbytes
 from raygrad.store.zarr_store import ResultStore
 
-LAYERS, FEATURES = 26, 65536
+LAYERS, FEATURES = 26, 65536  # FEATURES: --features, for quick runs
 TOKENS_PER_SECOND = 14_700  # one H200, Gemma-2-2B with 26 x 65,536 SAEs (docs/benchmarks.md)
 SHARD_TOKENS = 1_000_000  # target tokens per shard (the default token budget on a GPU)
 LOAD_SECONDS = 60.0  # model + SAEs loading on a worker, as reported
 READY_SECONDS = 0.5  # how long a simulated worker takes to load (real seconds: only the start)
 RPC_SECONDS = 0.001  # a `placed` question's round trip (not scaled: a real one costs this)
-KINDS = {"gradients": {"grad": FEATURES},
-         "all": {"grad": FEATURES, "value": FEATURES, "attr": FEATURES, "hess": FEATURES}}
+KINDS = {"gradients": ("gradients",), "all": ("gradients", "values", "attribution", "hessian")}
+ROWS, MAX_POSITION = 1_000_000, 1024  # the examples' dataset rows and token positions are drawn below these
+SHIFT = 7919  # a prime: the windows (shard x kind) * SHIFT mod 65,536 are distinct for 65,536 of them
+
+
+def prefixes(kinds: str) -> dict[str, int]:
+    """{'grad': 65536, ...}: the statistic prefixes of `kinds` and their widths."""
+    return {names.KIND_PREFIX[kind]: FEATURES for kind in KINDS[kinds]}
+
+
+class Examples:
+    """Every shard's top-K tables as windows of one random table twice as wide: (L, 2W, K) score, row and
+    position, sorted best first along K; shard s's tables of ranked kind j are columns [o, o + W) with
+    o = (s * kinds + j) * SHIFT mod W, so no two share a column order and a merge of them does the work
+    of independent shards (a new one enters a cell with a chance of about K / shards) at no cost here."""
+
+    def __init__(self, ranked: tuple[str, ...], k: int, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        shape = (LAYERS, 2 * FEATURES, k)
+        magnitude = -np.sort(-rng.exponential(1e-3, shape).astype(np.float32), axis=-1)  # best first
+        self.score = np.where(rng.random(shape) < 0.5, -magnitude, magnitude)
+        self.row = rng.integers(0, ROWS, shape, dtype=np.int64)
+        self.position = rng.integers(0, MAX_POSITION, shape, dtype=np.int32)
+        self.ranked = ranked
+
+    def tables(self, shard: int) -> dict[str, np.ndarray]:
+        out = {}
+        for j, prefix in enumerate(self.ranked):
+            at = (shard * len(self.ranked) + j) * SHIFT % FEATURES
+            out.update(zip(topk.array_names(prefix),
+                           (table[:, at:at + FEATURES] for table in (self.score, self.row, self.position))))
+        return out
 
 
 class Ref:
@@ -70,7 +124,8 @@ class Method:
 
 
 class SimActor:
-    """A worker that computes its calls one after another, on the real clock."""
+    """A worker that computes the calls sent to it one after another, on the real clock: a call starts
+    when it is sent or when the one before it ends, whichever is later."""
 
     def __init__(self, sim: "SimRay", number: int):
         self.sim, self.number = sim, number
@@ -81,12 +136,13 @@ class SimActor:
         self.placed, self.ready, self.run = (Method(self, name) for name in ("placed", "ready", "run"))
 
     def call(self, method: str, *args) -> Ref:
-        start = max(time.monotonic(), self.free_at)
+        now = time.monotonic()
+        start = max(now, self.free_at)
         if method == "run":
             seconds = self.sim.shard_seconds * self.sim.rng.uniform(0.95, 1.05)
-            value = ShardResult(args[0], self.sim.partial, seconds * self.sim.scale, LOAD_SECONDS)
+            value = ShardResult(args[0], self.sim.partial(args[0]), seconds * self.sim.scale, LOAD_SECONDS)
             self.busy.append((start, start + seconds))
-            self.sent.append(time.monotonic())
+            self.sent.append(now)
         elif method == "ready":
             seconds = READY_SECONDS * self.sim.rng.uniform(0.9, 1.1)
             value = {"device": "cuda", "load_seconds": LOAD_SECONDS}
@@ -97,12 +153,17 @@ class SimActor:
 
 
 class SimRay:
-    """ray.wait / ray.get / ray.kill over SimActors (patched onto the ray module for one run)."""
+    """ray.wait / ray.get / ray.kill over SimActors (patched onto the ray module for one run). `get` of a
+    shard's result costs the head its transfer (bytes / rate) and --head-seconds, both scaled."""
 
-    def __init__(self, shard_seconds: float, scale: float, partial: Partial, seed: int = 0):
+    def __init__(self, shard_seconds: float, scale: float, partial, transfer_bytes_per_s: float,
+                 head_seconds: float, seed: int = 0):
         self.shard_seconds, self.scale, self.partial = shard_seconds, scale, partial
+        self.transfer_bytes_per_s, self.head_seconds = transfer_bytes_per_s, head_seconds
         self.rng = random.Random(seed)
         self.actors: list[SimActor] = []
+        self.receive_seconds = 0.0  # real seconds the head's loop spent in transfers and --head-seconds
+        self.charged = 0.0  # the same, as charged on the cluster (unscaled)
 
     def new_actor(self) -> SimActor:
         actor = SimActor(self, len(self.actors))
@@ -119,23 +180,79 @@ class SimRay:
             time.sleep(delay)
         return [first], [ref for ref in refs if ref is not first]
 
-    @staticmethod
-    def get(ref: Ref):
+    def get(self, ref: Ref):
+        if isinstance(ref.value, ShardResult):
+            started = time.monotonic()
+            cost = partial_nbytes(ref.value.partial) / self.transfer_bytes_per_s + self.head_seconds
+            time.sleep(cost / self.scale)
+            self.charged += cost
+            self.receive_seconds += time.monotonic() - started
         return ref.value
 
 
+def calibrate_transfer(megabytes: float, echo) -> float:
+    """Bytes a second that a real loopback Ray moves a Partial from an actor to this process: the round
+    trip of `ray.get(actor.send.remote())` for a Partial of `megabytes`, less that of an empty one (best
+    of 3 each, after one of each to warm up)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    from raygrad.cluster.runtime import bind_to_loopback, restore_cluster_setting
+
+    @ray.remote(num_cpus=1)
+    class Sender:
+        def __init__(self, nbytes: int):
+            width = max(1, nbytes // 8 // LAYERS)
+            self.full = Partial({"grad_sum": np.random.default_rng(0).random((LAYERS, width))},
+                                np.ones(LAYERS, dtype=np.int64))
+            self.empty = Partial({"grad_sum": np.zeros((LAYERS, 1))}, np.ones(LAYERS, dtype=np.int64))
+
+        def send(self, full: bool) -> Partial:
+            return self.full if full else self.empty
+
+    before = bind_to_loopback()
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=1, log_to_driver=False,
+             configure_logging=False)
+    try:
+        sender = Sender.remote(int(megabytes * 1e6))
+        best = {}
+        for full in (False, True):
+            times = []
+            for _ in range(4):
+                started = time.perf_counter()
+                partial = ray.get(sender.send.remote(full))
+                times.append(time.perf_counter() - started)
+                nbytes = partial_nbytes(partial)
+                del partial
+            best[full] = (min(times[1:]), nbytes)
+    finally:
+        ray.shutdown()
+        restore_cluster_setting(*before)
+    seconds = max(best[True][0] - best[False][0], 1e-6)
+    rate = best[True][1] / seconds
+    echo(f"transfer: a {best[True][1] / 1e6:.0f} MB Partial from an actor on a loopback Ray took "
+         f"{best[True][0] * 1e3:.0f} ms (an empty one {best[False][0] * 1e3:.1f} ms): {rate / 1e6:.0f} MB/s, "
+         f"{1e6 / rate * 1e3:.2f} ms per MB")
+    return rate
+
+
 def simulate(workers: int, kinds: str, per_worker: int, partials_per_second: float, shards_per_worker: int,
-             store_dir: Path) -> dict:
+             store_dir: Path, top_k: int = 0, transfer_mb_per_s: float = 1000.0, head_seconds: float = 0.0) -> dict:
     import ray
 
     shard_seconds = SHARD_TOKENS / TOKENS_PER_SECOND  # on the cluster
     scale = max(1.0, partials_per_second * shard_seconds / workers)
-    widths = array_widths(KINDS[kinds])
-    partial = Partial({name: np.full((LAYERS, width), 1e-3) for name, width in widths.items()},
-                      np.full(LAYERS, SHARD_TOKENS, dtype=np.int64), loss_sum=2.5 * SHARD_TOKENS,
-                      loss_tokens=SHARD_TOKENS)
+    sums = {name: np.full((LAYERS, width), 1e-3) for name, width in array_widths(prefixes(kinds)).items()}
+    ranked = tuple(topk.example_prefixes(KINDS[kinds])) if top_k else ()
+    examples = Examples(ranked, top_k) if top_k else None
+
+    def partial(shard: int) -> Partial:
+        return Partial(sums, np.full(LAYERS, SHARD_TOKENS, dtype=np.int64), loss_sum=2.5 * SHARD_TOKENS,
+                       loss_tokens=SHARD_TOKENS, examples=examples.tables(shard) if examples else {})
+
     shards = workers * shards_per_worker
-    sim = SimRay(shard_seconds / scale, scale, partial)
+    sim = SimRay(shard_seconds / scale, scale, partial, transfer_mb_per_s * 1e6, head_seconds)
     saved = {name: getattr(ray, name) for name in ("wait", "get", "kill")}
     saved_new_actor, saved_per_worker = WorkerPool._new_actor, scheduler.PER_WORKER
     ray.wait, ray.get, ray.kill = sim.wait, sim.get, lambda actor: None
@@ -143,9 +260,10 @@ def simulate(workers: int, kinds: str, per_worker: int, partials_per_second: flo
     scheduler.PER_WORKER = per_worker
     path = store_dir / f"w{workers}.zarr"
     try:
-        store = ResultStore.create(path, KINDS[kinds], shards, list(range(LAYERS)), {})
+        store = ResultStore.create(path, prefixes(kinds), shards, list(range(LAYERS)), {}, top_k=top_k,
+                                   ranked=ranked)
         reducer = Reducer(store, checkpoint_seconds=CHECKPOINT_SECONDS / scale, progress=False)
-        pool = WorkerPool(RunConfig(workers=workers), echo=print)
+        pool = WorkerPool(RunConfig(workers=workers), echo=lambda line: print(line, file=sys.stderr))
         pool.workers = workers
         pool.start_workers(SimpleNamespace(sae_layers_per_pass=None, layers=[]), seed=0)
         cpu_started = time.thread_time()
@@ -173,20 +291,25 @@ def simulate(workers: int, kinds: str, per_worker: int, partials_per_second: flo
     for actor in sim.actors:
         busy = sum(max(0.0, min(end, last) - max(start, first)) for start, end in actor.busy)
         computing += busy
-        idle += (last - first) - busy
+        idle += max(0.0, last - first) - busy
     wall = ended - started
     write = timing["checkpoint_write_seconds"] / max(timing["checkpoints"], 1)
     lag = timing["checkpoint_lag_seconds"]
     writing = lag["mean_writing"]  # real seconds, not scaled: the writes are full size
+    received = timing["partials_received"]
     return {
-        "workers": workers, "kinds": kinds, "per_worker": per_worker, "scale": scale, "shards": shards,
-        "partial_mb": timing["bytes_received"] / timing["partials_received"] / 1e6,
-        "idle_while_waiting": idle / (idle + computing),
-        "idle_pool_record": timing["worker_idle_fraction"],
-        "partials_per_second": timing["partials_received"] / wall / scale,
-        "head_bytes_per_second": timing["bytes_received"] / wall / scale,
-        "head_cpu_per_partial": timing["reduce_seconds"] / timing["partials_received"],
-        "head_thread_cpu": head_cpu / (wall * scale),  # share of one core on the cluster (scaled back)
+        "workers": workers,
+        "worker_idle": idle / (idle + computing) if idle + computing > 0 else 0.0,
+        "head_mb_per_s": timing["bytes_received"] / wall / scale / 1e6,
+        "head_busy": (sim.receive_seconds + timing["reduce_seconds"]) / wall,
+        "partials_per_s": received / wall / scale,
+        "kinds": kinds, "top_examples": top_k, "per_worker": per_worker, "scale": scale, "shards": shards,
+        "partial_mb": timing["bytes_received"] / received / 1e6,
+        "transfer_mb_per_s": transfer_mb_per_s, "head_seconds": head_seconds,
+        "worker_idle_pool_record": timing["worker_idle_fraction"],
+        "head_transfer_s_per_partial": sim.charged / received,  # with --head-seconds; unscaled
+        "head_reduce_s_per_partial": timing["reduce_seconds"] / received,  # real (not scaled)
+        "head_thread_cpu": head_cpu / wall,  # share of one core, in the scaled run
         "checkpoints": timing["checkpoints"], "checkpoint_write_seconds": write,
         # the wait for the next checkpoint scaled back, the writing as measured
         "lag_mean": (lag["mean"] - writing) * scale + writing, "lag_max": (lag["max"] - writing) * scale + writing,
@@ -195,36 +318,67 @@ def simulate(workers: int, kinds: str, per_worker: int, partials_per_second: flo
 
 
 def main() -> None:
+    global FEATURES
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, nargs="+", default=[8, 64, 256])
     parser.add_argument("--kinds", choices=sorted(KINDS), default="gradients")
+    parser.add_argument("--top-examples", type=int, default=0, metavar="K",
+                        help="each partial carries K examples per dimension of every ranked kind (0: none)")
     parser.add_argument("--per-worker", type=int, default=scheduler.PER_WORKER,
                         help="shards in flight per worker (the scheduler's PER_WORKER)")
     parser.add_argument("--partials-per-second", type=float, default=8.0,
-                        help="real partials a second the head is given (sets the time scale)")
+                        help="real partials a second the head is given (sets the time scale, at least 1x)")
     parser.add_argument("--shards-per-worker", type=int, default=4)
+    parser.add_argument("--transfer-mb-per-s", type=float, default=None, metavar="X",
+                        help="Ray's transfer rate of a partial to the head, MB/s (default: measured on a loopback Ray)")
+    parser.add_argument("--calibrate-mb", type=float, default=256.0, help="the Partial's size in the measurement")
+    parser.add_argument("--head-seconds", type=float, default=0.0, metavar="S",
+                        help="extra seconds of head work per partial (unscaled)")
+    parser.add_argument("--json", action="store_true", help="one JSON object a line per worker count")
     parser.add_argument("--store-dir", type=Path, default=None, help="where the temporary store goes (a disk)")
+    parser.add_argument("--features", type=int, default=FEATURES, help="width of each layer (smaller: a quick run)")
     args = parser.parse_args()
+    if args.top_examples < 0 or args.head_seconds < 0 or (args.transfer_mb_per_s is not None
+                                                          and args.transfer_mb_per_s <= 0):
+        parser.error("--top-examples and --head-seconds must be >= 0, --transfer-mb-per-s > 0")
 
-    print(f"shard: {SHARD_TOKENS:,} target tokens at {TOKENS_PER_SECOND:,} tokens/s = "
-          f"{SHARD_TOKENS / TOKENS_PER_SECOND:.1f} s on an H200; {LAYERS} x {FEATURES:,}, kinds {args.kinds}; "
-          f"{args.per_worker} in flight per worker; checkpoints every {CHECKPOINT_SECONDS:g} s (unscaled)")
+    FEATURES = args.features  # read by prefixes, Examples and the sizes printed
+
+    def echo(line: str) -> None:  # with --json, stdout holds only the JSON lines
+        print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    rate = args.transfer_mb_per_s
+    if rate is None:
+        rate = calibrate_transfer(args.calibrate_mb, echo) / 1e6
+    else:
+        echo(f"transfer: {rate:g} MB/s (given)")
+    echo(f"shard: {SHARD_TOKENS:,} target tokens at {TOKENS_PER_SECOND:,} tokens/s = "
+         f"{SHARD_TOKENS / TOKENS_PER_SECOND:.1f} s on an H200; {LAYERS} x {FEATURES:,}, kinds {args.kinds}; "
+         f"top examples {args.top_examples}; {args.per_worker} in flight per worker; head work "
+         f"{args.head_seconds:g} s per partial; checkpoints every {CHECKPOINT_SECONDS:g} s (unscaled)")
     header = (f"{'workers':>7} {'scale':>6} {'shards':>6} {'MB/partial':>10} {'idle':>6} {'idle(pool)':>10} "
-              f"{'partials/s':>10} {'head MB/s':>9} {'ms/partial':>10} {'ckpt s':>6} {'lag mean':>8} "
-              f"{'lag max':>7} {'wall s':>6}")
-    print(header)
+              f"{'partials/s':>10} {'head MB/s':>9} {'head busy':>9} {'s xfer':>6} {'s add':>6} {'ckpt s':>6} "
+              f"{'lag mean':>8} {'lag max':>7} {'wall s':>6}")
+    if not args.json:
+        print(header)
     with tempfile.TemporaryDirectory(dir=args.store_dir) as store_dir:
         for workers in args.workers:
-            row = simulate(workers, args.kinds, args.per_worker, args.partials_per_second,
-                           args.shards_per_worker, Path(store_dir))
+            row = simulate(workers, args.kinds, args.per_worker, args.partials_per_second, args.shards_per_worker,
+                           Path(store_dir), args.top_examples, rate, args.head_seconds)
+            if args.json:
+                print(json.dumps(row), flush=True)
+                continue
             print(f"{row['workers']:>7} {row['scale']:>5.1f}x {row['shards']:>6} {row['partial_mb']:>10.1f} "
-                  f"{row['idle_while_waiting']:>6.2%} {row['idle_pool_record']:>10.2%} "
-                  f"{row['partials_per_second']:>10.2f} {row['head_bytes_per_second'] / 1e6:>9.1f} "
-                  f"{row['head_cpu_per_partial'] * 1e3:>10.1f} {row['checkpoint_write_seconds']:>6.2f} "
-                  f"{row['lag_mean']:>7.1f}s {row['lag_max']:>6.1f}s {row['wall_seconds']:>6.0f}", flush=True)
-    print("idle: workers not computing while shards waited (from their side); idle(pool): the pool's record "
-          "(start and tail included); rates unscaled; ms/partial: the head's time in Reducer.add; ckpt s: one "
-          "checkpoint write (real); lag: a result's wait until on disk (unscaled)")
+                  f"{row['worker_idle']:>6.2%} {row['worker_idle_pool_record']:>10.2%} "
+                  f"{row['partials_per_s']:>10.2f} {row['head_mb_per_s']:>9.1f} {row['head_busy']:>9.1%} "
+                  f"{row['head_transfer_s_per_partial']:>6.2f} {row['head_reduce_s_per_partial']:>6.3f} "
+                  f"{row['checkpoint_write_seconds']:>6.2f} {row['lag_mean']:>7.1f}s {row['lag_max']:>6.1f}s "
+                  f"{row['wall_seconds']:>6.0f}", flush=True)
+    echo("idle: workers not computing while shards waited (from their side); idle(pool): the pool's record "
+         "(start and tail included); rates unscaled; head busy: the head's seconds in transfers, --head-seconds "
+         "and Reducer.add per wall second; s xfer: transfer and --head-seconds per partial (unscaled); s add: "
+         "Reducer.add per partial (real); ckpt s: one checkpoint write (real); lag: a result's wait until on "
+         "disk (unscaled)")
 
 
 if __name__ == "__main__":

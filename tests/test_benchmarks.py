@@ -2,6 +2,7 @@
 store or the engine that breaks them fails here rather than when someone next measures. The figures
 they print are not checked (they are timings); that each row is there, with the sizes asked for, is."""
 
+import json
 import re
 import subprocess
 import sys
@@ -22,11 +23,45 @@ def run_benchmark(script: str, *args: str, cwd: Path) -> str:
 @pytest.mark.parametrize("kinds", ["gradients", "all"])
 def test_simulate_cluster_runs_on_two_workers(tmp_path, kinds):
     out = run_benchmark("simulate_cluster.py", "--workers", "2", "--shards-per-worker", "2", "--kinds", kinds,
-                        "--store-dir", str(tmp_path), cwd=tmp_path)
+                        "--transfer-mb-per-s", "1e6", "--store-dir", str(tmp_path), cwd=tmp_path)
     (row,) = [line.split() for line in out.splitlines() if re.match(r"\s+2\s", line)]
     assert row[2] == "4"  # 2 workers x 2 shards each, every one reduced
     assert float(row[3]) == pytest.approx(40.9 if kinds == "gradients" else 163.6, abs=0.1)  # MB per partial
     assert not list(tmp_path.iterdir())  # the temporary store is removed
+
+
+def simulate_json(tmp_path, *args: str) -> list[dict]:
+    """simulate_cluster.py --json on 26 x 256 features, the transfer rate given (no Ray is started)."""
+    out = run_benchmark("simulate_cluster.py", "--features", "256", "--transfer-mb-per-s", "100", "--json",
+                        "--store-dir", str(tmp_path), *args, cwd=tmp_path)
+    rows = [json.loads(line) for line in out.splitlines()]
+    for row in rows:
+        for key in ("worker_idle", "head_busy"):
+            assert 0.0 <= row[key] <= 1.0, (key, row[key])
+        for key in ("head_mb_per_s", "partials_per_s"):
+            assert isinstance(row[key], float) and row[key] > 0, (key, row[key])
+    assert not list(tmp_path.iterdir())
+    return rows
+
+
+def test_simulate_cluster_carries_top_k_tables(tmp_path):
+    (row,) = simulate_json(tmp_path, "--workers", "2", "--shards-per-worker", "2", "--kinds", "all",
+                           "--top-examples", "2")
+    assert row["workers"] == 2 and row["shards"] == 4 and row["top_examples"] == 2
+    # 4 kinds x 3 sums (float64) and 3 ranked kinds x (float32 score, int64 row, int32 position) x K = 2
+    sums, tables = 4 * 3 * 26 * 256 * 8, 3 * 26 * 256 * 2 * (4 + 8 + 4)
+    assert row["partial_mb"] == pytest.approx((sums + tables + 26 * 8) / 1e6)
+    assert row["head_transfer_s_per_partial"] == pytest.approx(row["partial_mb"] / 100)  # 100 MB/s, charged
+
+
+def test_head_seconds_make_workers_wait(tmp_path):
+    """3 workers each 68 s / scale a shard; the head spends 120 s (scaled) per partial: it falls
+    behind, and the workers wait for their next shard."""
+    (fast,) = simulate_json(tmp_path, "--workers", "3", "--partials-per-second", "30")
+    (slow,) = simulate_json(tmp_path, "--workers", "3", "--partials-per-second", "30", "--head-seconds", "120")
+    assert fast["worker_idle"] < 0.05
+    assert slow["worker_idle"] > 0.3 and slow["head_busy"] > max(0.5, fast["head_busy"])
+    assert slow["head_seconds"] == 120.0
 
 
 def test_head_runs_and_resumes_on_a_small_corpus(tmp_path):
