@@ -25,12 +25,14 @@ from ..errors import RaygradError
 from ..model.loading import pick_device
 from ..plan import Plan
 from ..store.partial import ShardResult
+from .node_check import verified_nodes
 from .runtime import (
     RemoteWorker,
     actor_name,
     cluster_offer,
     largest_node_gpus,
     local_gpus,
+    signals_raised_plainly,
     sigterm_handler_kept,
     start_or_join,
     stop,
@@ -62,6 +64,7 @@ class WorkerPool:
         self.starting: dict = {}  # `ready` ref -> an actor not yet loaded (placed or not)
         self.retry_at: dict[str, tuple[float, object]] = {}  # actor id -> (time.monotonic(), actor): ask it again then
         self.clocks = WorkerClocks()  # per worker: seconds up and idle, for the timing record
+        self.verified_nodes: frozenset[str] = frozenset()  # nodes that saw a local dataset (node_check.py)
 
     # --- where shards run
 
@@ -153,6 +156,9 @@ class WorkerPool:
         self.plan, self.seed, self.actors = plan, seed, []
         if self.workers == 0:
             return
+        with signals_raised_plainly():  # every node that may host a worker sees a local dataset (node_check.py)
+            self.verified_nodes = verified_nodes(plan, self.gpus_per_worker, self.cpus_per_worker,
+                                                 client=(self.config.address or "").startswith("ray://"))
         for _ in range(self.workers):
             self._add_actor()
 
@@ -238,7 +244,7 @@ class WorkerPool:
         actor = ray.remote(RemoteWorker).options(
             num_gpus=self.gpus_per_worker, num_cpus=self.cpus_per_worker, max_restarts=2, max_task_retries=0,
             max_concurrency=2,  # a shard read ahead while one computes, in the order sent (RemoteWorker)
-        ).remote(self.plan, self.seed)
+        ).remote(self.plan, self.seed, self.verified_nodes)
         return actor
 
     def __exit__(self, *exc) -> None:

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 from ..config import RunConfig, is_ascii_count
 from ..errors import RaygradError, first_line
 from ..plan import Plan
+from .node_check import check_this_node
 
 if TYPE_CHECKING:
     from ..compute.worker import ShardRunner
@@ -95,8 +96,9 @@ class RemoteWorker:
     # the next shard is read and tokenized while this one computes; computing is one shard at a
     # time, in the order the driver sent them (ComputeTurns).
 
-    def __init__(self, plan: Plan, seed: int):
+    def __init__(self, plan: Plan, seed: int, verified_nodes: frozenset[str] | None = None):
         self.plan, self.seed, self.runner = plan, seed, None
+        self.verified_nodes = verified_nodes  # nodes that need not check a local dataset again (node_check.py)
         self._loading = threading.Lock()  # one ShardRunner, however many calls arrive at once
         self._turns = ComputeTurns()
 
@@ -124,9 +126,10 @@ class RemoteWorker:
 
     def _runner(self) -> ShardRunner:
         with self._loading:
-            if self.runner is None:  # also after Ray restarted this actor
+            if self.runner is None:  # also after Ray restarted this actor, perhaps on another node
                 from ..compute.worker import ShardRunner  # torch and the model load in the actor, not at its import
 
+                check_this_node(self.plan, self.verified_nodes)  # before any load: a node without the dataset stops
                 self.runner = ShardRunner(self.plan, self.seed)
             return self.runner
 

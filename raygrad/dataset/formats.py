@@ -516,6 +516,12 @@ def _load_arrow(source: dict):
     from ..model.hub import hub_offline, why_offline
 
     name = source["path"]
+    if _looks_local(name) and not Path(name).expanduser().is_dir():
+        # A plan names a local directory by its absolute path (text.absolute_if_local), a hub id never
+        # starts with "/": one missing on this node is not looked up on the hub.
+        raise RaygradError(f"--dataset {name}: no such directory on this node; each node reads a local path on "
+                           "its own disk: give an object-store URI (s3://, gs://, hf://...), or put the same "
+                           "directory at that path on every node")
     if not Path(name).expanduser().is_dir() and hub_offline():
         raise RaygradError(f"--dataset {name}: not a local file and could not be loaded from the hub "
                            f"({why_offline()}); for the offline demo use --dataset stdlib-docs")

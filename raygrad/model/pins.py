@@ -76,7 +76,7 @@ def _local_pin(directory: Path) -> dict:
     return {"kind": "local", "path": str(directory), "digest": digest, "files": files}
 
 
-def _what_changed(saved: dict[str, str], now: dict[str, str]) -> str | None:
+def what_changed(saved: dict[str, str], now: dict[str, str]) -> str | None:
     """'config.json differs' / 'x is missing' / 'y is new' for the first difference; None when equal."""
     for name in sorted(set(saved) | set(now)):
         if name not in now:
@@ -234,7 +234,7 @@ def _local_problem(pin: dict, shown: str, where: str, what: str, going_on: str) 
     """A local directory pinned by its files' digests: gone, or changed (naming what changed)."""
     if not Path(pin["path"]).is_dir():
         return f"{shown}: no such directory any more{' ' + where if where else ''}; {going_on} needs the same {what}"
-    changed = _what_changed(pin["files"], directory_files(Path(pin["path"])))
+    changed = what_changed(pin["files"], directory_files(Path(pin["path"])))
     if changed:
         return (f"{shown}: its files changed since the run started ({changed}); {going_on} would mix two "
                 f"{what}s: start a new run")
