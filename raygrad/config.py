@@ -228,6 +228,26 @@ class RunConfig:
     dataset_config: Optional[str] = _sample(None, "Hub dataset configuration; default wikitext-2-raw-v1 for wikitext.")
     dataset_split: str = _sample("train", "Hub dataset split.")
     text_column: str = _sample("text", "Column (or JSON key) holding the text.")
+    prompt_column: Optional[str] = _sample(
+        None, "With --completion-column: the column holding each row's prompt, context only (not in the loss).")
+    completion_column: Optional[str] = _sample(
+        None, "With --prompt-column: the column holding each row's completion; the loss and every statistic "
+        "cover only the tokens it predicts (a row without one is skipped and counted).")
+
+    def _check_completion_columns(self) -> None:
+        """--prompt-column and --completion-column together, two columns, instead of --text-column."""
+        for name, other in (("prompt_column", "completion_column"), ("completion_column", "prompt_column")):
+            if getattr(self, name) is not None and getattr(self, other) is None:
+                raise RaygradError(f"--{dashed(name)} {getattr(self, name)}: give --{dashed(other)} too (the loss "
+                                   "is taken over the completion's tokens, the prompt is their context)")
+        if self.completion_column is None:
+            return
+        if self.prompt_column == self.completion_column:
+            raise RaygradError(f"--completion-column {self.completion_column}: the same column as --prompt-column; "
+                               "give two columns")
+        if self.text_column != "text":
+            raise RaygradError(f"--text-column {self.text_column}: give it (one text per row) or --prompt-column/"
+                               "--completion-column (a prompt and its completion per row), not both")
     min_chars: int = _sample(50, "Keep only texts longer than this many characters (stripped).")
 
     def _check_min_chars(self) -> None:
@@ -299,6 +319,7 @@ class RunConfig:
         so this order, not the fields', says which of several problems a user sees."""
         self._normalize_counts()
         self._check_min_chars()
+        self._check_completion_columns()
         self._check_stride_and_probes()
         self._check_top_examples()
         self._check_probes_need_hessian()

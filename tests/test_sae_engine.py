@@ -377,9 +377,9 @@ def test_a_resume_may_change_the_sae_layers_per_pass(tiny_llama, texts_file, sae
 
     real_rows, passes = ShardComputer._compute_rows, []
 
-    def recording(self, token_ids, text_rows, group):
+    def recording(self, token_ids, text_rows, group, *prompt_lengths):
         passes.append(list(group))
-        return real_rows(self, token_ids, text_rows, group)
+        return real_rows(self, token_ids, text_rows, group, *prompt_lengths)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ShardComputer, "_compute_rows", recording)

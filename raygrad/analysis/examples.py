@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import constants as names
 from ..dataset.shards import read_rows
-from ..dataset.text import tokenize_truncated
+from ..dataset.text import pair_target_counter, token_ids
 from ..errors import RaygradError, first_line
 from ..plan import Plan, layer_span
 from ..store import topk
@@ -134,7 +134,7 @@ class RunExamples:
         return found
 
     def _with_context(self, rank, row, position, score, text, context, strict) -> Example:
-        (ids,) = tokenize_truncated(self.tokenizer, [text], self.plan.max_length)  # as the worker tokenized it
+        ((ids,), _) = token_ids(self.tokenizer, [text], self.plan.max_length)  # as the worker tokenized it
         if position + 1 >= len(ids):  # the tokenizer no longer gives the run's tokens
             reason = (f"its text has {len(ids)} tokens now, but the run took position {position}: the model's "
                       "tokenizer changed since the run")
@@ -173,7 +173,9 @@ class RunExamples:
         """({row: text} of a shard, None) if its rows still hold what the run computed, else (None, why)."""
         shard = self.plan.shards[index]
         try:
-            texts, rows, fingerprint = read_rows(self.plan.source, shard)
+            paired = self.plan.source.get("completion_column") is not None  # the rows the run kept
+            texts, rows, fingerprint = read_rows(self.plan.source, shard, targets=pair_target_counter(
+                self.tokenizer, self.plan.max_length) if paired else None)
         except (OSError, RaygradError, ValueError) as err:
             return None, f"the dataset cannot be read ({first_line(err)})"
         if fingerprint != shard.fingerprint:

@@ -103,11 +103,17 @@ class Batch:
 
 
 def make_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, agg: "Aggregation",
-               rows: list[int] | None = None) -> Batch:
+               rows: list[int] | None = None, context: list[int] | None = None) -> Batch:
     """A host-side Batch from right-padded ids and their mask; `rows` (B,) are the texts' dataset
-    rows (default 0..B-1), which key the Hessian's probes."""
+    rows (default 0..B-1), which key the Hessian's probes. `context` (B,), with --completion-column:
+    each text's leading prompt tokens, whose prediction is not a target (label IGNORE_INDEX), so the
+    loss, its gradient and every aggregated position cover the completion's tokens only."""
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, :-1] = next_token_labels(input_ids, attention_mask)
+    if context is not None:
+        # position t predicts token t + 1: a target only when that token is the completion's
+        predicted = torch.arange(1, input_ids.shape[1] + 1)[None, :]
+        labels[predicted < torch.as_tensor(context, dtype=torch.long)[:, None]] = IGNORE_INDEX
     counted = labels != IGNORE_INDEX
     mask = aggregated_positions(counted[:, :-1], input_ids, agg)
     flat = torch.zeros_like(counted)

@@ -4,6 +4,10 @@ reads its shard's rows, filters them the same way and checks the fingerprint.
 
 A shard covers the rows [row_start, row_stop) of the source (skipped rows included)
 and, in a line format, the bytes [byte_start, byte_stop) that hold them.
+
+A prompt/completion source's rows are Pairs; one is usable when its completion has text and keeps at
+least one target under --max-length, which takes the tokenizer: the planning pass and every read of a
+shard are given the same counter (`pair_target_counter`), so they keep the same rows.
 """
 
 from __future__ import annotations
@@ -17,7 +21,16 @@ from typing import Iterator
 from ..errors import RaygradError
 from . import formats
 from .formats import describe_source
-from .text import SKIP_NOT_TEXT, SKIP_SHORT, SKIP_UNREADABLE
+from .text import (
+    SKIP_COMPLETION_CUT,
+    SKIP_NO_COMPLETION,
+    SKIP_NOT_TEXT,
+    SKIP_SHORT,
+    SKIP_UNREADABLE,
+    Pair,
+    as_text,
+    pair_target_counter,
+)
 
 RATIO_SAMPLE_TEXTS = 500  # usable texts tokenized to learn the source's tokens per character
 RATIO_SAMPLE_CHARS = 16  # of each sampled text, at most this many characters per --max-length token
@@ -59,20 +72,31 @@ class Fingerprint:
     def __init__(self):
         self._hash = hashlib.blake2b(digest_size=8)
 
-    def add(self, row: int, text: str) -> None:
-        encoded = text.encode("utf-8", "surrogatepass")
-        # row and length first: no two lists hash alike by concatenation
-        self._hash.update(row.to_bytes(8, "little") + len(encoded).to_bytes(8, "little"))
-        self._hash.update(encoded)
+    def add(self, row: int, text: "str | Pair") -> None:
+        # row, then each part's length before it: no two lists hash alike by concatenation
+        self._hash.update(row.to_bytes(8, "little"))
+        for part in text if isinstance(text, Pair) else (text,):  # a Pair: its prompt, then its completion
+            encoded = part.encode("utf-8", "surrogatepass")
+            self._hash.update(len(encoded).to_bytes(8, "little"))
+            self._hash.update(encoded)
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
 
 
 def unusable(value, min_chars: int) -> str | None:
-    """Why a row's value cannot be used (SKIP_*), or None for a usable text."""
+    """Why a row's value cannot be used (SKIP_*), or None for a usable text. A (prompt, completion) value:
+    a completion missing, null or blank is SKIP_NO_COMPLETION; a prompt that is not a string (an empty
+    one is fine) or a completion that is not text is SKIP_NOT_TEXT; --min-chars applies to the two together."""
     if value is formats.UNREADABLE:
         return SKIP_UNREADABLE
+    if isinstance(value, tuple):
+        prompt, completion = value
+        if completion in (None, formats.MISSING) or isinstance(completion, str) and not completion.strip():
+            return SKIP_NO_COMPLETION
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            return SKIP_NOT_TEXT
+        return SKIP_SHORT if len((prompt + completion).strip()) <= min_chars else None
     if not isinstance(value, str):
         return SKIP_NOT_TEXT
     if len(value.strip()) <= min_chars:
@@ -80,30 +104,41 @@ def unusable(value, min_chars: int) -> str | None:
     return None
 
 
-def usable_rows(source: dict, rows: Iterator, counts: Counter) -> Iterator[tuple[object, str | None]]:
-    """(row, its text or None when skipped, counted in `counts`)."""
+def usable_rows(source: dict, rows: Iterator, counts: Counter, targets=None
+                ) -> Iterator[tuple[object, "str | Pair | None"]]:
+    """(row, its text or Pair, or None when skipped, counted in `counts`). `targets` (a prompt/completion
+    source's, from pair_target_counter): pairs -> the completion targets each keeps; 0 is SKIP_COMPLETION_CUT."""
+    paired = source.get("completion_column") is not None
+    if paired and targets is None:
+        raise ValueError("a prompt/completion source is read with its pairs' target counter (pair_target_counter)")
     for item in rows:
         reason = unusable(item.value, source["min_chars"])
+        text = None if reason else Pair(*item.value) if paired else item.value
+        # one row at a time (not in batches): a pass that stops early has counted no row it did not take
+        if paired and text is not None and targets([text])[0] == 0:
+            reason, text = SKIP_COMPLETION_CUT, None
         if reason:
             counts[reason] += 1
-        yield item, None if reason else item.value
+        yield item, text
 
 
 def load_texts(dataset: str, num_samples: int | None, *, text_column: str = "text", config: str | None = None,
                split: str = "train", min_chars: int = 50, skipped: Counter | None = None,
-               rows: list[int] | None = None) -> list[str]:
+               rows: list[int] | None = None, prompt_column: str | None = None,
+               completion_column: str | None = None, tokenizer=None, max_length: int | None = None) -> list:
     """Up to `num_samples` texts (None: all), in source order, read whole: for tests and
     benchmarks (a run plans shards and its workers read them, below). Fewer means the
-    source ran out.
+    source ran out. With `completion_column`, Pairs, kept as a run with `tokenizer` and `max_length` keeps them.
 
     `skipped` (if given) counts, among the rows read, those left out (SKIP_*) and
     those kept with replaced bytes (REPLACED_BYTES). `rows` (if given) receives each
     kept text's row: its 0-based index in the source as read, before any filtering."""
     skipped = Counter() if skipped is None else skipped
-    source = describe_source(dataset, text_column, config, split, min_chars)
+    source = describe_source(dataset, text_column, config, split, min_chars, prompt_column, completion_column)
+    targets = pair_target_counter(tokenizer, max_length) if completion_column is not None else None
     texts = []
     rows = [] if rows is None else rows
-    for item, text in usable_rows(source, formats.scan(source, skipped), skipped):
+    for item, text in usable_rows(source, formats.scan(source, skipped), skipped, targets):
         if text is not None:
             texts.append(text)
             rows.append(item.row)
@@ -116,11 +151,13 @@ def load_texts(dataset: str, num_samples: int | None, *, text_column: str = "tex
     return texts
 
 
-def read_rows(source: dict, shard: Shard, counts: Counter | None = None) -> tuple[list[str], list[int], str]:
-    """A shard's usable texts, their rows, and the fingerprint of what was read."""
+def read_rows(source: dict, shard: Shard, counts: Counter | None = None, targets=None
+              ) -> tuple[list, list[int], str]:
+    """A shard's usable texts (or Pairs, kept by `targets` as in usable_rows), their rows, and the
+    fingerprint of what was read."""
     counts = Counter() if counts is None else counts
     texts, rows, digest = [], [], Fingerprint()
-    for item, text in usable_rows(source, formats.read(source, shard, counts), counts):
+    for item, text in usable_rows(source, formats.read(source, shard, counts), counts, targets):
         if text is not None:
             texts.append(text)
             rows.append(item.row)
@@ -141,11 +178,19 @@ def target_tokens(chars: int, tokens_per_char: float, max_length: int) -> int:
     return max(0, min(max_length, max(1, round(chars * tokens_per_char))) - 1)
 
 
+def estimated_targets(text: "str | Pair", tokens_per_char: float, max_length: int) -> int:
+    """A text's estimated target tokens (target_tokens); a Pair's, those of its completion only."""
+    if not isinstance(text, Pair):
+        return target_tokens(len(text), tokens_per_char, max_length)
+    whole = min(max_length, max(1, round(len(as_text(text)) * tokens_per_char)))
+    return max(0, whole - max(1, round(len(text.prompt) * tokens_per_char)))
+
+
 def tokens_per_char(tokenizer, texts: list[str], max_length: int) -> float:
     """Tokens per character of `texts` (each cut to what --max-length could use), by the tokenizer alone."""
     if not texts:
         return 0.25
-    cut = [text[:RATIO_SAMPLE_CHARS * max_length] for text in texts]
+    cut = [as_text(text)[:RATIO_SAMPLE_CHARS * max_length] for text in texts]
     tokens = sum(len(ids) for ids in tokenizer(cut)["input_ids"])
     return tokens / max(1, sum(map(len, cut)))
 
@@ -157,7 +202,8 @@ def plan_shards(source: dict, num_samples: int | None, tokenizer, max_length: in
     that makes fewer than `min_shards` shards of the run's estimated size. Memory: one shard's digest
     and the first RATIO_SAMPLE_TEXTS texts (to learn the tokens per character), whatever the source's size."""
     counts = Counter()
-    stream = usable_rows(source, formats.scan(source, counts), counts)
+    targets = pair_target_counter(tokenizer, max_length) if source.get("completion_column") is not None else None
+    stream = usable_rows(source, formats.scan(source, counts), counts, targets)
     head, sample, ended = [], [], True
     for item, text in stream:
         if text is None and len(head) > 1 and head[-1][1] is None:
@@ -186,9 +232,21 @@ def plan_shards(source: dict, num_samples: int | None, tokenizer, max_length: in
     if not cutter.samples:
         found = f" ({counts[SKIP_NOT_TEXT]} values of --text-column {source['text_column']} are not text)" \
             if counts[SKIP_NOT_TEXT] else ""
+        if source.get("completion_column") is not None:
+            found = f" ({_skipped_pairs(counts)})" if counts else ""
+            raise RaygradError(f"--dataset {source['path']}: no row with a completion, longer than "
+                               f"{source['min_chars']} characters with its prompt and with a completion token "
+                               f"within --max-length {max_length}, was found{found}")
         raise RaygradError(f"--dataset {source['path']}: no text longer than {source['min_chars']} characters was "
                            f"found{found}")
     return Layout(shards, cutter.samples, dict(counts), ratio)
+
+
+def _skipped_pairs(counts: Counter) -> str:
+    said = {SKIP_NO_COMPLETION: "without a completion", SKIP_NOT_TEXT: "whose prompt or completion is not text",
+            SKIP_SHORT: "too short", SKIP_COMPLETION_CUT: "whose prompt fills --max-length",
+            SKIP_UNREADABLE: "unreadable"}
+    return ", ".join(f"{count} rows {said.get(reason, reason)}" for reason, count in counts.items() if reason in said)
 
 
 def _chain(head: list, stream: Iterator) -> Iterator:
@@ -201,7 +259,7 @@ def _estimated_tokens(source, head, sample, ratio, max_length, num_samples, exha
     """The run's target tokens, estimated from the sample: exact when the sample holds every text taken,
     else its mean per text times the texts asked for, or (--num-samples all) the rows or bytes the
     source holds by its metadata; None when unknown."""
-    per_text = [target_tokens(len(text), ratio, max_length) for text in sample]
+    per_text = [estimated_targets(text, ratio, max_length) for text in sample]
     if exhausted:
         return sum(per_text)
     mean = sum(per_text) / len(per_text)
@@ -235,7 +293,7 @@ class _Cutter:
         self.last = item
         if text is None:
             return
-        tokens = target_tokens(len(text), self.ratio, self.max_length)
+        tokens = estimated_targets(text, self.ratio, self.max_length)
         full = self.texts >= self.shard_texts if self.shard_texts else self.tokens + tokens > self.budget
         if self.texts and full:
             self._close(item.row, item.byte_start)

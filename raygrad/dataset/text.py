@@ -5,6 +5,11 @@ original scripts did; formats.py reads each format, shards.py plans and reads sh
 whole source, for tests and benchmarks: load_texts).
 A text is tokenized from a prefix long enough for its first --max-length tokens
 (`tokenize_truncated`), never whole.
+
+With --prompt-column/--completion-column a row is a Pair: the prompt tokenized as a text is (with the
+BOS the tokenizer adds), the completion alone without special tokens, their ids concatenated and cut
+to --max-length from the right (`pair_token_ids`); the prompt's tokens are context only, the loss and
+every statistic cover the positions that predict a completion token.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import os
 import re
 import sysconfig
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 from ..config import URL_SCHEME
 from ..constants import BUNDLED_CORPUS
@@ -33,13 +38,22 @@ SKIP_SHORT = "short"  # min_chars or fewer after stripping
 SKIP_NOT_TEXT = "not_text"  # null, missing, or a number/list in the text column
 SKIP_UNREADABLE = "unreadable"  # a CSV record csv cannot read (a field over sources.CSV_FIELD_CHARS characters)
 REPLACED_BYTES = "undecodable_bytes"  # .txt lines with bytes that are not UTF-8: kept, decoded with U+FFFD
+SKIP_NO_COMPLETION = "no_completion"  # --completion-column: missing, null or empty (whitespace only)
+SKIP_COMPLETION_CUT = "completion_cut"  # the prompt fills --max-length: no completion token is left to predict
+
+
+class Pair(NamedTuple):
+    """A usable prompt/completion row (--prompt-column/--completion-column)."""
+    prompt: str
+    completion: str
 
 
 CUT_CHARS_PER_TOKEN = 32  # characters of a text tokenized per --max-length token: more than a token holds
 CUT_MARGIN_CHARS = 256  # characters added to that cut, so a short --max-length still cuts far from the tokens kept
 
 
-def tokenize_truncated(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+def tokenize_truncated(tokenizer, texts: list[str], max_length: int, special_tokens: bool = True
+                       ) -> list[list[int]]:
     """Each text's ids as tokenizer(text, truncation=True, max_length=max_length) gives them, from a
     prefix of the text: tokenized whole, a 10 MB text took 2.2 GB (about 200 bytes a character).
 
@@ -53,14 +67,15 @@ def tokenize_truncated(tokenizer, texts: list[str], max_length: int) -> list[lis
     offsets = getattr(tokenizer, "is_fast", False)  # only a fast tokenizer maps tokens to characters
     while todo:
         cut = [texts[i][:chars] for i in todo]
-        encoded = tokenizer(cut, truncation=True, max_length=max_length,
+        encoded = tokenizer(cut, truncation=True, max_length=max_length, add_special_tokens=special_tokens,
                             **({"return_offsets_mapping": True} if offsets else {}))
         if offsets:
             # a prefix of whitespace alone may give no token at all (a word-level tokenizer without specials)
             in_first_half = [max((end for _, end in spans), default=0) <= chars // 2
                              for spans in encoded["offset_mapping"]]
         else:
-            halves = tokenizer([text[:chars // 2] for text in cut], truncation=True, max_length=max_length)
+            halves = tokenizer([text[:chars // 2] for text in cut], truncation=True, max_length=max_length,
+                               add_special_tokens=special_tokens)
             in_first_half = [list(half) == list(full) for half, full in zip(halves["input_ids"], encoded["input_ids"])]
         again = []
         for i, text_ids, kept_far in zip(todo, encoded["input_ids"], in_first_half):
@@ -72,6 +87,43 @@ def tokenize_truncated(tokenizer, texts: list[str], max_length: int) -> list[lis
     return ids
 
 
+def pair_token_ids(tokenizer, pairs: list[Pair], max_length: int) -> list[tuple[list[int], int]]:
+    """Each pair's (ids, context): the prompt's ids as a text's (BOS included where the tokenizer adds it)
+    followed by the completion's (no special tokens), the first max_length of them; context = the
+    prompt's tokens, so position t counts iff t + 1 >= context (it predicts a completion token).
+    Tokenized apart, so no token spans the boundary and the completion's tokens are its own."""
+    prompts = tokenize_truncated(tokenizer, [pair.prompt for pair in pairs], max_length)
+    completions = tokenize_truncated(tokenizer, [pair.completion for pair in pairs], max_length, special_tokens=False)
+    return [((prompt + completion)[:max_length], len(prompt)) for prompt, completion in zip(prompts, completions)]
+
+
+def completion_targets(ids: list[int], context: int) -> int:
+    """Positions that predict a completion token: t + 1 in [max(context, 1), len(ids))."""
+    return max(0, len(ids) - max(context, 1))
+
+
+def token_ids(tokenizer, texts: list, max_length: int) -> tuple[list[list[int]], list[int] | None]:
+    """(ids, contexts) of a shard's texts as a worker computes them: plain texts (contexts None: every
+    target counts) or Pairs (each one's prompt tokens, context only)."""
+    if texts and isinstance(texts[0], Pair):
+        ids, contexts = zip(*pair_token_ids(tokenizer, texts, max_length))
+        return list(ids), list(contexts)
+    return tokenize_truncated(tokenizer, texts, max_length), None
+
+
+def pair_target_counter(tokenizer, max_length: int):
+    """pairs -> the completion targets each keeps under --max-length (0: skipped, SKIP_COMPLETION_CUT): the
+    filter the planning pass and every read of a shard apply alike."""
+    def count(pairs: list[Pair]) -> list[int]:
+        return [completion_targets(ids, context) for ids, context in pair_token_ids(tokenizer, pairs, max_length)]
+    return count
+
+
+def as_text(text) -> str:
+    """A plain text as it is; a Pair as its prompt followed by its completion (for character counts)."""
+    return text.prompt + text.completion if isinstance(text, Pair) else text
+
+
 def absolute_if_local(dataset: str) -> str:
     """A local file or directory made absolute (a resumed run may start in another
     directory); a hub id, a URL or the bundled corpus as given."""
@@ -81,10 +133,10 @@ def absolute_if_local(dataset: str) -> str:
     return os.path.abspath(path) if dataset != BUNDLED_CORPUS and path.exists() else dataset
 
 
-def check_column(dataset: str, column: str, columns: Iterable[str]) -> None:
+def check_column(dataset: str, column: str, columns: Iterable[str], option: str = "--text-column") -> None:
     columns = list(columns)
     if column not in columns:
-        raise RaygradError(f"--text-column {column}: not in dataset {dataset}; its columns are {', '.join(columns)}")
+        raise RaygradError(f"{option} {column}: not in dataset {dataset}; its columns are {', '.join(columns)}")
 
 
 # --- the bundled corpus: English prose from the standard library's docstrings
