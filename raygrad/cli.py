@@ -18,6 +18,7 @@ import click
 from . import constants as names
 from .config import (
     EXECUTION,
+    MEASURED,
     RunConfig,
     field_choices,
     field_type,
@@ -76,8 +77,10 @@ def _help(name: str) -> str:
     return next(f.metadata["help"] for f in dataclasses.fields(RunConfig) if f.name == name)
 
 
-def _config_options(func):
+def _config_options(func, only: tuple[str, ...] | None = None):
     for f in reversed(dataclasses.fields(RunConfig)):
+        if only is not None and f.name not in only:
+            continue
         dashed, underscored = f"--{f.name.replace('_', '-')}", f"--{f.name}"
         spellings = [dashed] if dashed == underscored else [dashed, underscored]
         help_text = f.metadata["help"]
@@ -340,6 +343,61 @@ def compare(run_a, run_b, output_dir, k, by, epsilon) -> None:
     output, text = compare_runs(Path(run_a), Path(run_b), output_dir, epsilon=epsilon, k=k, by=by)
     _say(text, nl=False)
     _say(f"results  {output}")
+
+
+# raygrad ablate: the options naming other texts (the run's own when none is given), and where it runs
+ABLATE_TEXTS = tuple(name for name in fields_of(MEASURED, sample=True) if name not in ("max_length", "seed"))
+ABLATE_OPTIONS = ABLATE_TEXTS + tuple(name for name in fields_of(EXECUTION) if name != "sae_layers_per_pass")
+
+
+@cli.command()
+@click.argument("run_dir", metavar="RUN", type=click.Path(exists=True, file_okay=False))
+@click.option("--features", default=None, help="Entries to ablate, LAYER:INDEX[,LAYER:INDEX...]: site dimensions "
+              "(--target mlp) or SAE features (--target sae) of layers the run collected.")
+@click.option("--from-compare", default=None, type=click.Path(file_okay=False),
+              help="A comparison's directory (raygrad compare): its --k first by its own ranking (most specific "
+                   "to its RUN_A).")
+@click.option("--from-top", is_flag=True, help="The run's --k first by |attribution| (mean g * a; mean |gradient| "
+              "where the run has no attribution), over every layer.")
+@click.option("-k", "--k", type=INTEGER, default=None, help="How many, with --from-compare or --from-top.")
+@click.option("--mode", default="zero", show_default=True,
+              help="zero, mean (the run's mean value; the run must collect values) or clamp=VALUE (VALUE where "
+                   "active: f > 0 for an SAE feature, everywhere for a site dimension).")
+@click.option("--each", is_flag=True, help="Also each entry alone, and the Pearson correlation of predicted and "
+              "actual delta over the entries.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+@click.option("--dry-run", is_flag=True, help="Print what would run and exit; writes nothing.")
+@(lambda func: _config_options(func, ABLATE_OPTIONS))
+@click.pass_context
+def ablate(ctx, run_dir, features, from_compare, from_top, k, mode, each, as_json, no_progress, dry_run,
+           **options) -> None:
+    """Set dimensions or SAE features of RUN at every position (zero, mean or clamp) and measure the loss
+    per target token against the clean model, beside the first-order prediction sum g * (a' - a), on
+    RUN's texts or --dataset. Saved in RUN/ablations/ as JSON; the same command again resumes it."""
+    from click.core import ParameterSource
+
+    from .analysis.ablation import JSON_KEYS, parse_mode, table
+
+    given = {name: value for name, value in options.items()
+             if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+    texts = {name: value for name, value in given.items() if name in ABLATE_TEXTS}
+    execution = {name: value for name, value in given.items() if name not in ABLATE_TEXTS}
+    parsed = parse_mode(mode)
+    from . import ablate as driver
+
+    selection = driver.Selection(features, from_compare, from_top, k)
+    ablation = driver.resolve(Path(run_dir), selection, parsed, each, texts, execution, echo=_say)
+    echo = (lambda _: None) if as_json else _say
+    if dry_run:
+        driver.dry_run(ablation, echo=_say)
+        return
+    result, path = driver.run(ablation, echo=echo, progress=not no_progress)
+    if as_json:
+        _say(json.dumps({key: result[key] for key in JSON_KEYS}))
+        return
+    _say(table(result, "feature" if ablation.plan.target == "sae" else "dimension"))
+    _say(f"results  {path}")
 
 
 def main() -> None:

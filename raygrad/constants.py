@@ -51,7 +51,20 @@ LOSS_TOKENS = "loss_tokens"  # scalar run total, targets that entered the loss
 SAE_SQ_ERROR_SUM = "sae_sq_error_sum"  # sum over aggregated tokens of ||x - x_hat||^2 (model units^2)
 SAE_L0_SUM = "sae_l0_sum"  # nonzero features, summed over aggregated tokens
 SPLICED_LOSS_SUM = "spliced_loss_sum"  # splice modes: nats, CE over every target with this layer's SAE spliced in
-LAYER_SUMS = (SAE_SQ_ERROR_SUM, SAE_L0_SUM, SPLICED_LOSS_SUM)
+# raygrad ablate (raygrad.compute.ablation), one float64 value per variant row (joint, then each entry alone),
+# over texts i with n_i > 0 target tokens; d_i = ablated minus clean summed loss of text i, nats:
+ABLATED_LOSS_SUM = "ablated_loss_sum"  # sum of the ablated summed loss A_i
+ABLATED_DELTA_SUM = "ablated_delta_sum"  # sum of d_i
+ABLATED_DELTA_SQ_SUM = "ablated_delta_sq_sum"  # sum of d_i^2
+ABLATED_DELTA_TOKENS_SUM = "ablated_delta_tokens_sum"  # sum of d_i * n_i
+ABLATED_PREDICTED_SUM = "ablated_predicted_sum"  # sum of the first-order prediction g * (a' - a) over targets
+ABLATED_TEXTS = "ablated_texts"  # texts with at least one target
+ABLATED_TOKENS_SQ_SUM = "ablated_tokens_sq_sum"  # sum of n_i^2
+ABLATION_SUMS = (ABLATED_LOSS_SUM, ABLATED_DELTA_SUM, ABLATED_DELTA_SQ_SUM, ABLATED_DELTA_TOKENS_SUM,
+                 ABLATED_PREDICTED_SUM, ABLATED_TEXTS, ABLATED_TOKENS_SQ_SUM)
+LAYER_SUMS = (SAE_SQ_ERROR_SUM, SAE_L0_SUM, SPLICED_LOSS_SUM, *ABLATION_SUMS)
+ABLATIONS_DIR = "ablations"  # RUN_DIR/ablations/: one JSON per `raygrad ablate`, and its store while it runs
+ATTR_ABLATION = "ablation"  # an ablation store's root attribute: the run, the entries, the mode, the dataset
 
 # Root attributes.
 VERSION = "0.1.0"  # raygrad.__version__, recorded in every store and export (pyproject.toml says the same)

@@ -359,10 +359,23 @@ def _tokenizer(plan: Plan):
     return load_tokenizer(plan.model, plan.model_path, model_commit(plan))
 
 
+def execute(plan: Plan, config: RunConfig, store: ResultStore, pool: WorkerPool, progress: bool,
+            plan_seconds: float, echo, resume_hint: str, finish: Callable) -> None:
+    """Another command's shards on the run's engine (raygrad ablate): the pool, the reducer, checkpoints and
+    finalize as for a run; `finish(totals)` replaces the run's summary line and exports."""
+    _execute(plan, config, store, pool, progress, plan_seconds, echo, resume_hint, finish)
+
+
+def plan_with_shards(resolved: Plan, config: RunConfig, pool: WorkerPool, echo) -> Plan:
+    """`resolved` placed on the sized pool with shards planned from `config`'s dataset, checked and
+    printed, as a run's (raygrad ablate on other texts)."""
+    return _whole_plan(resolved, config, _source(config), pool, echo)
+
+
 def _execute(plan: Plan, config: RunConfig, store: ResultStore, pool: WorkerPool, progress: bool,
-             plan_seconds: float, echo) -> None:
+             plan_seconds: float, echo, resume_hint: str | None = None, finish: Callable | None = None) -> None:
     reducer = Reducer(store, config.checkpoint_seconds, progress)
-    resume_hint = f"continue with: raygrad run --resume {store.run_dir}"
+    resume_hint = resume_hint or f"continue with: raygrad run --resume {store.run_dir}"
     try:
         # each shard a reference, (number, source, row range): its worker reads the rows
         work = [(i, plan.source, plan.shards[i]) for i in reducer.todo]
@@ -404,6 +417,9 @@ def _execute(plan: Plan, config: RunConfig, store: ResultStore, pool: WorkerPool
              f"{resume_hint}")
         raise
     totals = reducer.totals
+    if finish is not None:
+        finish(totals)
+        return
     mean_loss = totals.loss_sum / max(totals.loss_tokens, 1)
     echo(f"done     {totals.loss_tokens} target tokens, mean loss {mean_loss:.4f} nats/token, "
          f"{timing['tokens_per_second']:.0f} tokens/s overall, "

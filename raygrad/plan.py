@@ -72,6 +72,8 @@ class Plan:
     model_revision: dict | None = None  # hub commit, local directory digest, or bundled package version
     sae_revisions: list[dict] | None = None  # per layer: a release's commit and file hashes, or a directory digest
     dataset_revision: dict | None = None  # hub commit, or a local file's digest (shards keep their own fingerprints)
+    # raygrad ablate: what its workers set (compute.ablation.AblationSpec.to_dict); None: a run's gradients
+    ablation: dict | None = None
 
     def batch_tokens(self) -> int:
         """Padded tokens in one batch at most (the memory estimate's batch)."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import constants as names
 from ..dataset.shards import Shard, check_fingerprint, read_rows
 from ..dataset.text import tokenize_truncated
 from ..errors import RaygradError
@@ -25,6 +26,7 @@ from ..model.pins import check_unchanged, model_commit, sae_commit
 from ..plan import Plan, sae_load_kwargs
 from ..store import topk
 from ..store.partial import Partial, ShardResult
+from .ablation import AblationSpec, ablate_batch
 from .accumulator import DeviceAccumulator
 from .batch import Aggregation, make_batch
 from .batching import BatchSizer, MemoryProbe, collate
@@ -108,7 +110,7 @@ class ShardComputer:
         saes = [self.saes[row] for row in group] if self.saes is not None else None
         layers = [self.layers[row] for row in group]
         context = [(self.modules[row], self.layers[row]) for row in range(len(self.modules)) if row not in group]
-        acc = self._accumulator(len(group))
+        acc = self.accumulator_for(group)
         queue = deque(self.sizer.batches([len(ids) for ids in token_ids]))
         while queue:
             indices = queue.popleft()
@@ -123,14 +125,21 @@ class ShardComputer:
             queue = deque([waiting[j] for j in part] for part in repacked)
         return acc
 
+    def accumulator_for(self, group: list[int]) -> DeviceAccumulator:
+        """Empty running sums for a pass over the layer rows `group`: one row per layer."""
+        return self._accumulator(len(group))
+
+    def add_batch(self, batch, acc: DeviceAccumulator, modules, saes, layers, context) -> None:
+        """The per-batch function: one forward + backward's sums into `acc` (`batch` on the device)."""
+        accumulate_batch(self.model, modules, batch, acc, self.aggregation, saes, layers, context)
+
     def _try_batch(self, batch, acc: DeviceAccumulator, modules, saes, layers, context) -> bool:
         """Add one batch to `acc`, or return False after an out-of-memory error the sizer can
         recover from (the batch's sums were kept apart, so nothing was counted)."""
         staged = acc.empty_like()
         self.sizer.before_batch()
         try:
-            accumulate_batch(self.model, modules, batch.to(self.device), staged, self.aggregation, saes, layers,
-                             context)
+            self.add_batch(batch.to(self.device), staged, modules, saes, layers, context)
         except torch.cuda.OutOfMemoryError as err:
             if batch.input_ids.shape[0] == 1 or not self.sizer.after_out_of_memory(batch.padded_tokens):
                 raise RaygradError(_out_of_memory_line(batch, self.device, err)) from None
@@ -145,6 +154,23 @@ class ShardComputer:
         acc.merge(staged)
         self.sizer.after_batch(batch.padded_tokens)
         return True
+
+
+class AblationComputer(ShardComputer):
+    """raygrad ablate's shard loop: ShardComputer's batching and out-of-memory retry around ablate_batch,
+    one accumulator row per variant (joint, then each entry alone), every SAE in one pass."""
+
+    def __init__(self, model, tokenizer, modules, spec: AblationSpec, sizer: BatchSizer, max_length: int,
+                 device: torch.device, saes=None):
+        super().__init__(model, tokenizer, modules, {}, Aggregation(), sizer, max_length, device, saes,
+                         layer_sums=names.ABLATION_SUMS)
+        self.spec = spec
+
+    def accumulator_for(self, group: list[int]) -> DeviceAccumulator:
+        return DeviceAccumulator(self.spec.num_variants, {}, self.device, names.ABLATION_SUMS)
+
+    def add_batch(self, batch, acc: DeviceAccumulator, modules, saes, layers, context) -> None:
+        ablate_batch(self.model, modules, batch, acc, self.spec, saes)
 
 
 def _out_of_memory_line(batch, device: torch.device, err: BaseException) -> str:
@@ -194,10 +220,14 @@ class ShardRunner:
             probe_seed=seed,
         )
         self.seed = seed
-        self.computer = ShardComputer(self.model, self.tokenizer, self.modules, plan.prefixes, aggregation,
-                                      batch_sizer(plan, self.device), plan.max_length, self.device, self.saes,
-                                      self.sae_groups, self.layer_devices, plan.layer_sums, plan.layers,
-                                      plan.top_examples, getattr(torch, str(topk.score_dtype(plan.dtype))))
+        if plan.ablation:  # raygrad ablate: the same loop around its own per-batch function
+            self.computer = AblationComputer(self.model, self.tokenizer, self.modules, AblationSpec.from_dict(
+                plan.ablation), batch_sizer(plan, self.device), plan.max_length, self.device, self.saes)
+        else:
+            self.computer = ShardComputer(self.model, self.tokenizer, self.modules, plan.prefixes, aggregation,
+                                          batch_sizer(plan, self.device), plan.max_length, self.device, self.saes,
+                                          self.sae_groups, self.layer_devices, plan.layer_sums, plan.layers,
+                                          plan.top_examples, getattr(torch, str(topk.score_dtype(plan.dtype))))
         self._tokenizing = threading.Lock()  # a fast tokenizer refuses two threads at once ("Already borrowed")
         self.load_seconds = time.perf_counter() - started
 
