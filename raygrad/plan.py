@@ -212,6 +212,9 @@ class Plan:
                f"({self.example_bytes() / 2**20:.1f} MiB per partial)"] if self.top_examples else []),
             f"samples  {self.samples} (requested {self.samples_requested}), "
             f"{self._batch_text()}, max {self.max_length} tokens",
+            *([f"loss     on the completion's tokens only: column {self.source['completion_column']}, after the "
+               f"prompt in column {self.source['prompt_column']} (context)"]
+              if (self.source or {}).get("completion_column") is not None else []),
             *([f"skipped  {self._skipped_text()}"] if self.skipped_texts else []),
             f"shards   {self._shards_text()}",
             f"workers  {self._workers_text()}",
@@ -229,11 +232,21 @@ class Plan:
                 f"estimated at {self.tokens_per_char:.3f} tokens per character)")
 
     def _skipped_text(self) -> str:
-        from .dataset.text import REPLACED_BYTES, SKIP_NOT_TEXT, SKIP_SHORT, SKIP_UNREADABLE
+        from .dataset.text import (
+            REPLACED_BYTES,
+            SKIP_COMPLETION_CUT,
+            SKIP_NO_COMPLETION,
+            SKIP_NOT_TEXT,
+            SKIP_SHORT,
+            SKIP_UNREADABLE,
+        )
 
         said = {SKIP_SHORT: "rows too short (--min-chars)", SKIP_NOT_TEXT: "rows whose text is null, missing or "
                 "not a string", REPLACED_BYTES: "lines kept with bytes that are not UTF-8 (replaced by U+FFFD)",
-                SKIP_UNREADABLE: "CSV records the csv module cannot read (a field over its size limit)"}
+                SKIP_UNREADABLE: "CSV records the csv module cannot read (a field over its size limit)",
+                SKIP_NO_COMPLETION: "rows without a completion (missing, null or empty)",
+                SKIP_COMPLETION_CUT: f"rows whose prompt fills --max-length {self.max_length} (no completion token "
+                "left)"}
         return "; ".join(f"{count} {said.get(reason, reason)}" for reason, count in self.skipped_texts.items())
 
     def _sae_lines(self) -> list[str]:

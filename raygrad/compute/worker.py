@@ -18,7 +18,7 @@ import torch
 
 from .. import constants as names
 from ..dataset.shards import Shard, check_fingerprint, read_rows
-from ..dataset.text import tokenize_truncated
+from ..dataset.text import pair_target_counter, token_ids, tokenize_truncated
 from ..errors import RaygradError
 from ..model.loading import device_placement, execution_device, input_device, load_model_and_tokenizer, pick_device
 from ..model.memory import sae_layer_groups
@@ -42,6 +42,7 @@ class PreparedShard:
     token_ids: list[list[int]]
     rows: list[int]  # each text's dataset row
     read_seconds: float
+    prompt_lengths: list[int] | None = None  # --completion-column: each text's prompt tokens (context only)
 
 
 def batch_sizer(plan: Plan, device: torch.device) -> BatchSizer:
@@ -76,20 +77,29 @@ class ShardComputer:
         """Each text's first max_length token ids, tokenized from a prefix of it (data.tokenize_truncated)."""
         return tokenize_truncated(self.tokenizer, texts, self.max_length)
 
-    def compute(self, texts: list[str], rows: list[int] | None = None) -> Partial:
-        """`rows`: each text's dataset row (default 0, 1, ...); with the layer and the run's seed it
-        keys the Hessian's probes, so a text draws the same ones in any shard, batch or retry."""
-        return self.compute_tokens(self.tokenize(texts), rows)
+    def tokenize_texts(self, texts: list) -> tuple[list[list[int]], list[int] | None]:
+        """(ids, prompt lengths) of plain texts (None: every target counts) or Pairs (text.token_ids)."""
+        return token_ids(self.tokenizer, texts, self.max_length)
 
-    def compute_tokens(self, token_ids: list[list[int]], rows: list[int] | None = None) -> Partial:
+    def compute(self, texts: list, rows: list[int] | None = None) -> Partial:
+        """`rows`: each text's dataset row (default 0, 1, ...); with the layer and the run's seed it
+        keys the Hessian's probes, so a text draws the same ones in any shard, batch or retry.
+        `texts`: plain texts, or Pairs (the loss over each completion's tokens only)."""
+        ids, prompt_lengths = self.tokenize_texts(texts)
+        return self.compute_tokens(ids, rows, prompt_lengths)
+
+    def compute_tokens(self, token_ids: list[list[int]], rows: list[int] | None = None,
+                       prompt_lengths: list[int] | None = None) -> Partial:
+        """`prompt_lengths` (--completion-column): each text's leading tokens that are context only."""
         rows = list(range(len(token_ids))) if rows is None else list(rows)
         if len(self.groups) == 1:
-            return self._compute_rows(token_ids, rows, self.groups[0]).to_partial()
+            return self._compute_rows(token_ids, rows, self.groups[0], prompt_lengths).to_partial()
         acc = self._accumulator(len(self.modules))
         for index, group in enumerate(self.groups):
             self._move_saes(group, lambda row: self.sae_devices[row])
             try:
-                acc.merge_rows(self._compute_rows(token_ids, rows, group), group, with_loss=index == 0)
+                acc.merge_rows(self._compute_rows(token_ids, rows, group, prompt_lengths), group,
+                               with_loss=index == 0)
             finally:
                 self._move_saes(group, lambda row: torch.device("cpu"))
         return acc.to_partial()
@@ -102,10 +112,11 @@ class ShardComputer:
         for row in rows:
             self.saes[row].to(device_of(row))
 
-    def _compute_rows(self, token_ids: list[list[int]], text_rows: list[int], group: list[int]
-                      ) -> DeviceAccumulator:
+    def _compute_rows(self, token_ids: list[list[int]], text_rows: list[int], group: list[int],
+                      prompt_lengths: list[int] | None = None) -> DeviceAccumulator:
         """One pass over the shard for the layers of `group` (rows of the plan's layer list). The
-        other layers are hooked too when the Hessian's double backward must mix every layer."""
+        other layers are hooked too when the Hessian's double backward must mix every layer.
+        `prompt_lengths`: each text's context-only tokens (None: every target counts)."""
         modules = [self.modules[row] for row in group]
         saes = [self.saes[row] for row in group] if self.saes is not None else None
         layers = [self.layers[row] for row in group]
@@ -115,7 +126,8 @@ class ShardComputer:
         while queue:
             indices = queue.popleft()
             input_ids, mask = collate([token_ids[i] for i in indices], self.tokenizer.pad_token_id)
-            batch = make_batch(input_ids, mask, self.aggregation, rows=[text_rows[i] for i in indices])
+            batch = make_batch(input_ids, mask, self.aggregation, rows=[text_rows[i] for i in indices],
+                               context=None if prompt_lengths is None else [prompt_lengths[i] for i in indices])
             if self._try_batch(batch, acc, modules, saes, layers, context):
                 continue
             # Out of memory: nothing of this batch was added. It and every batch still
@@ -240,16 +252,28 @@ class ShardRunner:
         was planned on stops the run here, before anything of the shard is computed. Safe beside a
         `compute` in another thread (the tokenizer is used by one thread at a time)."""
         started = time.perf_counter()
-        texts, rows, fingerprint = read_rows(source, ref)
+        texts, rows, fingerprint = read_rows(source, ref, targets=self._pair_targets(source))
         check_fingerprint(shard, ref, fingerprint)
         with self._tokenizing:
-            token_ids = self.computer.tokenize(texts)
-        return PreparedShard(shard, token_ids, rows, time.perf_counter() - started)
+            ids, prompt_lengths = self.computer.tokenize_texts(texts)
+        return PreparedShard(shard, ids, rows, time.perf_counter() - started, prompt_lengths)
+
+    def _pair_targets(self, source: dict):
+        """A prompt/completion source's row filter (as the plan's, text.pair_target_counter), taking the
+        tokenizer's lock; None for plain texts."""
+        if source.get("completion_column") is None:
+            return None
+        count = pair_target_counter(self.tokenizer, self.plan.max_length)
+
+        def locked(pairs):
+            with self._tokenizing:
+                return count(pairs)
+        return locked
 
     def compute(self, prepared: PreparedShard) -> ShardResult:
         """Rows key the Hessian's probes, so a text draws the same ones in any shard or batch."""
         started = time.perf_counter()
-        partial = self.computer.compute_tokens(prepared.token_ids, prepared.rows)
+        partial = self.computer.compute_tokens(prepared.token_ids, prepared.rows, prepared.prompt_lengths)
         sizer = self.computer.sizer
         return ShardResult(prepared.shard, partial, time.perf_counter() - started, self.load_seconds,
                            sizer.tokens if sizer.mode != "texts" else 0, prepared.read_seconds)
