@@ -16,6 +16,7 @@ from typing import Callable
 from . import constants as names
 from .cluster.pool import WorkerPool
 from .config import EXECUTION, MEASURED, SHARDS_PER_WORKER, RunConfig, dashed, fields_of, part_of, planned_fields
+from .dataset import hub_parquet
 from .dataset.formats import describe_source
 from .dataset.shards import plan_shards
 from .dataset.text import absolute_if_local
@@ -243,6 +244,7 @@ def _resumed_config(run_dir: Path, store: ResultStore, execution: dict) -> tuple
                                   config.export())
     saved = Plan.from_dict(store.attrs[names.ATTR_PLAN])
     check_unchanged(saved, "resuming")  # the pinned model and SAEs, before the dataset is read
+    hub_parquet.check_unchanged(saved, "resuming")  # a hub dataset's pinned parquet commit is still there
     if saved.source is None:
         raise RaygradError(f"--resume {run_dir}: planned by an older raygrad, whose shards held texts rather than "
                            "rows of the dataset; start a new run")
@@ -340,6 +342,8 @@ def _check_memory(plan: Plan, workers: int, device: str) -> None:
 
 def _plan_shards(plan: Plan, config: RunConfig, source: dict, workers: int, device: str, echo) -> Plan:
     """The plan with its shards: one streaming pass over the dataset (shards.py), sized for this pool."""
+    if source.get("hub"):  # a hub id, resolved with its source: the plan pins the commit its files are read at
+        plan = dataclasses.replace(plan, dataset_revision=source["hub"])
     if source["kind"] == "datasets":  # every node reads the pinned commit
         source = {**source, "revision": dataset_commit(plan)}
     layout = plan_shards(source, config.sample_limit, _tokenizer(plan), config.max_length,

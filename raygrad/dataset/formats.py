@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 
 from ..constants import BUNDLED_CORPUS
 from ..errors import RaygradError, first_line
-from . import remote
+from . import hub_parquet, remote
 from .text import DEFAULT_CONFIGS, LOCAL_FORMATS, REPLACED_BYTES, check_column, stdlib_paragraphs
 
 MISSING = object()  # a row without the text column (a JSON object without the key, a short CSV record)
@@ -73,7 +73,8 @@ def describe_source(dataset: str, text_column: str = "text", config: str | None 
         return _describe_url(source)
     path = Path(dataset).expanduser()
     if path.is_dir() or not _looks_local(dataset):
-        return {**source, "kind": "datasets", "config": config or DEFAULT_CONFIGS.get(dataset)}
+        source = {**source, "kind": "datasets", "config": config or DEFAULT_CONFIGS.get(dataset)}
+        return source if path.is_dir() else hub_parquet.describe(source)  # parquet at a pinned commit
     problem = _not_a_file(path)
     if problem == _NO_SUCH_FILE:
         raise RaygradError(f"--dataset {path}: {problem}")

@@ -28,7 +28,7 @@ def filesystem(url: str):
     import fsspec
 
     try:
-        return fsspec.core.url_to_fs(url)
+        return fsspec.core.url_to_fs(url, **_storage_options(url))
     except ImportError as err:
         package = _package_for(url.split("://", 1)[0], err)
         raise RaygradError(f"--dataset {url}: reading {url.split('://', 1)[0]}:// URLs needs the {package} "
@@ -36,6 +36,16 @@ def filesystem(url: str):
     except ValueError as err:  # a scheme fsspec does not know
         raise RaygradError(f"--dataset {url}: {first_line(err)}; give an fsspec URL (s3://, gs://, az://, hf://, "
                            "https://, file://) or a local path") from None
+
+
+def _storage_options(url: str) -> dict:
+    """hf:// reaches HF_ENDPOINT as it is set now (huggingface_hub fixes its own when imported); the
+    token stays each node's own (HF_TOKEN, the token file), read by huggingface_hub itself."""
+    if url.startswith("hf://"):
+        from ..model.hub import hub_endpoint
+
+        return {"endpoint": hub_endpoint()}
+    return {}
 
 
 def _package_for(protocol: str, err: ImportError) -> str:

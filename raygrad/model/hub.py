@@ -20,11 +20,11 @@ OFFLINE_HINT = "for the offline demo use --model smollm2-135m --dataset stdlib-d
 
 def hub_offline() -> bool:
     """True when HF_HUB_OFFLINE is set or the hub's host does not answer within PROBE_SECONDS."""
-    return _offline_by_setting() or not _hub_answers(_endpoint())
+    return _offline_by_setting() or not _hub_answers(hub_endpoint())
 
 
 def why_offline() -> str:
-    return "HF_HUB_OFFLINE is set" if _offline_by_setting() else f"{urlparse(_endpoint()).hostname} does not answer"
+    return "HF_HUB_OFFLINE is set" if _offline_by_setting() else f"{urlparse(hub_endpoint()).hostname} does not answer"
 
 
 def _offline_by_setting() -> bool:
@@ -32,7 +32,7 @@ def _offline_by_setting() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def _endpoint() -> str:
+def hub_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
 
 

@@ -309,6 +309,13 @@ def describe_pins(plan) -> list[str]:
 
 def _pin_text(pin: dict) -> str:
     kind = pin.get("kind")
+    if kind == "hub" and pin.get("parquet"):  # a hub dataset read as parquet (dataset/hub_parquet.py)
+        where = "its own parquet files" if pin["parquet"] == "own" else \
+            f"{pin['parquet']} at commit {pin['parquet_commit']}"
+        return f"commit {pin['commit']}, read as parquet: {pin['files']} file(s) of {where}"
+    if kind == "hub" and pin.get("fallback"):
+        return (f"commit {pin['commit'] or 'unknown (the hub did not say)'}; not read as parquet: {pin['fallback']}; "
+                "each worker loads it whole with datasets.load_dataset")
     if kind == "hub":
         return f"commit {pin['commit']}" if pin.get("commit") else "revision unknown (the hub did not say)"
     if kind == "local":
