@@ -11,6 +11,7 @@ from collections import Counter
 import numpy as np
 import pytest
 from helpers import run_tiny
+from s3_server import CharTokenizer, RecordingS3Server, use_endpoint
 
 from raygrad.dataset.formats import describe_source
 from raygrad.dataset.shards import load_texts, plan_shards, read_rows
@@ -21,40 +22,24 @@ from raygrad.model.pins import pin_dataset
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 s3fs = pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
 LONG = [f"Text number {i}: a sentence long enough to pass the length filter of fifty characters." for i in range(40)]
 MAX_LENGTH = 24
 
 
-class CharTokenizer:
-    """One token per 4 characters, plus BOS: the planner needs the tokenizer alone."""
-
-    def __call__(self, texts):
-        return {"input_ids": [[0] * (1 + len(text) // 4) for text in texts]}
-
-
 @pytest.fixture(scope="module")
-def endpoint():
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
+def server():
+    server = RecordingS3Server().start()
+    yield server
     server.stop()
 
 
 @pytest.fixture
-def s3(endpoint, monkeypatch, tmp_path):
+def s3(server, monkeypatch, tmp_path):
     """-> (s3fs filesystem, a fresh bucket's name); credentials and endpoint only as a node would give
-    them, in its environment (dummy keys: moto accepts any)."""
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    them, in its environment."""
+    use_endpoint(monkeypatch, server.endpoint, tmp_path)
     s3fs.S3FileSystem.clear_instance_cache()
     fs = s3fs.S3FileSystem()
     bucket = f"raygrad-{uuid.uuid4().hex[:12]}"
@@ -173,15 +158,18 @@ def test_a_url_is_never_a_path_nor_a_hub_id(s3, monkeypatch, tmp_path):
     assert plan(through_fsspec, shard_texts=2) == plan(describe_source(str(local)), shard_texts=2)
 
 
-@pytest.mark.parametrize("name", ["texts.jsonl", "texts.txt", "texts.csv", "lines/"])
-def test_other_formats_by_url_are_refused_for_now(s3, name):
+def test_a_prefix_of_several_formats_is_one_line(s3):
     fs, bucket = s3
-    fs.pipe(f"{bucket}/lines/texts.jsonl", b'{"text": "a"}\n')
-    with pytest.raises(RaygradError, match=r"by URL raygrad reads parquet so far, not (json|text|csv)"):
-        describe_source(f"s3://{bucket}/{name}")
+    fs.pipe(f"{bucket}/mixed/a.jsonl", b'{"text": "a"}\n')
+    fs.pipe(f"{bucket}/mixed/b.parquet", parquet_bytes(mixed_values()))
+    with pytest.raises(RaygradError, match=rf"^--dataset s3://{bucket}/mixed: holds files of several formats "
+                                           rf"\(json, parquet\); name the files of one with a glob, e\.g\. "
+                                           rf"s3://{bucket}/mixed/\*\.parquet$"):
+        describe_source(f"s3://{bucket}/mixed")
+    assert describe_source(f"s3://{bucket}/mixed/*.jsonl")["kind"] == "json"
 
 
-def test_a_worker_reads_only_its_own_row_groups(s3, monkeypatch):
+def test_a_worker_reads_only_its_own_row_groups(s3, server):
     """One shard of an object of 32 row groups: ranged reads of its footer and its row group's text
     column, a small part of the object."""
     fs, bucket = s3
@@ -193,20 +181,15 @@ def test_a_worker_reads_only_its_own_row_groups(s3, monkeypatch):
     layout = plan(source, shard_texts=64)
     assert len(layout.shards) == 32
 
-    fetched = []
-    fetch_range = s3fs.core.S3File._fetch_range
-
-    def counted(self, start, end):
-        fetched.append((self.path, start, end))
-        return fetch_range(self, start, end)
-
-    monkeypatch.setattr(s3fs.core.S3File, "_fetch_range", counted)
+    server.clear()
     got, rows, fingerprint = read_rows(source, layout.shards[17])
     assert rows == list(range(17 * 64, 18 * 64)) and fingerprint == layout.shards[17].fingerprint
-    read_bytes = sum(end - start for _, start, end in fetched)
+    fetched = server.reads(f"/{bucket}/big.parquet")  # as the server saw them
+    read_bytes = sum(request.sent for request in fetched)
     print(f"one shard of 32: {read_bytes} bytes in {len(fetched)} ranged reads of a {len(data)}-byte object")
+    assert fetched and all(request.range is not None for request in fetched)
     assert read_bytes < len(data) / 8
-    assert all(end - start < len(data) / 8 for _, start, end in fetched)
+    assert all(request.sent < len(data) / 8 for request in fetched)
 
 
 def test_a_run_on_an_s3_parquet_equals_the_run_on_the_local_file(s3, tiny_llama, texts_file, tmp_path):

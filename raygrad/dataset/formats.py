@@ -2,13 +2,17 @@
 or one row range (a shard, read by a worker).
 
 A source is plain data (a dict, saved in the plan): {"kind", "path", "text_column",
-"config", "split", "min_chars"}, a hub dataset's pinned "revision", and a URL's "objects" (each
-{"url", "identity", "rows"}: remote.py; only parquet by URL so far) (a plan saved by
-an older raygrad may also hold a "fingerprint", which nothing reads). A row is a record
-of the dataset as read, numbered from 0 before any filtering; its value is what the
+"config", "split", "min_chars"}, with --prompt-column/--completion-column also "prompt_column" and
+"completion_column" (a row's value is then the pair of their values), a hub dataset's pinned
+"revision", and a URL's "objects" (each {"url", "identity"}: remote.py, and what planning read
+from it: a parquet object's "rows", a .txt's "lone_cr_ends_lines", a CSV's "csv_columns" and
+"csv_body") (a plan saved by an older raygrad may also hold a "fingerprint", which nothing reads).
+A row is a record of the dataset as read, numbered from 0 before any filtering; its value is what the
 text column holds (any type: the filter in shards.py decides what is usable). Line
 formats (.txt, .jsonl, .csv) also give each row's byte span, so a shard records where
-its rows start and a worker seeks there. A CSV file's records are those Python's csv
+its rows start and a worker seeks there (a URL's objects are numbered one after another, as if
+concatenated, so a shard's bytes may span two, and each is read in ranged reads of the shard's bytes
+alone). A CSV file's records are those Python's csv
 module reads from it opened with newline="" and encoding utf-8-sig (pandas and
 `datasets` read the same).
 """
@@ -27,12 +31,15 @@ import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from ..constants import BUNDLED_CORPUS
 from ..errors import RaygradError, first_line
 from . import hub_parquet, remote
 from .text import DEFAULT_CONFIGS, LOCAL_FORMATS, REPLACED_BYTES, check_column, stdlib_paragraphs
+
+COLUMN_OPTIONS = {"text_column": "--text-column", "prompt_column": "--prompt-column",
+                  "completion_column": "--completion-column"}
 
 MISSING = object()  # a row without the text column (a JSON object without the key, a short CSV record)
 UNREADABLE = object()  # a CSV record that csv cannot read (a field over CSV_FIELD_CHARS characters)
@@ -64,9 +71,40 @@ def register_format(kind: str, fmt: Format) -> None:
 
 
 def describe_source(dataset: str, text_column: str = "text", config: str | None = None, split: str = "train",
-                    min_chars: int = 50) -> dict:
+                    min_chars: int = 50, prompt_column: str | None = None, completion_column: str | None = None
+                    ) -> dict:
     """The source a run reads, as plain data; a local file is checked here (a regular file, of a known type)."""
     source = {"path": dataset, "text_column": text_column, "config": config, "split": split, "min_chars": min_chars}
+    if completion_column is not None:  # only then, so a plain run's plan is as before
+        source.update(prompt_column=prompt_column, completion_column=completion_column)
+    source = _with_kind(source, dataset, config)
+    if completion_column is not None and source["kind"] in ("text", "bundled"):
+        raise RaygradError(f"--completion-column {completion_column}: --dataset {dataset} is plain text, one text "
+                           "a line, with no columns; give a .jsonl, .csv or .parquet file or a hub dataset")
+    return source
+
+
+def value_columns(source: dict) -> list[str]:
+    """The columns a row's value is read from: the text column, or the prompt and completion columns."""
+    if source.get("completion_column") is not None:
+        return [source["prompt_column"], source["completion_column"]]
+    return [source["text_column"]]
+
+
+def check_columns(source: dict, columns: Iterable[str], name: str | None = None) -> None:
+    """Each column a row is read from is among `columns` (of the dataset `name`), else one line naming its option."""
+    columns = list(columns)
+    for key in ("prompt_column", "completion_column") if source.get("completion_column") is not None \
+            else ("text_column",):
+        check_column(name or source["path"], source[key], columns, COLUMN_OPTIONS[key])
+
+
+def _row_value(values: list):
+    """A row's value: its one column's, or (prompt, completion) (shards.py decides what is usable)."""
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _with_kind(source: dict, dataset: str, config: str | None) -> dict:
     if dataset == BUNDLED_CORPUS:
         return {**source, "kind": "bundled"}
     if remote.is_url(dataset):
@@ -88,31 +126,39 @@ def describe_source(dataset: str, text_column: str = "text", config: str | None 
 
 
 def _describe_url(source: dict) -> dict:
-    """A URL's objects of one format, each pinned by its identity; parquet objects also by their rows
-    (read from each footer), so a worker opens only the objects its shard's rows are in."""
+    """A URL's objects of one format, each pinned by its identity and carrying what a worker needs to
+    start reading at its shard's rows: a parquet object's rows (from its footer, so a worker opens only
+    the objects its rows are in), a .txt's line ends, a CSV's header."""
     url = source["path"]
-    named = LOCAL_FORMATS.get(PurePosixPath(url.split("://", 1)[1]).suffix.lower())
-    if named not in (None, "parquet"):  # said before anything is listed
-        _refuse_by_url(url, [named])
     objects = remote.list_objects(url)
     kinds = [LOCAL_FORMATS.get(PurePosixPath(obj["url"]).suffix.lower()) for obj in objects]
     if len(objects) == 1 and kinds[0] is None:
         raise RaygradError(f"--dataset {url}: unknown file type; use one of {', '.join(LOCAL_FORMATS)}")
-    if "parquet" not in kinds:
-        found = sorted({kind for kind in kinds if kind})
-        if not found:
-            raise RaygradError(f"--dataset {url}: no dataset files ({', '.join(LOCAL_FORMATS)}) in it")
-        _refuse_by_url(url, found)
-    objects = [obj for obj, kind in zip(objects, kinds) if kind == "parquet"]
+    found = sorted({kind for kind in kinds if kind})
+    if not found:
+        raise RaygradError(f"--dataset {url}: no dataset files ({', '.join(LOCAL_FORMATS)}) in it")
+    if len(found) > 1:
+        raise RaygradError(f"--dataset {url}: holds files of several formats ({', '.join(found)}); name the "
+                           f"files of one with a glob, e.g. {url.rstrip('/')}/*.parquet")
+    objects = [obj for obj, kind in zip(objects, kinds) if kind == found[0]]
     for obj in objects:
+        obj.update(_object_facts(found[0], obj, source))
+    return {**source, "kind": found[0], "objects": objects}
+
+
+def _object_facts(kind: str, obj: dict, source: dict) -> dict:
+    """What planning reads from one object, in ranged reads of its footer or of its first bytes."""
+    if kind == "parquet":
         with remote.open_object(obj, "planning") as handle:
-            obj["rows"] = _parquet_file(handle, obj["url"], source["text_column"]).metadata.num_rows
-    return {**source, "kind": "parquet", "objects": objects}
-
-
-def _refuse_by_url(url: str, kinds: list[str]) -> None:
-    raise RaygradError(f"--dataset {url}: by URL raygrad reads parquet so far, not {'/'.join(kinds)}; convert it "
-                       "to parquet, or give a local path that exists on every node")
+            return {"rows": _parquet_file(handle, obj["url"], source).metadata.num_rows}
+    if kind == "text":
+        with remote.open_span(obj, "planning", stop=SNIFF_BYTES) as handle:
+            return {"lone_cr_ends_lines": _lone_cr_ends_lines(handle)}
+    if kind == "csv":
+        with remote.open_span(obj, "planning", buffer_bytes=SNIFF_BYTES) as handle:
+            indices, body = _csv_header(handle, obj["url"], source)
+        return {"csv_columns": indices, "csv_body": body}
+    return {}
 
 
 def _looks_local(dataset: str) -> bool:
@@ -157,13 +203,75 @@ def size_hint(source: dict) -> tuple[str, int] | None:
     return FORMATS[source["kind"]].size_hint(source)
 
 
-# --- line formats: .txt, .jsonl/.json, .csv
+# --- line formats: .txt, .jsonl/.json, .csv: one local file, or a URL's objects one after another
 
-def _open(source: dict):
+@dataclass(frozen=True)
+class _Part:
+    """One file of a line format's source: its name (a path or URL), its first byte in the source's
+    numbering, its size (None: a local file, read to its end) and, for an object, its plan entry."""
+    name: str
+    base: int = 0
+    size: int | None = None
+    obj: dict | None = None
+
+
+def _parts(source: dict) -> list[_Part]:
+    if "objects" not in source:
+        return [_Part(source["path"])]
+    parts, base = [], 0
+    for obj in source["objects"]:
+        parts.append(_Part(obj["url"], base, obj["identity"]["size"], obj))
+        base += obj["identity"]["size"]
+    return parts
+
+
+def _open_part(part: _Part, reading: str, stop: int | None = None):
+    """A local file, or an object's bytes up to `stop` (None: its end), fetched in ranged reads."""
+    if part.obj is not None:
+        return remote.open_span(part.obj, reading, stop)
     try:
-        return open(source["path"], "rb")
+        return open(part.name, "rb")
     except OSError as err:
-        raise RaygradError(f"--dataset {source['path']}: cannot be read ({err.strerror})") from None
+        raise RaygradError(f"--dataset {part.name}: cannot be read ({err.strerror})") from None
+
+
+# (source, part, its open file, counts, start, stop, first row) -> the part's rows from byte `start`
+# (None: its first row) to `stop` (None: its end), in the part's own bytes
+RowsInPart = Callable[[dict, _Part, object, Counter, "int | None", "int | None", int], Iterator[Row]]
+
+
+def _rows_across(source: dict, counts: Counter, start: int | None, stop: int | None, row: int, reading: str,
+                 rows_in: RowsInPart) -> Iterator[Row]:
+    """The rows that start in the source's bytes [start, stop) (None: from its first row, to its end),
+    numbered from `row`, each part's spans moved into the source's numbering; only the parts that
+    overlap [start, stop) are opened, each only up to `stop`."""
+    for part in _parts(source):
+        end = None if part.size is None else part.base + part.size
+        if stop is not None and part.base >= stop:
+            return
+        if start is not None and end is not None and end <= start:
+            continue
+        part_start = None if start is None or start <= part.base else start - part.base
+        part_stop = None if stop is None or (end is not None and stop >= end) else stop - part.base
+        with _open_part(part, reading, part_stop) as handle:
+            for item in rows_in(source, part, handle, counts, part_start, part_stop, row):
+                yield Row(item.row, item.value, item.byte_start + part.base, item.byte_stop + part.base) \
+                    if part.base else item
+                row = item.row + 1
+
+
+def _line_format(rows_in: RowsInPart, check_scan: Callable[[dict, Iterator[Row]], Iterator[Row]] | None = None,
+                 ) -> Format:
+    """A line format: the planning pass reads every part from its start; a shard, its bytes alone."""
+    def scan(source: dict, counts: Counter) -> Iterator[Row]:
+        rows = _rows_across(source, counts, None, None, 0, "the planning pass", rows_in)
+        return check_scan(source, rows) if check_scan else rows
+
+    def read_shard(source: dict, shard, counts: Counter) -> Iterator[Row]:
+        return _rows_across(source, counts, shard.byte_start, shard.byte_stop, shard.row_start,
+                            f"the shard of {shard.rows_text()}", rows_in)
+
+    return Format(scan, read_shard, _file_bytes)
 
 
 def _lines(handle, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, bytes]]:
@@ -203,57 +311,60 @@ def _lone_cr_ends_lines(handle) -> bool:
     return _LONE_CR.search(handle.read(SNIFF_BYTES)) is not None
 
 
-def _text_rows(source: dict, counts: Counter, start: int = 0, stop: int | None = None,
-               row: int = 0) -> Iterator[Row]:
+def _text_rows(source: dict, part: _Part, handle, counts: Counter, start: int | None, stop: int | None,
+               row: int) -> Iterator[Row]:
     """One text per line, every line a row (blank ones are too short to use)."""
-    with _open(source) as handle:
-        if not _lone_cr_ends_lines(handle):
-            for offset, raw in _lines(handle, start, stop):
-                yield Row(row, _decode(_strip_newline(raw), counts), offset, offset + len(raw))
-                row += 1
-            return
-        for offset, line in _lines(handle, start, stop):
-            for raw in _AFTER_LONE_CR.split(line):
-                if stop is not None and offset >= stop:  # a shard may end inside a \n-line
-                    return
-                if raw:
-                    text = raw[:-1] if raw.endswith(b"\r") else _strip_newline(raw)
-                    yield Row(row, _decode(text, counts), offset, offset + len(raw))
-                    row += 1
-                    offset += len(raw)
-
-
-def _json_rows(source: dict, counts: Counter, start: int = 0, stop: int | None = None,
-               row: int = 0) -> Iterator[Row]:
-    """One JSON object per line; blank lines are not rows (as `datasets` reads JSON Lines)."""
-    column = source["text_column"]
-    with _open(source) as handle:
+    lone_cr = part.obj["lone_cr_ends_lines"] if part.obj is not None else _lone_cr_ends_lines(handle)
+    start = start or 0
+    if not lone_cr:
         for offset, raw in _lines(handle, start, stop):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-            except ValueError as err:
-                raise RaygradError(f"--dataset {source['path']}: the line at byte {offset} is not one JSON object "
-                                   f"({first_line(err)}); a .json/.jsonl file holds one object per line") from None
-            value = record.get(column, MISSING) if isinstance(record, dict) else MISSING
-            yield Row(row, value, offset, offset + len(raw))
+            yield Row(row, _decode(_strip_newline(raw), counts), offset, offset + len(raw))
             row += 1
+        return
+    for offset, line in _lines(handle, start, stop):
+        for raw in _AFTER_LONE_CR.split(line):
+            if stop is not None and offset >= stop:  # a shard may end inside a \n-line
+                return
+            if raw:
+                text = raw[:-1] if raw.endswith(b"\r") else _strip_newline(raw)
+                yield Row(row, _decode(text, counts), offset, offset + len(raw))
+                row += 1
+                offset += len(raw)
 
 
-def _scan_json(source: dict, counts: Counter) -> Iterator[Row]:
+def _json_rows(source: dict, part: _Part, handle, counts: Counter, start: int | None, stop: int | None,
+               row: int) -> Iterator[Row]:
+    """One JSON object per line; blank lines are not rows (as `datasets` reads JSON Lines)."""
+    columns = value_columns(source)
+    for offset, raw in _lines(handle, start or 0, stop):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except ValueError as err:
+            raise RaygradError(f"--dataset {part.name}: the line at byte {offset} is not one JSON object "
+                               f"({first_line(err)}); a .json/.jsonl file holds one object per line") from None
+        value = _row_value([record.get(column, MISSING) if isinstance(record, dict) else MISSING
+                            for column in columns])
+        yield Row(row, value, offset, offset + len(raw))
+        row += 1
+
+
+def _check_json_columns(source: dict, rows: Iterator[Row]) -> Iterator[Row]:
     """Every row; a column that no row has is refused when the pass ends."""
-    found = False
-    for item in _json_rows(source, counts):
-        found = found or item.value is not MISSING
+    columns = value_columns(source)
+    found = [False] * len(columns)
+    for item in rows:
+        values = item.value if len(columns) > 1 else (item.value,)
+        found = [seen or value is not MISSING for seen, value in zip(found, values)]
         yield item
-    keys = None if found else _first_keys(source)
+    keys = None if all(found) else _first_keys(source)
     if keys:
-        check_column(source["path"], source["text_column"], keys)
+        check_columns(source, keys)  # a column no row has is not among the first row's keys either
 
 
 def _first_keys(source: dict) -> list[str] | None:
-    with _open(source) as handle:
+    with _open_part(_parts(source)[0], "the planning pass") as handle:
         for raw in handle:
             if raw.strip():
                 try:
@@ -337,20 +448,19 @@ def _csv_record_end(handle, start: int) -> int:
     return feed.offset
 
 
-def _csv_column(source: dict) -> tuple[int, int]:
-    """-> (the text column's index in the header, the byte where the records start). Blank lines
-    before the header are skipped, as pandas skips them; the header is not a row (its replaced bytes
-    are not counted)."""
-    with _open(source) as handle:
-        for _, stop, header in _csv_records(handle, 0, None, Counter()):
-            if header is None:
-                raise RaygradError(f"--dataset {source['path']}: the CSV header cannot be read (a field over "
-                                   f"{CSV_FIELD_CHARS} characters); the first record must name the columns")
-            if not header:
-                continue
-            check_column(source["path"], source["text_column"], header)
-            return header.index(source["text_column"]), stop
-    raise RaygradError(f"--dataset {source['path']}: an empty CSV file (no header)")
+def _csv_header(handle, name: str, source: dict) -> tuple[list[int], int]:
+    """-> (the value columns' indices in the header of the CSV file `name`, the byte where its records
+    start). Blank lines before the header are skipped, as pandas skips them; the header is not a row
+    (its replaced bytes are not counted)."""
+    for _, stop, header in _csv_records(handle, 0, None, Counter()):
+        if header is None:
+            raise RaygradError(f"--dataset {name}: the CSV header cannot be read (a field over "
+                               f"{CSV_FIELD_CHARS} characters); the first record must name the columns")
+        if not header:
+            continue
+        check_columns(source, header, name)
+        return [header.index(column) for column in value_columns(source)], stop
+    raise RaygradError(f"--dataset {name}: an empty CSV file (no header)")
 
 
 def _csv_value(fields: list[str] | None, index: int):
@@ -367,44 +477,40 @@ def _csv_value(fields: list[str] | None, index: int):
     return None
 
 
-def _csv_rows(source: dict, counts: Counter, start: int | None = None, stop: int | None = None,
-              row: int = 0) -> Iterator[Row]:
+def _csv_rows(source: dict, part: _Part, handle, counts: Counter, start: int | None, stop: int | None,
+              row: int) -> Iterator[Row]:
     """Records after the header, as csv.DictReader reads them: a blank line is not a row."""
-    index, body = _csv_column(source)
-    with _open(source) as handle:
-        for begin, end, fields in _csv_records(handle, body if start is None else start, stop, counts):
-            if fields == []:
-                continue
-            yield Row(row, _csv_value(fields, index), begin, end)
-            row += 1
-
-
-def _byte_range_reader(rows_from):
-    def read_shard(source: dict, shard, counts: Counter) -> Iterator[Row]:
-        return rows_from(source, counts, shard.byte_start, shard.byte_stop, shard.row_start)
-    return read_shard
+    indices, body = (part.obj["csv_columns"], part.obj["csv_body"]) if part.obj is not None else \
+        _csv_header(handle, part.name, source)
+    for begin, end, fields in _csv_records(handle, body if start is None else start, stop, counts):
+        if fields == []:
+            continue
+        yield Row(row, _row_value([_csv_value(fields, index) for index in indices]), begin, end)
+        row += 1
 
 
 def _file_bytes(source: dict) -> tuple[str, int]:
+    if "objects" in source:
+        return "bytes", sum(obj["identity"]["size"] for obj in source["objects"])
     return "bytes", Path(source["path"]).stat().st_size
 
 
-register_format("text", Format(_text_rows, _byte_range_reader(_text_rows), _file_bytes))
-register_format("json", Format(_scan_json, _byte_range_reader(_json_rows), _file_bytes))
-register_format("csv", Format(_csv_rows, _byte_range_reader(_csv_rows), _file_bytes))
+register_format("text", _line_format(_text_rows))
+register_format("json", _line_format(_json_rows, _check_json_columns))
+register_format("csv", _line_format(_csv_rows))
 
 
 # --- parquet: read by row groups, only the text column; a local file, or a URL's objects (rows numbered
 # across them in order), each opened for ranged reads and checked against its pinned identity
 
-def _parquet_file(file, name: str, column: str):
+def _parquet_file(file, name: str, source: dict):
     import pyarrow.parquet as pq
 
     try:
         parquet = pq.ParquetFile(file)
     except Exception as err:  # not parquet, truncated: one line for the user
         raise RaygradError(f"--dataset {name}: cannot be read as parquet ({first_line(err)})") from None
-    check_column(name, column, parquet.schema_arrow.names)
+    check_columns(source, parquet.schema_arrow.names, name)
     return parquet
 
 
@@ -416,20 +522,26 @@ def _parquet_parts(source: dict) -> list[tuple[str, int | None, Callable]]:
             for obj in source["objects"]]
 
 
-def _parquet_values(parquet, groups, column: str) -> Iterator:
-    """The column's values in `groups`, one row group at a time: iter_batches over many groups reads
-    ahead and held a whole 213 MB file in Arrow's memory pool by the end of a pass; this holds one group."""
+def _parquet_values(parquet, groups, columns: list[str]) -> Iterator:
+    """The rows' values (_row_value of `columns`) in `groups`, one row group at a time: iter_batches over
+    many groups reads ahead and held a whole 213 MB file in Arrow's memory pool by the end of a pass; this
+    holds one group."""
     for group in groups:
-        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH, row_groups=[group], columns=[column]):
-            yield from batch.column(0).to_pylist()
+        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH, row_groups=[group], columns=columns):
+            yield from _zipped([batch.column(i).to_pylist() for i in range(len(columns))])
+
+
+def _zipped(values: list[list]) -> Iterator:
+    """Rows' values from one list per column: one column's as they are, two as (prompt, completion)."""
+    return iter(values[0]) if len(values) == 1 else zip(*values)
 
 
 def _parquet_scan(source: dict, counts: Counter) -> Iterator[Row]:
     row = 0
     for name, _, opener in _parquet_parts(source):
         with opener("the planning pass") as file:
-            parquet = _parquet_file(file, name, source["text_column"])
-            for value in _parquet_values(parquet, range(parquet.metadata.num_row_groups), source["text_column"]):
+            parquet = _parquet_file(file, name, source)
+            for value in _parquet_values(parquet, range(parquet.metadata.num_row_groups), value_columns(source)):
                 yield Row(row, value)
                 row += 1
 
@@ -445,7 +557,7 @@ def _parquet_read(source: dict, shard, counts: Counter) -> Iterator[Row]:
             offset += rows
             continue
         with opener(f"the shard of {shard.rows_text()}") as file:
-            parquet = _parquet_file(file, name, source["text_column"])
+            parquet = _parquet_file(file, name, source)
             groups, first, start = [], None, offset
             for group in range(parquet.metadata.num_row_groups):
                 stop = start + parquet.metadata.row_group(group).num_rows
@@ -453,7 +565,7 @@ def _parquet_read(source: dict, shard, counts: Counter) -> Iterator[Row]:
                     groups.append(group)
                     first = start if first is None else first
                 start = stop
-            for row, value in enumerate(_parquet_values(parquet, groups, source["text_column"]), start=first or 0):
+            for row, value in enumerate(_parquet_values(parquet, groups, value_columns(source)), start=first or 0):
                 if shard.row_start <= row < shard.row_stop:
                     yield Row(row, value)
             offset = start
@@ -462,7 +574,7 @@ def _parquet_read(source: dict, shard, counts: Counter) -> Iterator[Row]:
 def _parquet_rows(source: dict) -> tuple[str, int]:
     if "objects" in source:
         return "rows", sum(obj["rows"] for obj in source["objects"])
-    return "rows", _parquet_file(source["path"], source["path"], source["text_column"]).metadata.num_rows
+    return "rows", _parquet_file(source["path"], source["path"], source).metadata.num_rows
 
 
 register_format("parquet", Format(_parquet_scan, _parquet_read, _parquet_rows))
@@ -506,7 +618,7 @@ _arrow_lock = threading.Lock()
 def arrow_dataset(source: dict):
     """The split as `datasets` keeps it on disk (downloaded once per node), with only the text
     column; loaded once per process."""
-    key = (source["path"], source["config"], source["split"], source["text_column"], source.get("revision"))
+    key = (source["path"], source["config"], source["split"], *value_columns(source), source.get("revision"))
     with _arrow_lock:
         if key not in _arrow_cache:
             _arrow_cache[key] = _load_arrow(source)
@@ -540,15 +652,15 @@ def _load_arrow(source: dict):
     finally:
         if bars_were_on:
             datasets.enable_progress_bars()
-    check_column(name, source["text_column"], table.column_names)
-    return table.select_columns([source["text_column"]])
+    check_columns(source, table.column_names)
+    return table.select_columns(value_columns(source))
 
 
 def _arrow_rows(source: dict, start: int, stop: int) -> Iterator[Row]:
-    table, column = arrow_dataset(source), source["text_column"]
+    table, columns = arrow_dataset(source), value_columns(source)
     for begin in range(start, stop, _PARQUET_BATCH):
-        values = table[begin:min(stop, begin + _PARQUET_BATCH)][column]
-        for offset, value in enumerate(values):
+        rows = table[begin:min(stop, begin + _PARQUET_BATCH)]
+        for offset, value in enumerate(_zipped([rows[column] for column in columns])):
             yield Row(begin + offset, value)
 
 

@@ -10,11 +10,14 @@ adlfs and huggingface_hub theirs. Nothing here passes, records or logs them.
 
 from __future__ import annotations
 
+import io
+
 from ..config import URL_SCHEME
 from ..errors import RaygradError, first_line
 
 GLOB_CHARS = "*?["
 READ_BLOCK_BYTES = 1 << 20  # fsspec's block for a read; cache_type "none" fetches exactly what pyarrow asks
+SPAN_BUFFER_BYTES = 1 << 20  # bytes of a span fetched per ranged read, and held, while its lines are read
 IDENTITY_KEYS = ("ETag", "etag", "VersionId", "version_id", "generation", "md5Hash", "blob_id", "mtime")
 
 
@@ -103,3 +106,48 @@ def open_object(obj: dict, reading: str):
         raise RaygradError(f"--dataset {obj['url']}: the object changed since the run was planned ({changed}), so "
                            f"{reading} cannot be read as planned; a run must not mix two datasets: start a new run")
     return handle
+
+
+class _Span(io.RawIOBase):
+    """An object's bytes up to `stop` (None: its end) as a seekable raw file: each read is one ranged
+    read of the bytes asked, none past `stop`, so a reader of lines never fetches another shard's."""
+
+    def __init__(self, handle, stop: int | None):
+        self._handle, self._pos = handle, 0
+        self._stop = handle.size if stop is None else min(stop, handle.size)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._stop}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        wanted = min(len(buffer), self._stop - self._pos)
+        if wanted <= 0:
+            return 0
+        self._handle.seek(self._pos)
+        data = self._handle.read(wanted)
+        buffer[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._handle.close()
+        super().close()
+
+
+def open_span(obj: dict, reading: str, stop: int | None = None, buffer_bytes: int = SPAN_BUFFER_BYTES):
+    """The object's bytes [0, stop) as a buffered binary file for seek, read and lines (open_object's
+    checks first): what a read of line formats fetches is what it reads from where it seeks, in ranged
+    reads of at most `buffer_bytes`, never past `stop`."""
+    return io.BufferedReader(_Span(open_object(obj, reading), stop), buffer_size=buffer_bytes)
