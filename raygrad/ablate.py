@@ -30,7 +30,7 @@ from .model.pins import check_unchanged, pin_dataset
 from .plan import Plan
 from .store.files import replacing
 from .store.lock import run_lock
-from .store.zarr_store import ResultStore
+from .store.zarr_store import DamagedStore, ResultStore
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def _destination(ablation: Ablation) -> tuple[Path, bool]:
             return folder / stem, False
         try:
             attrs = ResultStore.open(store).attrs
-        except Exception:  # a damaged or half-created store: not this one's to resume, leave it
+        except (DamagedStore, OSError, KeyError):  # damaged or half-created: not this one's to resume, leave it
             continue
         if attrs.get(names.ATTR_ABLATION) == ablation.record:
             return folder / stem, True
@@ -221,8 +221,9 @@ def run(ablation: Ablation, echo: Callable[[str], None] = log.info, progress: bo
         if not resume:
             variant_layers = [-1] + ([layer for layer, _ in ablation.entries] if ablation.each else [])
             store = ResultStore.create(directory / names.STORE_NAME, {}, len(plan.shards), variant_layers,
-                                       {names.ATTR_CONFIG: ablation.config.to_dict(), names.ATTR_PLAN: plan.to_dict(),
-                                        names.ATTR_ABLATION: ablation.record}, names.ABLATION_SUMS)
+                                       # no ATTR_CONFIG: not a run (no per-dimension statistics to derive)
+                                       {names.ATTR_PLAN: plan.to_dict(), names.ATTR_ABLATION: ablation.record},
+                                       names.ABLATION_SUMS)
         json_path = directory.parent / f"{directory.name}.json"
 
         def finish(totals) -> None:
@@ -233,6 +234,9 @@ def run(ablation: Ablation, echo: Callable[[str], None] = log.info, progress: bo
             with replacing(json_path) as handle:
                 handle.write((json.dumps(saved, indent=2) + "\n").encode())
 
-        execute(plan, ablation.config, store, pool, progress, time.perf_counter() - started, echo,
-                f"continue with the same raygrad ablate command (it resumes {directory})", finish)
+        if store.attrs.get(names.ATTR_STATUS) == names.STATUS_COMPLETE:  # stopped after finishing, before its JSON
+            finish(store.totals()[0])
+        else:
+            execute(plan, ablation.config, store, pool, progress, time.perf_counter() - started, echo,
+                    f"continue with the same raygrad ablate command (it resumes {directory})", finish)
     return result, json_path

@@ -16,8 +16,10 @@ active (f > 0 for an SAE feature; everywhere for a site dimension), else unchang
 
 Per variant row v the accumulator adds, over texts i with n_i > 0 target tokens (ABLATION_SUMS): the
 ablated summed loss A_i, d_i = A_i - C_i (C_i the clean summed loss), d_i^2, d_i * n_i, the first-order
-prediction p_i = sum over target positions t of sum over the variant's entries of g_t * (a'_t - a_t)
-(a, a' and g from the clean pass), the count of texts and n_i^2. The clean loss and target tokens are
+prediction p_i = sum over the text's positions t of sum over the variant's entries of g_t * (a'_t - a_t)
+(a, a' and g from the clean pass; every real token's position, as the intervention is: g_t is 0 where no
+target depends on t, and with --completion-column the prompt's positions count, the completion's loss
+depends on them), the count of texts and n_i^2. The clean loss and target tokens are
 the accumulator's own loss_sum, loss_tokens and tokens. Every sum adds over texts, so shards, workers
 and resumes merge exactly (raygrad.analysis.ablation derives the report from them).
 """
@@ -89,7 +91,7 @@ def set_values(a: torch.Tensor, target: torch.Tensor, mode: str, is_sae: bool) -
     return target.clone()
 
 
-class _Entries:
+class ListedEntries:
     """One hooked module's listed entries: their indices, targets and (per variant) whether set."""
 
     def __init__(self, spec: AblationSpec, row: int, sae, device: torch.device):
@@ -165,7 +167,7 @@ def _clean_pass(model, modules, batch: Batch):
     return losses.detach(), outputs, [grad.detach() for grad in grads]
 
 
-def ablated_losses(model, modules, batch: Batch, entries: list[_Entries], mode: str, chosen: list[torch.Tensor]
+def ablated_losses(model, modules, batch: Batch, entries: list[ListedEntries], mode: str, chosen: list[torch.Tensor]
                    ) -> torch.Tensor:
     """(V, B) each text's summed loss with, for each of V copies of the batch, the entries chosen for it
     set (`chosen`: per module, (V, K) bool); one forward of the V copies together."""
@@ -196,11 +198,13 @@ def ablate_batch(model, modules: list, batch: Batch, acc: DeviceAccumulator, spe
     `saes`) are the plan's, in its order; `batch` is on the model's device."""
     clean, outputs, grads = _clean_pass(model, modules, batch)
     device = clean.device
-    entries = [_Entries(spec, row, saes[row] if saes is not None else None, device) for row in range(len(modules))]
+    entries = [ListedEntries(spec, row, saes[row] if saes is not None else None, device) for row in range(len(modules))]
     targets = (batch.labels != IGNORE_INDEX).to(device)  # (B, T): positions that predict a real target
     counts = targets.sum(1).to(torch.float64)  # n_i
     with torch.no_grad():
-        # First order, per listed entry and text: sum over target positions of g (a' - a), clean a and g.
+        # First order, per listed entry and text: sum of g (a' - a) over the real tokens' positions (the
+        # intervention's; a prompt's too, with --completion-column), clean a and g.
+        real = batch.attention_mask.to(device, torch.float64)  # (B, T)
         predicted = torch.zeros(len(spec.rows), clean.shape[0], dtype=torch.float64, device=device)
         for row, entry in enumerate(entries):
             if not entry.positions:
@@ -208,7 +212,7 @@ def ablate_batch(model, modules: list, batch: Batch, acc: DeviceAccumulator, spe
             a = entry.values(outputs[row])
             step = set_values(a, entry.target, spec.mode, entry.sae is not None) - a  # (B, T, K)
             g = entry.gradient(grads[row], outputs[row])
-            per_text = ((g.to(torch.float64) * step.to(g.device, torch.float64)) * targets[..., None]).sum(1)
+            per_text = ((g.to(torch.float64) * step.to(g.device, torch.float64)) * real[..., None]).sum(1)
             predicted[entry.positions] = per_text.T.to(device)
         variants = spec.variant_entries()
         per_forward = max(1, ABLATED_TOKENS_PER_FORWARD // batch.padded_tokens)
