@@ -156,7 +156,7 @@ def _whole_plan(resolved: Plan, config: RunConfig, source: dict, pool: WorkerPoo
 def _source(config: RunConfig) -> dict:
     """The dataset the configuration names, as the shard planner and the workers read it."""
     return describe_source(config.dataset, config.text_column, config.dataset_config, config.dataset_split,
-                           config.min_chars)
+                           config.min_chars, config.prompt_column, config.completion_column)
 
 
 def _refuse_comparison(run_dir: Path, store: ResultStore) -> None:

@@ -344,3 +344,92 @@ def test_datasets_without_usable_pairs_get_one_line(dataset, said, tiny_llama, t
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and said in lines[0] and "Traceback" not in stderr, stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+# --- raygrad ablate on prompt/completion texts: the loss per completion token, the intervention everywhere
+
+
+class AblationReference:
+    """Per pair, in float64 with plain autograd: the clean and ablated summed loss over the completion's
+    targets, their count, and the first-order prediction sum_t g_t (a'_t - a_t) over every position the
+    intervention changes (the prompt's too: the completion's loss depends on them), per entry; site
+    dimensions set to `value` at every position, jointly (variant 0) and each alone."""
+
+    def __init__(self, model_dir, entries, value: float):
+        self.model, self.tokenizer = load_float64(model_dir)
+        self.entries, self.value = entries, value
+        self.layers = sorted({layer for layer, _ in entries})
+        self.modules = {layer: explicit_module(self.model, layer, "mlp_out") for layer in self.layers}
+        variants = [entries] + [[entry] for entry in entries]
+        rows = [self._pair(pair, variants) for pair in usable_pairs()]
+        self.clean, self.counts = np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
+        self.predicted, self.ablated = np.array([r[2] for r in rows]), np.array([r[3] for r in rows])
+
+    def _pair(self, pair, variants):
+        prompt_ids = self.tokenizer(pair["prompt"]).input_ids
+        ids = torch.tensor([(prompt_ids + self.tokenizer(pair["completion"], add_special_tokens=False).input_ids
+                             )[:MAX_LENGTH]])
+        targets = list(range(len(prompt_ids) - 1, ids.shape[1] - 1))
+        leaves, values = {}, {}
+
+        def leaf(module, args, output, layer):  # a zero added: dLoss/dz through every path, later layers' too
+            values[layer], leaves[layer] = output.detach(), torch.zeros_like(output, requires_grad=True)
+            return output + leaves[layer]
+
+        handles = [self.modules[layer].register_forward_hook(lambda m, a, o, layer=layer: leaf(m, a, o, layer))
+                   for layer in self.layers]
+        logits = self.model(ids).logits[0]
+        for handle in handles:
+            handle.remove()
+        clean = F.cross_entropy(logits[targets], ids[0, [t + 1 for t in targets]], reduction="sum")
+        clean.backward()
+        predicted = [float((leaves[layer].grad[0, :, index] * (self.value - values[layer][0, :, index])).sum())
+                     for layer, index in self.entries]
+        ablated = [self._ablated(ids, targets, variant) for variant in variants]
+        return float(clean.detach()), len(targets), predicted, ablated
+
+    def _ablated(self, ids, targets, variant):
+        def set_entries(output, layer):
+            hidden = output.clone()
+            for entry_layer, index in variant:
+                if entry_layer == layer:
+                    hidden[0, :, index] = self.value
+            return hidden
+
+        handles = [self.modules[layer].register_forward_hook(lambda m, a, o, layer=layer: set_entries(o, layer))
+                   for layer in self.layers]
+        with torch.no_grad():
+            logits = self.model(ids).logits[0]
+        for handle in handles:
+            handle.remove()
+        return float(F.cross_entropy(logits[targets], ids[0, [t + 1 for t in targets]], reduction="sum"))
+
+    def numbers(self) -> dict:
+        n = self.counts.sum()
+        return {"tokens": int(n), "loss": self.clean.sum() / n, "loss_ablated": self.ablated[:, 0].sum() / n,
+                "delta": (self.ablated[:, 0] - self.clean).sum() / n, "predicted_delta": self.predicted.sum() / n,
+                "each": [((self.ablated[:, v] - self.clean).sum() / n, self.predicted[:, v - 1].sum() / n)
+                         for v in range(1, len(self.entries) + 1)]}
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_ablate_on_completions_matches_brute_force(batch_size, tiny_llama, pairs_file, tmp_path, capsys,
+                                                   monkeypatch):
+    from helpers import rms_norm_float64
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    # transformers' RMSNorm rounds through float32 even in float64; texts padded differently then differ by ~1e-7
+    monkeypatch.setattr(LlamaRMSNorm, "forward", rms_norm_float64)
+    run_dir, _ = run_tiny(tiny_llama, pairs_file, tmp_path, **pair_options(batch_size=batch_size, shard_size=2))
+    entries = [(0, 3), (2, 5), (2, 17)]
+    code, out, err = run_cli(["ablate", str(run_dir), "--features", ",".join(f"{la}:{i}" for la, i in entries),
+                              "--mode", "clamp=0.25", "--each", "--json", "--no-progress"], capsys, monkeypatch)
+    assert code == 0, err
+    got, want = json.loads(out), AblationReference(tiny_llama, entries, 0.25).numbers()
+    assert got["tokens"] == want["tokens"]
+    numbers = ["loss", "loss_ablated", "delta", "predicted_delta"]
+    np.testing.assert_allclose([got[k] for k in numbers] + [x for e in got["each"] for x in (e["delta"],
+                                                                                          e["predicted_delta"])],
+                               [want[k] for k in numbers] + [x for pair in want["each"] for x in pair],
+                               rtol=1e-9, atol=1e-13)
+    assert abs(want["delta"]) > 1e-6 and abs(want["predicted_delta"]) > 1e-6
