@@ -16,6 +16,8 @@ from ..store.partial import Partial, array_widths
 if TYPE_CHECKING:
     from .batch import Batch
 
+MERGED_SHARE = 0.5  # above this share of a layer's dimensions with candidates, merging them all beats gathering
+
 
 @dataclass
 class DeviceAccumulator:
@@ -54,10 +56,17 @@ class DeviceAccumulator:
         self.token_rows: torch.Tensor | None = None  # (N,) the batch's dataset row per aggregated position
         self.token_positions: torch.Tensor | None = None  # (N,) and its token position
         self.ranked = False  # whether the tables hold any batch yet
+        # prefix -> (L, width) |score| of each K-th best in the tables a staged batch is merged into (0: a
+        # slot still empty): what a token must reach to enter (topk.batch_top_above); None: not known
+        self.floors: dict[str, torch.Tensor] | None = None
 
     def empty_like(self) -> "DeviceAccumulator":
-        return DeviceAccumulator(self.num_layers, self.prefixes, self.device, self.layer_sums, self.top_k,
-                                 self.score_dtype)
+        """Empty sums for a batch merged into this one later; its ranking skips what cannot enter these tables."""
+        staged = DeviceAccumulator(self.num_layers, self.prefixes, self.device, self.layer_sums, self.top_k,
+                                   self.score_dtype)
+        if self.ranked:
+            staged.floors = {prefix: tables["score"][..., -1].abs() for prefix, tables in self.examples.items()}
+        return staged
 
     def begin_batch(self, batch: "Batch") -> None:
         """The batch whose rows the next `add`s rank (only --top-examples reads them)."""
@@ -90,13 +99,30 @@ class DeviceAccumulator:
 
     def _rank(self, prefix: str, row: int, x: torch.Tensor, start: int) -> None:
         """Keep, per dimension, the batch's best K rows seen so far (the merge across batches, which
-        needs the rows' dataset order, happens once per batch in `merge`)."""
-        index = topk.batch_top(x, self.top_k)  # (k', width) rows of x
-        score = x.gather(0, index).to(self.device, self.score_dtype, non_blocking=True).T
-        index = index.to(self.device, non_blocking=True).T + start
+        needs the rows' dataset order, happens once per batch in `merge`). Once the tables, or this
+        batch's earlier rows, hold K examples of a dimension, only its tokens that reach the K-th are ranked."""
+        floor = self._floor(prefix, row)
+        found = None if floor is None else topk.batch_top_above(x, floor, self.top_k)
+        if found is None:  # rank every entry
+            index = topk.batch_top(x, self.top_k)  # (k', width) rows of x
+            score, index = x.gather(0, index).T, index.T
+        else:
+            score, index = found
+        score = score.to(self.device, self.score_dtype, non_blocking=True)
+        index = index.to(self.device, non_blocking=True) + start
         if (prefix, row) in self.pending:
             score, index = topk.best_in_batch(*self.pending[prefix, row], score, index, self.top_k)
         self.pending[prefix, row] = score, index
+
+    def _floor(self, prefix: str, row: int) -> torch.Tensor | None:
+        """(width,) the |score| a token of the batch must reach to enter `prefix`'s tables at `row`: the
+        higher of the tables' K-th best and the batch's own K-th best so far (either 0 while not full)."""
+        floors = [self.floors[prefix][row]] if self.floors is not None else []
+        if (prefix, row) in self.pending:
+            score = self.pending[prefix, row][0]
+            if score.shape[1] == self.top_k:
+                floors.append(torch.where((score != 0).all(1), score.abs().amin(1), 0))
+        return torch.stack(floors).amax(0) if floors else None
 
     def merge(self, other: "DeviceAccumulator") -> None:
         """Add a finished batch's sums (kept apart until the batch succeeded,
@@ -124,6 +150,14 @@ class DeviceAccumulator:
     def _merge_at(self, prefix: str, rows, candidates: dict[str, torch.Tensor]) -> None:
         """Merge `candidates` into the `prefix` tables' layer rows `rows` (an int, or a tensor of them), in place."""
         tables = self.examples[prefix]
+        if isinstance(rows, int):  # one layer row: only the dimensions with a candidate (score 0 is none)
+            offered = (candidates["score"] != 0).any(-1).nonzero().squeeze(1)
+            if offered.numel() <= MERGED_SHARE * candidates["score"].shape[0]:
+                merged = topk.merge({name: value[rows, offered] for name, value in tables.items()},
+                                    {name: value[offered] for name, value in candidates.items()}, self.top_k)
+                for name, value in merged.items():
+                    tables[name][rows, offered] = value
+                return
         merged = topk.merge({name: value[rows] for name, value in tables.items()}, candidates, self.top_k)
         for name, value in merged.items():
             tables[name][rows] = value
