@@ -12,7 +12,8 @@ parquet conversion's refs/convert/parquet) name commits. Served (as the hub answ
     HEAD|GET /datasets/{repo}/resolve/{rev}/{path}  ETag, X-Repo-Commit, Content-Length, Range -> 206
 
 Errors carry the X-Error-Code header huggingface_hub maps to its exceptions (RepoNotFound,
-RevisionNotFound, EntryNotFound). Every request is logged (method, path, Range header) in `requests`.
+RevisionNotFound, EntryNotFound). Every request is logged (method, path, Range header) in `requests`,
+and each Authorization header seen in `authorizations`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class FakeHub:
         self.root = Path(root)
         self.refs: dict[str, dict[str, str]] = {}  # repo -> ref ("main", "refs/convert/parquet") -> commit
         self.requests: list[tuple[str, str, str | None]] = []  # (method, unquoted path, Range header)
+        self.authorizations: set[str] = set()  # the Authorization headers seen (a token comes from the caller's env)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -121,6 +123,8 @@ class FakeHub:
             def _serve(self, method):
                 raw = urlsplit(self.path)
                 hub.requests.append((method, unquote(raw.path), self.headers.get("Range")))
+                if self.headers.get("Authorization"):
+                    hub.authorizations.add(self.headers["Authorization"])
                 api, resolve = API.match(raw.path), RESOLVE.match(raw.path)
                 if resolve:
                     return self._file(method, unquote(resolve["repo"]), unquote(resolve["rev"]),

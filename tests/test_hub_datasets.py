@@ -227,6 +227,26 @@ def test_a_run_on_a_hub_dataset_equals_the_run_on_the_local_file(hub, tiny_llama
         assert not path.is_file() or TOKEN.encode() not in path.read_bytes(), path
 
 
+def test_two_ray_workers_read_a_hub_dataset_as_one_process_does(hub, tiny_llama, texts_file, tmp_path):
+    """Workers in their own processes reach the hub through HF_ENDPOINT as their environment gives it
+    (read by huggingface_hub at import), with their own HF_TOKEN; the plan and the run carry neither token."""
+    texts = load_texts(str(texts_file), None, min_chars=0)
+    converted_repo(hub, texts[:3], texts[3:])
+    options = dict(shard_size=2, top_examples=2, num_samples="all")
+    _, here = run_tiny(tiny_llama, "org/lines", tmp_path / "one", **options)
+    hub.requests.clear()
+    run_dir, there = run_tiny(tiny_llama, "org/lines", tmp_path / "ray", workers=2, **options)
+    for name in here.sums:
+        np.testing.assert_allclose(here.sums[name], there.sums[name], rtol=1e-12, atol=1e-15, err_msg=name)
+    for name in here.examples:
+        np.testing.assert_array_equal(here.examples[name], there.examples[name], err_msg=name)
+    np.testing.assert_array_equal(here.tokens, there.tokens)
+    assert hub.ranges("default/train/0001.parquet"), "read from the hub, by ranges"
+    assert hub.authorizations == {f"Bearer {TOKEN}"}
+    for path in run_dir.rglob("*"):
+        assert not path.is_file() or TOKEN.encode() not in path.read_bytes(), path
+
+
 def test_a_pinned_commit_gone_from_the_hub_is_refused_at_read_and_on_resume(hub, tiny_llama, texts_file, tmp_path,
                                                                            monkeypatch):
     """The hub rewrites refs/convert/parquet (and squashes its history): the run stops at its next read
