@@ -418,3 +418,18 @@ def test_two_ray_workers_and_killed_then_resumed(mlp_run, tmp_path, capsys, monk
         np.testing.assert_allclose(ray_totals.sums[name], reference_totals.sums[name], rtol=1e-10, atol=1e-14)
     assert ray_totals.loss_tokens == reference_totals.loss_tokens
     assert on_ray["features"] == in_process["features"]
+
+
+def test_report_shows_the_ablations(tiny_llama, texts_file, tmp_path, capsys, monkeypatch):
+    run_dir, _ = run_tiny(tiny_llama, texts_file, tmp_path, top_examples=2, **{**RUN, "num_samples": 3})
+    code, out, err = run_cli(["report", str(run_dir)], capsys, monkeypatch)
+    assert code == 0 and "Ablations" not in (run_dir / "report.html").read_text(), err
+    result = _ablate(run_dir, ["--features", "2:4,0:1", "--mode", "clamp=1"], capsys, monkeypatch)
+    code, out, err = run_cli(["report", str(run_dir)], capsys, monkeypatch)
+    assert code == 0, err
+    page = (run_dir / "report.html").read_text()
+    row = page[page.index("clamp-1_2-4_0-1_run.json"):].split("</tr>")[0]
+    for shown in ("clamp=1", "2:4, 0:1", f"{result['tokens']:,}", f"{result['loss']:.6f}",
+                  f"{result['loss_ablated']:.6f}", f"{result['delta']:+.6f}", f"{result['delta_ci95'][0]:+.6f}",
+                  f"{result['predicted_delta']:+.6f}"):
+        assert shown in row, shown

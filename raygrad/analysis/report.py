@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from ..plan import Plan, layer_span
 from ..store import stats
 from ..store.files import replacing
 from ..store.zarr_store import ResultStore
+from .ablation import ablation_files
 from .examples import DEFAULT_CONTEXT, Example, RunExamples
 from .plots import histogram_png
 from .top import NEURONPEDIA_URL, neuronpedia_ids, ranked, row_reader
@@ -86,6 +88,7 @@ class Page:
     legend: list[str]  # HTML, written here
     layers: list[Layer] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # also printed by the CLI
+    ablations: list[tuple[str, dict]] = field(default_factory=list)  # RUN/ablations/*.json: (file name, report)
 
     @property
     def links(self) -> bool:
@@ -181,6 +184,7 @@ def run_page(run_dir: Path, by: str, k: int, num_examples: int, kind: str, conte
                                  histogram_png(values, f"layer {layer}: {name} over features", name, values[chosen]),
                                  [Table("run", f"top {len(chosen)} by |{name}|", features)]))
     page.notes = _unavailable_notes(page, {"run": str(run_dir)})
+    page.ablations = [(path.name, json.loads(path.read_text())) for path in ablation_files(run_dir)]
     return page
 
 
@@ -364,12 +368,34 @@ def render(page: Page) -> str:
     parts.append("</dl>")
     parts += [f'<div class="notice">{_text(note)}</div>' for note in page.notes]
     parts.append('<div class="legend">' + "".join(f"<p>{line}</p>" for line in page.legend) + "</div>")
+    if page.ablations:
+        parts.append(_ablations_html(page.ablations))
     parts.append("<nav>layers: " + " ".join(f'<a href="#layer-{layer.layer}">{layer.layer}</a>'
                                             for layer in page.layers) + "</nav>")
     for layer in page.layers:
         parts.append(_layer_html(layer, page))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _ablations_html(ablations: list[tuple[str, dict]]) -> str:
+    """raygrad ablate's results beside the ranking: per file, the joint ablation (nats per target token)."""
+    def shown_number(value) -> str:
+        return "n/a" if value is None else f"{value:+.6f}"
+
+    parts = ['<section id="ablations"><h2>Ablations (raygrad ablate)</h2><table><thead><tr>',
+             "".join(f"<th>{_text(h)}</th>" for h in ("file", "mode", "features", "target tokens", "loss", "ablated",
+                                                      "delta", "95% interval (paired over texts)", "predicted",
+                                                      "pearson (each alone)")), "</tr></thead>"]
+    for name, result in ablations:
+        listed = ", ".join(f"{e['layer']}:{e['feature']}" for e in result["features"])
+        low, high = result["delta_ci95"]
+        cells = (name, result["mode"], listed, f"{result['tokens']:,}", f"{result['loss']:.6f}",
+                 f"{result['loss_ablated']:.6f}", shown_number(result["delta"]),
+                 f"[{shown_number(low)}, {shown_number(high)}]", shown_number(result["predicted_delta"]),
+                 shown_number(result["pearson"]))
+        parts.append("<tr>" + "".join(f"<td>{_text(cell)}</td>" for cell in cells) + "</tr>")
+    return "\n".join(parts) + "</table></section>"
 
 
 def _layer_html(layer: Layer, page: Page) -> str:
