@@ -63,12 +63,13 @@ node.kill_all_processes(check_alive=False, allow_graceful=True)
 
 
 class SplitCluster:
-    """A 0-CPU head, node `seeing` (1 CPU, 1 logical GPU) and node `blind`: the same, its raylet started in
-    its own mount namespace with `hidden` covered by an empty tmpfs."""
+    """A 0-CPU head and node `seeing` (1 CPU, 1 logical GPU); then, from `add_blind`, node `blind`: the
+    same, its raylet started in its own mount namespace with `hidden` covered by an empty tmpfs."""
 
     def __init__(self, hidden: Path, log: Path):
         from ray.cluster_utils import Cluster
 
+        self.hidden, self.log, self.blind, self.blind_process = hidden, log, None, None
         address_file = ray_address_file()
         self._address_file_before = address_file.read_text() if address_file.exists() else None
         with pytest.MonkeyPatch.context() as patch:
@@ -78,43 +79,42 @@ class SplitCluster:
             self.seeing = self.cluster.add_node(num_cpus=1, num_gpus=1).node_id
             self.cluster.wait_for_nodes()
         self.address = self.cluster.address
+
+    def add_blind(self, timeout: float = 120) -> str:
+        """Start the blind node and wait until it is alive -> its node id."""
+        import ray
+
         # `ray start` refuses to join a cluster while Ray is kept on loopback (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0),
         # so the node is started as ray.cluster_utils.Cluster.add_node starts one, inside the namespace.
-        command = f"mount -t tmpfs none '{hidden}' && exec '{sys.executable}' -c \"$0\" {self.address}"
+        command = f"mount -t tmpfs none '{self.hidden}' && exec '{sys.executable}' -c \"$0\" {self.address}"
         self.blind_process = subprocess.Popen(
             ["unshare", "-m", "--propagation", "private", "sh", "-c", command, NAMESPACED_NODE],
             env={**os.environ, **LOOPBACK}, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=log.open("w"))
-        self.log = log
-        try:
-            self.blind = self._wait_for_blind_node()
-        except BaseException:
-            self.close()
-            raise
-
-    def _wait_for_blind_node(self, timeout: float = 120) -> str:
-        import ray
-
+            stderr=self.log.open("w"))
         known = {self.cluster.head_node.node_id, self.seeing}
-        ray.init(address=self.address, log_to_driver=False)
+        connected = ray.is_initialized()  # a driver's run may be going on in this process: asked through it
+        if not connected:
+            ray.init(address=self.address, log_to_driver=False)
         try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 others = [node["NodeID"] for node in ray.nodes() if node["Alive"] and node["NodeID"] not in known]
                 if others:
-                    return others[0]
+                    self.blind = others[0]
+                    return self.blind
                 if self.blind_process.poll() is not None:
                     raise RuntimeError(f"the namespaced node ended: {self.log.read_text()[-2000:]}")
                 time.sleep(0.5)
             raise TimeoutError("the namespaced node did not join")
         finally:
-            ray.shutdown()
+            if not connected:
+                ray.shutdown()
 
     def close(self) -> None:
         import ray
 
         ray.shutdown()
-        if self.blind_process.poll() is None:
+        if self.blind_process is not None and self.blind_process.poll() is None:
             self.blind_process.send_signal(signal.SIGTERM)  # NAMESPACED_NODE stops its node's processes
             try:
                 self.blind_process.wait(timeout=60)
@@ -131,9 +131,9 @@ class SplitCluster:
 
 
 @pytest.fixture(scope="module")
-def split_cluster(tmp_path_factory, texts_file, gpu_clusters):
-    """(cluster, hidden dataset file, visible dataset file): the same texts in a directory the blind node
-    cannot see and in one every node sees."""
+def two_node_cluster(tmp_path_factory, texts_file, gpu_clusters):
+    """(SplitCluster, hidden dataset file, visible dataset file): the same texts in a directory the blind
+    node cannot see and in one every node sees; the blind node is not up until a test adds it."""
     refusal = unshare_refusal()
     if refusal:
         pytest.skip(refusal)
@@ -147,6 +147,14 @@ def split_cluster(tmp_path_factory, texts_file, gpu_clusters):
         yield cluster, hidden, shared
     finally:
         cluster.close()
+
+
+@pytest.fixture
+def split_cluster(two_node_cluster):
+    """two_node_cluster with its blind node up."""
+    if two_node_cluster[0].blind is None:
+        two_node_cluster[0].add_blind()
+    return two_node_cluster
 
 
 def counted_actors(monkeypatch) -> list:
@@ -222,6 +230,32 @@ def test_a_worker_on_a_node_not_yet_checked_checks_itself(gpu_clusters, tmp_path
     message = str(refused.value.cause)
     assert message.startswith(f"--dataset {dataset}: on node 127.0.0.1 ")
     assert f"Ray node {node[:12]}" in message and "is another file there" in message
+
+
+def test_a_node_that_joins_after_the_check_is_checked_by_its_worker(two_node_cluster, tiny_llama, tmp_path,
+                                                                   capsys, monkeypatch):
+    """As an autoscaler adds a node: the run starts on the head and node `seeing` alone (the check passes),
+    a worker is still pending when the blind node joins, and the worker placed there checks before it
+    loads anything: the run stops with the one line naming that node."""
+    cluster, hidden, _ = two_node_cluster
+    if cluster.blind is not None:
+        pytest.skip("the blind node is up already: this test adds it during a run")
+    pools, real_start = [], WorkerPool.start_workers
+
+    def start_then_add_a_node(self, plan, seed):
+        real_start(self, plan, seed)  # the check, then two workers asked for: one pending (one GPU node)
+        pools.append(self)
+        cluster.add_blind()
+
+    monkeypatch.setattr(WorkerPool, "start_workers", start_then_add_a_node)
+    code, _, stderr = run_cli(
+        [*tiny_args(tiny_llama, hidden, tmp_path / "out", "--address", cluster.address, "--gpus-per-worker", "1"),
+         "--workers", "2"], capsys, monkeypatch)
+    assert pools[0].verified_nodes == {cluster.seeing}  # the blind node was not up for the check
+    assert code != 0
+    (line,) = stderr.strip().splitlines()
+    assert line.startswith(f"error: --dataset {hidden}: on node 127.0.0.1 ")
+    assert f"Ray node {cluster.blind[:12]}" in line and "no such file there" in line
 
 
 def test_a_node_that_cannot_see_the_path_stops_the_run_before_compute(split_cluster, tiny_llama, tmp_path,
