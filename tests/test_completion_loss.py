@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from helpers import assert_same_totals, build_config, run_cli, run_tiny
 from reference import explicit_module, load_float64, read_sae_lens_weights, reference_sums, relu_sae_encode
 from sae_factory import write_sae_lens_dir
+from test_hub_datasets import hub  # noqa: F401 (the fixture: a hub on 127.0.0.1)
 from tiny import SAMPLE_TEXTS
 
 from raygrad import constants as names
@@ -283,6 +284,62 @@ def test_every_format_with_columns_gives_the_same_sums(tiny_llama, pairs_file, t
         assert_same_totals(got, want, rtol=1e-12)
         plan = Plan.from_dict(ResultStore.open(run_dir / names.STORE_NAME).attrs[names.ATTR_PLAN])
         assert sum(plan.skipped_texts.values()) == 5, kind
+
+
+def test_a_hub_dataset_equals_the_local_parquet(hub, tiny_llama, tmp_path):  # noqa: F811 (the fixture)
+    """A hub id (read as parquet at a pinned commit) with prompt/completion columns, as the same local file."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = dataset_rows()
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"prompt": [row["prompt"] for row in rows],
+                             "completion": [row["completion"] for row in rows]}), buffer, row_group_size=3)
+    hub.commit("org/pairs", {"README.md": b"# pairs\n", "data/train-00000-of-00001.parquet": buffer.getvalue()})
+    (tmp_path / "local.parquet").write_bytes(buffer.getvalue())
+    _, want = run_tiny(tiny_llama, tmp_path / "local.parquet", tmp_path / "local", **pair_options(shard_size=2))
+    run_dir, got = run_tiny(tiny_llama, "org/pairs", tmp_path / "hub-run", **pair_options(shard_size=2))
+    assert_same_totals(got, want, rtol=0)
+    plan = Plan.from_dict(ResultStore.open(run_dir / names.STORE_NAME).attrs[names.ATTR_PLAN])
+    assert plan.source["completion_column"] == "completion" and sum(plan.skipped_texts.values()) == 5
+
+
+def test_killed_and_resumed_equals_uninterrupted(tiny_llama, pairs_file, tmp_path):
+    from helpers import killed_run
+
+    from raygrad.engine import resume
+
+    options = pair_options(shard_size=2, top_examples=2)
+    _, want = run_tiny(tiny_llama, pairs_file, tmp_path / "whole", **options)
+    run_dir = killed_run(build_config(tiny_llama, pairs_file, tmp_path / "killed", **options), dies_at_call=2)
+    resume(run_dir, echo=lambda _: None, progress=False)
+    got, done = ResultStore.open(run_dir / names.STORE_NAME).totals()
+    assert done.all() and len(done) > 2
+    assert_same_totals(got, want, rtol=1e-12)
+    for name, table in want.examples.items():
+        np.testing.assert_array_equal(got.examples[name], table, err_msg=name)
+
+
+def test_examples_show_the_completion_token_the_run_took(tiny_llama, pairs_file, tmp_path):
+    """raygrad examples re-reads a pair and tokenizes it as the worker did: the token at each example's
+    position, and the one it predicts, are the reference's (prompt ids, then the completion's)."""
+    from transformers import AutoTokenizer
+
+    from raygrad.analysis.examples import RunExamples
+
+    run_dir, _ = run_tiny(tiny_llama, pairs_file, tmp_path, **pair_options(top_examples=3))
+    tokenizer, rows = AutoTokenizer.from_pretrained(tiny_llama), dataset_rows()
+    found = RunExamples(run_dir).examples(2, 7)
+    assert len(found) == 3
+    for example in found:
+        pair = rows[example.row]
+        prompt_ids = tokenizer(pair["prompt"]).input_ids
+        ids = (prompt_ids + tokenizer(pair["completion"], add_special_tokens=False).input_ids)[:MAX_LENGTH]
+        assert len(prompt_ids) - 1 <= example.position < len(ids) - 1  # it predicts a completion token
+        assert example.token == tokenizer.decode(ids[example.position:example.position + 1])
+        assert example.next_token == tokenizer.decode(ids[example.position + 1:example.position + 2])
 
 
 def test_two_ray_workers_equal_one_process(tiny_llama, pairs_file, gpu_clusters, tmp_path):
