@@ -83,6 +83,16 @@ def jsonl_bytes(values) -> bytes:
     return "".join(json.dumps({"text": value}) + "\n" for value in values).encode()
 
 
+def csv_bytes(values) -> bytes:
+    import csv
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["text"])
+    writer.writerows([[value if value is not None else ""] for value in values])
+    return buffer.getvalue().encode()
+
+
 def mixed_values(offset=0):
     """Usable texts among nulls and short ones, over several row groups."""
     long = LONG[offset:]
@@ -162,6 +172,21 @@ def test_a_repo_of_jsonl_is_read_from_its_parquet_conversion(hub, tmp_path):
     # what datasets.load_dataset reads from main's jsonl: the same rows
     assert load_texts("org/lines", None) == [text for text in first + second if text and len(text) > 50]
     assert not any("train.jsonl" in path for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path)
+
+
+def test_an_older_conversion_layout_is_read_too(hub, tmp_path):
+    """Conversions made before {config}/{split}/ folders: {config}/{name}-{split}[-i-of-n].parquet."""
+    values = mixed_values()
+    hub.commit("org/old", {"train.csv": b"text\nx\n"})
+    hub.commit("org/old", {"default/old-train-00000-of-00002.parquet": parquet_bytes(values[:7]),
+                           "default/old-train-00001-of-00002.parquet": parquet_bytes(values[7:]),
+                           "default/old-test.parquet": parquet_bytes(LONG[:3])}, ref="refs/convert/parquet")
+    source = describe_source("org/old")
+    assert [obj["url"].rsplit("/", 1)[1] for obj in source["objects"]] == ["old-train-00000-of-00002.parquet",
+                                                                           "old-train-00001-of-00002.parquet"]
+    here = describe_source(str(local_parquet(tmp_path, values)))
+    layout = plan(source, shard_texts=2)
+    assert layout == plan(here, shard_texts=2) and read_by_shard(source, layout) == read_by_shard(here, layout)
 
 
 def test_a_config_and_split_from_the_readme_and_one_line_for_an_unknown_one(hub, tmp_path):
@@ -309,6 +334,22 @@ def test_an_hf_url_is_read_as_a_remote_url_and_a_changed_file_is_refused(hub, tm
     message = str(changed.value)
     assert "\n" not in message and url in message and "changed since the run was planned" in message
     assert "blob_id" in message and layout.shards[1].rows_text() in message
+
+
+@pytest.mark.parametrize("name", ["train.jsonl", "train.csv"])
+def test_an_hf_url_of_a_text_format_is_read_as_a_remote_url(hub, tmp_path, name):
+    from raygrad.dataset import remote
+
+    if not hasattr(remote, "open_span"):
+        pytest.skip("text formats by URL (dataset/remote.py open_span) are not in this checkout yet")
+    values = mixed_values()
+    data = jsonl_bytes(values) if name.endswith(".jsonl") else csv_bytes(values)
+    hub.commit("org/lines", {name: data})
+    (tmp_path / name).write_bytes(data)
+    source = describe_source(f"hf://datasets/org/lines/{name}")
+    here = describe_source(str(tmp_path / name))
+    layout = plan(source, shard_texts=2)
+    assert layout == plan(here, shard_texts=2) and read_by_shard(source, layout) == read_by_shard(here, layout)
 
 
 def test_a_repo_without_parquet_falls_back_to_load_dataset_and_the_plan_says_so(hub, tmp_path):
