@@ -190,12 +190,12 @@ def test_a_dataset_changed_since_planning_is_refused_on_a_node(gpu_clusters, tin
                                           "--gpus-per-worker", "1"), "--workers", "2"], capsys, monkeypatch)
     assert code != 0
     (line,) = stderr.strip().splitlines()
-    assert line.startswith(f"error: --dataset {dataset}: on node 127.0.0.1 ")
+    assert line.startswith(f"error: --dataset {dataset}: node 127.0.0.1 ")
     named = line.split("Ray node ")[1][:12]
     assert named in {node.node_id[:12] for node in nodes}  # a node that can host a worker (not the 0-CPU head)
     planned = pin_dataset(str(texts_file))["digest"]  # the copy's digest, as planned
-    assert f"is another file there (digest {pin_dataset(str(dataset))['digest']}; the plan's, made on the " \
-           f"driver, is {planned})" in line
+    assert f"holds another file there (digest {pin_dataset(str(dataset))['digest']}; the plan's, made on the " \
+           f"driver: {planned})" in line
     assert actors == [] and not list(out.rglob(names.STORE_NAME))
 
 
@@ -228,8 +228,8 @@ def test_a_worker_on_a_node_not_yet_checked_checks_itself(gpu_clusters, tmp_path
         ray.shutdown()
     assert isinstance(refused.value.cause, RaygradError)
     message = str(refused.value.cause)
-    assert message.startswith(f"--dataset {dataset}: on node 127.0.0.1 ")
-    assert f"Ray node {node[:12]}" in message and "is another file there" in message
+    assert message.startswith(f"--dataset {dataset}: node 127.0.0.1 ")
+    assert f"Ray node {node[:12]}" in message and "holds another file there" in message
 
 
 def test_a_node_that_joins_after_the_check_is_checked_by_its_worker(two_node_cluster, tiny_llama, tmp_path,
@@ -254,8 +254,8 @@ def test_a_node_that_joins_after_the_check_is_checked_by_its_worker(two_node_clu
     assert pools[0].verified_nodes == {cluster.seeing}  # the blind node was not up for the check
     assert code != 0
     (line,) = stderr.strip().splitlines()
-    assert line.startswith(f"error: --dataset {hidden}: on node 127.0.0.1 ")
-    assert f"Ray node {cluster.blind[:12]}" in line and "no such file there" in line
+    assert line.startswith(f"error: --dataset {hidden}: node 127.0.0.1 ")
+    assert f"Ray node {cluster.blind[:12]}" in line and "has no such file" in line
 
 
 def test_a_node_that_cannot_see_the_path_stops_the_run_before_compute(split_cluster, tiny_llama, tmp_path,
@@ -270,10 +270,10 @@ def test_a_node_that_cannot_see_the_path_stops_the_run_before_compute(split_clus
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
     line = lines[0]
-    assert line.startswith(f"error: --dataset {hidden}: on node 127.0.0.1 ")
+    assert line.startswith(f"error: --dataset {hidden}: node 127.0.0.1 ")
     assert f"Ray node {cluster.blind[:12]}" in line  # the node that cannot see it, not the one that can
     assert cluster.seeing[:12] not in line
-    assert "no such file there" in line
+    assert "has no such file" in line
     assert "s3://" in line and "the same file at that path on every node" in line
     assert "Traceback" not in stderr
     assert actors == []  # no worker was asked for, so no shard computed
@@ -333,11 +333,11 @@ def test_the_per_node_check_sees_a_changed_missing_or_other_file(tmp_path):
     pin = pin_dataset(str(data))
     assert node_check.problem_here(pin) is None
     data.write_text("other text\n" * 10)  # same size, other content
-    assert node_check.problem_here(pin).startswith("is another file there (digest ")
+    assert node_check.problem_here(pin).startswith("holds another file there (digest ")
     data.unlink()
-    assert node_check.problem_here(pin) == "no such file there"
+    assert node_check.problem_here(pin) == "has no such file"
     data.mkdir()
-    assert node_check.problem_here(pin) == "is not a regular file there"
+    assert node_check.problem_here(pin) == "has no regular file there"
 
     directory = tmp_path / "dataset-dir"
     directory.mkdir()
@@ -347,7 +347,7 @@ def test_the_per_node_check_sees_a_changed_missing_or_other_file(tmp_path):
     (directory / "a.txt").write_text("two")
     assert node_check.problem_here(pin) == "holds other files there (a.txt differs)"
     shutil.rmtree(directory)
-    assert node_check.problem_here(pin) == "no such directory there"
+    assert node_check.problem_here(pin) == "has no such directory"
     # anything not a local path is not checked
     for dataset in ("stdlib-docs", "s3://bucket/texts.parquet"):
         assert node_check.local_dataset_pin(SimpleNamespace(dataset_revision=pin_dataset(dataset))) is None

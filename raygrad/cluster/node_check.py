@@ -38,30 +38,30 @@ def local_dataset_pin(plan) -> dict | None:
 
 def problem_here(pin: dict) -> str | None:
     """Why this machine does not see the dataset `pin` names (missing, unreadable, or other content), as
-    the end of a sentence about the path; None when it sees the planned one."""
+    what a sentence says of the node ("has no such file"); None when it sees the planned one."""
     path = Path(pin["path"])
     directory = "files" in pin  # a dataset directory pins each file (pins._local_pin); a file, its digest
     try:
         if directory:
             if not path.is_dir():
-                return "no such directory there" if not os.path.lexists(path) else "is not a directory there"
+                return "has no such directory" if not os.path.lexists(path) else "has no directory there"
             changed = what_changed(pin["files"], directory_files(path))
             return f"holds other files there ({changed})" if changed else None
         if not path.is_file():
-            return "no such file there" if not os.path.lexists(path) else "is not a regular file there"
+            return "has no such file" if not os.path.lexists(path) else "has no regular file there"
         digest = file_digest(path)
     except OSError as err:
-        return f"cannot be read there ({err.strerror or first_line(err)})"
+        return f"cannot read it ({err.strerror or first_line(err)})"
     if digest != pin["digest"]:
-        return f"is another file there (digest {digest}; the plan's, made on the driver, is {pin['digest']})"
+        return f"holds another file there (digest {digest}; the plan's, made on the driver: {pin['digest']})"
     return None
 
 
 def refusal(pin: dict, node: dict, problem: str) -> str:
     """The one line that stops the run: the node, the path, what is wrong and what to do."""
-    return (f"--dataset {pin['path']}: on node {node['ip']} ({node['host']}, Ray node {node['node_id'][:12]}) "
-            f"it {problem}; each node's workers read a local path on their own node: give the dataset as an "
-            "object-store URI (s3://, gs://, az://, hf://...), or put the same file at that path on every node")
+    return (f"--dataset {pin['path']}: node {node['ip']} ({node['host']}, Ray node {node['node_id'][:12]}) "
+            f"{problem}; a worker reads a local path on its own node: give the dataset as an object-store URI "
+            "(s3://, gs://, az://, hf://...), or put the same file at that path on every node")
 
 
 def this_node() -> dict:
