@@ -150,7 +150,7 @@ def _object_facts(kind: str, obj: dict, source: dict) -> dict:
     """What planning reads from one object, in ranged reads of its footer or of its first bytes."""
     if kind == "parquet":
         with remote.open_object(obj, "planning") as handle:
-            return {"rows": _parquet_file(handle, obj["url"], source).metadata.num_rows}
+            return {"rows": _parquet_file(handle, obj["url"], source, _pinned(obj)).metadata.num_rows}
     if kind == "text":
         with remote.open_span(obj, "planning", stop=SNIFF_BYTES) as handle:
             return {"lone_cr_ends_lines": _lone_cr_ends_lines(handle)}
@@ -503,22 +503,41 @@ register_format("csv", _line_format(_csv_rows))
 # --- parquet: read by row groups, only the text column; a local file, or a URL's objects (rows numbered
 # across them in order), each opened for ranged reads and checked against its pinned identity
 
-def _parquet_file(file, name: str, source: dict):
+_FOOTERS_KEPT = 64  # parquet footers a process keeps: its later reads of an object need not fetch them again
+_footers: dict[str, object] = {}  # an object as pinned (_pinned) -> its pyarrow FileMetaData
+_footers_lock = threading.Lock()
+
+
+def _pinned(obj: dict) -> str:
+    """A URL's object as the plan pins it: opened only while it still is (remote.open_object), so its
+    footer read once stands for every later read."""
+    return json.dumps([obj["url"], obj["identity"]], sort_keys=True)
+
+
+def _parquet_file(file, name: str, source: dict, pinned: str | None = None):
     import pyarrow.parquet as pq
 
+    with _footers_lock:
+        metadata = _footers.get(pinned) if pinned else None
     try:
-        parquet = pq.ParquetFile(file)
+        parquet = pq.ParquetFile(file, metadata=metadata)
     except Exception as err:  # not parquet, truncated: one line for the user
         raise RaygradError(f"--dataset {name}: cannot be read as parquet ({first_line(err)})") from None
     check_columns(source, parquet.schema_arrow.names, name)
+    if pinned and metadata is None:
+        with _footers_lock:
+            while len(_footers) >= _FOOTERS_KEPT:
+                _footers.pop(next(iter(_footers)))
+            _footers[pinned] = parquet.metadata
     return parquet
 
 
-def _parquet_parts(source: dict) -> list[tuple[str, int | None, Callable]]:
-    """(name, rows or None when unknown, opener) of each file, in row order: one local file, or a URL's objects."""
+def _parquet_parts(source: dict) -> list[tuple[str, int | None, Callable, str | None]]:
+    """(name, rows or None when unknown, opener, pinned or None) of each file, in row order: one local
+    file, or a URL's objects."""
     if "objects" not in source:
-        return [(source["path"], None, lambda reading: contextlib.nullcontext(source["path"]))]
-    return [(obj["url"], obj["rows"], lambda reading, obj=obj: remote.open_object(obj, reading))
+        return [(source["path"], None, lambda reading: contextlib.nullcontext(source["path"]), None)]
+    return [(obj["url"], obj["rows"], lambda reading, obj=obj: remote.open_object(obj, reading), _pinned(obj))
             for obj in source["objects"]]
 
 
@@ -538,9 +557,9 @@ def _zipped(values: list[list]) -> Iterator:
 
 def _parquet_scan(source: dict, counts: Counter) -> Iterator[Row]:
     row = 0
-    for name, _, opener in _parquet_parts(source):
+    for name, _, opener, pinned in _parquet_parts(source):
         with opener("the planning pass") as file:
-            parquet = _parquet_file(file, name, source)
+            parquet = _parquet_file(file, name, source, pinned)
             for value in _parquet_values(parquet, range(parquet.metadata.num_row_groups), value_columns(source)):
                 yield Row(row, value)
                 row += 1
@@ -550,14 +569,14 @@ def _parquet_read(source: dict, shard, counts: Counter) -> Iterator[Row]:
     """The row groups that overlap the shard's rows, then the rows themselves; a URL's objects that
     hold none of them are not opened."""
     offset = 0  # the first row of this file
-    for name, rows, opener in _parquet_parts(source):
+    for name, rows, opener, pinned in _parquet_parts(source):
         if offset >= shard.row_stop:
             return
         if rows is not None and offset + rows <= shard.row_start:
             offset += rows
             continue
         with opener(f"the shard of {shard.rows_text()}") as file:
-            parquet = _parquet_file(file, name, source)
+            parquet = _parquet_file(file, name, source, pinned)
             groups, first, start = [], None, offset
             for group in range(parquet.metadata.num_row_groups):
                 stop = start + parquet.metadata.row_group(group).num_rows
