@@ -64,11 +64,13 @@ def hard_cases(rng, tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return scores, rows, positions
 
 
-@pytest.fixture
-def always_skipping(monkeypatch):
+@pytest.fixture(params=[32, 0], ids=["one sort", "two sorts"])
+def always_skipping(monkeypatch, request):
     """Every chunk with a floor takes the skipping path (by default a chunk where more than SPARSE_SHARE of
-    the entries pass ranks them all), and the calls that did are counted."""
+    the entries pass ranks them all), and the calls that did are counted. Its keys sort at once where the
+    column and row fit in KEY_BITS, by magnitude and row then column otherwise (wide chunks): both run."""
     monkeypatch.setattr(topk, "SPARSE_SHARE", 1.0)
+    monkeypatch.setattr(topk, "KEY_BITS", request.param)
     calls = {"skipped": 0}
     original = topk.batch_top_above
 

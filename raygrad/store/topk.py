@@ -189,6 +189,7 @@ def batch_top(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 SPARSE_SHARE = 1 / 8  # above this share of x's entries able to enter, ranking them all (batch_top) is faster
+KEY_BITS = 32  # bits an int64 sort key has beside |x|'s 31 for a column and a row (batch_top_above)
 
 
 def batch_top_above(x: torch.Tensor, floor: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -198,8 +199,8 @@ def batch_top_above(x: torch.Tensor, floor: torch.Tensor, k: int) -> tuple[torch
     drops it) and index 0; or None when more than SPARSE_SHARE of the entries can enter, or x is float64.
 
     Exact: an entry below the floor is behind K better ones, and one equal to it is kept (it enters when its
-    row comes first). The passing entries are found with one comparison and ranked by one sort of their
-    keys (|x|'s bits, then the row, as `_best` builds them), then grouped by column with a stable sort."""
+    row comes first). The passing entries are found with one comparison and put in order by one sort of
+    integer keys: column, then |x| descending (its bits, which order like its value), then row."""
     import torch
 
     if x.dtype == torch.float64:  # no spare bits for the row in a float64 key
@@ -208,13 +209,17 @@ def batch_top_above(x: torch.Tensor, floor: torch.Tensor, k: int) -> tuple[torch
     smallest = torch.nextafter(torch.zeros((), dtype=floor.dtype), torch.ones((), dtype=floor.dtype))
     # |x| compared in the wider of the two dtypes (x's values are exact in the scores' dtype), so a tie stays one
     passes = x.abs() >= floor.to(x.device).clamp_min(smallest)
-    if int(passes.sum()) > SPARSE_SHARE * x.numel():
+    if int(torch.count_nonzero(passes)) > SPARSE_SHARE * x.numel():
         return None
     rows, columns = passes.nonzero(as_tuple=True)
     values = x[rows, columns]
-    keys = values.float().abs().view(torch.int32).long().bitwise_left_shift_(32).bitwise_or_(((1 << 32) - 1) - rows)
-    order = torch.sort(keys, descending=True).indices  # keys differ within a column: any sort is exact there
-    order = order.gather(0, torch.sort(columns.gather(0, order), stable=True).indices)
+    smaller = (1 << 31) - 1 - values.float().abs().view(torch.int32).long()  # 31 bits: a larger |x|, a smaller key
+    row_bits, column_bits = max(1, (n - 1).bit_length()), max(1, (width - 1).bit_length())
+    if row_bits + column_bits <= KEY_BITS:  # one sort of (column, smaller, row) keys, each distinct
+        order = torch.sort((columns << (31 + row_bits)) | (smaller << row_bits) | rows).indices
+    else:  # by (smaller, row), then stably by column
+        order = torch.sort((smaller << 32) | rows).indices
+        order = order.gather(0, torch.sort(columns.gather(0, order), stable=True).indices)
     grouped = columns.gather(0, order)
     rank = torch.arange(grouped.numel(), device=x.device) - torch.searchsorted(grouped, grouped)
     kept = rank < k
