@@ -11,6 +11,7 @@ Head (the reducer's merge of one shard's examples into the totals, raygrad.store
 Prints each time and its ratio to the run without examples.
 
     python benchmarks/examples_cost.py [--samples 16] [--k 16] [--width 16384] [--head-layers 26 --features 65536]
+                                       [--only worker|site|sae|head]
 """
 
 from __future__ import annotations
@@ -34,16 +35,19 @@ from sae_factory import write_sae_lens_dir  # noqa: E402
 from raygrad.store import topk  # noqa: E402
 
 
-def worker_costs(args) -> None:
+def worker_costs(args, cases=("site", "sae")) -> None:
     texts = long_texts(args.samples)
     base = runner_for(texts, args)
     tokens = sum(min(len(ids), args.max_length) - 1 for ids in base.tokenizer(texts)["input_ids"])
     print(f"{args.model} on {args.device}: {len(texts)} samples, ~{tokens} target tokens, batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads, K = {args.k}")
-    seconds = best_times({"plain": base, "top": runner_for(texts, args, top_examples=args.k)}, texts, args)
-    print(f"site, {len(base.plan.layers)} layers x {base.plan.width}, gradients:")
-    print(f"  without examples     {seconds['plain']:8.2f} s")
-    print(f"  --top-examples {args.k:<4}  {seconds['top']:8.2f} s  {seconds['top'] / seconds['plain']:5.2f}x")
+    if "site" in cases:
+        seconds = best_times({"plain": base, "top": runner_for(texts, args, top_examples=args.k)}, texts, args)
+        print(f"site, {len(base.plan.layers)} layers x {base.plan.width}, gradients:")
+        print(f"  without examples     {seconds['plain']:8.2f} s")
+        print(f"  --top-examples {args.k:<4}  {seconds['top']:8.2f} s  {seconds['top'] / seconds['plain']:5.2f}x")
+    if "sae" not in cases:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         for layer in map(int, args.sae_layers.split(",")):
             write_sae_lens_dir(Path(tmp) / f"sae_{layer}", base.plan.site_width, args.width,
@@ -90,10 +94,11 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--head-layers", type=int, default=26)
     parser.add_argument("--features", type=int, default=65536)
-    parser.add_argument("--only", choices=("worker", "head"), default=None)
+    parser.add_argument("--only", choices=("worker", "site", "sae", "head"), default=None,
+                        help="one part: the worker's two cases, one of them, or the head's merge")
     args = parser.parse_args()
     if args.only != "head":
-        worker_costs(args)
+        worker_costs(args, ("site", "sae") if args.only in (None, "worker") else (args.only,))
     if args.only != "worker":
         head_costs(args)
 
