@@ -251,6 +251,30 @@ def test_skipped_rows_are_counted_and_said(tiny_llama, tmp_path):
     assert any(line.startswith("loss     on the completion's tokens only") for line in lines)
 
 
+def test_a_pass_that_stops_early_counts_only_the_rows_it_took(tiny_llama, tmp_path):
+    """Pairs are checked against --max-length PAIR_BATCH rows at a time, read ahead; what a row read ahead
+    but not taken would count (a skip, bytes replaced) is not counted."""
+    from collections import Counter
+
+    from transformers import AutoTokenizer
+
+    from raygrad.dataset.formats import describe_source
+    from raygrad.dataset.shards import PAIR_BATCH, plan_shards
+
+    good = b'"What is said here?","%s"\r\n' % (b" an answer long enough for the filter." * 2)
+    lines = [b"prompt,completion\r\n", good, b'"What now?",\r\n', good, good,
+             *[b'"Bytes \xff\xfe that are not UTF-8",""\r\n'] * 3]
+    path = tmp_path / "pairs.csv"
+    path.write_bytes(b"".join(lines))
+    source = describe_source(str(path), prompt_column="prompt", completion_column="completion")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    assert PAIR_BATCH > len(lines)
+    taken = plan_shards(source, 3, tokenizer, MAX_LENGTH)
+    assert (taken.samples, taken.skipped) == (3, {"no_completion": 1})
+    whole = plan_shards(source, None, tokenizer, MAX_LENGTH)
+    assert (whole.samples, Counter(whole.skipped)) == (3, Counter(no_completion=4, undecodable_bytes=3))
+
+
 def _write_formats(root: Path) -> dict[str, str]:
     """The same rows as .jsonl, .csv, .parquet, a hub-style dataset directory and a file:// URL."""
     import csv

@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import constants as names
 from ..dataset.shards import read_rows
-from ..dataset.text import pair_target_counter, token_ids
+from ..dataset.text import completion_filter, token_ids
 from ..errors import RaygradError, first_line
 from ..plan import Plan, layer_span
 from ..store import topk
@@ -174,7 +174,7 @@ class RunExamples:
         shard = self.plan.shards[index]
         try:
             paired = self.plan.source.get("completion_column") is not None  # the rows the run kept
-            texts, rows, fingerprint = read_rows(self.plan.source, shard, targets=pair_target_counter(
+            texts, rows, fingerprint = read_rows(self.plan.source, shard, keeps=completion_filter(
                 self.tokenizer, self.plan.max_length) if paired else None)
         except (OSError, RaygradError, ValueError) as err:
             return None, f"the dataset cannot be read ({first_line(err)})"

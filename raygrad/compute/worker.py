@@ -18,7 +18,7 @@ import torch
 
 from .. import constants as names
 from ..dataset.shards import Shard, check_fingerprint, read_rows
-from ..dataset.text import pair_target_counter, token_ids, tokenize_truncated
+from ..dataset.text import completion_filter, token_ids, tokenize_truncated
 from ..errors import RaygradError
 from ..model.loading import device_placement, execution_device, input_device, load_model_and_tokenizer, pick_device
 from ..model.memory import sae_layer_groups
@@ -252,22 +252,22 @@ class ShardRunner:
         was planned on stops the run here, before anything of the shard is computed. Safe beside a
         `compute` in another thread (the tokenizer is used by one thread at a time)."""
         started = time.perf_counter()
-        texts, rows, fingerprint = read_rows(source, ref, targets=self._pair_targets(source))
+        texts, rows, fingerprint = read_rows(source, ref, keeps=self._pair_filter(source))
         check_fingerprint(shard, ref, fingerprint)
         with self._tokenizing:
             ids, prompt_lengths = self.computer.tokenize_texts(texts)
         return PreparedShard(shard, ids, rows, time.perf_counter() - started, prompt_lengths)
 
-    def _pair_targets(self, source: dict):
-        """A prompt/completion source's row filter (as the plan's, text.pair_target_counter), taking the
+    def _pair_filter(self, source: dict):
+        """A prompt/completion source's row filter (as the plan's, text.completion_filter), taking the
         tokenizer's lock; None for plain texts."""
         if source.get("completion_column") is None:
             return None
-        count = pair_target_counter(self.tokenizer, self.plan.max_length)
+        keeps = completion_filter(self.tokenizer, self.plan.max_length)
 
         def locked(pairs):
             with self._tokenizing:
-                return count(pairs)
+                return keeps(pairs)
         return locked
 
     def compute(self, prepared: PreparedShard) -> ShardResult:

@@ -7,7 +7,7 @@ and, in a line format, the bytes [byte_start, byte_stop) that hold them.
 
 A prompt/completion source's rows are Pairs; one is usable when its completion has text and keeps at
 least one target under --max-length, which takes the tokenizer: the planning pass and every read of a
-shard are given the same counter (`pair_target_counter`), so they keep the same rows.
+shard are given the same filter (`completion_filter`), so they keep the same rows.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .text import (
     SKIP_UNREADABLE,
     Pair,
     as_text,
-    pair_target_counter,
+    completion_filter,
 )
 
 RATIO_SAMPLE_TEXTS = 500  # usable texts tokenized to learn the source's tokens per character
@@ -104,22 +104,53 @@ def unusable(value, min_chars: int) -> str | None:
     return None
 
 
-def usable_rows(source: dict, rows: Iterator, counts: Counter, targets=None
+def usable_rows(source: dict, rows: Iterator, counts: Counter, keeps=None
                 ) -> Iterator[tuple[object, "str | Pair | None"]]:
-    """(row, its text or Pair, or None when skipped, counted in `counts`). `targets` (a prompt/completion
-    source's, from pair_target_counter): pairs -> the completion targets each keeps; 0 is SKIP_COMPLETION_CUT."""
-    paired = source.get("completion_column") is not None
-    if paired and targets is None:
-        raise ValueError("a prompt/completion source is read with its pairs' target counter (pair_target_counter)")
+    """(row, its text or Pair, or None when skipped, counted in `counts`). `keeps` (a prompt/completion
+    source's, text.completion_filter): pairs -> whether each keeps a completion target (else SKIP_COMPLETION_CUT)."""
+    if source.get("completion_column") is not None:
+        if keeps is None:
+            raise ValueError("a prompt/completion source is read with its filter (text.completion_filter)")
+        yield from _usable_pairs(source, iter(rows), counts, keeps)
+        return
     for item in rows:
         reason = unusable(item.value, source["min_chars"])
-        text = None if reason else Pair(*item.value) if paired else item.value
-        # one row at a time (not in batches): a pass that stops early has counted no row it did not take
-        if paired and text is not None and targets([text])[0] == 0:
-            reason, text = SKIP_COMPLETION_CUT, None
         if reason:
             counts[reason] += 1
-        yield item, text
+        yield item, None if reason else item.value
+
+
+PAIR_BATCH = 256  # rows read ahead so that their pairs are tokenized in one call (one call a row: ~1,000 rows/s)
+
+
+def _usable_pairs(source: dict, rows: Iterator, counts: Counter, keeps) -> Iterator[tuple[object, Pair | None]]:
+    """usable_rows of a prompt/completion source, PAIR_BATCH rows at a time. What the format counted while
+    reading a row (replaced bytes) is counted when that row is yielded, as its skip is: a pass that stops
+    early has counted no row it did not take."""
+    while True:
+        batch = []  # (row, why it is skipped or None, what reading it added to counts)
+        while len(batch) < PAIR_BATCH:
+            before = dict(counts)
+            item = next(rows, None)
+            if item is None:
+                break
+            added = {key: value - before.get(key, 0) for key, value in counts.items() if value != before.get(key, 0)}
+            for key, value in added.items():  # given back when the row is yielded
+                counts[key] -= value
+                if not counts[key]:
+                    del counts[key]
+            batch.append((item, unusable(item.value, source["min_chars"]), added))
+        if not batch:
+            return
+        pairs = [Pair(*item.value) for item, reason, _ in batch if reason is None]
+        kept = iter(keeps(pairs) if pairs else ())
+        for item, reason, added in batch:
+            counts.update(added)
+            if reason is None and not next(kept):
+                reason = SKIP_COMPLETION_CUT
+            if reason:
+                counts[reason] += 1
+            yield item, None if reason else Pair(*item.value)
 
 
 def load_texts(dataset: str, num_samples: int | None, *, text_column: str = "text", config: str | None = None,
@@ -135,10 +166,10 @@ def load_texts(dataset: str, num_samples: int | None, *, text_column: str = "tex
     kept text's row: its 0-based index in the source as read, before any filtering."""
     skipped = Counter() if skipped is None else skipped
     source = describe_source(dataset, text_column, config, split, min_chars, prompt_column, completion_column)
-    targets = pair_target_counter(tokenizer, max_length) if completion_column is not None else None
+    keeps = completion_filter(tokenizer, max_length) if completion_column is not None else None
     texts = []
     rows = [] if rows is None else rows
-    for item, text in usable_rows(source, formats.scan(source, skipped), skipped, targets):
+    for item, text in usable_rows(source, formats.scan(source, skipped), skipped, keeps):
         if text is not None:
             texts.append(text)
             rows.append(item.row)
@@ -151,13 +182,13 @@ def load_texts(dataset: str, num_samples: int | None, *, text_column: str = "tex
     return texts
 
 
-def read_rows(source: dict, shard: Shard, counts: Counter | None = None, targets=None
+def read_rows(source: dict, shard: Shard, counts: Counter | None = None, keeps=None
               ) -> tuple[list, list[int], str]:
-    """A shard's usable texts (or Pairs, kept by `targets` as in usable_rows), their rows, and the
+    """A shard's usable texts (or Pairs, kept by `keeps` as in usable_rows), their rows, and the
     fingerprint of what was read."""
     counts = Counter() if counts is None else counts
     texts, rows, digest = [], [], Fingerprint()
-    for item, text in usable_rows(source, formats.read(source, shard, counts), counts, targets):
+    for item, text in usable_rows(source, formats.read(source, shard, counts), counts, keeps):
         if text is not None:
             texts.append(text)
             rows.append(item.row)
@@ -202,8 +233,8 @@ def plan_shards(source: dict, num_samples: int | None, tokenizer, max_length: in
     that makes fewer than `min_shards` shards of the run's estimated size. Memory: one shard's digest
     and the first RATIO_SAMPLE_TEXTS texts (to learn the tokens per character), whatever the source's size."""
     counts = Counter()
-    targets = pair_target_counter(tokenizer, max_length) if source.get("completion_column") is not None else None
-    stream = usable_rows(source, formats.scan(source, counts), counts, targets)
+    keeps = completion_filter(tokenizer, max_length) if source.get("completion_column") is not None else None
+    stream = usable_rows(source, formats.scan(source, counts), counts, keeps)
     head, sample, ended = [], [], True
     for item, text in stream:
         if text is None and len(head) > 1 and head[-1][1] is None:

@@ -64,12 +64,17 @@ def tokenize_truncated(tokenizer, texts: list[str], max_length: int, special_tok
     holds more than CUT_CHARS_PER_TOKEN / 2 characters."""
     ids: list[list[int] | None] = [None] * len(texts)
     todo, chars = list(range(len(texts))), max_length * CUT_CHARS_PER_TOKEN + CUT_MARGIN_CHARS
-    offsets = getattr(tokenizer, "is_fast", False)  # only a fast tokenizer maps tokens to characters
+    fast = getattr(tokenizer, "is_fast", False)  # only a fast tokenizer maps tokens to characters
     while todo:
         cut = [texts[i][:chars] for i in todo]
+        # where the prefix was cut is checked only for texts that were cut (and is costly: ~40% of a call)
+        was_cut = any(len(texts[i]) > chars for i in todo)
+        offsets = fast and was_cut
         encoded = tokenizer(cut, truncation=True, max_length=max_length, add_special_tokens=special_tokens,
-                            **({"return_offsets_mapping": True} if offsets else {}))
-        if offsets:
+                            return_attention_mask=False, **({"return_offsets_mapping": True} if offsets else {}))
+        if not was_cut:
+            in_first_half = [True] * len(todo)  # every text is whole: kept as it is
+        elif offsets:
             # a prefix of whitespace alone may give no token at all (a word-level tokenizer without specials)
             in_first_half = [max((end for _, end in spans), default=0) <= chars // 2
                              for spans in encoded["offset_mapping"]]
@@ -97,11 +102,6 @@ def pair_token_ids(tokenizer, pairs: list[Pair], max_length: int) -> list[tuple[
     return [((prompt + completion)[:max_length], len(prompt)) for prompt, completion in zip(prompts, completions)]
 
 
-def completion_targets(ids: list[int], context: int) -> int:
-    """Positions that predict a completion token: t + 1 in [max(context, 1), len(ids))."""
-    return max(0, len(ids) - max(context, 1))
-
-
 def token_ids(tokenizer, texts: list, max_length: int) -> tuple[list[list[int]], list[int] | None]:
     """(ids, contexts) of a shard's texts as a worker computes them: plain texts (contexts None: every
     target counts) or Pairs (each one's prompt tokens, context only)."""
@@ -111,12 +111,21 @@ def token_ids(tokenizer, texts: list, max_length: int) -> tuple[list[list[int]],
     return tokenize_truncated(tokenizer, texts, max_length), None
 
 
-def pair_target_counter(tokenizer, max_length: int):
-    """pairs -> the completion targets each keeps under --max-length (0: skipped, SKIP_COMPLETION_CUT): the
-    filter the planning pass and every read of a shard apply alike."""
-    def count(pairs: list[Pair]) -> list[int]:
-        return [completion_targets(ids, context) for ids, context in pair_token_ids(tokenizer, pairs, max_length)]
-    return count
+def completion_filter(tokenizer, max_length: int):
+    """pairs -> whether each keeps a completion target under --max-length (False: SKIP_COMPLETION_CUT): the
+    filter the planning pass and every read of a shard apply alike. Only the prompts are tokenized (the
+    head tokenizes every row's prompt): a completion with text has a token, so a pair keeps a target
+    unless its prompt fills max_length; a prompt with no token at all (empty, and no BOS) needs two."""
+    def keeps(pairs: list[Pair]) -> list[bool]:
+        prompts = tokenize_truncated(tokenizer, [pair.prompt for pair in pairs], max_length)
+        kept = [0 < len(ids) < max_length for ids in prompts]
+        bare = [i for i, ids in enumerate(prompts) if not ids]
+        if bare:
+            completions = tokenize_truncated(tokenizer, [pairs[i].completion for i in bare], 2, special_tokens=False)
+            for i, ids in zip(bare, completions):
+                kept[i] = len(ids) >= 2
+        return kept
+    return keeps
 
 
 def as_text(text) -> str:
