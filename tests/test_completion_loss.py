@@ -514,3 +514,23 @@ def test_ablate_on_completions_matches_brute_force(batch_size, tiny_llama, pairs
                                [want[k] for k in numbers] + [x for pair in want["each"] for x in pair],
                                rtol=1e-9, atol=1e-13)
     assert abs(want["delta"]) > 1e-6 and abs(want["predicted_delta"]) > 1e-6
+
+
+def test_ablate_takes_the_columns_for_other_texts(tiny_llama, texts_file, pairs_file, tmp_path, capsys, monkeypatch):
+    """A plain run ablated on prompt/completion texts (--dataset with both columns) measures the loss per
+    completion token, as a completion run on those texts does; without the columns on a run that has
+    them, a .txt dataset (no columns) is one line."""
+    plain_dir, _ = run_tiny(tiny_llama, texts_file, tmp_path / "plain", layers="0,2", max_length=MAX_LENGTH)
+    _, pairs = run_tiny(tiny_llama, pairs_file, tmp_path / "pairs", **pair_options())
+    code, out, err = run_cli(["ablate", str(plain_dir), "--features", "0:3", "--json", "--no-progress", "--dataset",
+                              str(pairs_file), "--prompt-column", "prompt", "--completion-column", "completion",
+                              "--num-samples", "all"], capsys, monkeypatch)
+    assert code == 0, err
+    got = json.loads(out)
+    assert got["tokens"] == pairs.loss_tokens
+    np.testing.assert_allclose(got["loss"], pairs.loss_sum / pairs.loss_tokens, rtol=1e-12)
+
+    pairs_dir = next((tmp_path / "pairs").iterdir())
+    code, out, err = run_cli(["ablate", str(pairs_dir), "--features", "0:3", "--json", "--no-progress", "--dataset",
+                              str(texts_file)], capsys, monkeypatch)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "with no columns" in err, err
