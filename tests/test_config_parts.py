@@ -34,7 +34,7 @@ MEASURED_FIELDS = ["model", "target", "layers", "hook_site", "exclude_bos", "sae
                    "sae_mode", "position_stride", "aggregate_by", "hessian_probes", "dtype", "sae_dtype"]
 KEPT_FIELDS = ["top_examples"]  # measured (a resume keeps them), but the sums do not depend on them
 SAMPLE_FIELDS = ["num_samples", "max_length", "dataset", "dataset_config", "dataset_split", "text_column",
-                 "min_chars", "seed"]
+                 "prompt_column", "completion_column", "min_chars", "seed"]
 EXECUTION_FIELDS = ["batch_size", "tokens_per_batch", "sae_layers_per_pass", "device", "workers", "address",
                     "gpus_per_worker", "allow_offload", "worker_timeout", "connect_timeout", "checkpoint_seconds",
                     "shard_size"]
