@@ -70,6 +70,7 @@ class Case:
     kinds: tuple[str, ...] = ("gradients",)  # --aggregate-by (hessian: one Rademacher probe per batch)
     sae_layers_per_pass: int = 0  # SAE layers per forward+backward (0: all in one pass)
     top_examples: int = 0  # --top-examples K (0: off)
+    layers: tuple[int, ...] = ()  # the layers measured (and given SAEs); empty: every layer
 
 
 CASES = [
@@ -89,6 +90,12 @@ CASES = [
     # --top-examples 16 on every feature of the 26 x 65k SAEs, against gemma-2-2b-bf16-sae65k (target <= 1.15x)
     Case("gemma-2-2b-bf16-sae65k-top16", "gemma-2-2b.json", "bfloat16", texts=64, sae_width=65536,
          per_layer=False, top_examples=16),
+    # benchmarks/examples_cost.py's SAE case on a GPU: 4 layers x 16k features, gradients and attribution,
+    # without and with --top-examples 16 (target <= 1.15x)
+    Case("smollm2-135m-bf16-sae16k-attr", "smollm2-135m.json", "bfloat16", texts=64, sae_width=16384,
+         per_layer=False, kinds=("gradients", "attribution"), layers=(0, 10, 20, 29)),
+    Case("smollm2-135m-bf16-sae16k-attr-top16", "smollm2-135m.json", "bfloat16", texts=64, sae_width=16384,
+         per_layer=False, kinds=("gradients", "attribution"), layers=(0, 10, 20, 29), top_examples=16),
 ]
 DRY_CASES = [
     Case("tiny-llama-fp32", "tiny-llama.json", "float32", texts=8),
@@ -100,6 +107,10 @@ DRY_CASES = [
          per_layer=False, sae_layers_per_pass=1),
     Case("tiny-llama-fp32-sae-top16", "tiny-llama.json", "float32", texts=8, sae_width=256, sae_dtype="float32",
          per_layer=False, top_examples=16),
+    Case("tiny-llama-fp32-sae-attr", "tiny-llama.json", "float32", texts=8, sae_width=256, sae_dtype="float32",
+         per_layer=False, kinds=("gradients", "attribution"), layers=(0, 2)),
+    Case("tiny-llama-fp32-sae-attr-top16", "tiny-llama.json", "float32", texts=8, sae_width=256,
+         sae_dtype="float32", per_layer=False, kinds=("gradients", "attribution"), layers=(0, 2), top_examples=16),
 ]
 
 
@@ -179,7 +190,7 @@ def run_case(case: Case, tokenizer, device: torch.device, max_length: int, gpu: 
     started = time.perf_counter()
     torch.manual_seed(0)
     model = build_model(case, device, len(tokenizer))
-    layers = list(range(model.config.num_hidden_layers))
+    layers = list(case.layers) or list(range(model.config.num_hidden_layers))
     modules = [model.get_submodule(site.path) for site in resolve_hook_sites(model, layers, "mlp_out")]
     saes = (random_saes(model, len(layers), case.sae_width, getattr(torch, case.sae_dtype), device)
             if case.sae_width else None)
