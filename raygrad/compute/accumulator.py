@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from .batch import Batch
 
 MERGED_SHARE = 0.5  # above this share of a layer's dimensions with candidates, merging them all beats gathering
+# Where a chunk's ranking skips what cannot enter. It reads two counts back from the device per chunk
+# (how many pass, and where): free on a CPU, a wait for the queue on a GPU, where ranking every entry is
+# sync-free (benchmarks/gpu.py's smollm2-135m-bf16-sae16k-attr pair is the case to try it on).
+SKIPPING_DEVICES = ("cpu",)
 
 
 @dataclass
@@ -101,7 +105,7 @@ class DeviceAccumulator:
         """Keep, per dimension, the batch's best K rows seen so far (the merge across batches, which
         needs the rows' dataset order, happens once per batch in `merge`). Once the tables, or this
         batch's earlier rows, hold K examples of a dimension, only its tokens that reach the K-th are ranked."""
-        floor = self._floor(prefix, row)
+        floor = self._floor(prefix, row) if x.device.type in SKIPPING_DEVICES else None
         found = None if floor is None else topk.batch_top_above(x, floor, self.top_k)
         if found is None:  # rank every entry
             index = topk.batch_top(x, self.top_k)  # (k', width) rows of x
@@ -150,7 +154,7 @@ class DeviceAccumulator:
     def _merge_at(self, prefix: str, rows, candidates: dict[str, torch.Tensor]) -> None:
         """Merge `candidates` into the `prefix` tables' layer rows `rows` (an int, or a tensor of them), in place."""
         tables = self.examples[prefix]
-        if isinstance(rows, int):  # one layer row: only the dimensions with a candidate (score 0 is none)
+        if isinstance(rows, int) and self.device.type in SKIPPING_DEVICES:  # only the dimensions with a candidate
             offered = (candidates["score"] != 0).any(-1).nonzero().squeeze(1)
             if offered.numel() <= MERGED_SHARE * candidates["score"].shape[0]:
                 merged = topk.merge({name: value[rows, offered] for name, value in tables.items()},
