@@ -42,10 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from one_pass_vs_per_layer import corpus_paragraphs, long_texts, per_layer_loop  # noqa: E402
 
+from raygrad.compute.ablation import AblationSpec  # noqa: E402
 from raygrad.compute.batch import Aggregation, make_batch  # noqa: E402
 from raygrad.compute.batching import BatchSizer, MemoryProbe, collate, pack_by_tokens  # noqa: E402
 from raygrad.compute.sites import summed_loss  # noqa: E402
-from raygrad.compute.worker import ShardComputer  # noqa: E402
+from raygrad.compute.worker import AblationComputer, ShardComputer  # noqa: E402
 from raygrad.constants import KIND_PREFIX, SAE_L0_SUM, SAE_SQ_ERROR_SUM  # noqa: E402
 from raygrad.model.loading import resolve_hook_sites  # noqa: E402
 from raygrad.model.memory import sae_layer_groups  # noqa: E402
@@ -71,6 +72,8 @@ class Case:
     sae_layers_per_pass: int = 0  # SAE layers per forward+backward (0: all in one pass)
     top_examples: int = 0  # --top-examples K (0: off)
     layers: tuple[int, ...] = ()  # the layers measured (and given SAEs); empty: every layer
+    ablate: int = 0  # raygrad ablate of this many site dimensions (spread over the layers) instead of the run
+    ablate_each: bool = False  # with --each: one more forward per dimension, batched as copies
 
 
 CASES = [
@@ -96,6 +99,10 @@ CASES = [
          per_layer=False, kinds=("gradients", "attribution"), layers=(0, 10, 20, 29)),
     Case("smollm2-135m-bf16-sae16k-attr-top16", "smollm2-135m.json", "bfloat16", texts=64, sae_width=16384,
          per_layer=False, kinds=("gradients", "attribution"), layers=(0, 10, 20, 29), top_examples=16),
+    # raygrad ablate of 8 MLP-output dimensions, jointly and with --each, against qwen2.5-0.5b-bf16's run
+    Case("qwen2.5-0.5b-bf16-ablate8", "qwen2.5-0.5b.json", "bfloat16", texts=128, per_layer=False, ablate=8),
+    Case("qwen2.5-0.5b-bf16-ablate8-each", "qwen2.5-0.5b.json", "bfloat16", texts=128, per_layer=False, ablate=8,
+         ablate_each=True),
 ]
 DRY_CASES = [
     Case("tiny-llama-fp32", "tiny-llama.json", "float32", texts=8),
@@ -111,6 +118,8 @@ DRY_CASES = [
          per_layer=False, kinds=("gradients", "attribution"), layers=(0, 2)),
     Case("tiny-llama-fp32-sae-attr-top16", "tiny-llama.json", "float32", texts=8, sae_width=256,
          sae_dtype="float32", per_layer=False, kinds=("gradients", "attribution"), layers=(0, 2), top_examples=16),
+    Case("tiny-llama-fp32-ablate8-each", "tiny-llama.json", "float32", texts=8, per_layer=False, ablate=8,
+         ablate_each=True),
 ]
 
 
@@ -204,6 +213,8 @@ def run_case(case: Case, tokenizer, device: torch.device, max_length: int, gpu: 
     layer_sums = (SAE_SQ_ERROR_SUM, SAE_L0_SUM) if saes else ()
     computer = ShardComputer(model, tokenizer, modules, prefixes, Aggregation(kinds=case.kinds), sizer, max_length,
                              device, saes, groups, [device] * len(layers), layer_sums, layers, case.top_examples)
+    if case.ablate:
+        computer = ablation_computer(case, model, tokenizer, modules, sizer, max_length, device)
     texts = long_texts(2 * case.texts, chars=6 * max_length)
     warm, timed = texts[:case.texts], texts[case.texts:]
     built = time.perf_counter() - started
@@ -265,6 +276,16 @@ def run_case(case: Case, tokenizer, device: torch.device, max_length: int, gpu: 
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def ablation_computer(case: Case, model, tokenizer, modules, sizer, max_length: int, device: torch.device):
+    """raygrad ablate's shard loop for `case.ablate` dimensions zeroed, spread over the first, middle and
+    last layers (only their modules hooked, as an ablation's plan does)."""
+    layers = sorted({0, len(modules) // 2, len(modules) - 1})
+    entries = [(k % len(layers), 1 + k) for k in range(case.ablate)]  # (row among `layers`, dimension)
+    spec = AblationSpec(tuple(row for row, _ in entries), tuple(index for _, index in entries), "zero",
+                        (0.0,) * len(entries), case.ablate_each)
+    return AblationComputer(model, tokenizer, [modules[layer] for layer in layers], spec, sizer, max_length, device)
 
 
 class _AutogradDecoderSAE(DictionaryLearningSAE):
@@ -415,6 +436,11 @@ def main(argv: list[str] | None = None) -> dict:
     print_table(rows)
     by_name = {r["case"]: r for r in rows if "error" not in r}
     for name, row in by_name.items():
+        if "-ablate" in name:  # raygrad ablate against the run on the same model and texts
+            plain = by_name.get(name.split("-ablate", 1)[0])
+            if plain:
+                print(f"{name}: {plain['raygrad_tok_s'] / row['raygrad_tok_s']:.2f}x the time of {plain['case']}")
+            continue
         if "-top" in name:  # --top-examples against the same run without
             plain = by_name.get(name.rsplit("-top", 1)[0])
             if plain:

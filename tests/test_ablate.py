@@ -433,3 +433,41 @@ def test_report_shows_the_ablations(tiny_llama, texts_file, tmp_path, capsys, mo
                   f"{result['loss_ablated']:.6f}", f"{result['delta']:+.6f}", f"{result['delta_ci95'][0]:+.6f}",
                   f"{result['predicted_delta']:+.6f}"):
         assert shown in row, shown
+
+
+@pytest.mark.parametrize("each", [False, True])
+def test_a_feature_that_never_fires_leaves_the_loss_exactly(each, tiny_llama, texts_file, sae_dirs):
+    """clamp sets a feature only where it is active: one inactive everywhere changes nothing, so the ablated
+    loss equals the clean loss bit for bit (its term adds an exact zero; both losses take the same path)."""
+    from transformers import AutoTokenizer
+
+    from raygrad.compute.ablation import AblationSpec, ablate_batch
+    from raygrad.compute.accumulator import DeviceAccumulator
+    from raygrad.compute.batch import Aggregation, make_batch
+    from raygrad.compute.batching import collate
+    from raygrad.model.saes import load_sae
+
+    model, _ = load_float64(tiny_llama)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    sae = load_sae(0, path=str(sae_dirs / "sae_{layer}"), dtype=torch.float64)
+    module = explicit_module(model, 0, "mlp_out")
+    input_ids, mask = collate([tokenizer(t).input_ids for t in _texts(texts_file, 3)], tokenizer.pad_token_id)
+    batch = make_batch(input_ids, mask, Aggregation())
+    captured = []
+    handle = module.register_forward_hook(lambda m, a, out: captured.append(out.detach()))
+    with torch.no_grad():
+        model(input_ids=input_ids, attention_mask=mask)
+    handle.remove()
+    active = (sae.encode(captured[0])[mask.bool()] > 0).any(0)
+    silent, firing = int((~active).nonzero()[0]), int(active.nonzero()[0])
+    deltas = {}
+    for feature in (silent, firing):
+        spec = AblationSpec((0, 0), (feature, feature if not each else silent), "clamp", (3.0, 3.0), each) \
+            if each else AblationSpec((0,), (feature,), "clamp", (3.0,), False)
+        acc = DeviceAccumulator(spec.num_variants, {}, torch.device("cpu"), names.ABLATION_SUMS)
+        ablate_batch(model, [module], batch, acc, spec, [sae])
+        assert float(acc.sums[names.ABLATED_LOSS_SUM][0] - acc.sums[names.ABLATED_DELTA_SUM][0]) == float(
+            acc.loss_sum) or feature == firing
+        deltas[feature] = acc.sums[names.ABLATED_DELTA_SUM].tolist()
+    assert all(d == 0.0 for d in deltas[silent])
+    assert deltas[firing][0] != 0.0

@@ -29,11 +29,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .. import constants as names
 from .accumulator import DeviceAccumulator
 from .batch import IGNORE_INDEX, Batch
-from .sites import output_tensor, replace_output, summed_loss
+from .sites import LOSS_CHUNK_ELEMENTS, output_tensor, replace_output
 
 MODES = ("zero", "mean", "clamp")
 # Padded tokens of one ablated forward: the batch's texts are repeated once per variant and that many
@@ -76,10 +78,26 @@ class AblationSpec:
                    bool(data["each"]))
 
 
+def _position_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    # bf16/fp16 logits are widened for the softmax (as sites.summed_loss does); 0 where there is no target
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(wide, labels, ignore_index=IGNORE_INDEX, reduction="none")
+
+
 def per_text_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B,) float64, nats: each text's cross-entropy summed over its targets (labels != IGNORE_INDEX),
-    the run's own summed loss (sites.summed_loss) taken text by text."""
-    return torch.stack([summed_loss(logits[i:i + 1], labels[i:i + 1]) for i in range(logits.shape[0])])
+    """(B,) float64, nats: each text's cross-entropy summed over its targets (labels != IGNORE_INDEX, so a
+    mask on the targets restricts it). The clean and the ablated forwards both come here, so the same
+    arithmetic gives both sides of a difference. Widened logits exist LOSS_CHUNK_ELEMENTS at a time; with
+    a graph each chunk is recomputed in the backward (as sites.summed_loss), not kept."""
+    rows, width = labels.shape
+    flat, targets = logits.flatten(0, 1), labels.to(logits.device, non_blocking=True).flatten()
+    step = max(1, LOSS_CHUNK_ELEMENTS // logits.shape[-1])
+    chunks = []
+    for start in range(0, flat.shape[0], step):
+        piece, wanted = flat[start:start + step], targets[start:start + step]
+        chunks.append(checkpoint(_position_losses, piece, wanted, use_reentrant=False) if piece.requires_grad
+                      else _position_losses(piece, wanted))
+    return torch.cat(chunks).double().view(rows, width).sum(1)
 
 
 def set_values(a: torch.Tensor, target: torch.Tensor, mode: str, is_sae: bool) -> torch.Tensor:
