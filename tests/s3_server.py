@@ -5,6 +5,7 @@ read a process made (its GETs, their Range headers and the bytes sent back)."""
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -16,6 +17,7 @@ class Request:
     path: str  # /bucket/key
     range: tuple[int, int] | None  # [start, stop) asked by a Range header; None: the whole object
     sent: int  # body bytes sent back
+    seconds: float  # the server's own time on it (moto's), before the first byte is sent
 
 
 def asked_range(header: str | None) -> tuple[int, int] | None:
@@ -83,6 +85,7 @@ class RecordingS3Server:
             pid = None
             if self._who_asked and environ["REQUEST_METHOD"] == "GET":
                 pid = client_pid(int(environ["REMOTE_PORT"]), self._server.server_address[1])
+            started = time.perf_counter()
             body = app(environ, start_response)
             try:
                 chunks = list(body)
@@ -91,7 +94,8 @@ class RecordingS3Server:
                     body.close()
             # logged before a byte is sent: a client that has its answer finds its request in the log
             request = Request(pid, environ["REQUEST_METHOD"], unquote(environ.get("PATH_INFO", "")),
-                              asked_range(environ.get("HTTP_RANGE")), sum(map(len, chunks)))
+                              asked_range(environ.get("HTTP_RANGE")), sum(map(len, chunks)),
+                              time.perf_counter() - started)
             with self._lock:
                 self.requests.append(request)
             return chunks
