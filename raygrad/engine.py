@@ -41,13 +41,14 @@ def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: boo
     output_dir = Path(config.output_dir)
     _check_output_paths(config)
     # Resolving the model, sites, SAEs and pins checks them and the dataset's file before Ray starts or
-    # weights load; the plan is complete once the pool is sized (batching) and one pass over the dataset
-    # has planned the shards. Workers receive that plan, whole and once.
+    # weights load. Once the pool is sized (batching), the workers start and load the model while one
+    # pass over the dataset plans the shards: they get everything but the shards, which reach them as
+    # work items (an actor Ray restarts is built again from what it got).
     resolved = make_plan(config, 0)
     source = _source(config)
     with contextlib.ExitStack() as locked, loading_bars(progress), WorkerPool(config, echo=echo) as pool:
+        pool.start_workers(_pinned_source(resolved.placed(config, pool.workers, pool.device), source), config.seed)
         plan = _whole_plan(resolved, config, source, pool, echo)
-        pool.start_workers(plan, config.seed)
         run_dir = _new_run_dir(output_dir, run_dir_name(config, plan, datetime.now().strftime("%Y%m%d_%H%M%S")))
         locked.enter_context(run_lock(run_dir, "run", "--output-dir"))  # from now until the run ends or stops
         echo(f"output   {run_dir}")
@@ -342,10 +343,8 @@ def _check_memory(plan: Plan, workers: int, device: str) -> None:
 
 def _plan_shards(plan: Plan, config: RunConfig, source: dict, workers: int, device: str, echo) -> Plan:
     """The plan with its shards: one streaming pass over the dataset (shards.py), sized for this pool."""
-    if source.get("hub"):  # a hub id, resolved with its source: the plan pins the commit its files are read at
-        plan = dataclasses.replace(plan, dataset_revision=source["hub"])
-    if source["kind"] == "datasets":  # every node reads the pinned commit
-        source = {**source, "revision": dataset_commit(plan)}
+    plan = _pinned_source(plan, source)
+    source = plan.source
     layout = plan_shards(source, config.sample_limit, _tokenizer(plan), config.max_length,
                          shard_texts=config.shard_size, token_budget=config.shard_tokens(device),
                          min_shards=SHARDS_PER_WORKER * workers)
@@ -354,6 +353,15 @@ def _plan_shards(plan: Plan, config: RunConfig, source: dict, workers: int, devi
              f"longer than {config.min_chars} characters; going on with {layout.samples}")
     return dataclasses.replace(plan, samples=layout.samples, skipped_texts=layout.skipped, shards=layout.shards,
                                source=source, tokens_per_char=layout.tokens_per_char)
+
+
+def _pinned_source(plan: Plan, source: dict) -> Plan:
+    """The plan reading `source` at the dataset revision every node reads (before its shards are planned)."""
+    if source.get("hub"):  # a hub id, resolved with its source: the plan pins the commit its files are read at
+        plan = dataclasses.replace(plan, dataset_revision=source["hub"])
+    if source["kind"] == "datasets":  # every node reads the pinned commit
+        source = {**source, "revision": dataset_commit(plan)}
+    return dataclasses.replace(plan, source=source)
 
 
 def _tokenizer(plan: Plan):

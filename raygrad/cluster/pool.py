@@ -150,9 +150,9 @@ class WorkerPool:
     # --- the actors
 
     def start_workers(self, plan: Plan, seed: int) -> None:
-        """Ray actors are asked for now, each given the whole plan once (at construction: an actor Ray
-        restarts gets it again), and load their model as soon as they are placed; in-process, the runner
-        loads on first use."""
+        """Ray actors are asked for now, each given the plan once (at construction: an actor Ray restarts
+        gets it again), and load their model as soon as they are placed; in-process, the runner loads on
+        first use. The plan's shards need not be planned yet: each reaches a worker as a work item (`map`)."""
         self.plan, self.seed, self.actors = plan, seed, []
         if self.workers == 0:
             return

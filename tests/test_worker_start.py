@@ -1,0 +1,68 @@
+"""A Ray run starts its workers as soon as the model is resolved and the pool sized: they load the model
+while the driver plans the shards (issue 28). The plan is still planned once, the shards reach the
+actors as work items, and an actor Ray restarts during the planning is built again from what it got.
+One real local Ray run (a Ray start and an actor cost seconds on a small machine), compared with the
+in-process run of the same texts."""
+
+import os
+import signal
+import time
+
+import pytest
+from helpers import assert_same_totals, build_config
+
+from raygrad import constants as names
+from raygrad import engine
+from raygrad.store.zarr_store import ResultStore
+
+
+def test_the_worker_loads_while_the_shards_are_planned_and_a_restart_gets_its_plan_again(
+        tiny_llama, texts_file, tmp_path, monkeypatch, in_process_totals):
+    import ray
+
+    expected = in_process_totals()
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    real_plan_shards, seen = engine._plan_shards, {}
+
+    def plan_shards_once_the_worker_has_loaded(plan, config, source, workers, device, echo):
+        (actor,) = seen["pool"].actors  # asked for before the shards were planned
+        seen["ready"] = ray.get(actor.ready.remote(), timeout=300)  # its model is loaded already
+        seen["held"] = ray.get(actor.__ray_call__.remote(lambda self: (len(self.plan.shards), self.plan.source)))
+        pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+        os.kill(pid, signal.SIGKILL)  # Ray restarts the actor (max_restarts), from its constructor's arguments
+        seen["killed"] = pid
+        seen["plannings"] = seen.get("plannings", 0) + 1
+        return real_plan_shards(plan, config, source, workers, device, echo)
+
+    real_start = engine.WorkerPool.start_workers
+
+    def start_workers(self, plan, seed):
+        seen["pool"], seen["started with"] = self, plan
+        return real_start(self, plan, seed)
+
+    real_exit = engine.WorkerPool.__exit__
+
+    def exit_after_looking(self, *exc):
+        (actor,) = self.actors
+        seen["pid after"] = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
+        return real_exit(self, *exc)
+
+    monkeypatch.setattr(engine, "_plan_shards", plan_shards_once_the_worker_has_loaded)
+    monkeypatch.setattr(engine.WorkerPool, "start_workers", start_workers)
+    monkeypatch.setattr(engine.WorkerPool, "__exit__", exit_after_looking)
+    started = time.monotonic()
+    run_dir = engine.run(build_config(tiny_llama, texts_file, tmp_path / "ray", workers=1, shard_size=2),
+                         echo=lambda _: None, progress=False)
+    assert not ray.is_initialized()  # the run's own Ray, stopped
+    assert seen["plannings"] == 1  # one pass over the dataset
+    assert seen["ready"]["device"] == "cpu" and seen["ready"]["load_seconds"] < time.monotonic() - started
+    held_shards, held_source = seen["held"]
+    assert held_shards == 0  # the actor got the plan before its shards: they come as work items
+    saved = ResultStore.open(run_dir / names.STORE_NAME)
+    plan = saved.attrs[names.ATTR_PLAN]
+    assert len(plan["shards"]) == 3 and held_source == plan["source"]  # what each work item carries
+    assert seen["started with"].source == plan["source"] and not seen["started with"].shards
+    assert seen["pid after"] != seen["killed"]  # a new process, built again from the plan it was given
+    totals, done = saved.totals()
+    assert done.all()
+    assert_same_totals(totals, expected)
