@@ -276,7 +276,7 @@ def test_a_pass_that_stops_early_counts_only_the_rows_it_took(tiny_llama, tmp_pa
 
 
 def _write_formats(root: Path) -> dict[str, str]:
-    """The same rows as .jsonl, .csv, .parquet, a hub-style dataset directory and a file:// URL."""
+    """The same rows as .jsonl, .csv, .parquet, a dataset directory, and each file by a file:// URL."""
     import csv
 
     import pyarrow as pa
@@ -297,7 +297,8 @@ def _write_formats(root: Path) -> dict[str, str]:
     (root / "hub").mkdir()
     write_jsonl(root / "hub" / "train.jsonl", rows)
     paths["datasets"] = str(root / "hub")
-    paths["url"] = (root / "pairs.parquet").as_uri()
+    for kind in ("parquet", "jsonl", "csv"):  # read by URL (fsspec), as on a cluster
+        paths[f"url-{kind}"] = (root / f"pairs.{kind}").as_uri()
     return paths
 
 
