@@ -225,3 +225,42 @@ def test_an_object_changed_after_planning_is_refused_with_one_line(s3, kind, cha
         assert "the object is gone since the run was planned" in message
     else:
         assert "changed since the run was planned" in message and "ETag" in message
+
+
+def sample_object(suffix: str, texts: list[str]) -> bytes:
+    if suffix == "parquet":
+        import io
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        buffer = io.BytesIO()
+        pq.write_table(pa.table({"text": texts}), buffer, row_group_size=2)
+        return buffer.getvalue()
+    if suffix == "jsonl":
+        return "".join(json.dumps({"text": text}) + "\n" for text in texts).encode()
+    if suffix == "csv":
+        return ("text\n" + "".join(f'"{text}"\n' for text in texts)).encode()
+    return "".join(text + "\n" for text in texts).encode()
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "jsonl", "txt", "csv"])
+def test_a_resume_after_the_object_changed_stops_with_one_line(s3, tiny_llama, tmp_path, capsys, monkeypatch,
+                                                               suffix):
+    """The whole CLI: a run stopped after its first shard, its object replaced, then resumed: the
+    resume stops at the first shard it reads, with one line naming the object and the shard's rows."""
+    from helpers import build_config, killed_run, run_cli
+
+    fs, bucket = s3
+    url = f"s3://{bucket}/corpus/texts.{suffix}"
+    texts = [long_text(i) for i in range(4)]
+    fs.pipe(url, sample_object(suffix, texts))
+    run_dir = killed_run(build_config(tiny_llama, url, tmp_path / "out", shard_size=1, num_samples=4), 2)
+    fs.pipe(url, sample_object(suffix, [text.replace("sentence", "Sentence") for text in texts]))  # same size
+
+    code, out, err = run_cli(["run", "--resume", str(run_dir), "--no-progress"], capsys, monkeypatch)
+    assert code != 0
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    assert f"--dataset {url}: the object changed since the run was planned (ETag " in errors[0]
+    assert "the shard of rows 1-1 cannot be read as planned" in errors[0]
