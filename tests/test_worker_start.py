@@ -8,7 +8,6 @@ import os
 import signal
 import time
 
-import pytest
 from helpers import assert_same_totals, build_config
 
 from raygrad import constants as names
