@@ -203,10 +203,11 @@ class Plan:
             f"site     {self.hook_site}: {self.module_paths[0]}{' ...' if len(self.module_paths) > 1 else ''}",
             f"layers   {layer_text}, width {self.site_width}",
             *self._sae_lines(),
-            f"collect  {', '.join(self.aggregate_by)}"
-            + (f" ({self.hessian_probes} probe{'s' * (self.hessian_probes > 1)} per token)"
-               if "hessian" in self.aggregate_by else "")
-            + (f", every {self.position_stride}th position" if self.position_stride > 1 else ""),
+            (f"collect  {', '.join(self.aggregate_by)}"
+             + (f" ({self.hessian_probes} probe{'s' * (self.hessian_probes > 1)} per token)"
+                if "hessian" in self.aggregate_by else "")
+             + (f", every {self.position_stride}th position" if self.position_stride > 1 else "")
+             if not self.ablation else self._ablation_text()),
             *([f"examples top {self.top_examples} tokens per {'feature' if self.target == 'sae' else 'dimension'} "
                f"by |{'|, |'.join(names.kind_of(p) for p in self.example_prefixes)}| "
                f"({self.example_bytes() / 2**20:.1f} MiB per partial)"] if self.top_examples else []),
@@ -222,6 +223,12 @@ class Plan:
             *describe_pins(self),
             *(f"warning: {text}" for text in self.warnings),
         ])
+
+    def _ablation_text(self) -> str:
+        """raygrad ablate's work per batch (compute.ablation)."""
+        entries, each = len(self.ablation["rows"]), self.ablation["each"]
+        return (f"ablate   {entries} entries, mode {self.ablation['mode']}: per batch a clean forward + backward "
+                f"and {1 + entries if each else 1} ablated forward(s) (jointly{', and each alone' if each else ''})")
 
     def _shards_text(self) -> str:
         if not self.shards:
