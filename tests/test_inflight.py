@@ -10,7 +10,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from test_pool_losses import World
+from test_pool_losses import ShardList, World
 
 from raygrad.cluster import scheduler
 from raygrad.cluster.pool import WorkerPool
@@ -18,6 +18,7 @@ from raygrad.cluster.runtime import RemoteWorker
 from raygrad.config import RunConfig
 from raygrad.dataset.shards import Shard
 from raygrad.errors import RaygradError
+from raygrad.store.partial import ShardResult
 
 
 def run_pool(world: World, shards: int, workers: int) -> tuple[WorkerPool, list]:
@@ -140,7 +141,7 @@ class Runner:
     def compute(self, prepared):
         self.computed.append(prepared)
         time.sleep(0.05)  # long enough for a call out of turn to start computing beside it
-        return f"result {prepared}"
+        return ShardResult(prepared, ShardList([prepared]), 0.05, 0.0)
 
 
 def calls_on_threads(worker: RemoteWorker, calls: list[tuple], gap: float = 0.0) -> dict:
@@ -151,7 +152,8 @@ def calls_on_threads(worker: RemoteWorker, calls: list[tuple], gap: float = 0.0)
 
     def call(shard, ticket, after):
         try:
-            answers[shard] = worker.run(shard, None, None, ticket, after)
+            answer = worker.run(shard, None, None, ticket, after)  # no SendOrder: sent at once
+            answers[shard] = answer if answer is None else f"result {sorted(answer.shards)[0]}"
         except BaseException as err:
             answers[shard] = err
 

@@ -18,9 +18,11 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError
 from raygrad.cluster import pool as pool_module
 from raygrad.cluster import scheduler
 from raygrad.cluster.pool import RESTART_POLL_SECONDS, WorkerPool
+from raygrad.compute.folding import ShardFold
 from raygrad.config import RunConfig
 from raygrad.dataset.shards import Shard
 from raygrad.errors import RaygradError
+from raygrad.store.partial import ShardResult
 
 REPLY_SECONDS = 0.001  # a call to an actor that is not up fails this fast
 PLACED_SECONDS = 0.01
@@ -70,7 +72,14 @@ class Call:
         self.method, self.args, self.ref = method, args, Ref()
         self.stage, self.until = "queued", math.inf  # until: when its stage ends
         if method == "run":
-            self.shard, _, _, self.ticket, self.after = args
+            self.shard, _, _, self.ticket, self.after, self.order = args
+
+
+class ShardList(list):
+    """A partial that is the list of shards folded into it (compute/folding.py folds by `add`)."""
+
+    def add(self, other: "ShardList") -> None:
+        self.extend(other)
 
 
 class FakeActor:
@@ -121,8 +130,9 @@ class FakeActor:
             return Ref(now + REPLY_SECONDS, error=ActorDiedError())
         if k == "restarting":
             return Ref(now + REPLY_SECONDS, error=ActorUnavailableError("The actor is restarting.", None))
-        if k != self.process:  # a new process: nothing of the last one's runs on it
+        if k != self.process:  # a new process: nothing of the last one's runs on it, nothing folded
             self.process, self.newest_head, self.passed, self.computing = k, -1, None, None
+            self.fold = ShardFold()
         call = Call(method, args)
         self.queued.append(call)
         self._move(now)
@@ -161,7 +171,10 @@ class FakeActor:
         elif call.stage == "computing":
             self.computing, self.passed = None, call.ticket
             there = t + self.world.deliver_seconds.get(call.shard, 0.0)
-            self._leave(call, there, SimpleNamespace(shard=call.shard, ready_at=there))
+            computed = None if call.shard is None else ShardResult(call.shard, ShardList([call.shard]), 1.0, 0.0)
+            answer = self.fold.take(computed, call.order)  # the worker's own folding (RemoteWorker.run)
+            answer.ready_at = there
+            self._leave(call, there, answer)
         elif call.method == "ready":
             self._leave(call, t, {"device": "cpu", "load_seconds": self.load_seconds})
         else:
@@ -195,8 +208,9 @@ class FakeActor:
 
     def _compute(self, call: Call, t: float) -> None:
         self.computing, call.stage = call, "computing"
-        self.computed.append(call.shard)
-        seconds = self.world.run_seconds.get(call.shard, 1.0)
+        if call.shard is not None:
+            self.computed.append(call.shard)
+        seconds = self.world.run_seconds.get(call.shard, 1.0) if call.shard is not None else 0.0
         call.until = t + seconds
         fates = self.world.fates.get(call.shard)
         if fates:  # halfway through, the process dies or the actor is out of reach
@@ -214,7 +228,7 @@ class World:
     of FakeActor, in the order the pool asks for them; healthy ones after those)."""
 
     def __init__(self, monkeypatch, actors: list[dict], fates: dict | None = None, run_seconds: dict | None = None,
-                 read_seconds: dict | None = None, deliver_seconds: dict | None = None):
+                 read_seconds: dict | None = None, deliver_seconds: dict | None = None, head_share: float = math.inf):
         self.clock, self.specs, self.made, self.killed, self.said = Clock(), list(actors), [], [], []
         # shard -> what happens halfway through its next computations: "kill" (its process dies) or "unreachable"
         self.fates = {shard: list(fate) for shard, fate in (fates or {}).items()}
@@ -223,6 +237,8 @@ class World:
         # shard -> seconds from its result being computed to the driver having it (default 0): a large one
         # pulled from another node may arrive after the next call's
         self.deliver_seconds = dict(deliver_seconds or {})
+        # every call sends (no folding), unless a test gives the head's share (scheduler.HEAD_SHARE)
+        monkeypatch.setattr(scheduler, "HEAD_SHARE", head_share)
         monkeypatch.setattr(pool_module, "time", self.clock)
         monkeypatch.setattr(scheduler, "time", self.clock)
         monkeypatch.setattr(ray, "wait", self.wait)

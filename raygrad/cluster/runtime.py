@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 from urllib.parse import urlsplit
 
+from ..compute.folding import SendOrder, ShardFold  # torch-free: the actor imports torch only to load
 from ..config import RunConfig, is_ascii_count
 from ..errors import RaygradError, first_line
 from ..plan import Plan
@@ -101,6 +102,7 @@ class RemoteWorker:
         self.verified_nodes = verified_nodes  # nodes that need not check a local dataset again (node_check.py)
         self._loading = threading.Lock()  # one ShardRunner, however many calls arrive at once
         self._turns = ComputeTurns()
+        self._fold = ShardFold()  # the shards computed here and not yet sent, as one partial
 
     def placed(self) -> tuple[str, str]:
         """-> (its node, its process): Ray's worker id names the process, a new one after each restart."""
@@ -113,16 +115,24 @@ class RemoteWorker:
         runner = self._runner()
         return {"device": str(runner.device), "load_seconds": runner.load_seconds, "sae_groups": runner.sae_groups}
 
-    def run(self, shard: int, source: dict, ref, ticket: int, after: int | None) -> ShardResult | None:
-        """-> the shard's result; None for a call the driver gave up on (ComputeTurns: `ticket`, `after`)."""
+    def run(self, shard: int | None, source: dict, ref, ticket: int, after: int | None,
+            order: SendOrder | None = None) -> ShardResult | None:
+        """-> the shard folded into this worker's running partial, answered as an acknowledgement or, when
+        `order` says send (None: send), as everything folded (compute/folding.py); None for a call the
+        driver gave up on (ComputeTurns: `ticket`, `after`). `shard` None: only send what is folded. The
+        fold happens in the call's turn, so a process that dies was computing the head's shard, never
+        folding an earlier one."""
+        order = order or SendOrder(self._fold.fold or 0, True)
         try:
             runner = self._runner()
-            prepared = runner.prepare(shard, source, ref)  # beside the shard computing now, if any
+            prepared = None if shard is None else runner.prepare(shard, source, ref)  # beside the one computing
         except BaseException:
             with self._turns.turn(ticket, after):  # in its turn even so: the call sent next waits for this one
                 raise
         with self._turns.turn(ticket, after) as live:
-            return runner.compute(prepared) if live else None
+            if not live:
+                return None
+            return self._fold.take(None if prepared is None else runner.compute(prepared), order)
 
     def _runner(self) -> ShardRunner:
         with self._loading:

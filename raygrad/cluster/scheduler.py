@@ -29,6 +29,17 @@ for an actor that is only restarting:
   the same process answering again costs nothing. The shard sent behind it goes back uncharged.
 - ActorDiedError on the head's call: the process that started it is dead and not restarted; charged.
 
+Combining (compute/folding.py): a worker folds each shard it computes into one running partial and
+answers the shard's id only; a call the head marks `send` answers the running partial with every shard
+in it, which the reducer commits all or nothing. SendPolicy paces those sends, so taking partials costs
+the head a bounded share of its time (HEAD_SHARE) however many workers and shards there are: a worker
+holds its shards about workers x (the head's measured seconds per partial) / HEAD_SHARE. The last
+shards (the tail) are always sent, and a worker left with nothing to compute is sent a call that only
+sends. A worker lost, or out of reach, costs only its shards not yet sent: they are queued again
+uncharged (the loss is charged, as above, to the shard it was computing), and its running partial is
+given up under a new number (SendOrder.fold), so a worker that comes back drops it and no shard is
+counted twice.
+
 The pool (pool.py) owns the actors and their start-up calls (`placed`, `ready`); this module decides
 which shard goes where and what a failure costs, through the pool's side of `ActorPool` below (the
 pool imports this module, never the other way). Ray's runtime is runtime.py's."""
@@ -37,10 +48,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from collections import Counter, deque
+from time import perf_counter  # real seconds of the head's own work (the tests replace `time` with a fake clock)
 from typing import Callable, Iterator, Protocol
 
+from ..compute.folding import SendOrder
 from ..errors import RaygradError, first_line
 from ..store.partial import ShardResult
 from .runtime import actor_name, get, wait
@@ -52,6 +66,12 @@ STATUS_SECONDS = 30.0  # between "waiting for workers" lines
 MAX_LOSSES_PER_SHARD = 3  # a shard whose worker dies this often is killing it (memory, say): stop, not loop
 PER_WORKER = 2  # shards in flight per worker: the one it computes and the next, read beside it
 _tickets = itertools.count()  # run calls in the order sent, from every map of this process (ComputeTurns)
+_folds = itertools.count()  # numbers for the workers' running partials (SendOrder.fold), never reused
+# Of the head's wall time, the share that taking folded partials (Ray's transfer and Reducer.add) may
+# use: half of a target of <= 0.5 busy, the other half left for acknowledgements, checkpoint snapshots
+# and the tail, when every worker sends what it holds. math.inf: every shard sent at once (no folding).
+HEAD_SHARE = 0.25
+COST_WEIGHT = 0.3  # of the newest partial in the running mean of the head's seconds per partial
 
 
 class ActorPool(Protocol):
@@ -126,8 +146,38 @@ class WorkerClocks:
                 "worker_idle_fraction": sum(self.idle.values()) / up if up > 0 else 0.0}
 
 
+class SendPolicy:
+    """Which calls the head marks `send`: a token bucket that fills at HEAD_SHARE / (the head's measured
+    seconds per partial taken), so sends arrive no faster than the head takes them within its share,
+    however many workers there are; each token goes to the worker whose shards have waited longest.
+    Until a partial has been measured nothing fills it: the first call sends, to measure one."""
+
+    def __init__(self, share: float):
+        self.share = share
+        self.cost: float | None = None  # head seconds per partial taken (transfer + reduce), a running mean
+        self.tokens = 1.0
+        self.updated: float | None = None
+
+    def measured(self, seconds: float) -> None:
+        self.cost = seconds if self.cost is None else (1 - COST_WEIGHT) * self.cost + COST_WEIGHT * seconds
+
+    def grant(self, now: float, ahead: int, workers: int) -> bool:
+        """A send for a call now, `ahead` workers having waited longer (a token is left for each)."""
+        if self.share == math.inf:
+            return True
+        if self.cost is not None and self.updated is not None:
+            rate = self.share / max(self.cost, 1e-9)  # sends a second
+            self.tokens = min(workers + 1.0, self.tokens + (now - self.updated) * rate)
+        self.updated = now
+        if self.tokens >= 1 + ahead:
+            self.tokens -= 1
+            return True
+        return False
+
+
 class ElasticMap:
-    """One map: `results()` yields each shard's result once, in the order they finish."""
+    """One map: `results()` yields each partial the workers send once, in the order they arrive; each
+    holds one or more shards (ShardResult.shards), none of them yielded before."""
 
     def __init__(self, pool: ActorPool, queue: deque):
         self.pool, self.queue, self.clocks = pool, queue, pool.clocks
@@ -142,6 +192,18 @@ class ElasticMap:
         self.idle: list = []
         self.finished: set[int] = set()
         self.losses: Counter = Counter()  # shard -> worker processes lost while computing it
+        self.policy = SendPolicy(HEAD_SHARE)
+        self.fold_of: dict[str, int] = {}  # actor id -> the number of its running partial (SendOrder.fold)
+        # actor id -> {shard: (item, when acknowledged)}: folded on the worker, not yet in a partial taken
+        self.held: dict[str, dict[int, tuple]] = {}
+        self.sends: set = set()  # run refs marked `send`
+        # What each partial will hold, in the order calls were sent (an actor computes them in that order,
+        # whatever order their answers arrive in): actor id -> the items sent since its last `send` call,
+        # and each `send` call's ref -> the items its partial holds (its own included).
+        self.segment: dict[str, list] = {}
+        self.segments: dict = {}
+        self.get_seconds = 0.0  # the head's seconds in `get` for the partial being yielded
+        self.carrying_on = None  # the actor that sent the partial being yielded: served once it is taken
 
     def results(self) -> Iterator[ShardResult]:
         pool, queue = self.pool, self.queue
@@ -173,9 +235,12 @@ class ElasticMap:
                         last_status = now
                     continue
                 result = self._take(ready[0])
-                if result is not None and result.shard not in self.finished:
-                    self.finished.add(result.shard)
+                if result is not None:
+                    self.finished.update(result.shards)
+                    started = perf_counter()
                     yield result
+                    self.policy.measured(self.get_seconds + perf_counter() - started)
+                    self._carry_on(self.carrying_on)
         finally:
             self.clocks.stop(time.monotonic())
 
@@ -256,41 +321,116 @@ class ElasticMap:
         self._fill(actor)
 
     def _finished(self, ref) -> ShardResult | None:
-        """A shard's call answered: its result, or a failure that queues it again (and perhaps costs a loss)."""
+        """A call answered: an acknowledgement (its shard folded on the worker), a partial the worker sent
+        (-> it, unless a shard in it is already in), or a failure that queues its shard again with those
+        the worker held (and perhaps costs a loss). `item` None: a call that only sends."""
         from ray.exceptions import ActorUnavailableError, RayActorError
 
         actor, item, process = self.running.pop(ref)
+        self.sends.discard(ref)
         name = actor_name(actor)
         calls = self.in_flight[name]
         head = calls[0] is ref
+        position = calls.index(ref)
         calls.remove(ref)
+        started = perf_counter()
         try:
             result = get(ref)
         except RayActorError as err:
             if not head:  # sent behind a shard still in flight: it was reading or waiting (scheduler docstring)
-                self.queue.appendleft(item)
+                self._not_folded(name, ref, item, position)
+                if item is not None:
+                    self.queue.appendleft(item)
                 self.suspect.add(name)
                 self.room.pop(name, None)
                 return None
-            # its node or process is gone, or out of reach: the shard is queued again
-            if isinstance(err, ActorUnavailableError):
-                self.unreachable[name] = (item, process, err)  # charged once the actor answers again
-            else:
-                self._charge(item, err)
-            self.pool.echo(f"worker lost during shard {item[0]} ({first_line(err)}); the shard is queued again")
-            self.queue.extendleft(reversed([item, *self._drop_calls(actor)]))  # those behind it: never computing
+            # its node or process is gone, or out of reach: the shard is queued again, with those it held
+            if item is not None:
+                if isinstance(err, ActorUnavailableError):
+                    self.unreachable[name] = (item, process, err)  # charged once the actor answers again
+                else:
+                    self._charge(item, err)
+                self.pool.echo(f"worker lost during shard {item[0]} ({first_line(err)}); the shard is queued again")
+            self.segments.pop(ref, None)
+            lost = [*([item] if item is not None else []), *self._drop_calls(actor), *self._give_up_fold(name)]
+            self.queue.extendleft(reversed(lost))  # those behind it and those it held: never computing
             self.pool.watch_start(actor)  # answers if Ray restarts it (or it was out of reach), raises if gone
             return None
+        self.get_seconds = perf_counter() - started
         if result is None:  # ComputeTurns gives up only on calls sent before a head, which the driver dropped
-            raise RuntimeError(f"internal error: a worker gave up on shard {item[0]}, which the driver awaited")
-        self.pool.computing(actor, self.running[calls[0]][1][0] if calls else None)  # the next, or none
+            raise RuntimeError(f"internal error: a worker gave up on {_call_name(item)}, which the driver awaited")
+        sent = self._received(actor, item, result, ref)
+        if sent is None:
+            self._carry_on(actor)
+        else:  # once the head has taken it (results()), so the next send is granted at its measured cost
+            self.carrying_on = actor
+        return sent
+
+    def _carry_on(self, actor) -> None:
+        """After an answer: the actor's next call computes, or it is sent more, or a call that only sends
+        what it holds, or it is idle."""
+        name = actor_name(actor)
+        calls = self.in_flight[name]
         if calls:
+            self.pool.computing(actor, _shard_of(self.running[calls[0]][1]))  # the next
             self._fill(actor)
+        elif self.held.get(name):  # nothing more to compute here for now: send what it holds
+            self.pool.computing(actor, None)
+            self._send(actor, None, send=True)
         else:
+            self.pool.computing(actor, None)
             self.room.pop(name, None)
             self.idle.append(actor)
             self.clocks.waiting(name, time.monotonic())
+
+    def _received(self, actor, item, result: ShardResult, ref) -> ShardResult | None:
+        """An answer's bookkeeping -> the partial to yield (None: an acknowledgement)."""
+        name = actor_name(actor)
+        expected = self.segments.pop(ref, None)  # a `send` call: what its partial holds
+        if result.partial is None:
+            if expected is not None and (item is not None or any(held[0] not in self.finished for held in expected)):
+                raise RuntimeError(f"internal error: a worker asked to send after {_call_name(item)} sent nothing")
+            if item is not None and item[0] not in self.finished:
+                self.held.setdefault(name, {})[item[0]] = (item, time.monotonic())
+            return None
+        if expected is None or set(result.shards) != {held[0] for held in expected}:
+            raise RuntimeError(f"internal error: a worker sent shards {sorted(result.shards)}, the driver awaited "
+                               f"{None if expected is None else sorted(held[0] for held in expected)}")
+        holding = self.held.get(name, {})
+        for shard in result.shards:
+            holding.pop(shard, None)
+        if any(shard in self.finished for shard in result.shards):
+            # Cannot happen (a shard is folded on one worker at a time): never added twice, and never in
+            # part; those not yet in are queued again.
+            log.warning("a worker sent shards %s, some already in: refused whole, the rest queued again",
+                        sorted(result.shards))
+            self.queue.extendleft(reversed([held for held in expected if held[0] not in self.finished]))
+            return None
         return result
+
+    def _not_folded(self, name: str, ref, item, position: int) -> None:
+        """A call behind the head failed, so its worker never folded its shard: out of the partial it was
+        to be in; if it was to send, the worker still holds what it folded, for the next `send` call."""
+        calls = self.in_flight[name]
+        later = [call for call in list(calls)[position:] if call in self.segments]  # `send` calls after it
+        if ref in self.segments:
+            rest = [held for held in self.segments.pop(ref) if held is not item]
+            if later:
+                self.segments[later[0]] = rest + self.segments[later[0]]
+            else:
+                self.segment[name] = rest + self.segment.get(name, [])
+        else:
+            for items in [*(self.segments[call] for call in later), self.segment.get(name, [])]:
+                if item in items:
+                    items.remove(item)
+                    break
+
+    def _give_up_fold(self, name: str) -> list:
+        """Forget what a lost (or unreachable) worker held: a new number for its running partial, so
+        if it comes back it drops the old one. -> the items it held, queued again uncharged."""
+        self.fold_of[name] = next(_folds)
+        self.segment.pop(name, None)
+        return [held for held, _ in self.held.pop(name, {}).values()]
 
     def _charge(self, item, err) -> None:
         self.losses[item[0]] += 1
@@ -304,19 +444,43 @@ class ElasticMap:
             if process != started_by:
                 self._charge(item, err)
 
-    def _send(self, actor, item) -> None:
-        """Send `item` to compute after the last call sent to the actor, while any is in flight. That
-        call, not the last one here still unanswered: results may arrive out of order (a large one
-        pulled from another node after the small one behind it)."""
+    def _send(self, actor, item, send: bool | None = None) -> None:
+        """Send `item` (None: a call that only sends what the worker folded) to compute after the last
+        call sent to the actor, while any is in flight. That call, not the last one here still
+        unanswered: results may arrive out of order (a large one pulled from another node after the
+        small one behind it). `send`: whether the worker sends its running partial after it (None:
+        the tail always, else as SendPolicy grants)."""
         name = actor_name(actor)
         calls = self.in_flight.setdefault(name, deque())
         ticket, after = next(_tickets), self.last_ticket[name] if calls else None
-        ref = actor.run.remote(*item, ticket, after)
+        if send is None:
+            send = self._send_now(name)
+        order = SendOrder(self.fold_of.setdefault(name, next(_folds)), send)
+        ref = actor.run.remote(*(item if item is not None else (None, None, None)), ticket, after, order)
         self.running[ref], self.last_ticket[name] = (actor, item, self.process_of[name]), ticket
+        segment = self.segment.setdefault(name, [])
+        if item is not None:
+            segment.append(item)
+        if send:
+            self.sends.add(ref)
+            self.segments[ref] = self.segment.pop(name)
         calls.append(ref)
         if len(calls) == 1:  # the actor's head: the shard it computes now
-            self.pool.computing(actor, item[0])
+            self.pool.computing(actor, _shard_of(item))
         self.clocks.working(name, time.monotonic())
+
+    def _send_now(self, name: str) -> bool:
+        """Whether the call being sent to actor `name` should send its running partial: in the tail
+        (no more calls will be sent to fill actors up) always, else as SendPolicy grants, first to the
+        actors whose shards have waited longest among those with no send in flight (an actor with one
+        comes after all of them)."""
+        if len(self.queue) < len(self.pool.actors) or self.policy.share == math.inf:
+            return True
+        waiting = {actor for actor, refs in self.in_flight.items() if not any(ref in self.sends for ref in refs)}
+        since = {actor: min(at for _, at in held.values()) for actor, held in self.held.items() if held}
+        mine = since.get(name, math.inf) if name in waiting else math.inf
+        ahead = sum(at < mine for actor, at in since.items() if actor in waiting and actor != name)
+        return self.policy.grant(time.monotonic(), ahead, len(self.pool.actors))
 
     def _fill(self, actor) -> None:
         """Top an actor with a shard in flight up to PER_WORKER, while enough shards wait."""
@@ -335,7 +499,20 @@ class ElasticMap:
         self.room.pop(name, None)
         self.pool.computing(actor, None)
         self.clocks.lost(name, time.monotonic())
-        return [self.running.pop(ref)[1] for ref in self.in_flight.pop(name, ())]
+        items = []
+        for ref in self.in_flight.pop(name, ()):
+            self.sends.discard(ref)
+            self.segments.pop(ref, None)
+            items.append(self.running.pop(ref)[1])
+        return [item for item in items if item is not None]
+
+
+def _shard_of(item) -> int | None:
+    return None if item is None else item[0]
+
+
+def _call_name(item) -> str:
+    return "a call that only sends" if item is None else f"shard {item[0]}"
 
 
 def _shard_keeps_killing_line(item: tuple, losses: int, err: BaseException) -> str:

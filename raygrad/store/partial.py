@@ -41,8 +41,8 @@ class Partial:
         self.tokens += other.tokens
         self.loss_sum += other.loss_sum
         self.loss_tokens += other.loss_tokens
-        if self.examples:
-            self.examples.update(topk.merge_named(self.examples, other.examples))
+        if self.examples:  # in place: these totals' own arrays (a worker's running partial, the reducer's)
+            topk.merge_named_into(self.examples, other.examples)
 
 
 def array_widths(prefixes: dict[str, int]) -> dict[str, int]:
@@ -52,9 +52,23 @@ def array_widths(prefixes: dict[str, int]) -> dict[str, int]:
 
 @dataclass
 class ShardResult:
-    shard: int
-    partial: Partial
+    """What a worker's call answers. In-process, and on Ray when a worker sends at once: `shard` and its
+    partial. On Ray a worker folds consecutive shards into one running partial (compute/folding.py):
+    a call whose shard it folded and kept answers `partial` None (an acknowledgement, its id only), and
+    the call that sends answers the partial of every shard in `folded`."""
+
+    shard: int | None  # the shard this call computed (None: a call that only sends what its worker folded)
+    partial: Partial | None  # None: nothing sent (the shard is folded on its worker, not yet sent)
     seconds: float  # wall time of the shard on its worker
     worker_load_seconds: float  # how long this worker took to load its model
     batch_tokens: int = 0  # the token budget per batch at the end of the shard (0: fixed text counts)
     read_seconds: float = 0.0  # reading, filtering and tokenizing its rows (overlaps the previous shard on Ray)
+    folded: dict[int, float] = field(default_factory=dict)  # shard -> its seconds, every shard `partial` holds
+    #                                                          (empty: `shard` alone)
+
+    @property
+    def shards(self) -> dict[int, float]:
+        """shard -> seconds on its worker, for every shard whose sums `partial` holds (none when None)."""
+        if self.partial is None:
+            return {}
+        return self.folded or {self.shard: self.seconds}

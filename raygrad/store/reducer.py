@@ -11,6 +11,7 @@ being written, one waiting)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ import numpy as np
 
 from .partial import Partial, ShardResult
 from .zarr_store import ResultStore
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_SECONDS = 30.0  # between checkpoints; the last shard always checkpoints
 
@@ -171,20 +174,30 @@ class Reducer:
         return self.stored if self.writer.saved < 0 else self.writer.saved
 
     def add(self, result: ShardResult) -> None:
+        """Commit the shards of one partial a worker sent (one shard, or several it folded), all or
+        nothing: a partial holding a shard already counted (a retry's second answer) is not added at all,
+        since one shard's part of a folded partial cannot be taken out; an acknowledgement (no partial)
+        commits nothing."""
+        shards = result.shards
+        if not shards:
+            return
         started = time.perf_counter()
         self.partials_received += 1
         self.bytes_received += partial_nbytes(result.partial)
         self.writer.raise_error()  # a checkpoint that failed stops the run before more is added
-        if self.done[result.shard]:
-            return  # a shard already counted (a retry's second answer) is never added twice
-        # A signal landing between these lines would leave sums without their done flag
-        # (or half of one shard's arrays added): until both are set, nothing is checkpointed.
+        counted = [shard for shard in shards if self.done[shard]]
+        if counted:
+            if len(counted) < len(shards):  # the scheduler queues the others again (scheduler._received)
+                log.warning("a partial of shards %s holds %s, already counted: not added", sorted(shards), counted)
+            return  # a shard already counted is never added twice
+        # A signal landing between these lines would leave sums without their done flags
+        # (or half of one partial's arrays added): until both are set, nothing is checkpointed.
         self.consistent = False
         self.totals.add(result.partial)
-        self.done[result.shard] = True
+        self.done[list(shards)] = True
         self.consistent = True
-        self.unsaved.append(time.perf_counter())
-        self.shard_seconds[result.shard] = result.seconds
+        self.unsaved.extend([time.perf_counter()] * len(shards))
+        self.shard_seconds.update(shards)
         self.load_seconds = max(self.load_seconds, result.worker_load_seconds)
         self.new_tokens += result.partial.loss_tokens
         self.batch_tokens = max(self.batch_tokens, result.batch_tokens)
@@ -194,7 +207,7 @@ class Reducer:
         self.reduce_seconds += time.perf_counter() - started
         if self.done.all():
             self.writer.wait()  # the last checkpoint is on disk before the run is finalized
-        self.bar.update(1)
+        self.bar.update(len(shards))
         self.bar.set_postfix(tokens=self.totals.loss_tokens, tok_s=f"{self.new_tokens / (now - self.started):.0f}")
 
     def checkpoint(self) -> None:

@@ -65,33 +65,45 @@ def empty_tensors(num_layers: int, width: int, k: int, dtype: torch.dtype, devic
 
 def merge_named(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Two partials' example arrays (array_names(prefix) -> (L, width, K)) merged: a's layout and K."""
-    merged = {}
+    merged = {name: value.copy() for name, value in a.items()}
+    merge_named_into(merged, b)
+    return merged
+
+
+def merge_named_into(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    """merge_named(a, b) written into a's arrays (which must be writable: a running total's own, never
+    a partial just taken from Ray's object store), with no copy of a's tables."""
     for prefix in {name.rsplit("_top_", 1)[0] for name in a}:
         keys = array_names(prefix)
-        tables = merge_sorted(dict(zip(TABLES, (a[name] for name in keys))),
-                              dict(zip(TABLES, (b[name] for name in keys))))
-        merged.update(zip(keys, (tables[table] for table in TABLES)))
-    return merged
+        merge_sorted_into(dict(zip(TABLES, (a[name] for name in keys))), dict(zip(TABLES, (b[name] for name in keys))))
 
 
 def merge_sorted(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """merge() of two host tables that are each sorted best first (as every table is), k = a's K: only
     the (layer, dimension) cells where b's best would enter a's K are merged. After S shards a new
     shard enters a cell with a chance of about K / S, so the head's work per partial falls as a run goes."""
+    out = {name: value.copy() for name, value in a.items()}
+    merge_sorted_into(out, b)
+    return out
+
+
+def merge_sorted_into(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    """merge_sorted(a, b) written into a's arrays: the cells b enters are merged and written back in
+    place; a's other cells are neither copied nor touched."""
     k = a["score"].shape[-1]
     worst = {name: value[..., -1] for name, value in a.items()}
     best = {name: value[..., 0] for name, value in b.items()}
     enters = _precedes(best, worst)
     if enters.mean() > 0.5:  # most cells change (the first shards): merging all beats gathering them
-        return _merge_by_magnitude(a, b, k)
-    out = {name: value.copy() for name, value in a.items()}
+        for name, value in _merge_by_magnitude(a, b, k).items():
+            np.copyto(a[name], value)
+        return
     if enters.any():
         cells = np.nonzero(enters)
         merged = _merge_by_magnitude({name: value[cells] for name, value in a.items()},
                                      {name: value[cells] for name, value in b.items()}, k)
         for name, value in merged.items():
-            out[name][cells] = value
-    return out
+            a[name][cells] = value
 
 
 def _merge_by_magnitude(a: dict[str, np.ndarray], b: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
