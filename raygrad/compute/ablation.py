@@ -134,9 +134,9 @@ class ListedEntries:
         a = self.values(hidden)  # (V*B, T, K)
         a_set = set_values(a, self.target, mode, self.sae is not None)
         mask = chosen.to(a.device).repeat_interleave(hidden.shape[0] // copies, 0)[:, None, :]  # (V*B, 1, K)
+        if self.sae is None:  # the chosen dimensions set, the others copied back as they were
+            return hidden.index_copy(-1, self.index.to(hidden.device), torch.where(mask, a_set, a).to(hidden.dtype))
         change = torch.where(mask, a_set - a, torch.zeros_like(a))
-        if self.sae is None:
-            return hidden.index_add(-1, self.index.to(hidden.device), change.to(hidden.dtype))
         weight = getattr(self.sae, "affine_decoder_weight", None)
         if weight is not None:  # (f' - f) W_dec[features]
             return hidden + (change.to(weight.dtype) @ weight.index_select(0, self.index.to(weight.device))
@@ -227,7 +227,7 @@ def ablate_batch(model, modules: list, batch: Batch, acc: DeviceAccumulator, spe
         for row, entry in enumerate(entries):
             if not entry.positions:
                 continue
-            a = entry.values(outputs[row])
+            a = entry.values(outputs[row]).to(torch.float64)  # a' - a in float64, whatever the model's dtype
             step = set_values(a, entry.target, spec.mode, entry.sae is not None) - a  # (B, T, K)
             g = entry.gradient(grads[row], outputs[row])
             per_text = ((g.to(torch.float64) * step.to(g.device, torch.float64)) * real[..., None]).sum(1)
