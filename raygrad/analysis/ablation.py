@@ -11,7 +11,8 @@ The report, per target token (n = target tokens of all texts, N = texts with at 
   per-text values e_i = delta + (d_i - delta * n_i) / (n / N), whose mean is delta: the ratio's delta
   method. Where every text has as many targets, e_i is text i's per-token difference and this is
   exactly scipy.stats.ttest_rel(ablated per-token loss, clean per-token loss).confidence_interval().
-- predicted_delta = sum over texts and target positions of g * (a' - a), over n (first order, same pass)
+- predicted_delta = sum over texts and positions of g * (a' - a), over n (first order, same pass; g is 0 where no
+  target depends on the position)
 - each (--each): per entry alone, its delta and predicted_delta; pearson: their Pearson correlation
   over the entries (None with fewer than two entries or a constant side).
 """
