@@ -81,7 +81,7 @@ def resolve(run_dir: Path, selection: Selection, mode: reading.Mode, each: bool,
         values = reading.mean_values(totals, rows, [index for _, index in entries])
     else:
         values = [mode.clamp if mode.name == "clamp" else 0.0] * len(entries)
-    dataset = texts.get("dataset") if texts else None
+    dataset = texts.get("dataset", config.dataset) if texts else None  # other texts: named by their dataset
     if not texts:
         _check_same_texts(run_dir, config, saved)
     config = _ablation_config(config, texts, execution)
@@ -91,7 +91,7 @@ def resolve(run_dir: Path, selection: Selection, mode: reading.Mode, each: bool,
     plan = _restricted(saved, layers, spec, None if texts else saved.dataset_revision, config)
     record = {"run": str(run_dir.resolve()), "features": [list(e) for e in entries], "mode": mode.label,
               "each": each, "values": list(values), "texts": texts or None}
-    stem = reading.file_stem(mode, entries, each, dataset if texts else None)
+    stem = reading.file_stem(mode, entries, each, dataset)
     return Ablation(run_dir, config, plan, entries, mode, each, dataset, stem, record)
 
 
