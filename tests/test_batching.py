@@ -181,9 +181,9 @@ def test_gpu_benchmark_dry_run_runs_on_the_cpu(tiny_llama, tmp_path, monkeypatch
     gpu = load_script("benchmarks/gpu.py", monkeypatch)
     record = gpu.main(["--dry-run", "--tokenizer", str(tiny_llama), "--out", str(tmp_path / "gpu.json")])
     assert record["check"]["max_relative_error"] < 1e-12  # packed + shortcut vs 1 text per batch + autograd
-    assert [row["case"] for row in record["rows"]] == ["tiny-llama-fp32", "tiny-llama-fp32-sae",
-                                                       "tiny-llama-fp32-hessian", "tiny-llama-fp32-sae-2passes",
-                                                       "tiny-llama-fp32-sae-top16"]
+    assert [row["case"] for row in record["rows"]] == [case.name for case in gpu.DRY_CASES]  # each one ran
+    assert {"tiny-llama-fp32", "tiny-llama-fp32-sae", "tiny-llama-fp32-hessian", "tiny-llama-fp32-sae-2passes",
+            "tiny-llama-fp32-sae-top16", "tiny-llama-fp32-ablate8-each"} <= {case.name for case in gpu.DRY_CASES}
     for row in record["rows"]:
         assert "error" not in row and row["raygrad_tok_s"] > 0 and row["target_tokens"] > 0
     assert record["rows"][0]["vs_per_layer"] > 0
