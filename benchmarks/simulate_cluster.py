@@ -33,23 +33,37 @@ unscaled (divided by `scale`). The scale is chosen per worker count so the head 
 --partials-per-second real partials a second (at least 1x; it is printed): with top-K tables, whose
 merge takes about a second, give 1 so the head's load is the cluster's.
 
-Printed per worker count: the workers' idle fraction while shards waited (from the workers' side:
-time not computing between their all having started a shard and the last shard sent while every
-worker still had one to come), the pool's own record of it (idle including the start and the tail),
-partials/s and head MB/s (unscaled), the head's busy fraction (seconds in transfer, --head-seconds
-and Reducer.add per wall second), its time per partial in Reducer.add, and the checkpoint lag (a
-result's wait until a checkpoint holds it on disk; unscaled: the wait for the next checkpoint scaled
-back, the write itself as measured). --json prints one JSON object a line per worker count instead
-(keys workers, worker_idle, head_mb_per_s, head_busy, partials_per_s and the rest).
+Combining (compute/folding.py): each simulated worker folds its shards with the workers' own ShardFold
+as the real scheduler's SendOrder says (scheduler.SendPolicy paces the sends by the head's measured
+seconds per partial), and answers an acknowledgement or everything folded. What it folds is the list
+of its shards (a partial whose `add` is a list's extend): a real worker merges its tables on its own
+machine, which here would put every worker's merges on this one's 2 cores; the worker-side merge's
+time is not modelled. The head takes a full-size Partial for each partial sent (one shard's sums and
+tables, whatever the count: the same size). --no-combining sends every shard's partial (HEAD_SHARE inf).
+
+Printed per worker count, over the steady window (from the workers' all having started a shard to the
+last shard sent while every worker still had one to come): the workers' idle fraction (from their
+side: time not computing), partials/s and head MB/s (unscaled) and the head's busy fraction (seconds
+in transfer, --head-seconds and Reducer.add per wall second); the pool's own record of idle (start
+and tail included); the head's time per partial in Reducer.add; the checkpoint lag (a result's wait
+until a checkpoint holds it on disk; unscaled: the wait for the next checkpoint scaled back, the write
+itself as measured); and over the whole run, the tail included (as the shards run out every worker
+sends what it holds: about workers x the head's seconds per partial, once per run), the partials, the
+head's busy fraction and MB/s, and the tail's seconds. --json prints one JSON object a line per worker
+count instead (keys workers, worker_idle, head_mb_per_s, head_busy, partials_per_s: the window;
+head_busy_run, head_mb_per_s_run, partials_per_s_run, tail_seconds and the rest).
 
     python benchmarks/simulate_cluster.py [--workers 8 64 256] [--kinds gradients|all] [--per-worker 2]
-        [--top-examples K] [--transfer-mb-per-s X] [--head-seconds S] [--partials-per-second P] [--json]
+        [--top-examples K] [--transfer-mb-per-s X] [--head-seconds S] [--partials-per-second P]
+        [--no-combining] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -64,6 +78,7 @@ import numpy as np
 from raygrad import constants as names
 from raygrad.cluster import scheduler
 from raygrad.cluster.pool import WorkerPool
+from raygrad.compute.folding import ShardFold
 from raygrad.config import RunConfig
 from raygrad.store import topk
 from raygrad.store.partial import Partial, ShardResult, array_widths
@@ -123,9 +138,20 @@ class Method:
         return self.actor.call(self.name, *args)
 
 
+class ShardList(list):
+    """What a simulated worker folds: the shards' numbers. The fold itself is the workers' own code
+    (compute/folding.py ShardFold, generic over the partial's `add`); merging real tables there would
+    put every worker's device merge on this machine's 2 cores, so the simulated partial is the list of
+    its shards, and the full-size Partial (sums and tables) is made when the head takes it (SimRay.get)."""
+
+    def add(self, other: "ShardList") -> None:
+        self.extend(other)
+
+
 class SimActor:
     """A worker that computes the calls sent to it one after another, on the real clock: a call starts
-    when it is sent or when the one before it ends, whichever is later."""
+    when it is sent or when the one before it ends, whichever is later. Each computed shard goes through
+    the workers' ShardFold as the head's SendOrder says: an acknowledgement, or everything folded."""
 
     def __init__(self, sim: "SimRay", number: int):
         self.sim, self.number = sim, number
@@ -134,15 +160,24 @@ class SimActor:
         self.busy: list[tuple[float, float]] = []  # (start, end) of each shard it computed
         self.sent: list[float] = []  # when each shard was sent to it
         self.placed, self.ready, self.run = (Method(self, name) for name in ("placed", "ready", "run"))
+        self.fold = ShardFold()
+        self.sends: list[float] = []  # when each of its partials was sent (the end of the call that sent it)
 
     def call(self, method: str, *args) -> Ref:
         now = time.monotonic()
         start = max(now, self.free_at)
         if method == "run":
-            seconds = self.sim.shard_seconds * self.sim.rng.uniform(0.95, 1.05)
-            value = ShardResult(args[0], self.sim.partial(args[0]), seconds * self.sim.scale, LOAD_SECONDS)
-            self.busy.append((start, start + seconds))
-            self.sent.append(now)
+            shard, order = args[0], args[-1]
+            computed = None
+            seconds = 0.0
+            if shard is not None:  # None: a call that only sends what the worker folded
+                seconds = self.sim.shard_seconds * self.sim.rng.uniform(0.95, 1.05)
+                computed = ShardResult(shard, ShardList([shard]), seconds * self.sim.scale, LOAD_SECONDS)
+                self.busy.append((start, start + seconds))
+                self.sent.append(now)
+            value = self.fold.take(computed, order)
+            if value.partial is not None:
+                self.sends.append(start + seconds)
         elif method == "ready":
             seconds = READY_SECONDS * self.sim.rng.uniform(0.9, 1.1)
             value = {"device": "cuda", "load_seconds": LOAD_SECONDS}
@@ -164,6 +199,8 @@ class SimRay:
         self.actors: list[SimActor] = []
         self.receive_seconds = 0.0  # real seconds the head's loop spent in transfers and --head-seconds
         self.charged = 0.0  # the same, as charged on the cluster (unscaled)
+        self.taken: list[tuple[float, float, int]] = []  # per partial taken: (get started, ended, bytes)
+        self.last_get = (0.0, 0.0)
 
     def new_actor(self) -> SimActor:
         actor = SimActor(self, len(self.actors))
@@ -181,13 +218,18 @@ class SimRay:
         return [first], [ref for ref in refs if ref is not first]
 
     def get(self, ref: Ref):
-        if isinstance(ref.value, ShardResult):
+        value = ref.value
+        if isinstance(value, ShardResult) and value.partial is not None:
             started = time.monotonic()
-            cost = partial_nbytes(ref.value.partial) / self.transfer_bytes_per_s + self.head_seconds
+            shards = list(value.partial)
+            value = dataclasses.replace(value, partial=self.partial(shards[0], len(shards)))
+            cost = partial_nbytes(value.partial) / self.transfer_bytes_per_s + self.head_seconds
             time.sleep(cost / self.scale)
             self.charged += cost
             self.receive_seconds += time.monotonic() - started
-        return ref.value
+            self.taken.append((started, time.monotonic(), partial_nbytes(value.partial)))
+            self.last_get = (time.monotonic() - started, cost)  # real seconds here, charged (cluster) seconds
+        return value
 
 
 def calibrate_transfer(megabytes: float, echo) -> float:
@@ -247,14 +289,26 @@ def simulate(workers: int, kinds: str, per_worker: int, partials_per_second: flo
     ranked = tuple(topk.example_prefixes(KINDS[kinds])) if top_k else ()
     examples = Examples(ranked, top_k) if top_k else None
 
-    def partial(shard: int) -> Partial:
-        return Partial(sums, np.full(LAYERS, SHARD_TOKENS, dtype=np.int64), loss_sum=2.5 * SHARD_TOKENS,
-                       loss_tokens=SHARD_TOKENS, examples=examples.tables(shard) if examples else {})
+    def partial(shard: int, count: int = 1) -> Partial:
+        """The partial of `count` shards folded, the first `shard`: one shard's size, whatever the count."""
+        return Partial(sums, np.full(LAYERS, SHARD_TOKENS * count, dtype=np.int64),
+                       loss_sum=2.5 * SHARD_TOKENS * count, loss_tokens=SHARD_TOKENS * count,
+                       examples=examples.tables(shard) if examples else {})
 
     shards = workers * shards_per_worker
     sim = SimRay(shard_seconds / scale, scale, partial, transfer_mb_per_s * 1e6, head_seconds)
     saved = {name: getattr(ray, name) for name in ("wait", "get", "kill")}
     saved_new_actor, saved_per_worker = WorkerPool._new_actor, scheduler.PER_WORKER
+    saved_measured = scheduler.SendPolicy.measured
+
+    def measured(policy, seconds: float) -> None:
+        """The head grants sends at its share / its seconds per partial, per second of the cluster. Its
+        seconds per partial on the cluster are the transfer and --head-seconds as charged and Reducer.add
+        as measured (real seconds either way); time runs `scale` times faster here, so the policy is
+        given them divided by `scale`: the cluster's sends, per second of this run."""
+        saved_measured(policy, (seconds - sim.last_get[0] + sim.last_get[1]) / scale)
+
+    scheduler.SendPolicy.measured = measured
     ray.wait, ray.get, ray.kill = sim.wait, sim.get, lambda actor: None
     WorkerPool._new_actor = lambda pool: sim.new_actor()
     scheduler.PER_WORKER = per_worker
@@ -268,9 +322,12 @@ def simulate(workers: int, kinds: str, per_worker: int, partials_per_second: flo
         pool.start_workers(SimpleNamespace(sae_layers_per_pass=None, layers=[]), seed=0)
         cpu_started = time.thread_time()
         started = time.monotonic()
+        adds = []  # (start, end) of each Reducer.add
         try:
             for result in pool.map([(shard, []) for shard in range(shards)]):
+                added = time.monotonic()
                 reducer.add(result)
+                adds.append((added, time.monotonic()))
         finally:
             reducer.close()
         ended = time.monotonic()
@@ -278,6 +335,7 @@ def simulate(workers: int, kinds: str, per_worker: int, partials_per_second: flo
     finally:
         ray.wait, ray.get, ray.kill = saved["wait"], saved["get"], saved["kill"]
         WorkerPool._new_actor, scheduler.PER_WORKER = saved_new_actor, saved_per_worker
+        scheduler.SendPolicy.measured = saved_measured
         shutil.rmtree(path, ignore_errors=True)
     assert reducer.complete
     timing = reducer.timing(0.0, pool.clocks.record())
@@ -293,6 +351,12 @@ def simulate(workers: int, kinds: str, per_worker: int, partials_per_second: flo
         computing += busy
         idle += max(0.0, last - first) - busy
     wall = ended - started
+
+    def within(spans) -> float:  # seconds of `spans` inside the window [first, last]
+        return sum(max(0.0, min(end, last) - max(start, first)) for start, end in spans)
+
+    window = max(last - first, 1e-9)
+    taken = [(start, nbytes) for start, _, nbytes in sim.taken if first <= start < last]
     write = timing["checkpoint_write_seconds"] / max(timing["checkpoints"], 1)
     lag = timing["checkpoint_lag_seconds"]
     writing = lag["mean_writing"]  # real seconds, not scaled: the writes are full size
@@ -300,9 +364,15 @@ def simulate(workers: int, kinds: str, per_worker: int, partials_per_second: flo
     return {
         "workers": workers,
         "worker_idle": idle / (idle + computing) if idle + computing > 0 else 0.0,
-        "head_mb_per_s": timing["bytes_received"] / wall / scale / 1e6,
-        "head_busy": (sim.receive_seconds + timing["reduce_seconds"]) / wall,
-        "partials_per_s": received / wall / scale,
+        # the head over the same window (the steady state): partials taken, their MB, its busy fraction
+        "head_mb_per_s": sum(nbytes for _, nbytes in taken) / window / scale / 1e6,
+        "head_busy": (within((start, end) for start, end, _ in sim.taken) + within(adds)) / window,
+        "partials_per_s": len(taken) / window / scale,
+        # over the whole run, the tail included (every worker sends what it holds as the shards run out)
+        "head_mb_per_s_run": timing["bytes_received"] / wall / scale / 1e6,
+        "head_busy_run": (sim.receive_seconds + timing["reduce_seconds"]) / wall,
+        "partials_per_s_run": received / wall / scale,
+        "partials": received, "window_seconds": window * scale, "tail_seconds": (ended - last) * scale,
         "kinds": kinds, "top_examples": top_k, "per_worker": per_worker, "scale": scale, "shards": shards,
         "partial_mb": timing["bytes_received"] / received / 1e6,
         "transfer_mb_per_s": transfer_mb_per_s, "head_seconds": head_seconds,
@@ -334,6 +404,8 @@ def main() -> None:
     parser.add_argument("--calibrate-mb", type=float, default=256.0, help="the Partial's size in the measurement")
     parser.add_argument("--head-seconds", type=float, default=0.0, metavar="S",
                         help="extra seconds of head work per partial (unscaled)")
+    parser.add_argument("--no-combining", action="store_true",
+                        help="every shard's partial sent on its own (scheduler.HEAD_SHARE inf), as before combining")
     parser.add_argument("--json", action="store_true", help="one JSON object a line per worker count")
     parser.add_argument("--store-dir", type=Path, default=None, help="where the temporary store goes (a disk)")
     parser.add_argument("--features", type=int, default=FEATURES, help="width of each layer (smaller: a quick run)")
@@ -343,6 +415,8 @@ def main() -> None:
         parser.error("--top-examples and --head-seconds must be >= 0, --transfer-mb-per-s > 0")
 
     FEATURES = args.features  # read by prefixes, Examples and the sizes printed
+    if args.no_combining:
+        scheduler.HEAD_SHARE = math.inf
 
     def echo(line: str) -> None:  # with --json, stdout holds only the JSON lines
         print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
@@ -355,10 +429,13 @@ def main() -> None:
     echo(f"shard: {SHARD_TOKENS:,} target tokens at {TOKENS_PER_SECOND:,} tokens/s = "
          f"{SHARD_TOKENS / TOKENS_PER_SECOND:.1f} s on an H200; {LAYERS} x {FEATURES:,}, kinds {args.kinds}; "
          f"top examples {args.top_examples}; {args.per_worker} in flight per worker; head work "
-         f"{args.head_seconds:g} s per partial; checkpoints every {CHECKPOINT_SECONDS:g} s (unscaled)")
+         f"{args.head_seconds:g} s per partial; checkpoints every {CHECKPOINT_SECONDS:g} s (unscaled); "
+         + ("no combining (every shard sent)" if args.no_combining else
+            f"combining: the head's share for taking partials {scheduler.HEAD_SHARE:g}"))
     header = (f"{'workers':>7} {'scale':>6} {'shards':>6} {'MB/partial':>10} {'idle':>6} {'idle(pool)':>10} "
               f"{'partials/s':>10} {'head MB/s':>9} {'head busy':>9} {'s xfer':>6} {'s add':>6} {'ckpt s':>6} "
-              f"{'lag mean':>8} {'lag max':>7} {'wall s':>6}")
+              f"{'lag mean':>8} {'lag max':>7} {'partials':>8} {'busy(run)':>9} {'MB/s(run)':>9} {'tail s':>6} "
+              f"{'wall s':>6}")
     if not args.json:
         print(header)
     with tempfile.TemporaryDirectory(dir=args.store_dir) as store_dir:
@@ -373,7 +450,8 @@ def main() -> None:
                   f"{row['partials_per_s']:>10.2f} {row['head_mb_per_s']:>9.1f} {row['head_busy']:>9.1%} "
                   f"{row['head_transfer_s_per_partial']:>6.2f} {row['head_reduce_s_per_partial']:>6.3f} "
                   f"{row['checkpoint_write_seconds']:>6.2f} {row['lag_mean']:>7.1f}s {row['lag_max']:>6.1f}s "
-                  f"{row['wall_seconds']:>6.0f}", flush=True)
+                  f"{row['partials']:>8} {row['head_busy_run']:>9.1%} {row['head_mb_per_s_run']:>9.1f} "
+                  f"{row['tail_seconds']:>6.0f} {row['wall_seconds']:>6.0f}", flush=True)
     echo("idle: workers not computing while shards waited (from their side); idle(pool): the pool's record "
          "(start and tail included); rates unscaled; head busy: the head's seconds in transfers, --head-seconds "
          "and Reducer.add per wall second; s xfer: transfer and --head-seconds per partial (unscaled); s add: "

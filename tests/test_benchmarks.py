@@ -36,10 +36,13 @@ def simulate_json(tmp_path, *args: str) -> list[dict]:
                         "--store-dir", str(tmp_path), *args, cwd=tmp_path)
     rows = [json.loads(line) for line in out.splitlines()]
     for row in rows:
-        for key in ("worker_idle", "head_busy"):
+        for key in ("worker_idle", "head_busy", "head_busy_run"):
             assert 0.0 <= row[key] <= 1.0, (key, row[key])
-        for key in ("head_mb_per_s", "partials_per_s"):
+        for key in ("head_mb_per_s", "partials_per_s"):  # in the steady window: none may arrive in a short run
+            assert isinstance(row[key], float) and row[key] >= 0, (key, row[key])
+        for key in ("head_mb_per_s_run", "partials_per_s_run"):
             assert isinstance(row[key], float) and row[key] > 0, (key, row[key])
+        assert 1 <= row["partials"] <= row["shards"]
     assert not list(tmp_path.iterdir())
     return rows
 
@@ -55,13 +58,26 @@ def test_simulate_cluster_carries_top_k_tables(tmp_path):
 
 
 def test_head_seconds_make_workers_wait(tmp_path):
-    """3 workers each 68 s / scale a shard; the head spends 120 s (scaled) per partial: it falls
-    behind, and the workers wait for their next shard."""
-    (fast,) = simulate_json(tmp_path, "--workers", "3", "--partials-per-second", "30")
-    (slow,) = simulate_json(tmp_path, "--workers", "3", "--partials-per-second", "30", "--head-seconds", "120")
+    """3 workers each 68 s / scale a shard, every shard sent on its own; the head spends 120 s (scaled)
+    per partial: it falls behind, and the workers wait for their next shard."""
+    (fast,) = simulate_json(tmp_path, "--workers", "3", "--partials-per-second", "30", "--no-combining")
+    (slow,) = simulate_json(tmp_path, "--workers", "3", "--partials-per-second", "30", "--head-seconds", "120",
+                            "--no-combining")
     assert fast["worker_idle"] < 0.05
     assert slow["worker_idle"] > 0.3 and slow["head_busy"] > max(0.5, fast["head_busy"])
-    assert slow["head_seconds"] == 120.0
+    assert slow["head_seconds"] == 120.0 and slow["partials"] == slow["shards"]
+
+
+def test_combining_keeps_a_slow_head_from_making_workers_wait(tmp_path):
+    """A head that takes 30 s per partial, more than 3 workers' 68 s shards allow if each is sent (1.3 s
+    of head a second): every shard sent, the workers wait; with combining the head paces the sends by its
+    measured seconds per partial, the workers fold their shards and do not wait (each take blocks the
+    head's loop for 30 s, less than the shard in flight behind each worker's)."""
+    args = ("--workers", "3", "--partials-per-second", "30", "--head-seconds", "30", "--shards-per-worker", "8")
+    (each,) = simulate_json(tmp_path, *args, "--no-combining")
+    (folded,) = simulate_json(tmp_path, *args)
+    assert each["worker_idle"] > 0.1 and each["partials"] == each["shards"], each
+    assert folded["worker_idle"] < 0.1 and folded["partials"] < folded["shards"] / 2, folded  # scaled: an upper bound
 
 
 def test_head_runs_and_resumes_on_a_small_corpus(tmp_path):
