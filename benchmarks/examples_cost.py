@@ -99,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.only != "head":
         worker_costs(args, ("site", "sae") if args.only in (None, "worker") else (args.only,))
-    if args.only != "worker":
+    if args.only in (None, "head"):
         head_costs(args)
 
 

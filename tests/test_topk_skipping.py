@@ -137,3 +137,44 @@ def test_batch_top_above_offers_exactly_what_reaches_the_floor(monkeypatch):
     assert int(((x.abs() >= floor) & (x != 0)).sum()) <= 0.5 * x.numel()
     assert topk.batch_top_above(x, torch.zeros(12), 5) is None  # every nonzero entry passes: rank them all
     assert topk.batch_top_above(x.double(), floor.double(), 5) is None  # float64: ranked by stable sorts
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("k", [1, 3, 16])
+def test_chunk_floor_is_a_lower_bound_of_each_columns_kth_best(dtype, k):
+    """Against a plain sort of |x| per column: never above the k-th largest (ties, zeros, negatives, columns
+    with fewer than k nonzero entries, rows not a multiple of the groups), and close to it on a dense chunk."""
+    rng = np.random.default_rng(k)
+    for n in (k, k + 1, 37, 130, 508):
+        scores, _, _ = hard_cases(rng, min(n, 2400))
+        x = torch.tensor(np.concatenate([scores, rng.standard_normal((n, 40))], axis=1), dtype=dtype)
+        floor = topk.chunk_floor(x, k)
+        kth = np.sort(np.abs(x.float().numpy()), axis=0)[::-1][k - 1]
+        assert floor.dtype == dtype and floor.shape == (x.shape[1],)
+        assert (floor.float().numpy() <= kth).all(), n
+        assert (floor[6] == 0).all()  # column 6 has no nonzero entry
+    dense = torch.randn(508, 2000, generator=torch.Generator().manual_seed(0)).to(dtype)
+    passing = (dense.abs() >= topk.chunk_floor(dense, 16)).float().mean()
+    assert 16 / 508 <= passing < topk.SPARSE_SHARE  # at least the k best pass; few enough to skip the rest
+    assert topk.chunk_floor(dense[:15], 16) is None and topk.chunk_floor(dense.double(), 16) is None
+
+
+def test_a_shards_first_chunk_skips_and_ranks_as_brute_force(monkeypatch):
+    """One batch in one chunk (the tables empty, no earlier chunk): chunk_floor's bound alone lets the default
+    share skip, and the tables equal the brute force (written without a merge: the candidates are best first)."""
+    calls = {"skipped": 0}
+    original = topk.batch_top_above
+
+    def counted(x, floor, k):
+        found = original(x, floor, k)
+        calls["skipped"] += found is not None
+        return found
+
+    monkeypatch.setattr(topk, "batch_top_above", counted)
+    rng = np.random.default_rng(3)
+    scores, rows, positions = hard_cases(rng, 500)
+    scores = np.concatenate([scores, rng.integers(-400, 401, size=(500, 300)) / 8], axis=1)
+    for k in (1, 16):
+        assert ranked(scores, rows, positions, k, torch.float32, [np.arange(500)], 1) == \
+            brute_force(scores, rows, positions, k)
+    assert calls["skipped"] == 2

@@ -105,7 +105,7 @@ class DeviceAccumulator:
         """Keep, per dimension, the batch's best K rows seen so far (the merge across batches, which
         needs the rows' dataset order, happens once per batch in `merge`). Once the tables, or this
         batch's earlier rows, hold K examples of a dimension, only its tokens that reach the K-th are ranked."""
-        floor = self._floor(prefix, row) if x.device.type in SKIPPING_DEVICES else None
+        floor = self._floor(prefix, row, x) if x.device.type in SKIPPING_DEVICES else None
         found = None if floor is None else topk.batch_top_above(x, floor, self.top_k)
         if found is None:  # rank every entry
             index = topk.batch_top(x, self.top_k)  # (k', width) rows of x
@@ -118,10 +118,15 @@ class DeviceAccumulator:
             score, index = topk.best_in_batch(*self.pending[prefix, row], score, index, self.top_k)
         self.pending[prefix, row] = score, index
 
-    def _floor(self, prefix: str, row: int) -> torch.Tensor | None:
-        """(width,) the |score| a token of the batch must reach to enter `prefix`'s tables at `row`: the
-        higher of the tables' K-th best and the batch's own K-th best so far (either 0 while not full)."""
+    def _floor(self, prefix: str, row: int, x: torch.Tensor) -> torch.Tensor | None:
+        """(width,) the |score| a token of the chunk x must reach to enter `prefix`'s tables at `row`: the
+        highest of the tables' K-th best, the batch's own K-th best so far (either 0 while not full) and a
+        lower bound of x's own K-th best (topk.chunk_floor) while the tables are empty (the first batch of a
+        shard: later, the tables' floor is about as high, and what it costs is saved)."""
         floors = [self.floors[prefix][row]] if self.floors is not None else []
+        own = topk.chunk_floor(x, self.top_k) if self.floors is None else None
+        if own is not None:
+            floors.append(own.to(self.device, self.score_dtype))  # exact: x's values are exact in score_dtype
         if (prefix, row) in self.pending:
             score = self.pending[prefix, row][0]
             if score.shape[1] == self.top_k:
@@ -139,16 +144,24 @@ class DeviceAccumulator:
         if other.ranked:  # tables of its own (a staged batch has only its pending rows)
             for prefix, tables in self.examples.items():
                 tables.update(topk.merge(tables, other.examples[prefix], self.top_k))
+            self.ranked = True
         other.resolve(into=self)
 
     def resolve(self, into: "DeviceAccumulator | None" = None) -> None:
         """The pending batch's best rows, as (score, row, position), merged into the tables (of `into`)."""
         into = self if into is None else into
+        empty = not into.ranked  # no table of `into` holds anything yet
         for (prefix, row), (score, index) in self.pending.items():
             candidates = {"score": score, "row": self.token_rows[index],
                           "position": self.token_positions[index].int()}
-            into._merge_at(prefix, row, candidates)
-            into.ranked = True
+            if empty:  # the candidates, best first already (topk.batch_top*, best_in_batch), are the tables
+                slots = score.shape[1]  # <= K; the slots after them stay empty
+                real = score != 0  # a zero is no example
+                for name, value in candidates.items():
+                    into.examples[prefix][name][row, :, :slots] = torch.where(real, value, topk.FILL[name])
+            else:
+                into._merge_at(prefix, row, candidates)
+        into.ranked = into.ranked or bool(self.pending)
         self.pending.clear()
 
     def _merge_at(self, prefix: str, rows, candidates: dict[str, torch.Tensor]) -> None:
