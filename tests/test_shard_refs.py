@@ -15,9 +15,11 @@ from tiny import SAMPLE_TEXTS
 from raygrad import constants as names
 from raygrad import engine
 from raygrad.cluster.pool import RemoteWorker, WorkerPool
+from raygrad.compute.folding import SendOrder
 from raygrad.config import RunConfig
 from raygrad.dataset import formats as sources
 from raygrad.errors import RaygradError
+from raygrad.store.partial import ShardResult
 from raygrad.store.zarr_store import ResultStore
 
 LONG = [t for t in SAMPLE_TEXTS if len(t.strip()) > 50]
@@ -121,19 +123,36 @@ class StubRunner:
         self.events.append(("compute", shard, self.clock()))
         time.sleep(0.5)
         self.events.append(("computed", shard, self.clock()))
-        return shard
+        return ShardResult(shard, StubPartial([shard]), 0.5, 0.0)
+
+
+class StubPartial:
+    """Adds as a Partial does (the worker folds its shards with `add`): here, the shards in it."""
+
+    def __init__(self, shards):
+        self.shards = shards
+
+    def add(self, other):
+        self.shards = self.shards + other.shards
 
 
 def test_a_remote_worker_reads_the_next_shard_while_one_computes():
     worker = RemoteWorker(plan=None, seed=0)
     worker.runner = StubRunner()
-    first = threading.Thread(target=worker.run, args=(0, None, None, 0, None))  # ticket 0, a head
+    answers = {}
+
+    def call(shard, ticket, after, send):
+        answers[shard] = worker.run(shard, None, None, ticket, after, SendOrder(1, send))
+
+    first = threading.Thread(target=call, args=(0, 0, None, False))  # ticket 0, a head; folded, not sent
     first.start()
     time.sleep(0.15)  # shard 0 is computing
-    second = threading.Thread(target=worker.run, args=(1, None, None, 1, 0))  # ticket 1, after ticket 0
+    second = threading.Thread(target=call, args=(1, 1, 0, True))  # ticket 1, after ticket 0; sends both
     second.start()
     first.join()
     second.join()
+    assert answers[0].partial is None and answers[0].shard == 0, "an acknowledgement"
+    assert answers[1].partial.shards == [0, 1] and set(answers[1].shards) == {0, 1}, "both shards, in order"
     at = {(kind, shard): when for kind, shard, when in worker.runner.events}
     assert at[("prepare", 1)] < at[("computed", 0)], "shard 1 was read while shard 0 computed"
     assert at[("compute", 1)] >= at[("computed", 0)], "one shard computes at a time"
