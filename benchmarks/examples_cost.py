@@ -11,7 +11,7 @@ Head (the reducer's merge of one shard's examples into the totals, raygrad.store
 Prints each time and its ratio to the run without examples.
 
     python benchmarks/examples_cost.py [--samples 16] [--k 16] [--width 16384] [--head-layers 26 --features 65536]
-                                       [--only worker|site|sae|head]
+                                       [--only worker|site|sae|head] [--clock wall|cpu] [--threads N]
 """
 
 from __future__ import annotations
@@ -28,11 +28,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hessian_cost import add_runner_options, best_times, runner_for  # noqa: E402
+from hessian_cost import add_runner_options, runner_for  # noqa: E402
 from one_pass_vs_per_layer import long_texts  # noqa: E402
 from sae_factory import write_sae_lens_dir  # noqa: E402
 
 from raygrad.store import topk  # noqa: E402
+
+
+def best_times(runners: dict, texts, args) -> dict[str, float]:
+    """hessian_cost.best_times on --clock: wall seconds, or CPU seconds of the process (all its threads:
+    steadier than wall time on a machine other processes load; with --threads 1, one thread's work)."""
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    for runner in runners.values():
+        runner.computer.compute(texts[: args.batch_size])
+    best = dict.fromkeys(runners, float("inf"))
+    for _ in range(args.repeats):
+        for name, runner in runners.items():
+            started = clock()
+            runner.computer.compute(texts)
+            best[name] = min(best[name], clock() - started)
+    return best
 
 
 def worker_costs(args, cases=("site", "sae")) -> None:
@@ -40,7 +55,7 @@ def worker_costs(args, cases=("site", "sae")) -> None:
     base = runner_for(texts, args)
     tokens = sum(min(len(ids), args.max_length) - 1 for ids in base.tokenizer(texts)["input_ids"])
     print(f"{args.model} on {args.device}: {len(texts)} samples, ~{tokens} target tokens, batch {args.batch_size}, "
-          f"{torch.get_num_threads()} threads, K = {args.k}")
+          f"{torch.get_num_threads()} threads, K = {args.k}, {args.clock} seconds")
     if "site" in cases:
         seconds = best_times({"plain": base, "top": runner_for(texts, args, top_examples=args.k)}, texts, args)
         print(f"site, {len(base.plan.layers)} layers x {base.plan.width}, gradients:")
@@ -96,7 +111,12 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=65536)
     parser.add_argument("--only", choices=("worker", "site", "sae", "head"), default=None,
                         help="one part: the worker's two cases, one of them, or the head's merge")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="time the worker's cases by wall seconds or by the process's CPU seconds")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.only != "head":
         worker_costs(args, ("site", "sae") if args.only in (None, "worker") else (args.only,))
     if args.only in (None, "head"):
