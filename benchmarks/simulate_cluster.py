@@ -37,8 +37,12 @@ Combining (compute/folding.py): each simulated worker folds its shards with the 
 as the real scheduler's SendOrder says (scheduler.SendPolicy paces the sends by the head's measured
 seconds per partial), and answers an acknowledgement or everything folded. What it folds is the list
 of its shards (a partial whose `add` is a list's extend): a real worker merges its tables on its own
-machine, which here would put every worker's merges on this one's 2 cores; the worker-side merge's
-time is not modelled. The head takes a full-size Partial for each partial sent (one shard's sums and
+machine, which here would put every worker's merges on this one's 2 cores; the worker-side merge of a
+shard into its fold is not modelled (it overlaps nothing the head does). The tail's tree reduction is:
+a worker absorbing another's partial (scheduler._reduce, RemoteWorker.absorb) is busy for the transfer
+between the two (the partial's size at the calibrated rate) and one merge, as long as the head's mean
+Reducer.add so far (this machine's CPU; a GPU worker's merge on its device is faster); the head takes
+only what the last holder sends. The head takes a full-size Partial for each partial sent (one shard's sums and
 tables, whatever the count: the same size). --no-combining sends every shard's partial (HEAD_SHARE inf).
 
 Printed per worker count, over the steady window (from the workers' all having started a shard to the
@@ -47,11 +51,14 @@ side: time not computing), partials/s and head MB/s (unscaled) and the head's bu
 in transfer, --head-seconds and Reducer.add per wall second); the pool's own record of idle (start
 and tail included); the head's time per partial in Reducer.add; the checkpoint lag (a result's wait
 until a checkpoint holds it on disk; unscaled: the wait for the next checkpoint scaled back, the write
-itself as measured); and over the whole run, the tail included (as the shards run out every worker
-sends what it holds: about workers x the head's seconds per partial, once per run), the partials, the
-head's busy fraction and MB/s, and the tail's seconds. --json prints one JSON object a line per worker
-count instead (keys workers, worker_idle, head_mb_per_s, head_busy, partials_per_s: the window;
-head_busy_run, head_mb_per_s_run, partials_per_s_run, tail_seconds and the rest).
+itself as measured); and over the whole run, the tail included (as the shards run out the workers
+reduce their folds among themselves in about log2(workers) rounds of one absorb each, and the last
+sends to the head), the partials, the head's busy fraction and MB/s, the tail's seconds (from the last
+shard sent while every worker still had one to come to the end), the drain's seconds (from the last
+shard computed to the end: every GPU idle), the absorbs and one absorb's seconds. --json prints one
+JSON object a line per worker count instead (keys workers, worker_idle, head_mb_per_s, head_busy,
+partials_per_s: the window; head_busy_run, head_mb_per_s_run, partials_per_s_run, tail_seconds,
+drain_seconds, absorbs and the rest).
 
     python benchmarks/simulate_cluster.py [--workers 8 64 256] [--kinds gradients|all] [--per-worker 2]
         [--top-examples K] [--transfer-mb-per-s X] [--head-seconds S] [--partials-per-second P]
@@ -159,8 +166,10 @@ class SimActor:
         self.free_at = time.monotonic()
         self.busy: list[tuple[float, float]] = []  # (start, end) of each shard it computed
         self.sent: list[float] = []  # when each shard was sent to it
-        self.placed, self.ready, self.run = (Method(self, name) for name in ("placed", "ready", "run"))
+        self.placed, self.ready, self.run, self.absorb = (Method(self, name) for name in
+                                                          ("placed", "ready", "run", "absorb"))
         self.fold = ShardFold()
+        self.absorbs: list[tuple[float, float]] = []  # (start, end) of each partial it absorbed from another
         self.sends: list[float] = []  # when each of its partials was sent (the end of the call that sent it)
 
     def call(self, method: str, *args) -> Ref:
@@ -178,6 +187,13 @@ class SimActor:
             value = self.fold.take(computed, order)
             if value.partial is not None:
                 self.sends.append(start + seconds)
+        elif method == "absorb":  # another worker's partial, pulled from it and merged here (RemoteWorker.absorb)
+            (sent,), order = args[0], args[-1]
+            start = max(start, sent.at)  # once the other worker has sent it
+            seconds = self.sim.absorb_seconds()
+            self.fold.absorb(sent.value, order)
+            self.absorbs.append((start, start + seconds))
+            value = (True, "")
         elif method == "ready":
             seconds = READY_SECONDS * self.sim.rng.uniform(0.9, 1.1)
             value = {"device": "cuda", "load_seconds": LOAD_SECONDS}
@@ -201,6 +217,14 @@ class SimRay:
         self.charged = 0.0  # the same, as charged on the cluster (unscaled)
         self.taken: list[tuple[float, float, int]] = []  # per partial taken: (get started, ended, bytes)
         self.last_get = (0.0, 0.0)
+        self.merge_seconds = 0.0  # one partial's merge (the mean Reducer.add so far, real seconds)
+        self.partial_bytes = 0
+
+    def absorb_seconds(self) -> float:
+        """A worker absorbing another's partial, in this run's seconds: the transfer between the two
+        workers at the calibrated rate and one merge, as long as the head's Reducer.add of one partial
+        (this machine's CPU: a GPU worker merges on its device, faster)."""
+        return (self.partial_bytes / self.transfer_bytes_per_s + self.merge_seconds) / self.scale
 
     def new_actor(self) -> SimActor:
         actor = SimActor(self, len(self.actors))
@@ -317,6 +341,7 @@ def simulate(workers: int, kinds: str, per_worker: int, partials_per_second: flo
         store = ResultStore.create(path, prefixes(kinds), shards, list(range(LAYERS)), {}, top_k=top_k,
                                    ranked=ranked)
         reducer = Reducer(store, checkpoint_seconds=CHECKPOINT_SECONDS / scale, progress=False)
+        sim.partial_bytes = partial_nbytes(partial(0))
         pool = WorkerPool(RunConfig(workers=workers), echo=lambda line: print(line, file=sys.stderr))
         pool.workers = workers
         pool.start_workers(SimpleNamespace(sae_layers_per_pass=None, layers=[]), seed=0)
@@ -328,6 +353,7 @@ def simulate(workers: int, kinds: str, per_worker: int, partials_per_second: flo
                 added = time.monotonic()
                 reducer.add(result)
                 adds.append((added, time.monotonic()))
+                sim.merge_seconds = sum(end - start for start, end in adds) / len(adds)
         finally:
             reducer.close()
         ended = time.monotonic()
@@ -373,6 +399,13 @@ def simulate(workers: int, kinds: str, per_worker: int, partials_per_second: flo
         "head_busy_run": (sim.receive_seconds + timing["reduce_seconds"]) / wall,
         "partials_per_s_run": received / wall / scale,
         "partials": received, "window_seconds": window * scale, "tail_seconds": (ended - last) * scale,
+        # the tail's tree reduction among the workers: partials absorbed worker to worker, and the worker
+        # seconds (unscaled) of one absorb (transfer + merge)
+        "absorbs": sum(len(actor.absorbs) for actor in sim.actors),
+        # from the last shard computed to the run's end: the GPUs all idle (the head's real add and
+        # checkpoint seconds in it count `scale` times: exact at scale 1)
+        "drain_seconds": (ended - max(end for actor in sim.actors for _, end in actor.busy)) * scale,
+        "absorb_seconds": sim.absorb_seconds() * scale,
         "kinds": kinds, "top_examples": top_k, "per_worker": per_worker, "scale": scale, "shards": shards,
         "partial_mb": timing["bytes_received"] / received / 1e6,
         "transfer_mb_per_s": transfer_mb_per_s, "head_seconds": head_seconds,
@@ -435,7 +468,7 @@ def main() -> None:
     header = (f"{'workers':>7} {'scale':>6} {'shards':>6} {'MB/partial':>10} {'idle':>6} {'idle(pool)':>10} "
               f"{'partials/s':>10} {'head MB/s':>9} {'head busy':>9} {'s xfer':>6} {'s add':>6} {'ckpt s':>6} "
               f"{'lag mean':>8} {'lag max':>7} {'partials':>8} {'busy(run)':>9} {'MB/s(run)':>9} {'tail s':>6} "
-              f"{'wall s':>6}")
+              f"{'drain s':>7} {'absorbs':>7} {'s absorb':>8} {'wall s':>6}")
     if not args.json:
         print(header)
     with tempfile.TemporaryDirectory(dir=args.store_dir) as store_dir:
@@ -451,7 +484,9 @@ def main() -> None:
                   f"{row['head_transfer_s_per_partial']:>6.2f} {row['head_reduce_s_per_partial']:>6.3f} "
                   f"{row['checkpoint_write_seconds']:>6.2f} {row['lag_mean']:>7.1f}s {row['lag_max']:>6.1f}s "
                   f"{row['partials']:>8} {row['head_busy_run']:>9.1%} {row['head_mb_per_s_run']:>9.1f} "
-                  f"{row['tail_seconds']:>6.0f} {row['wall_seconds']:>6.0f}", flush=True)
+                  f"{row['tail_seconds']:>6.0f} {row['drain_seconds']:>7.0f} {row['absorbs']:>7} "
+                  f"{row['absorb_seconds']:>8.2f} "
+                  f"{row['wall_seconds']:>6.0f}", flush=True)
     echo("idle: workers not computing while shards waited (from their side); idle(pool): the pool's record "
          "(start and tail included); rates unscaled; head busy: the head's seconds in transfers, --head-seconds "
          "and Reducer.add per wall second; s xfer: transfer and --head-seconds per partial (unscaled); s add: "

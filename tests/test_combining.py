@@ -110,6 +110,37 @@ def test_a_partial_that_arrives_after_the_next_acknowledgements_holds_what_it_wa
     assert results[0].shards.keys() == {0}
 
 
+def test_the_tail_reduces_among_the_workers_and_the_head_takes_one_partial(monkeypatch):
+    """8 workers, 40 shards of 1 s, nothing sent after the first shard: at the end the workers absorb each
+    other's partials two at a time (7 absorbs, 3 rounds of 0.1 s), and the head takes one partial for
+    all of them, not one per worker; every shard once, the absorbed partials' shards with them."""
+    world = World(monkeypatch, [dict(name=f"w{i}") for i in range(8)], head_share=0.0)
+    results = folded_run(world, 40, workers=8)
+    assert shards_sent(results) == list(range(40))
+    assert [sorted(r.shards) for r in results[:1]] == [[0]] and len(results) == 2, [sorted(r.shards) for r in results]
+    absorbs = [(actor.name, shards) for actor in world.made for shards in actor.absorbed]
+    assert len(absorbs) == 7, absorbs
+    first_absorb = min(t for actor in world.made for t, method in actor.calls if method == "absorb")
+    rounds = (world.clock.now - first_absorb) / world.absorb_seconds
+    assert 2.9 < rounds < 4.1, rounds  # log2(8) = 3 rounds (not 7), then the final send
+
+
+@pytest.mark.parametrize("fate, key", [("kill", "absorb"), ("unreachable", "absorb"), ("kill", "send")])
+def test_either_side_of_an_absorb_lost_costs_only_its_folded_shards(monkeypatch, caplog, fate, key):
+    """The first absorb's taker killed or out of reach halfway through, or the first giver killed as it
+    sends: the shards folded on the lost side (for a taker: the giver's too) are queued again uncharged
+    and computed again, and every shard is sent exactly once; no shard is charged a loss."""
+    world = World(monkeypatch, [dict(name=f"w{i}") for i in range(4)], fates={key: [fate]}, head_share=0.0)
+    with caplog.at_level(logging.WARNING):
+        results = folded_run(world, 16, workers=4)
+    assert shards_sent(results) == list(range(16))
+    assert not [line for line in world.said if line.startswith("worker lost during shard")], world.said
+    assert [line for line in world.said if "queued again" in line], world.said
+    computed = sorted(shard for actor in world.made for shard in actor.computed)
+    assert len(computed) > 16 and set(computed) == set(range(16))  # the lost side's shards computed again
+    assert not [record for record in caplog.records if "already" in record.getMessage()]
+
+
 def test_a_fold_number_change_drops_the_old_fold():
     fold = ShardFold()
     ack = fold.take(ShardResult(0, ShardList([0]), 1.0, 0.0), SendOrder(7, False))
@@ -172,6 +203,36 @@ def test_folded_partials_commit_the_tables_of_shard_by_shard(tmp_path):
     folded.close()
 
 
+def test_a_tree_of_absorbed_folds_commits_the_tables_of_shard_by_shard(tmp_path):
+    """Four workers' folds of 8 shards reduced as the tail does (two absorbs, then one absorbing the
+    other's result): one partial for all 8 shards, tables byte-identical to adding shard by shard."""
+    rng = np.random.default_rng(2)
+    partials = [shard_partial(shard, rng) for shard in range(8)]
+    one_by_one = reducer_for(tmp_path / "a.zarr", 8)
+    for shard, partial in enumerate(partials):
+        one_by_one.add(ShardResult(shard, partial, 1.0, 0.0))
+    copies = [Partial({n: v.copy() for n, v in p.sums.items()}, p.tokens.copy(), p.loss_sum, p.loss_tokens,
+                      {n: v.copy() for n, v in p.examples.items()}) for p in partials]
+    folds = [ShardFold() for _ in range(4)]
+    for shard in [5, 2, 7, 0, 3, 6, 1, 4]:
+        folds[shard % 4].take(ShardResult(shard, copies[shard], float(shard), 0.0), SendOrder(shard % 4, False))
+    for taker, giver in [(0, 1), (3, 2), (3, 0)]:
+        folds[taker].absorb(folds[giver].take(None, SendOrder(giver, True)), SendOrder(taker, False))
+    sent = folds[3].take(None, SendOrder(3, True))
+    assert sent.shards == {shard: float(shard) for shard in range(8)}
+    with pytest.raises(RuntimeError, match="already folded"):
+        folds[3].take(ShardResult(0, copies[0], 0.0, 0.0), SendOrder(3, False))
+        folds[3].absorb(ShardResult(0, copies[0], 0.0, 0.0), SendOrder(3, False))
+    tree = reducer_for(tmp_path / "b.zarr", 8)
+    tree.add(sent)
+    assert tree.complete and tree.partials_received == 1
+    assert_same_totals(tree.totals, one_by_one.totals, rtol=1e-12)
+    for name, value in one_by_one.totals.examples.items():
+        assert tree.totals.examples[name].tobytes() == value.tobytes(), name
+    one_by_one.close()
+    tree.close()
+
+
 def test_a_partial_holding_a_shard_already_in_is_not_added_at_all(tmp_path, caplog):
     rng = np.random.default_rng(1)
     partials = [shard_partial(shard, rng) for shard in range(3)]
@@ -223,8 +284,9 @@ class DiesOnceOnShard(RemoteWorker):
 def test_two_ray_workers_folding_give_the_in_process_tables(tiny_llama, tmp_path, monkeypatch, cluster_ray,  # noqa: F811
                                                             dies):
     """Nothing sent between each worker's first shard and the tail (HEAD_SHARE 0): counts and tables
-    byte-identical to the in-process run's, sums to float64 rounding; a worker killed on shard 6 while
-    holding folded shards: they are computed again, the loss charged to shard 6 alone."""
+    byte-identical to the in-process run's, sums to float64 rounding, the head taking 2 partials (the
+    first shard, then one worker's fold with the other's absorbed into it, moved worker to worker); a
+    worker killed on shard 6 while holding folded shards: they are computed again, the loss charged to shard 6 alone."""
     import sys
 
     from ray import cloudpickle
@@ -254,6 +316,11 @@ def test_two_ray_workers_folding_give_the_in_process_tables(tiny_llama, tmp_path
     assert set(got.examples) == set(want.examples)
     for name, value in want.examples.items():
         assert got.examples[name].tobytes() == value.tobytes(), name
+    if not dies:  # the first shard (to measure a partial), then one for both workers: the other absorbed
+        import json
+
+        timing = json.loads((run_dir / names.TIMING_JSON).read_text())
+        assert timing["partials_received"] == 2, timing
     lost = [line for line in said if line.startswith("worker lost")]
     assert lost == ([line for line in lost if line.startswith("worker lost during shard 6 ")] if dies else []), said
     assert len(lost) == int(dies), said

@@ -73,6 +73,8 @@ class Call:
         self.stage, self.until = "queued", math.inf  # until: when its stage ends
         if method == "run":
             self.shard, _, _, self.ticket, self.after, self.order = args
+        elif method == "absorb":  # another worker's partial, folded in (RemoteWorker.absorb): a `run` of no shard
+            self.shard, (self.sent,), self.ticket, self.after, self.order = None, *args
 
 
 class ShardList(list):
@@ -100,11 +102,13 @@ class FakeActor:
         self.blip_starts = sorted(start for start, _ in self.blips)  # those not yet seen by calls in flight
         self.calls: list[tuple[float, str]] = []
         self.computed: list[int] = []  # shards, in the order they started computing
+        self.absorbed: list[list[int]] = []  # the shards of each partial it absorbed from another worker
         self.process: int | None = None  # the process the calls below run on
         self.threads: list[Call] = []
         self.queued: deque[Call] = deque()
         self.newest_head, self.passed, self.computing = -1, None, None  # ComputeTurns' state
-        self.placed, self.ready, self.run = (Method(self, name) for name in ("placed", "ready", "run"))
+        self.placed, self.ready, self.run, self.absorb = (Method(self, name) for name in
+                                                          ("placed", "ready", "run", "absorb"))
 
     def process_at(self, t: float) -> int | str:
         """-> the process up at t, "restarting" or "dead"."""
@@ -171,6 +175,16 @@ class FakeActor:
         elif call.stage == "computing":
             self.computing, self.passed = None, call.ticket
             there = t + self.world.deliver_seconds.get(call.shard, 0.0)
+            if call.method == "absorb":  # RemoteWorker.absorb: the other's partial if it is there by now
+                sent = call.sent
+                if sent.at > t or sent.error is not None or sent.value is None:
+                    self._leave(call, t, (False, "lost"))
+                else:
+                    self.fold.absorb(sent.value, call.order)
+                    self.absorbed.append(sorted(sent.value.shards))
+                    self._leave(call, t, (True, ""))
+                self._move(t)
+                return
             computed = None if call.shard is None else ShardResult(call.shard, ShardList([call.shard]), 1.0, 0.0)
             answer = self.fold.take(computed, call.order)  # the worker's own folding (RemoteWorker.run)
             answer.ready_at = there
@@ -191,7 +205,7 @@ class FakeActor:
             while self.queued and len(self.threads) < THREADS:
                 call = self.queued.popleft()
                 self.threads.append(call)
-                call.stage = "reading" if call.method == "run" else "answering"
+                call.stage = "reading" if call.method in ("run", "absorb") else "answering"
                 call.until = t + (self.world.read_seconds.get(call.shard, 0.0) if call.method == "run" else
                                   self.load_seconds if call.method == "ready" else PLACED_SECONDS)
             waiting = [call for call in self.threads if call.stage == "waiting"]
@@ -210,9 +224,11 @@ class FakeActor:
         self.computing, call.stage = call, "computing"
         if call.shard is not None:
             self.computed.append(call.shard)
-        seconds = self.world.run_seconds.get(call.shard, 1.0) if call.shard is not None else 0.0
+        seconds = (self.world.run_seconds.get(call.shard, 1.0) if call.shard is not None else
+                   self.world.absorb_seconds if call.method == "absorb" else self.world.send_seconds)
         call.until = t + seconds
-        fates = self.world.fates.get(call.shard)
+        fates = self.world.fates.get(call.shard if call.shard is not None else  # or "absorb", "send" (no shard)
+                                     "absorb" if call.method == "absorb" else "send")
         if fates:  # halfway through, the process dies or the actor is out of reach
             fate, halfway = fates.pop(0), t + seconds / 2
             if fate == "kill":
@@ -237,6 +253,8 @@ class World:
         # shard -> seconds from its result being computed to the driver having it (default 0): a large one
         # pulled from another node may arrive after the next call's
         self.deliver_seconds = dict(deliver_seconds or {})
+        self.absorb_seconds = 0.1  # a worker folding in another's partial
+        self.send_seconds = 0.01  # a call that only sends what its worker folded
         # every call sends (no folding), unless a test gives the head's share (scheduler.HEAD_SHARE)
         monkeypatch.setattr(scheduler, "HEAD_SHARE", head_share)
         monkeypatch.setattr(pool_module, "time", self.clock)

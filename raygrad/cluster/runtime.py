@@ -134,6 +134,27 @@ class RemoteWorker:
                 return None
             return self._fold.take(None if prepared is None else runner.compute(prepared), order)
 
+    def absorb(self, sent: list, ticket: int, after: int | None, order: SendOrder) -> tuple[bool, str]:
+        """Fold another worker's sent partial into this one's (ShardFold.absorb) -> (True, ""), or (False,
+        why) when it cannot be had (that worker was lost before or after sending), this fold unchanged.
+        `sent`: [the ref of the other worker's call that sends], inside a list so that Ray hands it over
+        unresolved and its failure is this call's answer, not its error; `ray.get` here pulls the partial
+        from the other worker's node, never through the head's."""
+        import ray
+        from ray.exceptions import RayError
+
+        with self._turns.turn(ticket, after) as live:
+            if not live:
+                return False, "the driver gave this call up"
+            try:
+                other = ray.get(sent[0])
+            except RayError as err:
+                return False, first_line(err)
+            if other is None:
+                return False, "the other worker gave its call up"
+            self._fold.absorb(other, order)
+            return True, ""
+
     def _runner(self) -> ShardRunner:
         with self._loading:
             if self.runner is None:  # also after Ray restarted this actor, perhaps on another node

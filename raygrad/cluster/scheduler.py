@@ -33,12 +33,20 @@ Combining (compute/folding.py): a worker folds each shard it computes into one r
 answers the shard's id only; a call the head marks `send` answers the running partial with every shard
 in it, which the reducer commits all or nothing. SendPolicy paces those sends, so taking partials costs
 the head a bounded share of its time (HEAD_SHARE) however many workers and shards there are: a worker
-holds its shards about workers x (the head's measured seconds per partial) / HEAD_SHARE. The last
-shards (the tail) are always sent, and a worker left with nothing to compute is sent a call that only
-sends. A worker lost, or out of reach, costs only its shards not yet sent: they are queued again
-uncharged (the loss is charged, as above, to the shard it was computing), and its running partial is
-given up under a new number (SendOrder.fold), so a worker that comes back drops it and no shard is
-counted twice.
+holds its shards about workers x (the head's measured seconds per partial) / HEAD_SHARE. In the tail
+(fewer shards queued than workers) calls fold and nothing is sent to the head: once nothing is queued,
+the workers left holding folds reduce among themselves (`_reduce`), two at a time as they finish: one
+(the giver) is sent a call that only sends, and the other (the taker) a call `absorb` given that call's
+ref, so Ray moves the partial worker to worker, never through the head, and the giver's shards are the
+taker's from then on. That is about log2(workers) rounds of one merge each on the workers, and the head
+takes one partial (a few, where workers finish far apart), not one per worker. The last holder, when
+nothing else computes or absorbs, sends to the head. A worker lost, or out of reach, costs only its
+shards not yet sent: they are queued again uncharged (the loss is charged, as above, to the shard it
+was computing), and its running partial is given up under a new number (SendOrder.fold), so a worker
+that comes back drops it and no shard is counted twice. So does either side of an absorb: a taker lost
+costs what it held, the giver's shards included; a giver lost before or after sending (its partial
+cannot be had: the taker answers so, its own fold unchanged) costs the giver's shards; neither charged,
+as neither was computing a shard.
 
 The pool (pool.py) owns the actors and their start-up calls (`placed`, `ready`); this module decides
 which shard goes where and what a failure costs, through the pool's side of `ActorPool` below (the
@@ -204,25 +212,28 @@ class ElasticMap:
         self.segments: dict = {}
         self.get_seconds = 0.0  # the head's seconds in `get` for the partial being yielded
         self.carrying_on = None  # the actor that sent the partial being yielded: served once it is taken
+        # `absorb` ref -> (taker, giver, the giver's held shards moved to the taker, the giver's send ref,
+        # kept so that Ray keeps the partial until the taker has it)
+        self.absorbing: dict = {}
 
     def results(self) -> Iterator[ShardResult]:
         pool, queue = self.pool, self.queue
         pool.watch_unwatched()  # those up since an earlier map answer at once
         none_up_since = last_status = time.monotonic()
         try:
-            while queue or self.running or self.asking:
+            while queue or self.running or self.asking or self.absorbing or any(self.held.values()):
                 self._hand_out()
                 now = time.monotonic()
                 next_retry = pool.retry_due(now)
                 loading = pool.loading()
                 # Checked before every wait, not only after an empty one: the waits end early while an
                 # actor that Ray cannot restart (no node for it) is asked again.
-                if self.running or self.asking or self.idle or loading:
+                if self.running or self.asking or self.absorbing or self.idle or loading:
                     none_up_since = now
                 elif now - none_up_since > pool.config.worker_timeout:
                     raise WorkerTimeout(pool.timeout_message())
                 timeout = POLL_SECONDS if next_retry is None else min(POLL_SECONDS, next_retry)
-                refs = [*self.running, *self.asking, *pool.startup_refs()]
+                refs = [*self.running, *self.asking, *self.absorbing, *pool.startup_refs()]
                 if refs:
                     ready = wait(refs, timeout=max(0.0, timeout))
                 else:  # every actor is being restarted: nothing to take until one is asked again
@@ -252,6 +263,69 @@ class ElasticMap:
             self.asking[actor.placed.remote()] = (actor, item)
         while self.room and queue and len(queue) >= len(actors):
             self._fill(self.room[next(iter(self.room))])
+        if not queue:
+            self._reduce()
+
+    def _reduce(self) -> None:
+        """The tail's tree reduction (scheduler docstring): idle workers holding folds, two at a time, one
+        absorbing the other's partial; the last holder sends to the head once nothing else computes or
+        absorbs (nor is being asked: a lost shard queued again could still make another holder)."""
+        holders = [actor for actor in self.idle if self.held.get(actor_name(actor))]
+        while len(holders) >= 2:
+            taker, giver = holders.pop(), holders.pop()
+            self.idle.remove(taker)
+            self.idle.remove(giver)
+            self._absorb(taker, giver)
+        if holders and not self.running and not self.absorbing and not self.asking:
+            self.idle.remove(holders[0])
+            self._send(holders[0], None, send=True)
+
+    def _absorb(self, taker, giver) -> None:
+        """The giver sends what it folded, to the taker, which absorbs it: the giver's shards are the
+        taker's from now on (if the absorb fails, `_absorbed` says whose loss they are)."""
+        taker_name, giver_name = actor_name(taker), actor_name(giver)
+        sent = giver.run.remote(None, None, None, next(_tickets), None,
+                                SendOrder(self.fold_of.setdefault(giver_name, next(_folds)), True))
+        moved = self.held.pop(giver_name)
+        self.segment.pop(giver_name, None)  # no call in flight on it: its segment is what it held
+        self.held.setdefault(taker_name, {}).update(moved)
+        self.segment.setdefault(taker_name, []).extend(item for item, _ in moved.values())
+        order = SendOrder(self.fold_of.setdefault(taker_name, next(_folds)), False)
+        ref = taker.absorb.remote([sent], next(_tickets), None, order)  # in a list: handed over unresolved
+        self.absorbing[ref] = (taker, giver, moved, sent)
+        now = time.monotonic()
+        for name in (taker_name, giver_name):
+            self.clocks.working(name, now)
+
+    def _absorbed(self, ref) -> None:
+        """A taker answered (or failed) its `absorb`."""
+        from ray.exceptions import RayActorError
+
+        taker, giver, moved, _ = self.absorbing.pop(ref)
+        taker_name, giver_name = actor_name(taker), actor_name(giver)
+        try:
+            absorbed, why = get(ref)
+        except RayActorError as err:  # the taker lost or out of reach: what it held, the giver's shards too
+            lost = [*self._drop_calls(taker), *self._give_up_fold(taker_name)]
+            self.pool.echo(f"worker lost while absorbing another's partial ({first_line(err)}); its "
+                           f"{len(lost)} folded shards are queued again")
+            self.queue.extendleft(reversed(lost))
+            self.pool.watch_start(taker)
+            self._carry_on(giver)  # it sent (or was lost: asked `placed` before its next shard, it says so)
+            return
+        if not absorbed:  # the giver's partial cannot be had: the taker's fold is as it was
+            held, segment = self.held[taker_name], self.segment.get(taker_name, [])
+            items = [held.pop(shard)[0] for shard in moved]
+            for item in items:
+                segment.remove(item)
+            self.pool.echo(f"worker lost holding {len(items)} folded shards ({why}); they are queued again")
+            self.fold_of[giver_name] = next(_folds)  # if it sent nothing after all, it drops what it folded
+            self.queue.extendleft(reversed(items))
+            self._drop_calls(giver)
+            self.pool.watch_start(giver)
+        else:
+            self._carry_on(giver)
+        self._carry_on(taker)
 
     def _take(self, ref) -> ShardResult | None:
         """Whatever answered: an actor placed, loaded, asked before a shard, or a shard's result."""
@@ -261,6 +335,8 @@ class ElasticMap:
             (self._placed if kind == "placed" else self._loaded)(actor, ref)
         elif ref in self.asking:
             self._asked(*self.asking.pop(ref), ref)
+        elif ref in self.absorbing:
+            self._absorbed(ref)
         else:
             return self._finished(ref)
         return None
@@ -367,16 +443,13 @@ class ElasticMap:
         return sent
 
     def _carry_on(self, actor) -> None:
-        """After an answer: the actor's next call computes, or it is sent more, or a call that only sends
-        what it holds, or it is idle."""
+        """After an answer: the actor's next call computes, or it is sent more, or it is idle (holding a
+        fold or not: a holder computes more while shards are queued, else takes part in `_reduce`)."""
         name = actor_name(actor)
-        calls = self.in_flight[name]
+        calls = self.in_flight.setdefault(name, deque())
         if calls:
             self.pool.computing(actor, _shard_of(self.running[calls[0]][1]))  # the next
             self._fill(actor)
-        elif self.held.get(name):  # nothing more to compute here for now: send what it holds
-            self.pool.computing(actor, None)
-            self._send(actor, None, send=True)
         else:
             self.pool.computing(actor, None)
             self.room.pop(name, None)
@@ -471,11 +544,13 @@ class ElasticMap:
 
     def _send_now(self, name: str) -> bool:
         """Whether the call being sent to actor `name` should send its running partial: in the tail
-        (no more calls will be sent to fill actors up) always, else as SendPolicy grants, first to the
-        actors whose shards have waited longest among those with no send in flight (an actor with one
-        comes after all of them)."""
-        if len(self.queue) < len(self.pool.actors) or self.policy.share == math.inf:
+        (no more calls will be sent to fill actors up) never (the workers reduce among themselves,
+        `_reduce`), else as SendPolicy grants, first to the actors whose shards have waited longest among
+        those with no send in flight (an actor with one comes after all of them)."""
+        if self.policy.share == math.inf:
             return True
+        if len(self.queue) < len(self.pool.actors):
+            return False
         waiting = {actor for actor, refs in self.in_flight.items() if not any(ref in self.sends for ref in refs)}
         since = {actor: min(at for _, at in held.values()) for actor, held in self.held.items() if held}
         mine = since.get(name, math.inf) if name in waiting else math.inf

@@ -57,3 +57,21 @@ class ShardFold:
         if result is None:
             return ShardResult(None, sent, 0.0, 0.0, folded=folded)
         return replace(result, partial=sent, folded=folded)
+
+    def absorb(self, other: ShardResult, order: SendOrder) -> None:
+        """Fold another worker's sent partial (`other`: what its call that sends answered) into this one's
+        running partial, its shards with it: the end of a run's tree reduction (cluster/scheduler.py), so the
+        head takes one partial, not one per worker. Sums add and top-K tables merge by the same exact rule
+        as a shard's, so the tables do not depend on which worker absorbed which."""
+        if order.fold != self.fold:
+            self.fold, self.partial, self.shards = order.fold, None, {}
+        overlap = self.shards.keys() & other.shards.keys()
+        if overlap:  # the head moves a sent partial's shards to one worker only
+            raise RuntimeError(f"internal error: asked to absorb shards {sorted(overlap)}, already folded here")
+        if other.partial is None:
+            return
+        if self.partial is None:
+            self.partial = other.partial
+        else:
+            self.partial.add(other.partial)
+        self.shards.update(other.shards)
