@@ -125,6 +125,15 @@ def test_the_tail_reduces_among_the_workers_and_the_head_takes_one_partial(monke
     assert 2.9 < rounds < 4.1, rounds  # log2(8) = 3 rounds (not 7), then the final send
 
 
+def test_a_long_absorb_is_not_taken_for_waiting_on_workers(monkeypatch):
+    """Absorbs of 40 s (a large partial's merge on a slow worker), nothing else running: no "waiting for
+    workers" status line (it would ask a Ray this simulation has not started, and fail)."""
+    world = World(monkeypatch, [dict(name="a"), dict(name="b")], head_share=0.0)
+    world.absorb_seconds = 40.0
+    results = folded_run(world, 6, workers=2)
+    assert shards_sent(results) == list(range(6)) and not world.said, world.said
+
+
 @pytest.mark.parametrize("fate, key", [("kill", "absorb"), ("unreachable", "absorb"), ("kill", "send")])
 def test_either_side_of_an_absorb_lost_costs_only_its_folded_shards(monkeypatch, caplog, fate, key):
     """The first absorb's taker killed or out of reach halfway through, or the first giver killed as it

@@ -241,7 +241,7 @@ class ElasticMap:
                     ready = []
                 if not ready:
                     now = time.monotonic()
-                    if not self.running and now - last_status >= STATUS_SECONDS:
+                    if not self.running and not self.absorbing and now - last_status >= STATUS_SECONDS:
                         pool.echo(pool.status_line(len(self.idle), loading))
                         last_status = now
                     continue
