@@ -353,7 +353,7 @@ def simulate(workers: int, kinds: str, per_worker: int, partials_per_second: flo
                 added = time.monotonic()
                 reducer.add(result)
                 adds.append((added, time.monotonic()))
-                sim.merge_seconds = sum(end - start for start, end in adds) / len(adds)
+                sim.merge_seconds = reducer.reduce_seconds / reducer.partials_received  # not the last's writer wait
         finally:
             reducer.close()
         ended = time.monotonic()
@@ -405,7 +405,8 @@ def simulate(workers: int, kinds: str, per_worker: int, partials_per_second: flo
         # from the last shard computed to the run's end: the GPUs all idle (the head's real add and
         # checkpoint seconds in it count `scale` times: exact at scale 1)
         "drain_seconds": (ended - max(end for actor in sim.actors for _, end in actor.busy)) * scale,
-        "absorb_seconds": sim.absorb_seconds() * scale,
+        "absorb_seconds": (sum(end - start for actor in sim.actors for start, end in actor.absorbs) * scale
+                           / max(1, sum(len(actor.absorbs) for actor in sim.actors))),
         "kinds": kinds, "top_examples": top_k, "per_worker": per_worker, "scale": scale, "shards": shards,
         "partial_mb": timing["bytes_received"] / received / 1e6,
         "transfer_mb_per_s": transfer_mb_per_s, "head_seconds": head_seconds,
