@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import constants as names
 from .accumulator import DeviceAccumulator
 from .batch import IGNORE_INDEX, Batch
-from .sites import LOSS_CHUNK_ELEMENTS, output_tensor, replace_output
+from .sites import LOSS_CHUNK_ELEMENTS, delta_hooks, output_tensor, replace_output
 
 MODES = ("zero", "mean", "clamp")
 # Padded tokens of one ablated forward: the batch's texts are repeated once per variant and that many
@@ -162,23 +162,8 @@ class ListedEntries:
 
 def _clean_pass(model, modules, batch: Batch):
     """One forward + backward: (each text's summed loss (B,), per module z (B, T, D) and dLoss/dz)."""
-    outputs, deltas = [None] * len(modules), [None] * len(modules)
-
-    def hook_for(row: int):
-        def add_delta(module, args, output):
-            hidden = output_tensor(output)
-            outputs[row] = hidden.detach()
-            deltas[row] = torch.zeros_like(hidden, requires_grad=True)
-            return replace_output(output, hidden + deltas[row])
-
-        return add_delta
-
-    handles = [module.register_forward_hook(hook_for(row)) for row, module in enumerate(modules)]
-    try:
+    with delta_hooks(modules) as (outputs, deltas):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.model_mask, use_cache=False).logits
-    finally:
-        for handle in handles:
-            handle.remove()
     losses = per_text_loss(logits, batch.labels)
     del logits
     grads = torch.autograd.grad(losses.sum(), deltas)

@@ -66,6 +66,30 @@ def summed_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_elements: int 
     return torch.stack(chunks).double().sum()
 
 
+@contextlib.contextmanager
+def delta_hooks(modules: list[nn.Module]):
+    """-> (outputs, deltas), filled by the forward run inside: each module's output z (detached) and the
+    zero tensor `delta` added to it, whose gradient is dLoss/dz. The hooks are removed on leaving."""
+    deltas: list[torch.Tensor | None] = [None] * len(modules)
+    outputs: list[torch.Tensor | None] = [None] * len(modules)
+
+    def hook_for(row: int):
+        def add_delta(module, args, output):
+            hidden = output_tensor(output)
+            outputs[row] = hidden.detach()
+            deltas[row] = torch.zeros_like(hidden, requires_grad=True)
+            return replace_output(output, hidden + deltas[row])
+
+        return add_delta
+
+    handles = [module.register_forward_hook(hook_for(row)) for row, module in enumerate(modules)]
+    try:
+        yield outputs, deltas
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def site_gradients(
     model: nn.Module, modules: list[nn.Module], input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
     labels: torch.Tensor | None = None, create_graph: bool = False,
@@ -82,29 +106,13 @@ def site_gradients(
     so that second derivatives can be taken. The fused attention kernels have
     no double backward (CPU flash attention, CUDA flash / memory-efficient), so
     the forward then runs PyTorch's math attention: the same function, more memory."""
-    deltas: list[torch.Tensor | None] = [None] * len(modules)
-    outputs: list[torch.Tensor | None] = [None] * len(modules)
-
-    def hook_for(row: int):
-        def add_delta(module, args, output):
-            hidden = output_tensor(output)
-            outputs[row] = hidden.detach()
-            deltas[row] = torch.zeros_like(hidden, requires_grad=True)
-            return replace_output(output, hidden + deltas[row])
-
-        return add_delta
-
     if labels is None:
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         labels[:, :-1] = next_token_labels(input_ids, attention_mask)
-    handles = [module.register_forward_hook(hook_for(row)) for row, module in enumerate(modules)]
-    try:
+    with delta_hooks(modules) as (outputs, deltas):
         with sdpa_kernel([SDPBackend.MATH]) if create_graph else contextlib.nullcontext():
             logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    finally:
-        for handle in handles:
-            handle.remove()
     loss = summed_loss(logits, labels)
     del logits  # the loss chunks keep what the backward needs
     grads = torch.autograd.grad(loss, deltas, create_graph=create_graph)
