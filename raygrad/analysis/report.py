@@ -350,6 +350,7 @@ table{border-collapse:collapse;font-size:13px;margin-bottom:6px;min-width:720px}
 th,td{padding:2px 8px;text-align:right;border-bottom:1px solid #eaeef2;white-space:nowrap}
 th{background:#f6f8fa;cursor:help}tr.stats td{border-top:1px solid #d0d7de;font-variant-numeric:tabular-nums}
 td.examples{text-align:left;white-space:normal;padding:1px 8px 6px 28px}
+table.ablations th{white-space:normal}table.ablations td:first-child{white-space:normal;overflow-wrap:anywhere}
 .sources{display:grid;grid-template-columns:repeat(var(--sources),minmax(0,1fr));gap:14px}
 ol{margin:0;padding:0;list-style:none;font:12px/1.5 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
 li{white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
@@ -383,7 +384,7 @@ def _ablations_html(ablations: list[tuple[str, dict]]) -> str:
     def shown_number(value) -> str:
         return "n/a" if value is None else f"{value:+.6f}"
 
-    parts = ['<section id="ablations"><h2>Ablations (raygrad ablate)</h2><table><thead><tr>',
+    parts = ['<section id="ablations"><h2>Ablations (raygrad ablate)</h2><table class="ablations"><thead><tr>',
              "".join(f"<th>{_text(h)}</th>" for h in ("file", "mode", "features", "target tokens", "loss", "ablated",
                                                       "delta", "95% interval (paired over texts)", "predicted",
                                                       "pearson (each alone)")), "</tr></thead>"]
