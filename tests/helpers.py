@@ -139,3 +139,17 @@ def signal_after_checkpoints(process, out_dir: Path, signal_number: int, shards:
     finally:
         out, err = process.communicate(timeout=timeout)
     return out, err
+
+
+def read_by_shard(source: dict, layout) -> list[tuple]:
+    """Each planned shard read alone: (its texts, rows, fingerprint, skip counts)."""
+    from collections import Counter
+
+    from raygrad.dataset.shards import read_rows
+
+    results = []
+    for shard in layout.shards:
+        counts = Counter()
+        texts, rows, fingerprint = read_rows(source, shard, counts)
+        results.append((texts, rows, fingerprint, dict(counts)))
+    return results

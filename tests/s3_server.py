@@ -115,6 +115,22 @@ def use_endpoint(monkeypatch, endpoint: str, scratch) -> None:
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
 
 
+def fresh_bucket(server: "RecordingS3Server", monkeypatch, scratch):
+    """A fixture's body: yields (s3fs filesystem, a fresh bucket's name) reached as a node would (use_endpoint),
+    with s3fs's cached filesystems dropped before and after."""
+    import uuid
+
+    import s3fs
+
+    use_endpoint(monkeypatch, server.endpoint, scratch)
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    bucket = f"raygrad-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(bucket)
+    yield fs, bucket
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 class CharTokenizer:
     """One token per 4 characters, plus BOS: the planner needs the tokenizer alone."""
 

@@ -6,13 +6,12 @@ and the plan says so; a worker fetches only its own row groups (the server's Ran
 
 import io
 import random
-from collections import Counter
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from fake_hub import FakeHub
-from helpers import run_cli, run_tiny
+from helpers import read_by_shard, run_cli, run_tiny
 
 from raygrad import constants as names
 from raygrad.dataset import hub_parquet
@@ -104,13 +103,6 @@ def plan(source, **options):
     return plan_shards(source, None, CharTokenizer(), MAX_LENGTH, **options)
 
 
-def read_by_shard(source, layout):
-    results = []
-    for shard in layout.shards:
-        counts = Counter()
-        texts, rows, fingerprint = read_rows(source, shard, counts)
-        results.append((texts, rows, fingerprint, dict(counts)))
-    return results
 
 
 def local_parquet(tmp_path, values, name="local.parquet"):

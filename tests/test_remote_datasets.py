@@ -5,13 +5,11 @@ across, an object changed after planning refused, and a worker reading only its 
 import io
 import random
 import sys
-import uuid
-from collections import Counter
 
 import numpy as np
 import pytest
-from helpers import run_tiny
-from s3_server import CharTokenizer, RecordingS3Server, use_endpoint
+from helpers import read_by_shard, run_tiny
+from s3_server import CharTokenizer, RecordingS3Server, fresh_bucket
 
 from raygrad.dataset.formats import describe_source
 from raygrad.dataset.shards import load_texts, plan_shards, read_rows
@@ -39,13 +37,7 @@ def server():
 def s3(server, monkeypatch, tmp_path):
     """-> (s3fs filesystem, a fresh bucket's name); credentials and endpoint only as a node would give
     them, in its environment."""
-    use_endpoint(monkeypatch, server.endpoint, tmp_path)
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem()
-    bucket = f"raygrad-{uuid.uuid4().hex[:12]}"
-    fs.mkdir(bucket)
-    yield fs, bucket
-    s3fs.S3FileSystem.clear_instance_cache()
+    yield from fresh_bucket(server, monkeypatch, tmp_path)
 
 
 def parquet_bytes(values, row_group_size=3) -> bytes:
@@ -65,14 +57,6 @@ def plan(source, **options):
     return plan_shards(source, None, CharTokenizer(), MAX_LENGTH, **options)
 
 
-def read_by_shard(source, layout):
-    """Each shard read alone: its texts, rows, fingerprint and counts."""
-    results = []
-    for shard in layout.shards:
-        counts = Counter()
-        texts, rows, fingerprint = read_rows(source, shard, counts)
-        results.append((texts, rows, fingerprint, dict(counts)))
-    return results
 
 
 @pytest.mark.parametrize("shard_texts", [1, 2, 4, None])

@@ -6,10 +6,10 @@ alone (as the server saw them), and an object changed after planning refused wit
 import codecs
 import dataclasses
 import json
-from collections import Counter
 
 import pytest
-from s3_server import CharTokenizer, RecordingS3Server, use_endpoint
+from helpers import read_by_shard
+from s3_server import CharTokenizer, RecordingS3Server, fresh_bucket
 
 from raygrad.dataset.formats import describe_source
 from raygrad.dataset.shards import load_texts, plan_shards, read_rows
@@ -67,29 +67,13 @@ def server():
 @pytest.fixture
 def s3(server, monkeypatch, tmp_path):
     """-> (s3fs filesystem, a fresh bucket's name), reached as a node would: the environment alone."""
-    import uuid
-
-    use_endpoint(monkeypatch, server.endpoint, tmp_path)
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem()
-    bucket = f"raygrad-{uuid.uuid4().hex[:12]}"
-    fs.mkdir(bucket)
-    yield fs, bucket
-    s3fs.S3FileSystem.clear_instance_cache()
+    yield from fresh_bucket(server, monkeypatch, tmp_path)
 
 
 def plan(source, **options):
     return plan_shards(source, None, CharTokenizer(), MAX_LENGTH, **options)
 
 
-def read_by_shard(source, layout):
-    """Each shard read alone: its texts, rows, fingerprint and counts."""
-    results = []
-    for shard in layout.shards:
-        counts = Counter()
-        texts, rows, fingerprint = read_rows(source, shard, counts)
-        results.append((texts, rows, fingerprint, dict(counts)))
-    return results
 
 
 def without_bytes(layout):
