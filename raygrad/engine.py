@@ -60,7 +60,7 @@ def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: boo
             )
         except OSError as err:
             raise RaygradError(f"--output-dir {output_dir}: cannot create the store ({_os_reason(err)})") from None
-        _execute(plan, config, store, pool, progress, time.perf_counter() - started, echo)
+        execute(plan, config, store, pool, progress, time.perf_counter() - started, echo)
     return run_dir
 
 
@@ -96,7 +96,7 @@ def _resume(run_dir: Path, store_path: Path, execution: dict, echo, progress: bo
         done = store.shards_done()
         echo(plan.describe())
         echo(f"resuming {run_dir}: {int(done.sum())} of {len(done)} shards already done")
-        _execute(plan, config, store, pool, progress, time.perf_counter() - started, echo)
+        execute(plan, config, store, pool, progress, time.perf_counter() - started, echo)
     return Path(run_dir)
 
 
@@ -371,21 +371,16 @@ def _tokenizer(plan: Plan):
     return load_tokenizer(plan.model, plan.model_path, model_commit(plan))
 
 
-def execute(plan: Plan, config: RunConfig, store: ResultStore, pool: WorkerPool, progress: bool,
-            plan_seconds: float, echo, resume_hint: str, finish: Callable) -> None:
-    """Another command's shards on the run's engine (raygrad ablate): the pool, the reducer, checkpoints and
-    finalize as for a run; `finish(totals)` replaces the run's summary line and exports."""
-    _execute(plan, config, store, pool, progress, plan_seconds, echo, resume_hint, finish)
-
-
 def plan_with_shards(resolved: Plan, config: RunConfig, pool: WorkerPool, echo) -> Plan:
     """`resolved` placed on the sized pool with shards planned from `config`'s dataset, checked and
     printed, as a run's (raygrad ablate on other texts)."""
     return _whole_plan(resolved, config, _source(config), pool, echo)
 
 
-def _execute(plan: Plan, config: RunConfig, store: ResultStore, pool: WorkerPool, progress: bool,
-             plan_seconds: float, echo, resume_hint: str | None = None, finish: Callable | None = None) -> None:
+def execute(plan: Plan, config: RunConfig, store: ResultStore, pool: WorkerPool, progress: bool,
+            plan_seconds: float, echo, resume_hint: str | None = None, finish: Callable | None = None) -> None:
+    """A plan's shards on the pool: the reducer, checkpoints and finalize. Another command (raygrad
+    ablate) gives its own `resume_hint`, and `finish(totals)` replaces the run's summary line and exports."""
     reducer = Reducer(store, config.checkpoint_seconds, progress)
     resume_hint = resume_hint or f"continue with: raygrad run --resume {store.run_dir}"
     try:
