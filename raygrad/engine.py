@@ -4,6 +4,7 @@ into the store, finalize, export. The driver never holds the texts."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -11,7 +12,7 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from . import constants as names
 from .cluster.pool import WorkerPool
@@ -40,13 +41,13 @@ def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: boo
     config = dataclasses.replace(config, dataset=absolute_if_local(config.dataset))  # what --resume reads
     output_dir = Path(config.output_dir)
     _check_output_paths(config)
-    # Resolving the model, sites, SAEs and pins checks them and the dataset's file before Ray starts or
-    # weights load. Once the pool is sized (batching), the workers start and load the model while one
-    # pass over the dataset plans the shards: they get everything but the shards, which reach them as
-    # work items (an actor Ray restarts is built again from what it got).
-    resolved = make_plan(config, 0)
+    # Resolving the model, sites, SAEs and pins checks them and the dataset's file before weights load
+    # (beside Ray's start, _resolved_beside_pool). Once the pool is sized (batching), the workers start
+    # and load the model while one pass over the dataset plans the shards: they get everything but the
+    # shards, which reach them as work items (an actor Ray restarts is built again from what it got).
     source = _source(config)
-    with contextlib.ExitStack() as locked, loading_bars(progress), WorkerPool(config, echo=echo) as pool:
+    with contextlib.ExitStack() as locked, loading_bars(progress), _resolved_beside_pool(config, echo) as (
+            resolved, pool):
         pool.start_workers(_pinned_source(resolved.placed(config, pool.workers, pool.device), source), config.seed)
         plan = _whole_plan(resolved, config, source, pool, echo)
         run_dir = _new_run_dir(output_dir, run_dir_name(config, plan, datetime.now().strftime("%Y%m%d_%H%M%S")))
@@ -62,6 +63,29 @@ def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: boo
             raise RaygradError(f"--output-dir {output_dir}: cannot create the store ({_os_reason(err)})") from None
         execute(plan, config, store, pool, progress, time.perf_counter() - started, echo)
     return run_dir
+
+
+@contextlib.contextmanager
+def _resolved_beside_pool(config: RunConfig, echo) -> Iterator[tuple[Plan, WorkerPool]]:
+    """-> (the plan resolved without shards, the entered pool). When the pool starts or joins Ray
+    (--workers N, --address), Ray starts in this thread while another resolves the model, sites, SAEs
+    and pins: the two take seconds each, mostly waiting on other processes and files (issue 28). Either
+    failing stops the run with its own line, the resolution's first (as when it ran before Ray), and a
+    Ray started is stopped. An in-process run resolves, then picks its device, as before."""
+    if not (config.workers or config.address):
+        resolved = make_plan(config, 0)
+        with WorkerPool(config, echo=echo) as pool:
+            yield resolved, pool
+        return
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="raygrad-resolve") as beside, \
+            contextlib.ExitStack() as entered:
+        resolving = beside.submit(make_plan, config, 0)
+        try:
+            pool = entered.enter_context(WorkerPool(config, echo=echo))
+        except BaseException:
+            resolving.result()  # a bad model or dataset is said before a pool that cannot start
+            raise
+        yield resolving.result(), pool
 
 
 def resume(run_dir: Path, echo: Callable[[str], None] = log.info, progress: bool = True,

@@ -59,15 +59,30 @@ def exit_after_looking(self, *exc):
         name: hashlib.sha256(os.environ[name].encode()).hexdigest() if name in os.environ else None
         for name in names}, probed) for actor in self.actors])
     seen["session dir"] = ray._private.worker._global_node.get_session_dir_path()
+    seen["worker PYTHONPATH"] = ray.get([actor.__ray_call__.remote(lambda _: os.environ.get("PYTHONPATH"))
+                                         for actor in self.actors])
+    seen["driver PYTHONPATH"] = os.environ.get("PYTHONPATH")
     return real_exit(self, *exc)
 
 pool.WorkerPool.__exit__ = exit_after_looking
+pythonpath_before = os.environ.get("PYTHONPATH")
+from raygrad.cluster import runtime
+real_kill = runtime._kill_autoscaler_monitor
+
+def kill_and_look():
+    processes = ray._private.worker._global_node.all_processes
+    real_kill()
+    seen["monitor ended, gcs up"] = ([info.process.poll() is not None for info in processes["monitor"]],
+                                     [info.process.poll() is None for info in processes["gcs_server"]])
+
+runtime._kill_autoscaler_monitor = kill_and_look
 sys.argv = ["raygrad", *sys.argv[3:]]
 try:
     cli.main()
 finally:
     seen["ray initialized after"] = ray.is_initialized()
     seen["setting after"] = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    seen["PYTHONPATH before"] = pythonpath_before
     with open(seen_file, "w") as handle:
         json.dump(seen, handle)
 """
@@ -167,6 +182,18 @@ def test_a_local_ray_run_prints_no_ray_notices(local_ray_run):
     ours = {"model", "site", "layers", "sae", "features", "collect", "samples", "skipped", "shards", "workers",
             "memory", "pinned", "output", "waiting", "stopped"}
     assert all(line.split()[0] in ours for line in run.out.splitlines()), run.out
+
+
+def test_a_local_ray_s_workers_inherit_the_checkout_on_their_path_and_its_monitor_ends_first(local_ray_run):
+    """The raylet is started with PYTHONPATH naming this checkout (so the workers it starts ahead of time
+    serve the actors, which need no runtime_env), and the driver's own PYTHONPATH is put back. At the
+    end the autoscaler monitor is killed while the GCS is still up (stopped after it, the monitor held
+    every local run's end for a second)."""
+    seen = local_ray_run.seen
+    checkout = str(Path(engine.__file__).resolve().parent.parent)
+    assert [path.split(os.pathsep)[0] for path in seen["worker PYTHONPATH"]] == [checkout, checkout]
+    assert seen["driver PYTHONPATH"] == seen["PYTHONPATH before"]
+    assert seen["monitor ended, gcs up"] == [[True], [True]]
 
 
 def test_a_local_ray_ignores_a_stale_cluster_pointer(local_ray_run):
