@@ -86,3 +86,22 @@ def test_head_runs_and_resumes_on_a_small_corpus(tmp_path):
     assert int(row[1].replace(",", "")) == round(1.5e5 / 126)  # rows of the corpus written
     assert int(row[2]) >= 2  # shards: the resume had one to compute
     assert "peak at 0.15M tokens / peak at 0.15M: 1.00x" in out
+
+
+def test_seed_script_runs_the_per_layer_algorithm_on_two_layers(tmp_path):
+    """seed_script.py's seed process on two short texts and layers 0 and 29 of the bundled model, its
+    --save_outputs files written: the phases it times, and one .npy of 576 values per layer."""
+    import numpy as np
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("The quick brown fox jumps over the lazy dog, again and again, all day long.\n" * 2)
+    (tmp_path / "saved").mkdir()
+    out = run_benchmark("seed_script.py", "--seed", str(texts), "--max-length", "16", "--layers", "0,29",
+                        "--saves", str(tmp_path / "saved"), cwd=tmp_path)
+    phases = json.loads(out.strip().splitlines()[-1])
+    assert set(phases) == {"imports", "model load", "dataset", "layers", "layers timed"}
+    assert phases["layers timed"] == 2
+    for layer in (0, 29):
+        values = np.load(tmp_path / "saved" / f"layer_{layer}_gradients.npy")
+        assert values.shape == (576,) and np.isfinite(values).all() and values.max() > 0
+        assert (tmp_path / "saved" / f"layer_{layer}_gradient_hist.png").stat().st_size > 0
