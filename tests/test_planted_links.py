@@ -147,9 +147,9 @@ def test_the_bundled_models_conversion_writes_through_no_planted_directory(tmp_p
     victim_dir = tmp_path / "victim_dir"
     victim_dir.mkdir()
     (target.parent / "bundled.partial").symlink_to(victim_dir, target_is_directory=True)
-    models._convert_gguf(tmp_path, "weights.gguf", target)
+    models._convert_gguf(tmp_path, "weights.gguf", target, {"file": "weights.gguf"})
     assert list(victim_dir.iterdir()) == []
-    assert sorted(p.name for p in target.iterdir()) == ["model.json", "tokenizer.json"]
+    assert sorted(p.name for p in target.iterdir()) == ["model.json", models.CONVERTED_FROM, "tokenizer.json"]
 
 
 def test_plots_and_the_checkpoint_staging_file_are_written_through_no_planted_link(example_run, tmp_path, capsys,
