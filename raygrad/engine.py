@@ -67,16 +67,11 @@ def run(config: RunConfig, echo: Callable[[str], None] = log.info, progress: boo
 
 @contextlib.contextmanager
 def _resolved_beside_pool(config: RunConfig, echo) -> Iterator[tuple[Plan, WorkerPool]]:
-    """-> (the plan resolved without shards, the entered pool). When the pool starts or joins Ray
-    (--workers N, --address), Ray starts in this thread while another resolves the model, sites, SAEs
-    and pins: the two take seconds each, mostly waiting on other processes and files (issue 28). Either
-    failing stops the run with its own line, the resolution's first (as when it ran before Ray), and a
-    Ray started is stopped. An in-process run resolves, then picks its device, as before."""
-    if not (config.workers or config.address):
-        resolved = make_plan(config, 0)
-        with WorkerPool(config, echo=echo) as pool:
-            yield resolved, pool
-        return
+    """-> (the plan resolved without shards, the entered pool). The pool is entered in this thread
+    (where it uses Ray, it starts or joins it there: ray.init wants the main thread) while another
+    resolves the model, sites, SAEs and pins: the two take seconds each, mostly waiting on other
+    processes and files (issue 28). Either failing stops the run with its own line, the resolution's
+    first (as when it ran before Ray), and a Ray started is stopped."""
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="raygrad-resolve") as beside, \
             contextlib.ExitStack() as entered:
         resolving = beside.submit(make_plan, config, 0)
