@@ -276,6 +276,14 @@ def test_the_heartbeat_notices_a_takeover_and_every_write_in_the_run_directory_s
     assert outside.read_bytes() == b"fine"
 
 
+def second_checkpoint_applied(store) -> bool:
+    """Two shards done, read first, and then no redo file: the checkpoint that held them was applied
+    whole (dropping the redo file is its last step). Looked at the other way round, a checkpoint
+    committed between the two looks (its redo file read as done) was taken for applied, and a takeover
+    landed while it was applied (its digests' record then refused): the run had saved one shard, not two."""
+    return ResultStore.open(store).shards_done().sum() >= 2 and not (store / names.PENDING_CHECKPOINT).exists()
+
+
 def test_a_displaced_run_stops_before_its_next_checkpoint_and_its_store_verifies(tiny_llama, texts_file, tmp_path,
                                                                                 capsys, monkeypatch):
     """The takeover lands while the third of four shards computes; the first two are checkpointed. The run
@@ -290,8 +298,7 @@ def test_a_displaced_run_stops_before_its_next_checkpoint_and_its_store_verifies
             (run_dir,) = out_dir.iterdir()
             store = run_dir / names.STORE_NAME
             deadline = time.monotonic() + 60  # the second shard's checkpoint lands (it is written off-thread)
-            while time.monotonic() < deadline and ((store / names.PENDING_CHECKPOINT).exists()
-                                                   or ResultStore.open(store).shards_done().sum() < 2):
+            while time.monotonic() < deadline and not second_checkpoint_applied(store):
                 time.sleep(0.02)
             seen["before"] = tree_digest(store)
             seen["record"] = take_over_in_place(run_dir)
