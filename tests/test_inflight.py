@@ -196,3 +196,35 @@ def test_a_head_gives_up_the_calls_sent_before_it():
     answers = calls_on_threads(worker, [(5, 31, 30), (6, 32, None)], gap=0.05)
     assert answers == {5: None, 6: "result 6"}
     assert runner.computed == [6]
+
+
+def test_an_actor_loads_and_computes_on_one_thread_whichever_thread_takes_the_call(monkeypatch):
+    """Ray runs an actor's calls on two threads; torch's OpenMP keeps a thread team per calling thread,
+    and two teams on a small machine compute slower. The model loads, and every shard computes, on
+    the actor's one compute thread, not on the threads the calls arrive on."""
+    import raygrad.compute.worker as worker_module
+
+    threads = {}
+
+    class Recording(Runner):
+        def __init__(self, plan, seed):
+            super().__init__({})
+            threads["load"] = threading.get_ident()
+
+        def compute(self, prepared):
+            threads.setdefault("compute", set()).add(threading.get_ident())
+            return super().compute(prepared)
+
+    monkeypatch.setattr(worker_module, "ShardRunner", Recording)
+    worker = RemoteWorker(plan=SimpleNamespace(dataset_revision=None), seed=0)
+    callers = set()
+    real_run = worker.run
+
+    def run_and_note(*args, **kwargs):
+        callers.add(threading.get_ident())
+        return real_run(*args, **kwargs)
+
+    worker.run = run_and_note
+    answers = calls_on_threads(worker, [(0, 40, None), (1, 41, 40), (2, 42, 41)], gap=0.02)
+    assert answers == {0: "result 0", 1: "result 1", 2: "result 2"}
+    assert len(callers) == 3 and threads["compute"] == {threads["load"]} and threads["load"] not in callers
