@@ -97,7 +97,7 @@ class RemoteWorker:
 
     # Threaded (max_concurrency=2): two calls at a time, so `placed` answers while `ready` loads, and
     # the next shard is read and tokenized while this one computes; computing is one shard at a
-    # time, in the order the driver sent them (ComputeTurns).
+    # time, in the order the driver sent them (ComputeTurns), on the actor's own compute thread.
 
     def __init__(self, plan: Plan, seed: int, verified_nodes: frozenset[str] | None = None):
         self.plan, self.seed, self.runner = plan, seed, None
