@@ -71,6 +71,11 @@ def always_skipping(monkeypatch, request):
     column and row fit in KEY_BITS, by magnitude and row then column otherwise (wide chunks): both run."""
     monkeypatch.setattr(topk, "SPARSE_SHARE", 1.0)
     monkeypatch.setattr(topk, "KEY_BITS", request.param)
+    return count_skipping(monkeypatch)
+
+
+def count_skipping(monkeypatch) -> dict:
+    """-> {"skipped": n}, n counting the calls of topk.batch_top_above that took the skipping path."""
     calls = {"skipped": 0}
     original = topk.batch_top_above
 
@@ -162,15 +167,7 @@ def test_chunk_floor_is_a_lower_bound_of_each_columns_kth_best(dtype, k):
 def test_a_shards_first_chunk_skips_and_ranks_as_brute_force(monkeypatch):
     """One batch in one chunk (the tables empty, no earlier chunk): chunk_floor's bound alone lets the default
     share skip, and the tables equal the brute force (written without a merge: the candidates are best first)."""
-    calls = {"skipped": 0}
-    original = topk.batch_top_above
-
-    def counted(x, floor, k):
-        found = original(x, floor, k)
-        calls["skipped"] += found is not None
-        return found
-
-    monkeypatch.setattr(topk, "batch_top_above", counted)
+    calls = count_skipping(monkeypatch)
     rng = np.random.default_rng(3)
     scores, rows, positions = hard_cases(rng, 500)
     scores = np.concatenate([scores, rng.integers(-400, 401, size=(500, 300)) / 8], axis=1)

@@ -201,6 +201,7 @@ def batch_top(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 SPARSE_SHARE = 1 / 8  # above this share of x's entries able to enter, ranking them all (batch_top) is faster
+KEY_BITS = 32  # bits an int64 sort key has beside |x|'s 31 for a column and a row (batch_top_above)
 GROUPS_PER_K = 4  # chunk_floor's row groups per slot: 4k groups keep about 3.5% of a 508-row chunk, 3.1% is ideal
 
 
@@ -219,7 +220,6 @@ def chunk_floor(x: torch.Tensor, k: int) -> torch.Tensor | None:
     grouped = x[: groups * rows].view(groups, rows, width)
     maxima = torch.maximum(grouped.amax(1), grouped.amin(1).neg_())  # (groups, width) max |x|, with no |x| copy
     return torch.topk(maxima, k, dim=0, sorted=False).values.amin(0)
-KEY_BITS = 32  # bits an int64 sort key has beside |x|'s 31 for a column and a row (batch_top_above)
 
 
 def batch_top_above(x: torch.Tensor, floor: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
